@@ -1,0 +1,388 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * vmmtest - the vmm project's in-kernel test agent.
+ *
+ * Built into the guest kernel (drivers/misc/vmmtest.c, obj-y) by
+ * resources/build-guest.sh. It does nothing unless the kernel command line
+ * asks for it through vmmtest.* parameters, because on the nested PVM KVM
+ * hosts guest user space cannot make system calls: whatever a test wants the
+ * guest to do has to happen in the kernel. See docs/GUEST.md for the
+ * interface and the exact output lines.
+ *
+ *   vmmtest.token=STR          string echoed in the info and tick lines
+ *   vmmtest.info               "vmmtest: info cpus=N mem_kib=N token=STR"
+ *   vmmtest.disk=/dev/vdX      md5 of the whole device
+ *   vmmtest.write=TEXT         then write "TEXT\n" (zero-padded) to its last 4 KiB
+ *   vmmtest.force_write        send that write even to a read-only device
+ *   vmmtest.counter            "vmmtest: tick TOKEN N" once a second
+ *   vmmtest.counter_disk=/dev/vdX  ... plus read/rewrite/md5 of one block per tick
+ *   vmmtest.poweroff           kernel_restart() once the one-shot work is done
+ *
+ * Always: a panic notifier that writes 1 to I/O port 0x505 (pvpanic).
+ */
+
+#include <linux/bio.h>
+#include <linux/blkdev.h>
+#include <linux/cpumask.h>
+#include <linux/delay.h>
+#include <linux/err.h>
+#include <linux/gfp.h>
+#include <linux/init.h>
+#include <linux/io.h>
+#include <linux/kthread.h>
+#include <linux/ktime.h>
+#include <linux/mm.h>
+#include <linux/module.h>
+#include <linux/moduleparam.h>
+#include <linux/mount.h>
+#include <linux/notifier.h>
+#include <linux/panic_notifier.h>
+#include <linux/reboot.h>
+#include <linux/string.h>
+#include <crypto/hash.h>
+#include <crypto/md5.h>
+
+/*
+ * All agent lines go out at KERN_ERR so that they reach the console even
+ * with "quiet" (console loglevel 4) on the command line.
+ */
+#define vt_out(fmt, ...) printk(KERN_ERR "vmmtest: " fmt "\n", ##__VA_ARGS__)
+
+#define VT_BLOCK	4096u
+#define VT_CHUNK_ORDER	4	/* 64 KiB per bio when reading a whole device */
+#define VT_CHUNK	(PAGE_SIZE << VT_CHUNK_ORDER)
+#define VT_WAIT_MS	30000	/* how long to wait for a disk to appear */
+#define PVPANIC_PORT	0x505
+#define PVPANIC_PANICKED 1
+
+static char token[128];
+module_param_string(token, token, sizeof(token), 0444);
+MODULE_PARM_DESC(token, "String echoed in the info and tick lines");
+
+static bool info;
+module_param(info, bool, 0444);
+MODULE_PARM_DESC(info, "Print one info line (cpus, memory, token)");
+
+static bool counter;
+module_param(counter, bool, 0444);
+MODULE_PARM_DESC(counter, "Print a tick line once a second");
+
+static char counter_disk[64];
+module_param_string(counter_disk, counter_disk, sizeof(counter_disk), 0444);
+MODULE_PARM_DESC(counter_disk, "Block device read and rewritten one block per tick");
+
+static char disk[64];
+module_param_string(disk, disk, sizeof(disk), 0444);
+MODULE_PARM_DESC(disk, "Block device to hash as a whole");
+
+static char write_text[512];
+module_param_string(write, write_text, sizeof(write_text), 0444);
+MODULE_PARM_DESC(write, "Text written to the last 4 KiB block of vmmtest.disk");
+
+static bool force_write;
+module_param(force_write, bool, 0444);
+MODULE_PARM_DESC(force_write, "Send the write even if the device is read-only");
+
+static bool do_poweroff;
+module_param_named(poweroff, do_poweroff, bool, 0444);
+MODULE_PARM_DESC(poweroff, "kernel_restart() after the one-shot work (VMM passes reboot=k)");
+
+/* ---- helpers ------------------------------------------------------------ */
+
+/* Wait up to VT_WAIT_MS for the named block device and open it. */
+static struct block_device *vt_open(const char *name, fmode_t mode)
+{
+	char path[80];
+	dev_t devt = 0;
+	int waited;
+
+	if (strncmp(name, "/dev/", 5) == 0)
+		strscpy(path, name, sizeof(path));
+	else
+		snprintf(path, sizeof(path), "/dev/%s", name);
+
+	for (waited = 0; waited <= VT_WAIT_MS; waited += 100) {
+		devt = name_to_dev_t(path);
+		if (devt)
+			break;
+		msleep(100);
+	}
+	if (!devt)
+		return ERR_PTR(-ENODEV);
+	return blkdev_get_by_dev(devt, mode, NULL);
+}
+
+/* One synchronous bio over @len bytes of @page at byte offset @pos. */
+static int vt_bio(struct block_device *bdev, blk_opf_t opf, u64 pos,
+		  struct page *page, unsigned int len)
+{
+	struct bio *bio;
+	int ret;
+
+	bio = bio_alloc(bdev, 1, opf, GFP_KERNEL);
+	bio->bi_iter.bi_sector = pos >> SECTOR_SHIFT;
+	if (bio_add_page(bio, page, len, 0) != len) {
+		bio_put(bio);
+		return -EIO;
+	}
+	ret = submit_bio_wait(bio);
+	bio_put(bio);
+	return ret;
+}
+
+static struct crypto_shash *vt_md5_alloc(void)
+{
+	return crypto_alloc_shash("md5", 0, 0);
+}
+
+/* ---- one-shot work: disk hash and write ---------------------------------- */
+
+static void vt_disk_write(struct block_device *bdev, u64 size)
+{
+	struct page *page;
+	size_t n;
+	int ret;
+
+	if (size < VT_BLOCK) {
+		vt_out("write %s error=%d", disk, -ENOSPC);
+		return;
+	}
+	if (bdev_read_only(bdev) && !force_write) {
+		/* What the kernel itself does: blkdev_get_by_path() for writing. */
+		vt_out("write %s error=%d", disk, -EACCES);
+		return;
+	}
+	page = alloc_page(GFP_KERNEL | __GFP_ZERO);
+	if (!page) {
+		vt_out("write %s error=%d", disk, -ENOMEM);
+		return;
+	}
+	n = min_t(size_t, strlen(write_text), VT_BLOCK - 1);
+	memcpy(page_address(page), write_text, n);
+	((char *)page_address(page))[n] = '\n';
+
+	ret = vt_bio(bdev, REQ_OP_WRITE | REQ_SYNC, size - VT_BLOCK, page, VT_BLOCK);
+	if (!ret)
+		ret = blkdev_issue_flush(bdev);
+	__free_page(page);
+	if (ret)
+		vt_out("write %s error=%d", disk, ret);
+	else
+		vt_out("write %s ok", disk);
+}
+
+static void vt_disk(void)
+{
+	bool want_write = write_text[0] != '\0';
+	fmode_t mode = FMODE_READ | (want_write ? FMODE_WRITE : 0);
+	struct crypto_shash *tfm = NULL;
+	struct block_device *bdev;
+	struct page *page = NULL;
+	u8 digest[MD5_DIGEST_SIZE];
+	u64 size, pos;
+	int ret = 0;
+
+	bdev = vt_open(disk, mode);
+	if (IS_ERR(bdev)) {
+		vt_out("disk %s error=%ld", disk, PTR_ERR(bdev));
+		return;
+	}
+	size = bdev_nr_bytes(bdev);
+
+	tfm = vt_md5_alloc();
+	if (IS_ERR(tfm)) {
+		ret = PTR_ERR(tfm);
+		tfm = NULL;
+		goto out;
+	}
+	page = alloc_pages(GFP_KERNEL, VT_CHUNK_ORDER);
+	if (!page) {
+		ret = -ENOMEM;
+		goto out;
+	}
+
+	{
+		SHASH_DESC_ON_STACK(desc, tfm);
+
+		desc->tfm = tfm;
+		ret = crypto_shash_init(desc);
+		for (pos = 0; !ret && pos < size; pos += VT_CHUNK) {
+			unsigned int len = min_t(u64, VT_CHUNK, size - pos);
+
+			ret = vt_bio(bdev, REQ_OP_READ, pos, page, len);
+			if (!ret)
+				ret = crypto_shash_update(desc, page_address(page), len);
+			cond_resched();
+		}
+		if (!ret)
+			ret = crypto_shash_final(desc, digest);
+	}
+out:
+	if (ret)
+		vt_out("disk %s error=%d", disk, ret);
+	else
+		vt_out("disk %s md5=%*phN bytes=%llu", disk, MD5_DIGEST_SIZE, digest, size);
+
+	if (!ret && want_write)
+		vt_disk_write(bdev, size);
+
+	if (page)
+		__free_pages(page, VT_CHUNK_ORDER);
+	if (tfm)
+		crypto_free_shash(tfm);
+	blkdev_put(bdev, mode);
+}
+
+static int vt_oneshot_fn(void *unused)
+{
+	if (info)
+		vt_out("info cpus=%u mem_kib=%lu token=%s", num_online_cpus(),
+		       totalram_pages() << (PAGE_SHIFT - 10), token);
+	if (disk[0])
+		vt_disk();
+	else if (write_text[0])
+		vt_out("write needs vmmtest.disk");
+	vt_out("done");
+	if (do_poweroff) {
+		vt_out("poweroff");
+		/* reboot=k on the VMM's command line: an i8042 reset = clean exit. */
+		kernel_restart(NULL);
+	}
+	return 0;
+}
+
+/* ---- counter ------------------------------------------------------------- */
+
+struct vt_cdisk {
+	struct block_device *bdev;
+	struct crypto_shash *tfm;
+	struct page *page;
+	u64 blocks;
+};
+
+static int vt_cdisk_open(struct vt_cdisk *c)
+{
+	fmode_t mode = FMODE_READ | FMODE_WRITE;
+
+	c->bdev = vt_open(counter_disk, mode);
+	if (IS_ERR(c->bdev)) {
+		int ret = PTR_ERR(c->bdev);
+
+		c->bdev = NULL;
+		return ret;
+	}
+	c->blocks = bdev_nr_bytes(c->bdev) / VT_BLOCK;
+	c->tfm = vt_md5_alloc();
+	if (IS_ERR(c->tfm)) {
+		int ret = PTR_ERR(c->tfm);
+
+		c->tfm = NULL;
+		return ret;
+	}
+	c->page = alloc_page(GFP_KERNEL);
+	if (!c->page)
+		return -ENOMEM;
+	if (c->blocks < 2)
+		return -ENOSPC;
+	return 0;
+}
+
+static void vt_cdisk_tick(struct vt_cdisk *c, u64 n)
+{
+	u64 idx = n % (c->blocks - 1);	/* never the last block */
+	u8 digest[MD5_DIGEST_SIZE];
+	int ret;
+
+	ret = vt_bio(c->bdev, REQ_OP_READ, idx * VT_BLOCK, c->page, VT_BLOCK);
+	if (!ret)
+		ret = crypto_shash_tfm_digest(c->tfm, page_address(c->page),
+					      VT_BLOCK, digest);
+	if (ret) {
+		vt_out("tick %s %llu blk=%llu error=%d", token, n, idx, ret);
+		return;
+	}
+	ret = vt_bio(c->bdev, REQ_OP_WRITE | REQ_SYNC, idx * VT_BLOCK, c->page,
+		     VT_BLOCK);
+	if (!ret)
+		ret = blkdev_issue_flush(c->bdev);
+	if (ret)
+		vt_out("tick %s %llu blk=%llu md5=%*phN error=%d", token, n, idx,
+		       MD5_DIGEST_SIZE, digest, ret);
+	else
+		vt_out("tick %s %llu blk=%llu md5=%*phN", token, n, idx,
+		       MD5_DIGEST_SIZE, digest);
+}
+
+static int vt_counter_fn(void *unused)
+{
+	struct vt_cdisk c = {};
+	bool use_disk = false;
+	ktime_t next, now;
+	u64 n;
+
+	if (counter_disk[0]) {
+		int ret = vt_cdisk_open(&c);
+
+		if (ret)
+			vt_out("counter_disk %s error=%d", counter_disk, ret);
+		else
+			use_disk = true;
+	}
+
+	next = ktime_get();
+	for (n = 0; !kthread_should_stop(); n++) {
+		if (use_disk)
+			vt_cdisk_tick(&c, n);
+		else
+			vt_out("tick %s %llu", token, n);
+
+		/* One tick per second of monotonic time, without drift ... */
+		next = ktime_add_ms(next, MSEC_PER_SEC);
+		now = ktime_get();
+		/* ... but no burst of ticks after a long stop (e.g. a restore). */
+		if (ktime_ms_delta(now, next) > MSEC_PER_SEC)
+			next = now;
+		if (ktime_after(next, now))
+			msleep(ktime_ms_delta(next, now) + 1);
+	}
+	return 0;
+}
+
+/* ---- init ---------------------------------------------------------------- */
+
+static int vt_panic_notify(struct notifier_block *nb, unsigned long event,
+			   void *data)
+{
+	outb(PVPANIC_PANICKED, PVPANIC_PORT);
+	return NOTIFY_DONE;
+}
+
+static struct notifier_block vt_panic_nb = {
+	.notifier_call = vt_panic_notify,
+	.priority = INT_MAX,	/* first */
+};
+
+static int __init vmmtest_panic_init(void)
+{
+	atomic_notifier_chain_register(&panic_notifier_list, &vt_panic_nb);
+	return 0;
+}
+early_initcall(vmmtest_panic_init);
+
+static int __init vmmtest_init(void)
+{
+	struct task_struct *t;
+
+	if (info || disk[0] || write_text[0] || do_poweroff) {
+		t = kthread_run(vt_oneshot_fn, NULL, "vmmtest");
+		if (IS_ERR(t))
+			vt_out("cannot start: %ld", PTR_ERR(t));
+	}
+	if (counter) {
+		t = kthread_run(vt_counter_fn, NULL, "vmmtest-counter");
+		if (IS_ERR(t))
+			vt_out("cannot start counter: %ld", PTR_ERR(t));
+	}
+	return 0;
+}
+late_initcall(vmmtest_init);

@@ -1,0 +1,312 @@
+//! Building a VM: `build_for_boot` (kernel + command line) and, as its sibling,
+//! `build_from_snapshot`; both share the device and vCPU helpers here.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, SubscriberOps};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64 as arch;
+use crate::config::{self, VmConfig};
+use crate::devices::legacy::{
+    I8042, I8042_LEN, I8042_PORT, PVPANIC_PORT, PvPanic, SERIAL_PORTS, SerialDevice,
+};
+use crate::devices::{Bus, SharedDevice};
+use crate::vmm::{ExitWaker, StdinInput, Subscriber, Vmm};
+use crate::vstate::exit::ExitSignal;
+use crate::vstate::memory::{self, GuestMemory};
+use crate::vstate::vcpu::{RunState, VcpuContext, VcpuHandle};
+use crate::vstate::vm::Vm;
+
+/// Errors while building a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A file named in the configuration cannot be used.
+    #[error("{what} {path}: {message}")]
+    File {
+        /// Which input.
+        what: &'static str,
+        /// Its path.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// KVM VM setup failed.
+    #[error(transparent)]
+    Vm(#[from] crate::vstate::vm::VmError),
+    /// Guest memory could not be created.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    /// Architecture setup failed.
+    #[error("{0}")]
+    Arch(String),
+    /// A device could not be set up.
+    #[error("device setup: {0}")]
+    Device(String),
+    /// A vCPU could not be set up.
+    #[error("vcpu{id}: {what} failed")]
+    VcpuSetup {
+        /// The vCPU.
+        id: u8,
+        /// Which step.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A vCPU thread could not be started.
+    #[error(transparent)]
+    Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    /// The event loop could not be created.
+    #[error("event loop: {0:?}")]
+    EventLoop(event_manager::Error),
+}
+
+fn open_input(what: &'static str, path: &Path) -> Result<File, BuildError> {
+    let err = |message: String| BuildError::File {
+        what,
+        path: path.display().to_string(),
+        message,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if meta.is_dir() {
+        return Err(err("is a directory".into()));
+    }
+    File::open(path).map_err(|e| err(e.to_string()))
+}
+
+fn irq_evt(vm: &Vm, gsi: u32) -> Result<EventFd, BuildError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK)
+        .map_err(|e| BuildError::Device(format!("eventfd: {e}")))?;
+    vm.fd()
+        .register_irqfd(&evt, gsi)
+        .map_err(|e| BuildError::Device(format!("irqfd for GSI {gsi}: {e}")))?;
+    Ok(evt)
+}
+
+/// Legacy devices every VM has: COM1 (console) .. COM4, i8042, pvpanic.
+pub struct LegacyDevices {
+    /// COM1.
+    pub serial: Arc<Mutex<SerialDevice>>,
+}
+
+/// Puts the legacy devices on the port-I/O bus.
+pub fn setup_legacy(
+    vm: &Vm,
+    pio: &mut Bus,
+    exit: &Arc<ExitSignal>,
+    console: Box<dyn Write + Send>,
+) -> Result<LegacyDevices, BuildError> {
+    let (com1_port, com1_irq) = SERIAL_PORTS[0];
+    let serial = Arc::new(Mutex::new(SerialDevice::new(irq_evt(vm, com1_irq)?, console)));
+    let bus_err = |e: crate::devices::BusError| BuildError::Device(e.to_string());
+    pio.insert(serial.clone(), com1_port, 8).map_err(bus_err)?;
+    for &(port, _) in &SERIAL_PORTS[1..] {
+        // Silent UARTs: their interrupt eventfd is not wired to the irqchip.
+        let evt = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| BuildError::Device(format!("eventfd: {e}")))?;
+        let dev: SharedDevice = Arc::new(Mutex::new(SerialDevice::new(
+            evt,
+            Box::new(std::io::sink()),
+        )));
+        pio.insert(dev, port, 8).map_err(bus_err)?;
+    }
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        I8042_PORT,
+        I8042_LEN,
+    )
+    .map_err(bus_err)?;
+    pio.insert(Arc::new(Mutex::new(PvPanic::new(exit.clone()))), PVPANIC_PORT, 1)
+        .map_err(bus_err)?;
+    Ok(LegacyDevices { serial })
+}
+
+/// The guest command line: the user's, then device parameters, then host quirks.
+pub fn compose_cmdline(cfg: &VmConfig, device_params: &[String], tsc_khz: Option<u32>) -> String {
+    let mut parts = vec![cfg.kernel.cmdline.trim().to_string()];
+    parts.extend(device_params.iter().cloned());
+    if let Some(i) = cfg.blocks.iter().position(|b| b.root) {
+        let dev = format!("root=/dev/vd{}", (b'a' + i as u8) as char);
+        let ro = if cfg.blocks[i].read_only { " ro" } else { " rw" };
+        parts.push(format!("{dev}{ro}"));
+    }
+    if cfg.host_quirks && config::pvm_host() {
+        log::info!("PVM-style nested KVM host detected: appending guest command-line workarounds (disable with --no-host-quirks)");
+        parts.push(config::pvm_quirks(tsc_khz));
+    }
+    parts.retain(|p| !p.is_empty());
+    parts.join(" ")
+}
+
+/// Configures vCPU `id` for a 64-bit Linux boot at `entry` with boot params at `boot_params`.
+fn configure_boot_vcpu(
+    vm: &Vm,
+    mem: &GuestMemory,
+    fd: &kvm_ioctls::VcpuFd,
+    id: u8,
+    count: u8,
+    entry: GuestAddress,
+) -> Result<(), BuildError> {
+    let step = |what: &'static str| move |source| BuildError::VcpuSetup { id, what, source };
+    let mut cpuid = vm
+        .kvm()
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(step("KVM_GET_SUPPORTED_CPUID"))?;
+    arch::cpuid::normalize_cpuid(&mut cpuid, id, count)
+        .map_err(|e| BuildError::Arch(format!("vcpu{id}: cpuid: {e}")))?;
+    fd.set_cpuid2(&cpuid).map_err(step("KVM_SET_CPUID2"))?;
+    arch::msrs::setup_msrs(fd).map_err(|e| BuildError::Arch(format!("vcpu{id}: msrs: {e}")))?;
+    arch::regs::setup_regs(fd, entry.0, arch::layout::ZERO_PAGE_START)
+        .map_err(|e| BuildError::Arch(format!("vcpu{id}: regs: {e}")))?;
+    arch::regs::setup_fpu(fd).map_err(|e| BuildError::Arch(format!("vcpu{id}: fpu: {e}")))?;
+    arch::regs::setup_sregs(mem, fd)
+        .map_err(|e| BuildError::Arch(format!("vcpu{id}: sregs: {e}")))?;
+    arch::interrupts::set_lint(fd).map_err(|e| BuildError::Arch(format!("vcpu{id}: lapic: {e}")))?;
+    Ok(())
+}
+
+/// Where the console output of a VM goes.
+pub enum Console {
+    /// The process's stdout (and stdin as input).
+    Stdio,
+    /// A writer (tests); no input.
+    Writer(Box<dyn Write + Send>),
+}
+
+/// A device to put on a bus at `(base, len)`.
+pub type ExtraDevice = (SharedDevice, u64, u64);
+
+/// How to run a VM besides its configuration.
+pub struct BootOptions {
+    /// Console destination.
+    pub console: Console,
+    /// Additional port-I/O devices (tests, tools).
+    pub extra_pio: Vec<ExtraDevice>,
+    /// Additional MMIO devices (tests, tools).
+    pub extra_mmio: Vec<ExtraDevice>,
+    /// Create the vCPU threads paused.
+    pub start_paused: bool,
+}
+
+impl BootOptions {
+    /// Console on stdio, nothing extra, running.
+    pub fn stdio() -> Self {
+        Self::with_console(Console::Stdio)
+    }
+
+    /// Console to `console`, nothing extra, running.
+    pub fn with_console(console: Console) -> Self {
+        Self {
+            console,
+            extra_pio: Vec::new(),
+            extra_mmio: Vec::new(),
+            start_paused: false,
+        }
+    }
+}
+
+/// Builds and starts a VM that boots `cfg.kernel`.
+pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildError> {
+    let console = opts.console;
+    let stdio = matches!(console, Console::Stdio);
+    let mut kernel = open_input("kernel", &cfg.kernel.path)?;
+    let mut initrd = cfg
+        .initrd
+        .as_ref()
+        .map(|p| open_input("initrd", p))
+        .transpose()?;
+
+    let vm = Vm::new()?;
+    vm.check_vcpu_count(u32::from(cfg.vcpus))?;
+    let mem = memory::create_anonymous(&arch::layout::arch_memory_regions(cfg.mem_mib << 20))?;
+    vm.register_memory(&mem, 0)?;
+
+    let loaded = arch::boot::load_kernel(&mem, &mut kernel).map_err(|e| BuildError::File {
+        what: "kernel",
+        path: cfg.kernel.path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let initrd_region = match initrd.as_mut() {
+        Some(f) => Some(arch::boot::load_initrd(&mem, f, &loaded).map_err(|e| BuildError::File {
+            what: "initrd",
+            path: cfg.initrd.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            message: e.to_string(),
+        })?),
+        None => None,
+    };
+
+    let exit = Arc::new(ExitSignal::new().map_err(|e| BuildError::Device(e.to_string()))?);
+    let mut pio = Bus::new();
+    let mut mmio = Bus::new();
+    let bus_err = |e: crate::devices::BusError| BuildError::Device(e.to_string());
+    for (dev, base, len) in opts.extra_pio {
+        pio.insert(dev, base, len).map_err(bus_err)?;
+    }
+    for (dev, base, len) in opts.extra_mmio {
+        mmio.insert(dev, base, len).map_err(bus_err)?;
+    }
+    let console_out: Box<dyn Write + Send> = match console {
+        Console::Stdio => Box::new(crate::devices::legacy::FlushingStdout),
+        Console::Writer(w) => w,
+    };
+    let legacy = setup_legacy(&vm, &mut pio, &exit, console_out)?;
+
+    let mut events: EventManager<Subscriber> =
+        EventManager::new().map_err(BuildError::EventLoop)?;
+    events.add_subscriber(Arc::new(Mutex::new(ExitWaker(exit.clone()))));
+    if stdio {
+        events.add_subscriber(Arc::new(Mutex::new(StdinInput::new(legacy.serial.clone()))));
+    }
+
+    let device_params: Vec<String> = Vec::new();
+    let mut fds = Vec::new();
+    for id in 0..cfg.vcpus {
+        fds.push(vm.create_vcpu(id)?);
+    }
+    let tsc_khz = fds.first().and_then(|f| f.get_tsc_khz().ok());
+    let cmdline = compose_cmdline(cfg, &device_params, tsc_khz);
+    arch::mptable::setup_mptable(&mem, cfg.vcpus, arch::mptable::MAX_LEGACY_IRQ)
+        .map_err(|e| BuildError::Arch(format!("mptable: {e}")))?;
+    arch::boot::configure_system(&mem, &cmdline, initrd_region, loaded.setup_header)
+        .map_err(|e| BuildError::Arch(format!("boot params: {e}")))?;
+    for (id, fd) in fds.iter().enumerate() {
+        configure_boot_vcpu(&vm, &mem, fd, id as u8, cfg.vcpus, loaded.entry)?;
+    }
+
+    let pio = Arc::new(pio);
+    let mmio = Arc::new(mmio);
+    let mut vcpus = Vec::new();
+    for (id, fd) in fds.into_iter().enumerate() {
+        let ctx = VcpuContext {
+            id: id as u8,
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            exit: exit.clone(),
+        };
+        vcpus.push(VcpuHandle::spawn(fd, ctx, opts.start_paused)?);
+    }
+    log::info!("guest command line: {cmdline}");
+    Ok(Vmm {
+        config: cfg.clone(),
+        cmdline,
+        vm,
+        mem,
+        vcpus,
+        exit,
+        pio,
+        mmio,
+        serial: legacy.serial,
+        events,
+        state: if opts.start_paused {
+            RunState::Paused
+        } else {
+            RunState::Running
+        },
+    })
+}

@@ -1,0 +1,323 @@
+//! VM configuration and the parsing of the original tool's `key=value,…` flag syntax.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Errors of configuration parsing and validation.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A `key=value` list could not be parsed.
+    #[error("--{flag}: {message}")]
+    Syntax {
+        /// The flag.
+        flag: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("--{flag}: {message}")]
+    Invalid {
+        /// The flag.
+        flag: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Default guest memory in MiB.
+pub const DEFAULT_MEM_MIB: u64 = 256;
+/// Default command line when the user gives none.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule";
+
+/// The guest kernel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelConfig {
+    /// vmlinux (ELF) or bzImage.
+    pub path: PathBuf,
+    /// The user's command line (the VMM appends device and host-quirk parameters).
+    pub cmdline: String,
+}
+
+/// One virtio-block disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockConfig {
+    /// Local image file.
+    pub path: PathBuf,
+    /// Refuse guest writes.
+    pub read_only: bool,
+    /// Drive name (GET_ID); defaults to the index.
+    pub id: Option<String>,
+    /// Add `root=/dev/vdX` for this disk.
+    pub root: bool,
+}
+
+/// The whole VM configuration, recorded in snapshots.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    /// Kernel and command line.
+    pub kernel: KernelConfig,
+    /// Optional initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Disks in attach order (vda, vdb, …).
+    pub blocks: Vec<BlockConfig>,
+    /// Append the PVM-host command-line workarounds when such a host is detected.
+    pub host_quirks: bool,
+}
+
+/// Splits `a=1,b="x,y",c=z` on commas outside double quotes into (key, value) pairs,
+/// removing the quotes.
+pub fn parse_kv(flag: &'static str, s: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut in_quotes = false;
+    let mut items = Vec::new();
+    for c in s.chars() {
+        match c {
+            '"' => in_quotes = !in_quotes,
+            ',' if !in_quotes => items.push(std::mem::take(&mut cur)),
+            _ => cur.push(c),
+        }
+    }
+    if in_quotes {
+        return Err(ConfigError::Syntax {
+            flag,
+            message: "unterminated quote".into(),
+        });
+    }
+    items.push(cur);
+    for item in items {
+        if item.is_empty() {
+            continue;
+        }
+        let (k, v) = item.split_once('=').ok_or_else(|| ConfigError::Syntax {
+            flag,
+            message: format!("expected key=value, got {item:?}"),
+        })?;
+        if k.is_empty() {
+            return Err(ConfigError::Syntax {
+                flag,
+                message: format!("empty key in {item:?}"),
+            });
+        }
+        out.push((k.to_string(), v.to_string()));
+    }
+    Ok(out)
+}
+
+fn unknown(flag: &'static str, k: &str, known: &[&str]) -> ConfigError {
+    ConfigError::Syntax {
+        flag,
+        message: format!("unknown key {k:?} (known: {})", known.join(", ")),
+    }
+}
+
+fn parse_bool(flag: &'static str, k: &str, v: &str) -> Result<bool, ConfigError> {
+    match v {
+        "true" | "on" | "1" | "yes" => Ok(true),
+        "false" | "off" | "0" | "no" => Ok(false),
+        _ => Err(ConfigError::Syntax {
+            flag,
+            message: format!("{k}: expected true or false, got {v:?}"),
+        }),
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(flag: &'static str, k: &str, v: &str) -> Result<T, ConfigError> {
+    v.parse().map_err(|_| ConfigError::Syntax {
+        flag,
+        message: format!("{k}: not a number: {v:?}"),
+    })
+}
+
+/// `--kernel path=FILE[,cmdline="…"]` (a bare path is accepted too).
+pub fn parse_kernel(s: &str) -> Result<KernelConfig, ConfigError> {
+    const F: &str = "kernel";
+    if !s.contains('=') {
+        return Ok(KernelConfig {
+            path: s.into(),
+            cmdline: DEFAULT_CMDLINE.into(),
+        });
+    }
+    let mut path = None;
+    let mut cmdline = None;
+    for (k, v) in parse_kv(F, s)? {
+        match k.as_str() {
+            "path" => path = Some(PathBuf::from(v)),
+            "cmdline" => cmdline = Some(v),
+            _ => return Err(unknown(F, &k, &["path", "cmdline"])),
+        }
+    }
+    Ok(KernelConfig {
+        path: path.ok_or_else(|| ConfigError::Syntax {
+            flag: F,
+            message: "path= is required".into(),
+        })?,
+        cmdline: cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()),
+    })
+}
+
+/// `--memory size_mib=N` (a bare number is accepted too).
+pub fn parse_memory(s: &str) -> Result<u64, ConfigError> {
+    const F: &str = "memory";
+    let mib: u64 = if s.contains('=') {
+        let mut size = None;
+        for (k, v) in parse_kv(F, s)? {
+            match k.as_str() {
+                "size_mib" => size = Some(parse_num(F, &k, &v)?),
+                _ => return Err(unknown(F, &k, &["size_mib"])),
+            }
+        }
+        size.ok_or_else(|| ConfigError::Syntax {
+            flag: F,
+            message: "size_mib= is required".into(),
+        })?
+    } else {
+        parse_num(F, "size_mib", s)?
+    };
+    if !(1..=(1 << 20)).contains(&mib) {
+        return Err(ConfigError::Invalid {
+            flag: F,
+            message: format!("size_mib must be 1..=1048576, got {mib}"),
+        });
+    }
+    Ok(mib)
+}
+
+/// `--vcpu num=N` (a bare number is accepted too). Checked against KVM's limit later.
+pub fn parse_vcpu(s: &str) -> Result<u8, ConfigError> {
+    const F: &str = "vcpu";
+    let n: u32 = if s.contains('=') {
+        let mut num = None;
+        for (k, v) in parse_kv(F, s)? {
+            match k.as_str() {
+                "num" => num = Some(parse_num(F, &k, &v)?),
+                _ => return Err(unknown(F, &k, &["num"])),
+            }
+        }
+        num.ok_or_else(|| ConfigError::Syntax {
+            flag: F,
+            message: "num= is required".into(),
+        })?
+    } else {
+        parse_num(F, "num", s)?
+    };
+    if n == 0 || n > 254 {
+        return Err(ConfigError::Invalid {
+            flag: F,
+            message: format!("num must be 1..=254 (APIC ids in the MP table), got {n}"),
+        });
+    }
+    Ok(n as u8)
+}
+
+/// `--block path=FILE[,read_only=true][,id=NAME][,root=true]`.
+pub fn parse_block(s: &str) -> Result<BlockConfig, ConfigError> {
+    const F: &str = "block";
+    let mut b = BlockConfig {
+        path: PathBuf::new(),
+        read_only: false,
+        id: None,
+        root: false,
+    };
+    let mut have_path = false;
+    for (k, v) in parse_kv(F, s)? {
+        match k.as_str() {
+            "path" => {
+                b.path = v.into();
+                have_path = true;
+            }
+            "read_only" | "readonly" | "ro" => b.read_only = parse_bool(F, &k, &v)?,
+            "id" => {
+                if v.len() > 20 {
+                    return Err(ConfigError::Invalid {
+                        flag: F,
+                        message: "id= is at most 20 bytes (virtio-blk GET_ID)".into(),
+                    });
+                }
+                b.id = Some(v)
+            }
+            "root" => b.root = parse_bool(F, &k, &v)?,
+            _ => return Err(unknown(F, &k, &["path", "read_only", "id", "root"])),
+        }
+    }
+    if !have_path {
+        return Err(ConfigError::Syntax {
+            flag: F,
+            message: "path= is required".into(),
+        });
+    }
+    Ok(b)
+}
+
+/// True when `/dev/kvm` is provided by the PVM module (nested, PVM-style KVM).
+pub fn pvm_host() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// The clearcpuid list for PVM hosts: features the guest sees in CPUID but whose
+/// instructions KVM's emulator cannot run (see docs/PVM_HOSTS.md).
+pub const PVM_CLEARCPUID: &str = "smap,smep,umip,pku,popcnt,bmi1,bmi2,movbe,avx,avx2,fsgsbase,rdpid,erms,fsrm,xsaveopt,xsavec,xsaves,rdrand,rdseed,adx,sha_ni,avx512f,clflushopt,clwb";
+
+/// Command-line workarounds for PVM hosts. `tsc_khz` (KVM_GET_TSC_KHZ) is passed as
+/// `tsc_early_khz` because the guest's PIT calibration runs emulated and fails (the TSC would
+/// be marked unstable and every `udelay` would become an emulated busy loop), and as a
+/// loops-per-jiffy value so delay-loop calibration is skipped; lpj assumes HZ=100, which makes
+/// delays on a higher-HZ kernel longer, never shorter.
+pub fn pvm_quirks(tsc_khz: Option<u32>) -> String {
+    let mut s = format!("nopv noxsave clearcpuid={PVM_CLEARCPUID} tsc=reliable");
+    if let Some(khz) = tsc_khz.filter(|k| *k > 0) {
+        s.push_str(&format!(" tsc_early_khz={khz} lpj={}", u64::from(khz) * 10));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_with_quotes() {
+        let k = parse_kernel(r#"path=/k,cmdline="console=ttyS0 clearcpuid=a,b""#).unwrap();
+        assert_eq!(k.path, PathBuf::from("/k"));
+        assert_eq!(k.cmdline, "console=ttyS0 clearcpuid=a,b");
+        assert!(parse_kernel(r#"path=/k,cmdline="x"#).is_err());
+        assert!(parse_kernel("cmdline=x").is_err());
+        assert!(parse_kernel("path=/k,foo=1").is_err());
+        assert_eq!(parse_kernel("/k").unwrap().cmdline, DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn numbers() {
+        assert_eq!(parse_memory("size_mib=512").unwrap(), 512);
+        assert_eq!(parse_memory("64").unwrap(), 64);
+        assert!(parse_memory("size_mib=0").is_err());
+        assert!(parse_memory("size_mib=lots").is_err());
+        assert_eq!(parse_vcpu("num=2").unwrap(), 2);
+        assert!(parse_vcpu("num=0").is_err());
+        assert!(parse_vcpu("num=999").is_err());
+        assert!(parse_vcpu("n=1").is_err());
+    }
+
+    #[test]
+    fn block() {
+        let b = parse_block("path=/d,read_only=true,id=data,root=true").unwrap();
+        assert!(b.read_only && b.root);
+        assert_eq!(b.id.as_deref(), Some("data"));
+        assert!(parse_block("read_only=true").is_err());
+        assert!(parse_block("path=/d,read_only=maybe").is_err());
+        assert!(parse_block("path=/d,id=123456789012345678901").is_err());
+    }
+
+    #[test]
+    fn quirks() {
+        let q = pvm_quirks(Some(2_596_128));
+        assert!(q.starts_with("nopv noxsave clearcpuid="));
+        assert!(q.ends_with("tsc_early_khz=2596128 lpj=25961280"));
+        assert!(!pvm_quirks(None).contains("lpj"));
+    }
+}

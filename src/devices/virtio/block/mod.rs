@@ -1,0 +1,361 @@
+//! virtio-blk: a block device over a [`BlockBackend`], one request queue.
+
+pub mod request;
+
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use log::{debug, error, warn};
+use serde::{Deserialize, Serialize};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_SIZE_MAX,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+pub use request::{
+    Completion, DISK_ID_LEN, MAX_SEGMENT_BYTES, MAX_SEGMENTS, RequestScratch, RequestStatus,
+    process_request,
+};
+
+use super::{
+    GuestMem, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    VirtioDevice, VirtioError, VirtioInterrupt, read_config_bytes,
+};
+use crate::disk::{BackendIdentity, BlockBackend, DiskError, SECTOR_SIZE};
+
+/// Size of the request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Logical block size reported to the guest.
+pub const BLOCK_SIZE: u32 = SECTOR_SIZE as u32;
+/// Requests handled per queue event before yielding to the event loop (and re-kicking).
+const MAX_REQUESTS_PER_EVENT: usize = 4 * QUEUE_SIZE as usize;
+
+/// Errors of the virtio-blk device.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The queue eventfd could not be created.
+    #[error("virtio-blk: creating queue eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    /// Saved state names a different disk than the one attached.
+    #[error("virtio-blk: saved state is for another disk: {0}")]
+    Identity(#[source] DiskError),
+    /// Saved state differs from this device in a guest-visible way.
+    #[error("virtio-blk: saved {0} differs from the device's")]
+    StateMismatch(&'static str),
+}
+
+/// Options of a block device, beyond its backend.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockConfig {
+    /// Serial reported by GET_ID (at most 20 bytes are used); defaults to the image file name.
+    pub id: Option<String>,
+}
+
+/// The virtio-blk configuration space fields this device provides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockConfigSpace {
+    /// Capacity in 512-byte sectors.
+    pub capacity: u64,
+    /// Largest segment in bytes.
+    pub size_max: u32,
+    /// Most segments per request.
+    pub seg_max: u32,
+    /// Logical block size.
+    pub blk_size: u32,
+}
+
+impl BlockConfigSpace {
+    /// Layout of `struct virtio_blk_config` up to `blk_size`.
+    fn to_bytes(self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[0..8].copy_from_slice(&self.capacity.to_le_bytes());
+        b[8..12].copy_from_slice(&self.size_max.to_le_bytes());
+        b[12..16].copy_from_slice(&self.seg_max.to_le_bytes());
+        // 16..20: geometry, not offered.
+        b[20..24].copy_from_slice(&self.blk_size.to_le_bytes());
+        b
+    }
+}
+
+/// Serializable state of a [`BlockDevice`] (its queues are saved by the transport).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockDeviceState {
+    /// The disk the device was attached to.
+    pub identity: BackendIdentity,
+    /// Configuration space the guest saw.
+    pub config_space: BlockConfigSpace,
+    /// Features offered.
+    pub features: u64,
+    /// GET_ID answer.
+    pub disk_id: [u8; DISK_ID_LEN],
+}
+
+struct Active {
+    mem: GuestMem,
+    queues: Vec<Queue>,
+    interrupt: Arc<VirtioInterrupt>,
+    broken: bool,
+}
+
+/// A virtio-blk device. Register it with the event manager, and its
+/// [`queue_events`](VirtioDevice::queue_events) as ioeventfds on QueueNotify.
+pub struct BlockDevice {
+    backend: Arc<dyn BlockBackend>,
+    features: u64,
+    config_space: BlockConfigSpace,
+    config_bytes: [u8; 24],
+    disk_id: [u8; DISK_ID_LEN],
+    queue_evts: [EventFd; 1],
+    active: Option<Active>,
+    scratch: RequestScratch,
+}
+
+impl BlockDevice {
+    /// A block device serving `backend`.
+    pub fn new(backend: Arc<dyn BlockBackend>, config: BlockConfig) -> Result<Self, BlockError> {
+        let mut features = VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_BLK_F_SIZE_MAX
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_FLUSH;
+        if backend.read_only() {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        let config_space = BlockConfigSpace {
+            capacity: backend.size() / SECTOR_SIZE,
+            size_max: MAX_SEGMENT_BYTES,
+            seg_max: MAX_SEGMENTS,
+            blk_size: BLOCK_SIZE,
+        };
+        let id = config.id.unwrap_or_else(|| {
+            let loc = backend.identity().location;
+            loc.rsplit('/').next().unwrap_or_default().to_string()
+        });
+        let mut disk_id = [0u8; DISK_ID_LEN];
+        let n = id.len().min(DISK_ID_LEN);
+        disk_id[..n].copy_from_slice(&id.as_bytes()[..n]);
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?;
+        Ok(Self {
+            backend,
+            features,
+            config_space,
+            config_bytes: config_space.to_bytes(),
+            disk_id,
+            queue_evts: [evt],
+            active: None,
+            scratch: RequestScratch::default(),
+        })
+    }
+
+    /// The backend served.
+    pub fn backend(&self) -> &Arc<dyn BlockBackend> {
+        &self.backend
+    }
+
+    /// Whether the driver activated the device.
+    pub fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// Captures the device state.
+    pub fn save_state(&self) -> BlockDeviceState {
+        BlockDeviceState {
+            identity: self.backend.identity(),
+            config_space: self.config_space,
+            features: self.features,
+            disk_id: self.disk_id,
+        }
+    }
+
+    /// Checks saved state against this freshly created device: refuses a different disk or
+    /// different guest-visible properties. (The queues are restored by the transport.)
+    pub fn restore_state(&mut self, state: &BlockDeviceState) -> Result<(), BlockError> {
+        state
+            .identity
+            .check_matches(&self.backend.identity())
+            .map_err(BlockError::Identity)?;
+        if state.config_space != self.config_space {
+            return Err(BlockError::StateMismatch("configuration space"));
+        }
+        if state.features != self.features {
+            return Err(BlockError::StateMismatch("feature set"));
+        }
+        if state.disk_id != self.disk_id {
+            return Err(BlockError::StateMismatch("disk id"));
+        }
+        Ok(())
+    }
+
+    /// Handles a notification of the request queue: consumes its eventfd and processes
+    /// every available request.
+    pub fn handle_queue_event(&mut self) {
+        if let Err(e) = self.queue_evts[0].read()
+            && e.kind() != std::io::ErrorKind::WouldBlock
+        {
+            warn!("virtio-blk: reading queue eventfd: {e}");
+        }
+        self.process_queue();
+    }
+
+    /// Processes available requests, completes them and interrupts the guest if needed.
+    pub fn process_queue(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            debug!("virtio-blk: queue event before activation ignored");
+            return;
+        };
+        if active.broken {
+            return;
+        }
+        let Active {
+            mem,
+            queues,
+            interrupt,
+            broken,
+        } = active;
+        let Some(q) = queues.first_mut() else {
+            return;
+        };
+        let (used, result) = drain_queue(q, mem, &*self.backend, &self.disk_id, &mut self.scratch);
+        match result {
+            Ok(true) => {
+                // More work than one round is allowed: continue on a later loop iteration.
+                if let Err(e) = self.queue_evts[0].write(1) {
+                    error!("virtio-blk: re-kicking queue: {e}");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                error!("virtio-blk: queue error, device needs reset: {e}");
+                *broken = true;
+                interrupt.set_needs_reset();
+            }
+        }
+        if used && q.needs_notification(mem).unwrap_or(true) {
+            interrupt.signal_used_queue();
+        }
+    }
+}
+
+/// Processes available chains of `q`. Returns whether any were completed, and whether the
+/// queue still has work after the per-event budget (or the ring error that stopped it).
+fn drain_queue(
+    q: &mut Queue,
+    mem: &GuestMem,
+    backend: &dyn BlockBackend,
+    disk_id: &[u8; DISK_ID_LEN],
+    scratch: &mut RequestScratch,
+) -> (bool, Result<bool, virtio_queue::Error>) {
+    let mut used = false;
+    let mut seen = 0usize;
+    let result = (|| -> Result<bool, virtio_queue::Error> {
+        loop {
+            q.disable_notification(mem)?;
+            while let Some(chain) = q.iter(mem)?.next() {
+                let head = chain.head_index();
+                let c = process_request(mem, chain, backend, disk_id, scratch);
+                match q.add_used(mem, head, c.used_len) {
+                    Ok(()) => used = true,
+                    Err(virtio_queue::Error::InvalidDescriptorIndex) => {
+                        debug!("virtio-blk: available ring names descriptor {head}; skipped");
+                    }
+                    Err(e) => return Err(e),
+                }
+                seen += 1;
+                if seen >= MAX_REQUESTS_PER_EVENT {
+                    return Ok(true);
+                }
+            }
+            if !q.enable_notification(mem)? {
+                return Ok(false);
+            }
+        }
+    })();
+    (used, result)
+}
+
+impl VirtioDevice for BlockDevice {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_bytes, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        debug!(
+            "virtio-blk: {}-byte config write at {offset:#x} ignored",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMem,
+        queues: Vec<Queue>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<(), VirtioError> {
+        if queues.len() != 1 {
+            return Err(VirtioError::QueueCount {
+                expected: 1,
+                got: queues.len(),
+            });
+        }
+        self.active = Some(Active {
+            mem,
+            queues,
+            interrupt,
+            broken: false,
+        });
+        Ok(())
+    }
+
+    fn queues(&self) -> &[Queue] {
+        self.active.as_ref().map_or(&[], |a| &a.queues)
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        // Drop a notification that raced with the reset.
+        let _ = self.queue_evts[0].read();
+    }
+}
+
+impl MutEventSubscriber for BlockDevice {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.event_set().contains(EventSet::IN) {
+            self.handle_queue_event();
+        } else {
+            warn!(
+                "virtio-blk: unexpected queue event {:?}",
+                events.event_set()
+            );
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.queue_evts[0], EventSet::IN)) {
+            error!("virtio-blk: registering queue eventfd: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,14 @@
+//! `vmm`: a KVM virtual machine monitor built on the rust-vmm crates, made to pause a VM,
+//! keep it forever as deduplicated content-addressed chunks, and bring it back in milliseconds.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod arch;
+pub mod config;
+pub mod devices;
+pub mod disk;
+pub mod snapshot;
+pub mod store;
+pub mod vstate;
+pub mod builder;
+pub mod vmm;

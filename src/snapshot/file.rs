@@ -1,0 +1,400 @@
+//! Checksummed state files.
+//!
+//! ```text
+//! offset      size  field
+//! 0           8     magic, e.g. b"VMMSNAP\0" (one per file kind)
+//! 8           4     format version, u32 little endian
+//! 12          8     payload length N, u64 little endian
+//! 20          N     payload: bincode 1.x (fixint, little endian) of the value
+//! 20+N        32    BLAKE3 hash of the payload
+//! ```
+//!
+//! The file ends right after the hash. Readers check the magic, the version, the
+//! length (against a per-kind cap and the real file size), the hash, and decode with
+//! an allocation limit, so a corrupt or hostile file yields an error, never a panic
+//! or a huge allocation.
+//!
+//! Files are written to a temp name in the same directory, fsynced, renamed into
+//! place, and the directory is fsynced ([`write_atomic`]).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bincode::Options;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Length of the fixed header (magic, version, payload length).
+pub const HEADER_LEN: usize = 20;
+/// Length of the trailing payload hash.
+pub const TRAILER_LEN: usize = 32;
+
+/// Errors of state file encoding, decoding and I/O.
+#[derive(Debug, thiserror::Error)]
+pub enum StateFileError {
+    /// The magic bytes are not those of the expected kind.
+    #[error("not a {name} (bad magic)")]
+    BadMagic {
+        /// Description of the expected kind, e.g. "vmm snapshot file".
+        name: &'static str,
+    },
+    /// The file has a format version this build does not read.
+    #[error("{name} has format version {found}, but this build only reads version {supported}")]
+    UnsupportedVersion {
+        /// Description of the kind.
+        name: &'static str,
+        /// Version in the file.
+        found: u32,
+        /// Version this build reads.
+        supported: u32,
+    },
+    /// The recorded payload length is above the kind's cap.
+    #[error("payload length {len} exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// Recorded length.
+        len: u64,
+        /// The cap.
+        max: u64,
+    },
+    /// The file is shorter than its header says.
+    #[error("file is truncated: {actual} bytes, expected {expected}")]
+    Truncated {
+        /// Length the header implies (or the header length).
+        expected: u64,
+        /// Actual length.
+        actual: u64,
+    },
+    /// Bytes follow the checksum.
+    #[error("file has unexpected data after the checksum: {actual} bytes, expected {expected}")]
+    TrailingData {
+        /// Length the header implies.
+        expected: u64,
+        /// Actual length (or a lower bound).
+        actual: u64,
+    },
+    /// The payload does not match its checksum.
+    #[error("checksum mismatch: the payload is corrupt")]
+    ChecksumMismatch,
+    /// The payload passed the checksum but does not decode as the expected type.
+    #[error("payload does not decode")]
+    Decode(#[source] bincode::Error),
+    /// The value could not be encoded.
+    #[error("cannot encode the payload")]
+    Encode(#[source] bincode::Error),
+    /// A file's contents are invalid.
+    #[error("invalid file {}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: Box<StateFileError>,
+    },
+    /// A file system operation failed.
+    #[error("cannot {op} {}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Result type of this module.
+pub type Result<T> = std::result::Result<T, StateFileError>;
+
+/// What distinguishes one kind of state file from another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileKind {
+    /// The 8 magic bytes at the start of the file.
+    pub magic: [u8; 8],
+    /// The format version written, and the only one read.
+    pub version: u32,
+    /// Largest payload accepted when reading.
+    pub max_payload: u64,
+    /// Description used in error messages, e.g. "vmm snapshot file".
+    pub name: &'static str,
+}
+
+impl FileKind {
+    /// Device and vCPU state of a snapshot (`write_state_file`/`read_state_file`).
+    pub const STATE: FileKind = FileKind {
+        magic: *b"VMMSNAP\0",
+        version: 1,
+        max_payload: 64 << 20,
+        name: "vmm snapshot file",
+    };
+}
+
+fn options(limit: u64) -> impl Options {
+    // Same encoding as `bincode::serialize` (fixint, little endian), but rejecting
+    // trailing bytes and never reading or allocating past `limit`.
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_little_endian()
+        .reject_trailing_bytes()
+        .with_limit(limit)
+}
+
+/// Encodes `value` as a complete file of the given kind.
+pub fn encode<T: Serialize + ?Sized>(kind: &FileKind, value: &T) -> Result<Vec<u8>> {
+    let payload = options(kind.max_payload)
+        .serialize(value)
+        .map_err(StateFileError::Encode)?;
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + TRAILER_LEN);
+    out.extend_from_slice(&kind.magic);
+    out.extend_from_slice(&kind.version.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out.extend_from_slice(blake3::hash(&payload).as_bytes());
+    Ok(out)
+}
+
+/// Checks and decodes a complete file of the given kind.
+pub fn decode<T: DeserializeOwned>(kind: &FileKind, bytes: &[u8]) -> Result<T> {
+    let actual = bytes.len() as u64;
+    if bytes.len() < 8 || bytes[..8] != kind.magic {
+        return Err(StateFileError::BadMagic { name: kind.name });
+    }
+    if bytes.len() < HEADER_LEN {
+        return Err(StateFileError::Truncated {
+            expected: HEADER_LEN as u64,
+            actual,
+        });
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if version != kind.version {
+        return Err(StateFileError::UnsupportedVersion {
+            name: kind.name,
+            found: version,
+            supported: kind.version,
+        });
+    }
+    let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
+    if len > kind.max_payload {
+        return Err(StateFileError::TooLarge {
+            len,
+            max: kind.max_payload,
+        });
+    }
+    let expected = HEADER_LEN as u64 + len + TRAILER_LEN as u64;
+    if actual < expected {
+        return Err(StateFileError::Truncated { expected, actual });
+    }
+    if actual > expected {
+        return Err(StateFileError::TrailingData { expected, actual });
+    }
+    // `len` <= max_payload and fits in the slice, so it fits in usize.
+    let payload = &bytes[HEADER_LEN..HEADER_LEN + len as usize];
+    let hash = &bytes[HEADER_LEN + len as usize..];
+    if blake3::hash(payload).as_bytes()[..] != *hash {
+        return Err(StateFileError::ChecksumMismatch);
+    }
+    options(len)
+        .deserialize(payload)
+        .map_err(StateFileError::Decode)
+}
+
+/// Writes `value` to `path` as a file of the given kind, atomically and durably.
+pub fn write_file<T: Serialize + ?Sized>(path: &Path, kind: &FileKind, value: &T) -> Result<()> {
+    write_atomic(path, &encode(kind, value)?)
+}
+
+/// Reads, checks and decodes a file of the given kind.
+pub fn read_file<T: DeserializeOwned>(path: &Path, kind: &FileKind) -> Result<T> {
+    let io = |op| {
+        let path = path.to_path_buf();
+        move |source| StateFileError::Io { op, path, source }
+    };
+    let f = File::open(path).map_err(io("open"))?;
+    // Read at most one byte more than the largest valid file, so oversized files
+    // are reported without reading them whole.
+    let cap = HEADER_LEN as u64 + kind.max_payload + TRAILER_LEN as u64 + 1;
+    let mut bytes = Vec::new();
+    f.take(cap).read_to_end(&mut bytes).map_err(io("read"))?;
+    decode(kind, &bytes).map_err(|e| StateFileError::Invalid {
+        path: path.to_path_buf(),
+        source: Box::new(e),
+    })
+}
+
+/// Writes `value` as a snapshot state file ([`FileKind::STATE`]).
+pub fn write_state_file<T: Serialize + ?Sized>(path: impl AsRef<Path>, value: &T) -> Result<()> {
+    write_file(path.as_ref(), &FileKind::STATE, value)
+}
+
+/// Reads a snapshot state file ([`FileKind::STATE`]) written by [`write_state_file`].
+pub fn read_state_file<T: DeserializeOwned>(path: impl AsRef<Path>) -> Result<T> {
+    read_file(path.as_ref(), &FileKind::STATE)
+}
+
+/// Replaces `path` with `bytes` atomically: writes a temp file in the same
+/// directory, fsyncs it, renames it over `path` and fsyncs the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let io = |op, p: &Path| {
+        let path = p.to_path_buf();
+        move |source| StateFileError::Io { op, path, source }
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| {
+            io("write", path)(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "path has no file name",
+            ))
+        })?
+        .to_string_lossy();
+    let tmp = dir.join(format!(
+        ".{name}.tmp.{}.{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io("create", &tmp))?;
+        f.write_all(bytes).map_err(io("write", &tmp))?;
+        f.sync_all().map_err(io("fsync", &tmp))?;
+        std::fs::rename(&tmp, path).map_err(io("rename temp file to", path))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        return result;
+    }
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsync directory", dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testutil::TempDir;
+    use serde::Deserialize;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Sample {
+        name: String,
+        regs: Vec<u64>,
+        flag: bool,
+        opt: Option<u32>,
+    }
+
+    fn sample() -> Sample {
+        Sample {
+            name: "vcpu0".into(),
+            regs: vec![1, 2, 0xdead_beef],
+            flag: true,
+            opt: Some(7),
+        }
+    }
+
+    #[test]
+    fn round_trip_through_a_file() {
+        let dir = TempDir::new("statefile");
+        let path = dir.path().join("vm.state");
+        write_state_file(&path, &sample()).unwrap();
+        assert_eq!(read_state_file::<Sample>(&path).unwrap(), sample());
+        // Overwrite in place, and no temp files remain.
+        let other = Sample {
+            name: "x".into(),
+            ..sample()
+        };
+        write_state_file(&path, &other).unwrap();
+        assert_eq!(read_state_file::<Sample>(&path).unwrap(), other);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[..8], b"VMMSNAP\0");
+        assert_eq!(decode::<Sample>(&FileKind::STATE, &bytes).unwrap(), other);
+    }
+
+    #[test]
+    fn every_flipped_byte_is_an_error() {
+        let good = encode(&FileKind::STATE, &sample()).unwrap();
+        for i in 0..good.len() {
+            for mask in [0x01u8, 0x80, 0xff] {
+                let mut bad = good.clone();
+                bad[i] ^= mask;
+                let r = decode::<Sample>(&FileKind::STATE, &bad);
+                assert!(r.is_err(), "flip {mask:#x} at {i} decoded to {r:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let good = encode(&FileKind::STATE, &sample()).unwrap();
+        for len in 0..good.len() {
+            assert!(decode::<Sample>(&FileKind::STATE, &good[..len]).is_err());
+        }
+        let mut longer = good.clone();
+        longer.push(0);
+        assert!(matches!(
+            decode::<Sample>(&FileKind::STATE, &longer),
+            Err(StateFileError::TrailingData { .. })
+        ));
+    }
+
+    #[test]
+    fn clear_messages() {
+        let dir = TempDir::new("statefile-msg");
+        let path = dir.path().join("junk");
+        std::fs::write(&path, b"#!/bin/sh\necho not a snapshot\n").unwrap();
+        let e = read_state_file::<Sample>(&path).unwrap_err();
+        let StateFileError::Invalid { source, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(source.to_string(), "not a vmm snapshot file (bad magic)");
+
+        let mut v2 = encode(&FileKind::STATE, &sample()).unwrap();
+        v2[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let e = decode::<Sample>(&FileKind::STATE, &v2).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "vmm snapshot file has format version 2, but this build only reads version 1"
+        );
+
+        let e = read_state_file::<Sample>(dir.path().join("absent")).unwrap_err();
+        assert!(matches!(e, StateFileError::Io { op: "open", .. }));
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_reading() {
+        let mut big = encode(&FileKind::STATE, &sample()).unwrap();
+        big[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            decode::<Sample>(&FileKind::STATE, &big),
+            Err(StateFileError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn hostile_payload_with_valid_checksum_does_not_allocate_wildly() {
+        // A Vec<u64> claiming 2^60 elements, correctly framed and checksummed.
+        let payload = (1u64 << 60).to_le_bytes();
+        let mut file = FileKind::STATE.magic.to_vec();
+        file.extend_from_slice(&1u32.to_le_bytes());
+        file.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        file.extend_from_slice(&payload);
+        file.extend_from_slice(blake3::hash(&payload).as_bytes());
+        assert!(matches!(
+            decode::<Vec<u64>>(&FileKind::STATE, &file),
+            Err(StateFileError::Decode(_))
+        ));
+        // Wrong type behind a valid frame is a decode error too.
+        let file = encode(&FileKind::STATE, &sample()).unwrap();
+        assert!(decode::<(u64, u64, u64, u64, u64, u64)>(&FileKind::STATE, &file).is_err());
+    }
+}

@@ -1,0 +1,252 @@
+//! The running VMM: VM, vCPU handles, devices and the event loop.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::config::VmConfig;
+use crate::devices::bus::lock;
+use crate::devices::legacy::SerialDevice;
+use crate::devices::Bus;
+use crate::vstate::exit::{ExitReason, ExitSignal};
+use crate::vstate::memory::GuestMemory;
+use crate::vstate::vcpu::{RunState, VcpuError, VcpuHandle, VcpuRequest, VcpuResponse};
+use crate::vstate::vm::Vm;
+
+/// Errors of the running VMM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The event loop failed.
+    #[error("event loop failed: {0:?}")]
+    EventLoop(event_manager::Error),
+    /// A vCPU request failed.
+    #[error("vcpu request failed")]
+    Vcpu(#[source] VcpuError),
+    /// The operation is not valid in the current state.
+    #[error("VM is {current:?}; {what} needs {needed:?}")]
+    WrongState {
+        /// What was attempted.
+        what: &'static str,
+        /// The state it needs.
+        needed: RunState,
+        /// The state the VM is in.
+        current: RunState,
+    },
+}
+
+/// The event-manager subscriber type used by the VMM.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// A running VM and everything attached to it.
+pub struct Vmm {
+    /// VM configuration.
+    pub config: VmConfig,
+    /// The final kernel command line given to the guest.
+    pub cmdline: String,
+    /// The KVM VM.
+    pub vm: Vm,
+    /// Guest memory.
+    pub mem: GuestMemory,
+    /// vCPU threads.
+    pub vcpus: Vec<VcpuHandle>,
+    /// Exit latch.
+    pub exit: Arc<ExitSignal>,
+    /// Port-I/O bus.
+    pub pio: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus>,
+    /// COM1.
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// Device event loop.
+    pub events: EventManager<Subscriber>,
+    /// Whole-VM run state.
+    pub state: RunState,
+}
+
+impl Vmm {
+    /// Runs the event loop until the guest or the user ends the VM; stops the vCPUs.
+    pub fn run(&mut self) -> Result<ExitReason, VmmError> {
+        let reason = loop {
+            if let Some(r) = self.exit.reason() {
+                break r;
+            }
+            self.events
+                .run_with_timeout(100)
+                .map_err(VmmError::EventLoop)?;
+        };
+        self.stop_vcpus();
+        Ok(reason)
+    }
+
+    /// Stops and joins every vCPU thread.
+    pub fn stop_vcpus(&mut self) {
+        for v in &self.vcpus {
+            let _ = v.send(VcpuRequest::Exit);
+        }
+        for v in &mut self.vcpus {
+            v.stop();
+        }
+        self.state = RunState::Exited;
+    }
+
+    /// Pauses every vCPU (they leave KVM_RUN and wait).
+    pub fn pause(&mut self) -> Result<(), VmmError> {
+        self.expect(RunState::Running, "pause")?;
+        for v in &self.vcpus {
+            v.send(VcpuRequest::Pause).map_err(VmmError::Vcpu)?;
+        }
+        for v in &self.vcpus {
+            expect_response(v, |r| matches!(r, VcpuResponse::Paused))?;
+        }
+        self.state = RunState::Paused;
+        Ok(())
+    }
+
+    /// Resumes every vCPU.
+    pub fn resume(&mut self) -> Result<(), VmmError> {
+        self.expect(RunState::Paused, "resume")?;
+        for v in &self.vcpus {
+            v.send(VcpuRequest::Resume).map_err(VmmError::Vcpu)?;
+        }
+        for v in &self.vcpus {
+            expect_response(v, |r| matches!(r, VcpuResponse::Resumed))?;
+        }
+        self.state = RunState::Running;
+        Ok(())
+    }
+
+    fn expect(&self, needed: RunState, what: &'static str) -> Result<(), VmmError> {
+        if self.state != needed {
+            return Err(VmmError::WrongState {
+                what,
+                needed,
+                current: self.state,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn expect_response(
+    v: &VcpuHandle,
+    ok: impl Fn(&VcpuResponse) -> bool,
+) -> Result<(), VmmError> {
+    let r = v
+        .recv(crate::vstate::vcpu::VCPU_ANSWER_TIMEOUT)
+        .map_err(VmmError::Vcpu)?;
+    if ok(&r) {
+        Ok(())
+    } else {
+        Err(VmmError::Vcpu(VcpuError::Unexpected(v.id(), format!("{r:?}"))))
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.stop_vcpus();
+    }
+}
+
+/// Wakes the event loop when the exit latch fires.
+pub struct ExitWaker(pub Arc<ExitSignal>);
+
+impl MutEventSubscriber for ExitWaker {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // Draining is enough; `Vmm::run` reads the reason after every loop turn.
+        let _ = self.0.eventfd().read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.eventfd(), EventSet::IN)) {
+            log::error!("cannot watch the exit eventfd: {e:?}");
+        }
+    }
+}
+
+/// Forwards host stdin to COM1.
+pub struct StdinInput {
+    serial: Arc<Mutex<SerialDevice>>,
+    pending: Vec<u8>,
+}
+
+impl StdinInput {
+    /// Input for `serial`.
+    pub fn new(serial: Arc<Mutex<SerialDevice>>) -> Self {
+        Self {
+            serial,
+            pending: Vec::new(),
+        }
+    }
+}
+
+impl MutEventSubscriber for StdinInput {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let stdin = std::io::stdin();
+        let mut buf = [0u8; 64];
+        // SAFETY: reading into a valid stack buffer of the given length from fd 0.
+        let n = unsafe { libc::read(stdin.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 || events.event_set().contains(EventSet::HANG_UP) {
+            // EOF or error: stop watching stdin so the loop does not spin.
+            let _ = ops.remove(Events::new(&stdin, EventSet::IN));
+            return;
+        }
+        self.pending.extend_from_slice(&buf[..n as usize]);
+        let taken = lock(&self.serial).enqueue_input(&self.pending);
+        self.pending.drain(..taken);
+        // Bytes that do not fit stay pending; cap so a stalled guest cannot grow us forever.
+        if self.pending.len() > 4096 {
+            self.pending.clear();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let stdin = std::io::stdin();
+        if let Err(e) = ops.add(Events::new(&stdin, EventSet::IN)) {
+            // /dev/null and regular files cannot be polled; that just means no input.
+            log::debug!("stdin is not pollable ({e:?}); no console input");
+        }
+    }
+}
+
+/// Puts the terminal on stdin in raw-ish mode (no echo, no line buffering) while alive.
+pub struct TerminalGuard {
+    saved: Option<libc::termios>,
+}
+
+impl TerminalGuard {
+    /// Switches stdin to raw mode if it is a terminal.
+    pub fn new() -> Self {
+        // SAFETY: isatty only inspects the fd.
+        if unsafe { libc::isatty(0) } != 1 {
+            return Self { saved: None };
+        }
+        // SAFETY: termios is plain old data; tcgetattr fills it for fd 0.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointer to a termios struct.
+        if unsafe { libc::tcgetattr(0, &mut t) } != 0 {
+            return Self { saved: None };
+        }
+        let saved = t;
+        t.c_lflag &= !(libc::ICANON | libc::ECHO);
+        // SAFETY: valid pointer to an initialised termios struct.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) };
+        Self { saved: Some(saved) }
+    }
+}
+
+impl Default for TerminalGuard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TerminalGuard {
+    fn drop(&mut self) {
+        if let Some(t) = self.saved {
+            // SAFETY: restores the attributes read in `new` on fd 0.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) };
+        }
+    }
+}

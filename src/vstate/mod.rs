@@ -1,0 +1,6 @@
+//! KVM state: the VM, its vCPUs and guest memory.
+
+pub mod exit;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

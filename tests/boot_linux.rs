@@ -1,0 +1,68 @@
+//! Boots the project's guest kernel (see docs/GUEST.md) and checks the test agent's output.
+//! Slow on PVM-style hosts (about a minute per boot), so each scenario boots once.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+fn boot_info(kernel: &str, vcpus: u8, mem_mib: u64) {
+    let Some(a) = guest_env() else { return };
+    let token = format!("t{}x{}", std::process::id(), vcpus);
+    let cmdline = format!(
+        "console=ttyS0 reboot=k panic=-1 vmmtest.info vmmtest.token={token} vmmtest.poweroff"
+    );
+    let mut r = Running::spawn(&[
+        "--kernel".into(),
+        format!("path={},cmdline=\"{cmdline}\"", a.file(kernel).display()),
+        "--memory".into(),
+        format!("size_mib={mem_mib}"),
+        "--vcpu".into(),
+        format!("num={vcpus}"),
+    ]);
+    let Some(line) = r.wait_for("vmmtest: info", BOOT_TIMEOUT) else {
+        fail(&r, "no `vmmtest: info` line")
+    };
+    let want_cpus = format!("cpus={vcpus} ");
+    if !line.contains(&want_cpus) || !line.contains(&format!("token={token}")) {
+        fail(&r, &format!("bad info line {line:?}"));
+    }
+    let mem_kib: u64 = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("mem_kib="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| fail(&r, "no mem_kib"));
+    // MemTotal is RAM minus what the kernel reserves for itself; it must be close to, and
+    // not above, what we gave the guest.
+    let given = mem_mib * 1024;
+    if mem_kib > given || mem_kib < given * 3 / 4 {
+        fail(&r, &format!("mem_kib={mem_kib} does not match {mem_mib} MiB"));
+    }
+    match r.wait_exit(Duration::from_secs(120)) {
+        Some(0) => {}
+        other => fail(&r, &format!("vmm did not exit 0 after poweroff: {other:?}")),
+    }
+    println!("booted {kernel} with {vcpus} vCPU(s) in {:.1} s", r.elapsed());
+}
+
+#[test]
+fn vmlinux_one_vcpu() {
+    boot_info("vmlinux", 1, 256);
+}
+
+#[test]
+fn vmlinux_two_vcpus() {
+    boot_info("vmlinux", 2, 384);
+}
+
+#[test]
+fn bzimage_one_vcpu() {
+    if pvm_host() {
+        println!(
+            "SKIP: bzImage boot on a PVM-style host (its decompressor runs with interrupts off, \
+             emulated for minutes; see docs/PVM_HOSTS.md)"
+        );
+        return;
+    }
+    boot_info("bzImage", 1, 256);
+}

@@ -1,0 +1,183 @@
+//! Helpers shared by the guest tests: locating guest artifacts, running `vmm` with a
+//! timeout while streaming its console, and skipping when KVM is missing.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Returns a reason to skip KVM tests, or None when /dev/kvm can be opened.
+pub fn kvm_missing() -> Option<String> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => None,
+        Err(e) => Some(format!("/dev/kvm unavailable: {e}")),
+    }
+}
+
+/// Guest artifacts built by resources/build-guest.sh (symlinked at resources/out).
+pub struct Artifacts {
+    pub dir: PathBuf,
+}
+
+impl Artifacts {
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+/// The guest artifacts, or a reason they are missing.
+pub fn artifacts() -> Result<Artifacts, String> {
+    let dir = std::env::var_os("VMM_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/out"));
+    if dir.join("vmlinux").exists() {
+        Ok(Artifacts { dir })
+    } else {
+        Err(format!(
+            "guest artifacts missing in {} (run resources/build-guest.sh)",
+            dir.display()
+        ))
+    }
+}
+
+/// Skips (returns None after printing why) unless KVM and the guest artifacts exist.
+/// In CI (CI=true) missing artifacts are a failure, not a skip.
+pub fn guest_env() -> Option<Artifacts> {
+    if let Some(r) = kvm_missing() {
+        println!("SKIP: {r}");
+        return None;
+    }
+    match artifacts() {
+        Ok(a) => Some(a),
+        Err(e) if std::env::var("CI").is_ok() => panic!("{e}"),
+        Err(e) => {
+            println!("SKIP: {e}");
+            None
+        }
+    }
+}
+
+/// True on PVM-style nested KVM hosts (guest user space cannot make system calls there).
+pub fn pvm_host() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// Path of the built `vmm` binary.
+pub fn vmm_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vmm")
+}
+
+/// A running `vmm` process whose stdout and stderr are collected line by line.
+pub struct Running {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    pub log: Arc<Mutex<Vec<String>>>,
+    started: Instant,
+}
+
+impl Running {
+    /// Starts `vmm` with `args`.
+    pub fn spawn(args: &[String]) -> Running {
+        Self::spawn_cmd(Command::new(vmm_bin()).args(args))
+    }
+
+    /// Starts a prepared command.
+    pub fn spawn_cmd(cmd: &mut Command) -> Running {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vmm");
+        let (tx, rx) = mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        for (src, tag) in [(Box::new(out) as Box<dyn Read + Send>, ""), (Box::new(err), "[stderr] ")] {
+            let tx = tx.clone();
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(src).lines() {
+                    let Ok(line) = line else { break };
+                    let line = line.replace('\r', "");
+                    log.lock().unwrap().push(format!("{tag}{line}"));
+                    let _ = tx.send(format!("{tag}{line}"));
+                }
+            });
+        }
+        Running {
+            child,
+            lines: rx,
+            log,
+            started: Instant::now(),
+        }
+    }
+
+    /// Waits for a line containing `pat`; returns it, or None on timeout / process end.
+    pub fn wait_for(&mut self, pat: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(pat) => return Some(l),
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => return None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    /// Waits for the process to exit; kills it after `timeout`. Returns the exit code
+    /// (None when killed or ended by a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                // Let the reader threads drain.
+                std::thread::sleep(Duration::from_millis(100));
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Everything printed so far.
+    pub fn output(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Seconds since start.
+    pub fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Panics with the console log attached.
+pub fn fail(r: &Running, msg: &str) -> ! {
+    panic!("{msg}\n----- vmm output -----\n{}\n----------------------", r.output());
+}
+
+/// How long one Linux boot may take here (about a minute on PVM hosts).
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(420);

@@ -1,0 +1,694 @@
+/*
+ * The tiny test guest: a freestanding 64-bit program booted by `vmm` like a Linux vmlinux
+ * (ELF at 1 MiB, entered in long mode with RSI = boot_params, RSP = 0x8ff0, IF = 0).
+ *
+ * GNU as, AT&T syntax, no C preprocessor. Built by tests/tiny/mod.rs once per scenario:
+ *   as --64 --defsym SCENARIO=<n> [--defsym IRQS_OFF=1] guest.s; ld -T link.ld
+ * The numbers, ports and addresses below are mirrored in tests/tiny/mod.rs (`guest::*`).
+ *
+ * On nested PVM-style KVM hosts, guest code with IF=0 is emulated instruction by instruction,
+ * so the common prologue only builds an IDT and then enables interrupts (unless IRQS_OFF=1):
+ * everything after it runs natively. Nothing raises interrupts until a scenario programs a
+ * timer. Any unexpected exception prints "!EXC vector=<hex> rip=<hex>" and writes the
+ * pvpanic port, so a broken scenario ends as GuestPanic with a readable reason.
+ */
+
+        /* Scenarios (keep in sync with `Scenario` in mod.rs). */
+        .set SC_SERIAL_PIO,        1
+        .set SC_MMIO,              2
+        .set SC_MEMORY,            3
+        .set SC_PIT_TIMER,         4
+        .set SC_LAPIC_TIMER,       5
+        .set SC_SMP,               6
+        .set SC_PANIC,             7
+        .set SC_TRIPLE_FAULT,      8    /* ud2 with IF=0 and an empty IDT */
+        .set SC_TRIPLE_FAULT_IRQ,  9    /* ud2 with IF=1 and an empty IDT */
+        .set SC_EXCEPTION,        10    /* ud2 with the guest's IDT: handler reports it */
+
+        .ifndef SCENARIO
+        .error "assemble with --defsym SCENARIO=<n>"
+        .endif
+        .ifndef IRQS_OFF
+        .set IRQS_OFF, 0
+        .endif
+
+        /* Devices and addresses (mirrored in mod.rs). */
+        .set COM1,              0x3f8
+        .set PVPANIC,           0x505
+        .set I8042_CMD,         0x64
+        .set TEST_PORT,         0x700           /* the tests' port-I/O device, 16 ports */
+        .set MMIO_BASE,         0xd0100000      /* the tests' MMIO device, 4 KiB */
+        .set LAPIC,             0xfee00000
+        .set MAILBOX,           0x3ff000        /* host <-> guest words */
+        .set MB_HOST_GO,        MAILBOX + 0x0   /* u64: host writes HOST_GO */
+        .set MB_AP_MARK,        MAILBOX + 0x8   /* u32: AP writes AP_ALIVE */
+        .set MB_AP_APIC_ID,     MAILBOX + 0xc   /* u32: AP's LAPIC id */
+        .set MB_TICKS,          MAILBOX + 0x10  /* u32: timer interrupts counted */
+        .set HOST_DATA,         MAILBOX + 0x1000 /* 4 KiB the host fills while paused */
+        .set HOST_GO,           0x600d600d600d600d
+        .set AP_ALIVE,          0xa11ea11e
+        .set AP_REAL_MODE,      0x1e41      /* written by the AP while still in real mode */
+        .set PATTERN_BASE,      0x200000
+        .set PATTERN_LEN,       0x100000
+        .set PATTERN_XOR,       0x5a5aa5a5f00dd00d  /* qword at a = a ^ PATTERN_XOR */
+        .set HOST_XOR,          0x0123456789abcdef  /* qword at a = a ^ HOST_XOR */
+        .set TRAMP_BASE,        0x10000         /* AP real-mode entry; SIPI vector 0x10 */
+        .set TRAMP_RM_MARK,     TRAMP_BASE + 0xff0  /* u32: AP writes AP_REAL_MODE */
+
+        .set VEC_PIT,           0x20            /* master PIC remapped to 0x20..0x27 */
+        .set VEC_LAPIC_TIMER,   0x40
+        .set TICKS,             10
+        .set PIT_DIVISOR,       11932           /* 1193182 Hz / 11932 = 100 Hz */
+        .set LAPIC_COUNT,       10000000        /* 10 ms at KVM's 1 GHz APIC bus, divide 1 */
+
+        .set SEL_CODE64,        0x08
+        .set SEL_DATA,          0x10
+        .set SEL_CODE32,        0x18
+
+/* PRINT "text": writes a string literal to COM1. Preserves all registers but flags. */
+        .macro PRINT str
+        .pushsection .rodata
+.Lstr\@: .asciz "\str"
+        .popsection
+        push %rsi
+        lea .Lstr\@(%rip), %rsi
+        call puts
+        pop %rsi
+        .endm
+
+/* ------------------------------------------------------------------------------------- */
+        .section .text.entry, "ax"
+        .code64
+        .globl _start
+_start:
+        lea bsp_stack_top(%rip), %rsp
+        mov %rsi, boot_params_ptr(%rip)
+
+        .if SCENARIO == SC_TRIPLE_FAULT
+        PRINT "triple fault: ud2 with interrupts off and no IDT\n"
+        lidt null_idtr(%rip)
+        ud2
+        PRINT "survived ud2?\n"
+        jmp halt_forever
+        .endif
+
+        .ifndef NO_GDT
+        call load_gdt
+        .endif
+
+        .if SCENARIO == SC_TRIPLE_FAULT_IRQ
+        sti
+        PRINT "triple fault: ud2 with interrupts on and no IDT\n"
+        lidt null_idtr(%rip)
+        ud2
+        PRINT "survived ud2?\n"
+        jmp halt_forever
+        .endif
+
+        call setup_idt
+        .if IRQS_OFF == 0
+        sti
+        .endif
+
+        .if SCENARIO == SC_SERIAL_PIO
+        jmp serial_pio
+        .elseif SCENARIO == SC_MMIO
+        jmp mmio
+        .elseif SCENARIO == SC_MEMORY
+        jmp memory
+        .elseif SCENARIO == SC_PIT_TIMER
+        jmp pit_timer
+        .elseif SCENARIO == SC_LAPIC_TIMER
+        jmp lapic_timer
+        .elseif SCENARIO == SC_SMP
+        jmp smp
+        .elseif SCENARIO == SC_PANIC
+        jmp panic
+        .elseif SCENARIO == SC_EXCEPTION
+        jmp exception
+        .elseif SCENARIO == SC_TRIPLE_FAULT || SCENARIO == SC_TRIPLE_FAULT_IRQ
+        /* handled above */
+        .else
+        .error "unknown SCENARIO"
+        .endif
+
+/* ------------------------------------------------------------------------------------- */
+/* Scenario 1: serial output and port I/O to the test device, then reset. */
+serial_pio:
+        PRINT "tiny guest: serial ok\n"
+        mov $TEST_PORT, %dx
+        mov $0xcafef00d, %eax
+        out %eax, %dx                   /* 4 bytes at +0 */
+        add $4, %dx
+        mov $0x5a, %al
+        out %al, %dx                    /* 1 byte at +4 */
+        add $2, %dx
+        mov $0xbeef, %ax
+        out %ax, %dx                    /* 2 bytes at +6 */
+        add $2, %dx
+        in %dx, %eax                    /* 4 bytes at +8: the test answers 0x12345678 */
+        mov %eax, %ebx
+        PRINT "pio read 0x"
+        mov %rbx, %rax
+        mov $8, %ecx
+        call print_hex
+        PRINT "\n"
+        cmp $0x12345678, %ebx
+        jne fail
+        PRINT "pio ok\n"
+        jmp reset
+
+/* Scenario 2: 1/2/4/8-byte MMIO writes and reads on the test device (a register file). */
+mmio:
+        mov $MMIO_BASE, %ebx
+        movl $0xdeadbeef, (%rbx)
+        movabs $0x0123456789abcdef, %rax
+        mov %rax, 8(%rbx)
+        movb $0xa5, 0x10(%rbx)
+        movw $0x1234, 0x12(%rbx)
+        mov 0x20(%rbx), %eax            /* the test preloads 0x11223344 */
+        cmp $0x11223344, %eax
+        jne fail
+        mov 0x28(%rbx), %rax            /* the test preloads 0x8877665544332211 */
+        movabs $0x8877665544332211, %rcx
+        cmp %rcx, %rax
+        jne fail
+        mov 8(%rbx), %rax               /* read back what was written */
+        movabs $0x0123456789abcdef, %rcx
+        cmp %rcx, %rax
+        jne fail
+        movzbl 0x10(%rbx), %eax
+        cmp $0xa5, %eax
+        jne fail
+        movzwl 0x12(%rbx), %eax
+        cmp $0x1234, %eax
+        jne fail
+        PRINT "mmio ok\n"
+        jmp reset
+
+/* Scenario 3: write a pattern the host checks while paused; the host then fills HOST_DATA
+ * and sets HOST_GO before resuming; the guest checks HOST_DATA and resets. */
+memory:
+        .ifdef MEASURE
+        .rept 6
+        rdtsc
+        shl $32, %rdx
+        or %rax, %rdx
+        mov %rdx, %r8
+        mov $1000000, %ecx
+8:      dec %ecx
+        jnz 8b
+        rdtsc
+        shl $32, %rdx
+        or %rdx, %rax
+        sub %r8, %rax
+        PRINT "1M dec loop cycles "
+        call print_dec
+        PRINT "\n"
+        .endr
+        .ifdef SET_WP
+        mov %cr0, %rax
+        or $0x10000, %rax
+        mov %rax, %cr0
+        .endif
+        .rept 3
+        rdtsc
+        shl $32, %rdx
+        or %rax, %rdx
+        mov %rdx, %r8
+        mov $PATTERN_BASE, %edi
+        mov $(PATTERN_BASE + PATTERN_LEN), %ecx
+9:      mov %rdi, (%rdi)
+        add $8, %rdi
+        cmp %rcx, %rdi
+        jb 9b
+        rdtsc
+        shl $32, %rdx
+        or %rdx, %rax
+        sub %r8, %rax
+        PRINT "loop cycles "
+        call print_dec
+        pushf
+        pop %rax
+        PRINT " rflags "
+        mov $8, %ecx
+        call print_hex
+        PRINT "\n"
+        .endr
+        .endif
+        mov $PATTERN_BASE, %edi
+        mov $(PATTERN_BASE + PATTERN_LEN), %ecx
+        movabs $PATTERN_XOR, %rdx
+1:      mov %rdi, %rax
+        xor %rdx, %rax
+        mov %rax, (%rdi)
+        add $8, %rdi
+        cmp %rcx, %rdi
+        jb 1b
+        PRINT "pattern written\n"
+        mov $TEST_PORT, %dx
+        mov $1, %eax
+        out %eax, %dx                   /* tell the host */
+        movabs $HOST_GO, %rcx
+2:      pause
+        cmp %rcx, MB_HOST_GO
+        jne 2b
+        PRINT "host go\n"
+        mov $HOST_DATA, %edi
+        mov $(HOST_DATA + 0x1000), %ecx
+        movabs $HOST_XOR, %rdx
+3:      mov %rdi, %rax
+        xor %rdx, %rax
+        cmp %rax, (%rdi)
+        jne fail
+        add $8, %rdi
+        cmp %rcx, %rdi
+        jb 3b
+        PRINT "host data ok\n"
+        jmp reset
+
+/* Scenario 4: PIT channel 0 at 100 Hz through the (remapped) 8259 PIC, TICKS interrupts. */
+pit_timer:
+        mov $0x11, %al                  /* ICW1: edge, cascade, ICW4 */
+        out %al, $0x20
+        out %al, $0xa0
+        mov $VEC_PIT, %al               /* ICW2: vector bases */
+        out %al, $0x21
+        mov $(VEC_PIT + 8), %al
+        out %al, $0xa1
+        mov $0x04, %al                  /* ICW3: slave on IRQ2 */
+        out %al, $0x21
+        mov $0x02, %al
+        out %al, $0xa1
+        mov $0x01, %al                  /* ICW4: 8086 mode */
+        out %al, $0x21
+        out %al, $0xa1
+        mov $0xfe, %al                  /* unmask IRQ0 only */
+        out %al, $0x21
+        mov $0xff, %al
+        out %al, $0xa1
+        mov $0x34, %al                  /* channel 0, lobyte/hibyte, mode 2 (rate generator) */
+        out %al, $0x43
+        mov $(PIT_DIVISOR & 0xff), %al
+        out %al, $0x40
+        mov $(PIT_DIVISOR >> 8), %al
+        out %al, $0x40
+        sti
+1:      hlt
+        cmpl $TICKS, MB_TICKS
+        jb 1b
+        mov $0xff, %al                  /* mask the PIT again */
+        out %al, $0x21
+        PRINT "timer: "
+        mov $TICKS, %eax
+        call print_dec
+        PRINT " PIT ticks\n"
+        jmp reset
+
+/* Scenario 5: LAPIC timer, periodic, vector VEC_LAPIC_TIMER, TICKS interrupts. */
+lapic_timer:
+        mov $LAPIC, %ebx
+        movl $0x1ff, 0xf0(%rbx)         /* SVR: APIC enabled, spurious vector 0xff */
+        movl $0xb, 0x3e0(%rbx)          /* divide by 1 */
+        movl $(0x20000 | VEC_LAPIC_TIMER), 0x320(%rbx)  /* LVT timer: periodic */
+        movl $LAPIC_COUNT, 0x380(%rbx)  /* initial count: starts the timer */
+        sti
+1:      hlt
+        cmpl $TICKS, MB_TICKS
+        jb 1b
+        movl $0x10000, 0x320(%rbx)      /* mask */
+        PRINT "timer: "
+        mov $TICKS, %eax
+        call print_dec
+        PRINT " LAPIC timer ticks\n"
+        jmp reset
+
+/* Scenario 6: start vCPU 1 with INIT + SIPI; it goes real -> protected -> long mode. */
+smp:
+        PRINT "bsp: starting ap\n"
+        lea tramp_start(%rip), %rsi
+        mov $TRAMP_BASE, %edi
+        mov $(tramp_end - tramp_start), %ecx
+        cld
+        rep movsb
+        mov %cr3, %rax
+        mov %eax, TRAMP_BASE + (tramp_cr3 - tramp_start)
+        mov $LAPIC, %ebx
+        movl $0x1ff, 0xf0(%rbx)         /* SVR: APIC enabled */
+        movl $(1 << 24), 0x310(%rbx)    /* ICR high: destination APIC id 1 */
+        movl $0x4500, 0x300(%rbx)       /* ICR low: INIT, assert */
+1:      testl $0x1000, 0x300(%rbx)      /* delivery status */
+        jnz 1b
+        movl $(1 << 24), 0x310(%rbx)
+        movl $(0x4600 | (TRAMP_BASE >> 12)), 0x300(%rbx)   /* SIPI */
+2:      testl $0x1000, 0x300(%rbx)
+        jnz 2b
+3:      pause
+        cmpl $AP_ALIVE, MB_AP_MARK
+        jne 3b
+        PRINT "bsp: ap is up\n"
+        jmp reset
+
+ap_main:                                /* 64-bit entry of the AP, from the trampoline */
+        mov $SEL_DATA, %ax
+        mov %ax, %ds
+        mov %ax, %es
+        mov %ax, %ss
+        lea ap_stack_top(%rip), %rsp
+        lidt idt_desc(%rip)
+        sti
+        mov $LAPIC, %ebx
+        mov 0x20(%rbx), %eax            /* LAPIC ID register: id in bits 31:24 */
+        shr $24, %eax
+        mov %eax, MB_AP_APIC_ID
+        PRINT "ap: long mode, apic id "
+        call print_dec
+        PRINT "\n"
+        movl $AP_ALIVE, MB_AP_MARK
+        jmp halt_forever
+
+/* Scenario 7: pvpanic. */
+panic:
+        PRINT "panic: writing 1 to port 0x505\n"
+        mov $1, %al
+        mov $PVPANIC, %dx
+        out %al, %dx
+        jmp halt_forever
+
+/* Scenario 10: an exception with the guest's own IDT. */
+exception:
+        PRINT "exception: ud2\n"
+        ud2
+        PRINT "survived ud2?\n"
+        jmp halt_forever
+
+/* ------------------------------------------------------------------------------------- */
+/* Common code. */
+
+reset:
+        mov $0xfe, %al
+        out %al, $I8042_CMD
+        jmp halt_forever
+
+fail:
+        PRINT "FAIL\n"
+        mov $1, %al
+        mov $PVPANIC, %dx
+        out %al, %dx
+        /* fall through */
+halt_forever:
+        hlt
+        jmp halt_forever
+
+/* Loads the guest's own GDT and reloads every segment register (CS by a far return). */
+load_gdt:
+        lgdt gdt_desc(%rip)
+        mov $SEL_DATA, %ax
+        mov %ax, %ds
+        mov %ax, %es
+        mov %ax, %ss
+        mov %ax, %fs
+        mov %ax, %gs
+        pop %rax                        /* return address */
+        pushq $SEL_CODE64
+        push %rax
+        lretq
+
+/* Fills the 256-entry IDT (exceptions -> exc_stubs, timers -> their handlers, the rest ->
+ * irq_ignore) and loads it. Runs with IF=0, i.e. emulated on PVM hosts: keep it short. */
+setup_idt:
+        lea idt(%rip), %rdi
+        xor %ecx, %ecx
+1:      cmp $32, %ecx
+        jae 2f
+        mov %ecx, %eax
+        shl $4, %eax
+        lea exc_stubs(%rip), %rdx
+        add %rax, %rdx
+        jmp 4f
+2:      lea irq_ignore(%rip), %rdx
+        cmp $VEC_PIT, %ecx
+        jne 3f
+        lea irq_pit(%rip), %rdx
+3:      cmp $VEC_LAPIC_TIMER, %ecx
+        jne 4f
+        lea irq_lapic_timer(%rip), %rdx
+4:      mov %dx, (%rdi)                 /* offset 15:0 */
+        movw $SEL_CODE64, 2(%rdi)
+        movw $0x8e00, 4(%rdi)           /* present, DPL 0, 64-bit interrupt gate, IST 0 */
+        mov %rdx, %rax
+        shr $16, %rax
+        mov %ax, 6(%rdi)                /* offset 31:16 */
+        shr $16, %rax
+        mov %eax, 8(%rdi)               /* offset 63:32 */
+        movl $0, 12(%rdi)
+        add $16, %rdi
+        inc %ecx
+        cmp $256, %ecx
+        jb 1b
+        lidt idt_desc(%rip)
+        ret
+
+irq_pit:
+        incl MB_TICKS
+        push %rax
+        mov $0x20, %al                  /* non-specific EOI to the master PIC */
+        out %al, $0x20
+        pop %rax
+        iretq
+
+irq_lapic_timer:
+        incl MB_TICKS
+        push %rax
+        mov $(LAPIC + 0xb0), %eax       /* EOI register */
+        movl $0, (%rax)
+        pop %rax
+        iretq
+
+irq_ignore:
+        iretq
+
+        .balign 16
+exc_stubs:
+        .set vec, 0
+        .rept 32
+        .balign 16
+        pushq $vec
+        jmp exc_common
+        .set vec, vec + 1
+        .endr
+
+/* Stack: vector, [error code], rip, cs, rflags, rsp, ss. */
+exc_common:
+        PRINT "\n!EXC vector="
+        mov (%rsp), %rax
+        mov $2, %ecx
+        call print_hex
+        PRINT " rip="
+        mov (%rsp), %rax
+        mov $8, %rdx                    /* offset of rip without an error code */
+        mov $0x60227d00, %ecx           /* vectors that push an error code */
+        bt %eax, %ecx
+        jnc 1f
+        mov $16, %rdx
+1:      mov (%rsp,%rdx), %rax
+        mov $16, %ecx
+        call print_hex
+        PRINT "\n"
+        mov $1, %al
+        mov $PVPANIC, %dx
+        out %al, %dx
+        cli
+        jmp halt_forever
+
+/* Serial output. The lock keeps strings of different vCPUs apart. */
+lock_serial:
+        lock btsl $0, serial_lock(%rip)
+        jnc 2f
+1:      pause
+        testl $1, serial_lock(%rip)
+        jnz 1b
+        jmp lock_serial
+2:      ret
+
+unlock_serial:
+        movl $0, serial_lock(%rip)
+        ret
+
+/* putc: AL = byte. Waits for LSR.THRE, then writes THR. Preserves registers. */
+putc:
+        push %rax
+        push %rdx
+        mov %al, %ah
+        mov $(COM1 + 5), %dx
+1:      in %dx, %al
+        test $0x20, %al
+        jz 1b
+        mov $COM1, %dx
+        mov %ah, %al
+        out %al, %dx
+        pop %rdx
+        pop %rax
+        ret
+
+/* puts: RSI = NUL-terminated string. Preserves registers. */
+puts:
+        push %rax
+        push %rsi
+        call lock_serial
+1:      movzbl (%rsi), %eax
+        test %al, %al
+        jz 2f
+        call putc
+        inc %rsi
+        jmp 1b
+2:      call unlock_serial
+        pop %rsi
+        pop %rax
+        ret
+
+/* print_hex: RAX = value, ECX = number of hex digits (from the least significant). */
+print_hex:
+        push %rax
+        push %rbx
+        push %rcx
+        push %rdx
+        mov %rax, %rdx
+        lea hex_digits(%rip), %rbx
+        call lock_serial
+1:      dec %ecx
+        js 2f
+        mov %rdx, %rax
+        push %rcx
+        shl $2, %ecx
+        shr %cl, %rax
+        pop %rcx
+        and $0xf, %eax
+        movzbl (%rbx,%rax), %eax
+        call putc
+        jmp 1b
+2:      call unlock_serial
+        pop %rdx
+        pop %rcx
+        pop %rbx
+        pop %rax
+        ret
+
+/* print_dec: EAX = unsigned value. */
+print_dec:
+        push %rax
+        push %rcx
+        push %rdx
+        push %rsi
+        sub $16, %rsp
+        lea 15(%rsp), %rsi
+        movb $0, (%rsi)
+        mov $10, %ecx
+1:      xor %edx, %edx
+        div %ecx
+        add $'0', %dl
+        dec %rsi
+        mov %dl, (%rsi)
+        test %eax, %eax
+        jnz 1b
+        call puts
+        add $16, %rsp
+        pop %rsi
+        pop %rdx
+        pop %rcx
+        pop %rax
+        ret
+
+/* ------------------------------------------------------------------------------------- */
+/* The AP trampoline, copied to TRAMP_BASE and entered by SIPI at TRAMP_BASE>>4:0000 in real
+ * mode. Addresses inside it are computed relative to tramp_start. */
+        .balign 16
+tramp_start:
+        .code16
+        cli
+        mov %cs, %ax
+        mov %ax, %ds
+        movl $AP_REAL_MODE, TRAMP_RM_MARK - TRAMP_BASE
+        lgdtl tramp_gdt_desc - tramp_start
+        mov %cr0, %eax
+        or $1, %eax                     /* PE */
+        mov %eax, %cr0
+        ljmpl $SEL_CODE32, $(TRAMP_BASE + tramp32 - tramp_start)
+
+        .code32
+tramp32:
+        mov $SEL_DATA, %ax
+        mov %ax, %ds
+        mov %ax, %es
+        mov %ax, %ss
+        mov %cr4, %eax
+        or $0x20, %eax                  /* PAE */
+        mov %eax, %cr4
+        mov TRAMP_BASE + (tramp_cr3 - tramp_start), %eax
+        mov %eax, %cr3
+        mov $0xc0000080, %ecx           /* EFER */
+        rdmsr
+        or $0x900, %eax                 /* LME | NXE */
+        wrmsr
+        mov %cr0, %eax
+        or $0x80000001, %eax            /* PG | PE */
+        mov %eax, %cr0
+        ljmp $SEL_CODE64, $(TRAMP_BASE + tramp64 - tramp_start)
+
+        .code64
+tramp64:
+        movabs $ap_main, %rax
+        jmp *%rax
+
+        .balign 8
+tramp_gdt:
+        .quad 0
+        .quad 0x00af9a000000ffff        /* 0x08: 64-bit code */
+        .quad 0x00cf92000000ffff        /* 0x10: data */
+        .quad 0x00cf9a000000ffff        /* 0x18: 32-bit code */
+tramp_gdt_desc:
+        .word 4 * 8 - 1
+        .long TRAMP_BASE + (tramp_gdt - tramp_start)
+tramp_cr3:
+        .long 0
+tramp_end:
+
+/* ------------------------------------------------------------------------------------- */
+        .section .rodata
+        .balign 16
+gdt:
+        .quad 0
+        .quad 0x00af9a000000ffff        /* 0x08: 64-bit code */
+        .quad 0x00cf92000000ffff        /* 0x10: data */
+        .quad 0x00cf9a000000ffff        /* 0x18: 32-bit code */
+gdt_end:
+        .balign 8
+gdt_desc:
+        .word gdt_end - gdt - 1
+        .quad gdt
+        .balign 8
+idt_desc:
+        .word 256 * 16 - 1
+        .quad idt
+        .balign 8
+null_idtr:
+        .word 0
+        .quad 0
+hex_digits:
+        .ascii "0123456789abcdef"
+
+        .section .data
+        .balign 8
+boot_params_ptr:
+        .quad 0
+serial_lock:
+        .long 0
+
+        .section .bss
+        .balign 4096
+idt:
+        .skip 4096
+        .skip 16384
+bsp_stack_top:
+        .skip 16384
+ap_stack_top:

@@ -1,0 +1,517 @@
+//! Helpers for tests that boot the tiny freestanding guest (`tests/tiny/guest.s`):
+//! building it with binutils, test devices, and running a VM on its own thread with console
+//! capture and a timeout. Use from an integration test with `mod tiny;`.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vmm::builder::{BootOptions, Console, ExtraDevice, build_for_boot};
+use vmm::config::{KernelConfig, VmConfig};
+use vmm::devices::{BusDevice, SharedDevice};
+use vmm::vmm::Vmm;
+use vmm::vstate::exit::ExitReason;
+
+/// The guest's source and linker script; their hash names the cached ELF files.
+const GUEST_SRC: &str = include_str!("guest.s");
+const LINKER_SCRIPT: &str = include_str!("link.ld");
+
+/// Constants shared with `guest.s` (keep in sync).
+pub mod guest {
+    /// Port-I/O test device base (16 ports).
+    pub const TEST_PORT: u64 = 0x700;
+    /// Length of the port-I/O test device.
+    pub const TEST_PORT_LEN: u64 = 0x10;
+    /// MMIO test device base.
+    pub const MMIO_BASE: u64 = 0xd010_0000;
+    /// Length of the MMIO test device.
+    pub const MMIO_LEN: u64 = 0x1000;
+    /// Host <-> guest mailbox page.
+    pub const MAILBOX: u64 = 0x3f_f000;
+    /// u64 the host sets to [`HOST_GO`] to let the memory scenario continue.
+    pub const MB_HOST_GO: u64 = MAILBOX;
+    /// u32 the AP sets to [`AP_ALIVE`] once in long mode.
+    pub const MB_AP_MARK: u64 = MAILBOX + 0x8;
+    /// u32: the AP's LAPIC id.
+    pub const MB_AP_APIC_ID: u64 = MAILBOX + 0xc;
+    /// u32: timer interrupts counted by the guest.
+    pub const MB_TICKS: u64 = MAILBOX + 0x10;
+    /// 4 KiB the host fills while the memory scenario is paused.
+    pub const HOST_DATA: u64 = MAILBOX + 0x1000;
+    /// Value of [`MB_HOST_GO`] that releases the guest.
+    pub const HOST_GO: u64 = 0x600d_600d_600d_600d;
+    /// Value of [`MB_AP_MARK`] once the AP runs 64-bit code.
+    pub const AP_ALIVE: u32 = 0xa11e_a11e;
+    /// Value of the trampoline's real-mode mark once the AP ran its first instructions.
+    pub const AP_REAL_MODE: u32 = 0x1e41;
+    /// Pattern area written by the memory scenario.
+    pub const PATTERN_BASE: u64 = 0x20_0000;
+    /// Length of the pattern area.
+    pub const PATTERN_LEN: u64 = 0x10_0000;
+    /// The qword at address `a` of the pattern area is `a ^ PATTERN_XOR`.
+    pub const PATTERN_XOR: u64 = 0x5a5a_a5a5_f00d_d00d;
+    /// The qword at address `a` of [`HOST_DATA`] is `a ^ HOST_XOR`.
+    pub const HOST_XOR: u64 = 0x0123_4567_89ab_cdef;
+    /// Where the AP's real-mode trampoline is copied (SIPI vector 0x10).
+    pub const TRAMP_BASE: u64 = 0x1_0000;
+    /// u32 the AP sets to [`AP_REAL_MODE`] while still in real mode.
+    pub const TRAMP_RM_MARK: u64 = TRAMP_BASE + 0xff0;
+    /// Timer interrupts the timer scenarios wait for.
+    pub const TICKS: u32 = 10;
+}
+
+/// What the guest does, chosen at assembly time (`--defsym SCENARIO=n`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    /// Serial output, port-I/O writes and a read on the test port device, reset.
+    SerialPio = 1,
+    /// 1/2/4/8-byte MMIO on the test MMIO device, reset.
+    Mmio = 2,
+    /// Pattern in memory, host pause/check/fill/resume, reset.
+    Memory = 3,
+    /// PIT channel 0 through the 8259 PIC, [`guest::TICKS`] interrupts, reset.
+    PitTimer = 4,
+    /// LAPIC timer, periodic, [`guest::TICKS`] interrupts, reset.
+    LapicTimer = 5,
+    /// vCPU 1 started by INIT + SIPI, switches to long mode and reports, reset.
+    Smp = 6,
+    /// Writes 1 to the pvpanic port.
+    Panic = 7,
+    /// `ud2` with IF=0 and an empty IDT.
+    TripleFault = 8,
+    /// `ud2` with IF=1 and an empty IDT.
+    TripleFaultIrqsOn = 9,
+    /// `ud2` with the guest's IDT: the handler reports it and panics.
+    Exception = 10,
+}
+
+/// A tiny-guest ELF variant: a scenario and extra `--defsym`s (e.g. `IRQS_OFF=1`).
+#[derive(Clone, Debug)]
+pub struct Variant {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// Additional assembler symbols.
+    pub defsyms: Vec<(&'static str, u64)>,
+}
+
+impl From<Scenario> for Variant {
+    fn from(scenario: Scenario) -> Self {
+        Self {
+            scenario,
+            defsyms: Vec::new(),
+        }
+    }
+}
+
+/// Returns false, after printing `SKIP: <reason>`, when /dev/kvm cannot be opened.
+pub fn have_kvm() -> bool {
+    match fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("SKIP: cannot open /dev/kvm: {e}");
+            false
+        }
+    }
+}
+
+fn run_tool(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {cmd:?}: {e} (binutils `as`/`ld` are needed)"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
+/// Builds (or finds in the cache) the guest ELF for `variant` and returns its path.
+/// Files live in `<target>/tmp/tiny-guest/`, named by a hash of source, script and symbols.
+pub fn guest_elf(variant: impl Into<Variant>) -> PathBuf {
+    let variant = variant.into();
+    let mut syms = vec![("SCENARIO", variant.scenario as u64)];
+    syms.extend(variant.defsyms.iter().copied());
+    let mut h = blake3::Hasher::new();
+    h.update(GUEST_SRC.as_bytes());
+    h.update(LINKER_SCRIPT.as_bytes());
+    for (k, v) in &syms {
+        h.update(format!("{k}={v};").as_bytes());
+    }
+    let hash = h.finalize().to_hex();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("tiny-guest");
+    let elf = dir.join(format!(
+        "{:?}-{}.elf",
+        variant.scenario,
+        &hash.as_str()[..16]
+    ));
+    if elf.exists() {
+        return elf;
+    }
+    // Build in a private directory, then rename into place: concurrent tests (threads or
+    // processes) may build the same variant at once.
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let work = dir.join(format!(
+        "build-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    fs::create_dir_all(&work).expect("create the tiny-guest build directory");
+    let src = work.join("guest.s");
+    let script = work.join("link.ld");
+    let obj = work.join("guest.o");
+    let out = work.join("guest.elf");
+    fs::write(&src, GUEST_SRC).expect("write guest.s");
+    fs::write(&script, LINKER_SCRIPT).expect("write link.ld");
+    let mut as_cmd = Command::new("as");
+    as_cmd.arg("--64");
+    for (k, v) in &syms {
+        as_cmd.arg("--defsym").arg(format!("{k}={v}"));
+    }
+    as_cmd.arg("-o").arg(&obj).arg(&src);
+    let built = run_tool(&mut as_cmd).and_then(|()| {
+        run_tool(
+            Command::new("ld")
+                .args(["-nostdlib", "-static", "--build-id=none", "-T"])
+                .arg(&script)
+                .arg("-o")
+                .arg(&out)
+                .arg(&obj),
+        )
+    });
+    if let Err(e) = built {
+        let _ = fs::remove_dir_all(&work);
+        panic!("building the tiny guest ({variant:?}) failed: {e}");
+    }
+    fs::rename(&out, &elf).expect("move the tiny guest ELF into the cache");
+    let _ = fs::remove_dir_all(&work);
+    elf
+}
+
+/// A port-I/O or MMIO test device: a register file (reads return what was last written or
+/// preloaded, zeros elsewhere) that records every access.
+#[derive(Debug)]
+pub struct RecordingDevice {
+    regs: Vec<u8>,
+    /// Every access in order.
+    pub log: Vec<Access>,
+}
+
+/// One guest access to a [`RecordingDevice`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Access {
+    /// Write (true) or read.
+    pub write: bool,
+    /// Offset in the device's range.
+    pub offset: u64,
+    /// Bytes written, or bytes answered to a read.
+    pub data: Vec<u8>,
+}
+
+impl Access {
+    /// A write of `data` at `offset`.
+    pub fn write(offset: u64, data: &[u8]) -> Self {
+        Self {
+            write: true,
+            offset,
+            data: data.to_vec(),
+        }
+    }
+
+    /// A read at `offset` answered with `data`.
+    pub fn read(offset: u64, data: &[u8]) -> Self {
+        Self {
+            write: false,
+            offset,
+            data: data.to_vec(),
+        }
+    }
+}
+
+impl RecordingDevice {
+    /// A device of `len` bytes, all zero.
+    pub fn new(len: u64) -> Arc<Mutex<Self>> {
+        Arc::new(Mutex::new(Self {
+            regs: vec![0; len as usize],
+            log: Vec::new(),
+        }))
+    }
+
+    /// Sets the bytes at `offset` (without logging).
+    pub fn preload(&mut self, offset: u64, bytes: &[u8]) {
+        let o = offset as usize;
+        self.regs[o..o + bytes.len()].copy_from_slice(bytes);
+    }
+
+    /// The device as a bus entry at `base`.
+    pub fn attach(dev: &Arc<Mutex<Self>>, base: u64) -> ExtraDevice {
+        let len = lock(dev).regs.len() as u64;
+        let shared: SharedDevice = dev.clone();
+        (shared, base, len)
+    }
+
+    /// The writes in the log.
+    pub fn writes(&self) -> Vec<Access> {
+        self.log.iter().filter(|a| a.write).cloned().collect()
+    }
+
+    fn range(&self, offset: u64, len: usize) -> Option<std::ops::Range<usize>> {
+        let start = usize::try_from(offset).ok()?;
+        let end = start.checked_add(len)?;
+        (end <= self.regs.len()).then_some(start..end)
+    }
+}
+
+impl BusDevice for RecordingDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match self.range(offset, data.len()) {
+            Some(r) => data.copy_from_slice(&self.regs[r]),
+            None => data.fill(0xff),
+        }
+        self.log.push(Access::read(offset, data));
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some(r) = self.range(offset, data.len()) {
+            self.regs[r].copy_from_slice(data);
+        }
+        self.log.push(Access::write(offset, data));
+    }
+}
+
+/// Locks a mutex, ignoring poisoning (a panicking vCPU thread must not hide the evidence).
+pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A console writer that keeps everything in memory.
+#[derive(Clone, Default)]
+pub struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Capture {
+    /// Everything written so far, lossily decoded.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&lock(&self.0)).into_owned()
+    }
+}
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        lock(&self.0).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// How to run a tiny-guest VM.
+pub struct Spec {
+    /// Guest variant.
+    pub variant: Variant,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM.
+    pub mem_mib: u64,
+    /// Extra port-I/O devices.
+    pub pio: Vec<ExtraDevice>,
+    /// Extra MMIO devices.
+    pub mmio: Vec<ExtraDevice>,
+    /// The whole run (build, boot, body) must end within this.
+    pub timeout: Duration,
+}
+
+impl Spec {
+    /// One vCPU, 32 MiB, no extra devices, 60 s.
+    pub fn new(variant: impl Into<Variant>) -> Self {
+        Self {
+            variant: variant.into(),
+            vcpus: 1,
+            mem_mib: 32,
+            pio: Vec::new(),
+            mmio: Vec::new(),
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct Outcome<T> {
+    /// The body's value, or why the run failed (build error, timeout, body error).
+    pub result: Result<T, String>,
+    /// Everything the guest wrote to COM1.
+    pub console: String,
+    /// From the start of `build_for_boot` to the end of the body.
+    pub elapsed: Duration,
+}
+
+impl<T: std::fmt::Debug> Outcome<T> {
+    /// Panics with `msg`, the run's result and the console output.
+    #[track_caller]
+    pub fn fail(&self, msg: &str) -> ! {
+        panic!(
+            "{msg}\nresult: {:?}\nelapsed: {:?}\n--- guest console ---\n{}\n--- end of console ---",
+            self.result, self.elapsed, self.console
+        );
+    }
+
+    /// Panics (with the console output) unless `cond`.
+    #[track_caller]
+    pub fn ensure(&self, cond: bool, msg: &str) {
+        if !cond {
+            self.fail(msg);
+        }
+    }
+
+    /// The body's value; panics (with the console output) if the run failed.
+    #[track_caller]
+    pub fn value(&self) -> &T {
+        match &self.result {
+            Ok(v) => v,
+            Err(_) => self.fail("the tiny-guest run failed"),
+        }
+    }
+}
+
+impl Outcome<ExitReason> {
+    /// Panics (with the console output) unless the VM ended with `expected`.
+    #[track_caller]
+    pub fn expect_exit(&self, expected: ExitReason) {
+        let got = self.value();
+        if *got != expected {
+            self.fail(&format!("expected exit {expected:?}, got {got:?}"));
+        }
+    }
+
+    /// Panics (with the console output) unless the console is exactly `expected`.
+    #[track_caller]
+    pub fn expect_console(&self, expected: &str) {
+        if self.console != expected {
+            self.fail(&format!("console differs; expected:\n{expected}"));
+        }
+    }
+}
+
+/// Polls `cond` every millisecond until it holds; fails if the VM exits or `deadline` passes.
+pub fn wait_until(
+    vmm: &Vmm,
+    deadline: Instant,
+    what: &str,
+    mut cond: impl FnMut() -> bool,
+) -> Result<(), String> {
+    loop {
+        if cond() {
+            return Ok(());
+        }
+        if let Some(r) = vmm.exit.reason() {
+            return Err(format!("the VM exited ({r:?}) while waiting for {what}"));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("timed out waiting for {what}"));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Boots the variant and runs the event loop until the VM exits.
+pub fn run(spec: Spec) -> Outcome<ExitReason> {
+    run_with(spec, |vmm| vmm.run().map_err(|e| format!("Vmm::run: {e}")))
+}
+
+/// Boots the variant and calls `body` with the running VMM on a separate thread. If the run
+/// does not end within `spec.timeout` the VM is told to shut down and the outcome is an error.
+pub fn run_with<T, F>(spec: Spec, body: F) -> Outcome<T>
+where
+    T: std::fmt::Debug + Send + 'static,
+    F: FnOnce(&mut Vmm) -> Result<T, String> + Send + 'static,
+{
+    let elf = guest_elf(spec.variant.clone());
+    let cfg = VmConfig {
+        kernel: KernelConfig {
+            path: elf,
+            cmdline: String::new(),
+        },
+        initrd: None,
+        mem_mib: spec.mem_mib,
+        vcpus: spec.vcpus,
+        blocks: Vec::new(),
+        host_quirks: false,
+    };
+    let capture = Capture::default();
+    let opts = BootOptions {
+        console: Console::Writer(Box::new(capture.clone())),
+        extra_pio: spec.pio,
+        extra_mmio: spec.mmio,
+        start_paused: false,
+    };
+    let (exit_tx, exit_rx) = mpsc::channel();
+    let (done_tx, done_rx) = mpsc::channel();
+    let start = Instant::now();
+    let vm_thread = std::thread::Builder::new()
+        .name("tiny-vm".into())
+        .spawn(move || {
+            let res = build_for_boot(&cfg, opts)
+                .map_err(|e| format!("build_for_boot: {e}"))
+                .and_then(|mut vmm| {
+                    let _ = exit_tx.send(vmm.exit.clone());
+                    body(&mut vmm)
+                });
+            let _ = done_tx.send((res, start.elapsed()));
+        })
+        .expect("spawn the VM thread");
+    let (result, elapsed) = match done_rx.recv_timeout(spec.timeout) {
+        Ok(r) => r,
+        Err(RecvTimeoutError::Timeout) => {
+            // Stop the VM (the event loop checks the latch) and give it a moment to go.
+            if let Ok(exit) = exit_rx.try_recv() {
+                exit.exit(ExitReason::Shutdown);
+            }
+            let late = match done_rx.recv_timeout(Duration::from_secs(10)) {
+                Ok((r, _)) => format!("after a forced shutdown the run returned {r:?}"),
+                Err(_) => "the VM thread did not end after a forced shutdown".into(),
+            };
+            (
+                Err(format!(
+                    "the VM did not finish within {:?}; {late}",
+                    spec.timeout
+                )),
+                start.elapsed(),
+            )
+        }
+        Err(RecvTimeoutError::Disconnected) => {
+            let why = match vm_thread.join() {
+                Err(p) => p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into()),
+                Ok(()) => "no result".into(),
+            };
+            (
+                Err(format!("the VM thread panicked: {why}")),
+                start.elapsed(),
+            )
+        }
+    };
+    Outcome {
+        result,
+        console: capture.text(),
+        elapsed,
+    }
+}
