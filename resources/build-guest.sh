@@ -232,6 +232,7 @@ EOF
 	pkgver busybox-static
 	gcc --version | head -n1
 } >"$STAGE/BUILD-INFO"
+cp "$LOGF" "$STAGE/build.log"
 touch "$STAGE/.complete"
 rm -rf "$OUT"
 mv "$STAGE" "$OUT"

@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
 $SUDO bash resources/build-guest.sh --install-deps >/dev/null
 bash resources/build-guest.sh
-cargo test --all-targets "$@" 2>&1
+cargo test "$@" 2>&1

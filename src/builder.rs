@@ -13,15 +13,23 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64 as arch;
 use crate::config::{self, VmConfig};
+use crate::devices::bus::lock;
 use crate::devices::legacy::{
     I8042, I8042_LEN, I8042_PORT, PVPANIC_PORT, PvPanic, SERIAL_PORTS, SerialDevice,
 };
-use crate::devices::{Bus, SharedDevice};
+use crate::devices::virtio::VirtioDevice;
+use crate::devices::virtio::block::{BlockConfig as BlockDeviceConfig, BlockDevice};
+use crate::devices::virtio::mmio::{
+    MMIO_WINDOW_SIZE, MmioTransport, NOTIFY_REG_OFFSET, kernel_cmdline_arg,
+};
+use crate::devices::{Bus, IrqLine, SharedDevice};
+use crate::disk::file::FileBackend;
 use crate::vmm::{ExitWaker, StdinInput, Subscriber, Vmm};
 use crate::vstate::exit::ExitSignal;
 use crate::vstate::memory::{self, GuestMemory};
 use crate::vstate::vcpu::{RunState, VcpuContext, VcpuHandle};
 use crate::vstate::vm::Vm;
+use kvm_ioctls::IoEventAddress;
 
 /// Errors while building a VM.
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +111,10 @@ pub fn setup_legacy(
     console: Box<dyn Write + Send>,
 ) -> Result<LegacyDevices, BuildError> {
     let (com1_port, com1_irq) = SERIAL_PORTS[0];
-    let serial = Arc::new(Mutex::new(SerialDevice::new(irq_evt(vm, com1_irq)?, console)));
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        irq_evt(vm, com1_irq)?,
+        console,
+    )));
     let bus_err = |e: crate::devices::BusError| BuildError::Device(e.to_string());
     pio.insert(serial.clone(), com1_port, 8).map_err(bus_err)?;
     for &(port, _) in &SERIAL_PORTS[1..] {
@@ -122,9 +133,86 @@ pub fn setup_legacy(
         I8042_LEN,
     )
     .map_err(bus_err)?;
-    pio.insert(Arc::new(Mutex::new(PvPanic::new(exit.clone()))), PVPANIC_PORT, 1)
-        .map_err(bus_err)?;
+    pio.insert(
+        Arc::new(Mutex::new(PvPanic::new(exit.clone()))),
+        PVPANIC_PORT,
+        1,
+    )
+    .map_err(bus_err)?;
     Ok(LegacyDevices { serial })
+}
+
+/// A virtio-block disk attached to the VM.
+pub struct AttachedBlock {
+    /// The device (also an event-loop subscriber for its queue eventfd).
+    pub device: Arc<Mutex<BlockDevice>>,
+    /// Its virtio-mmio transport on the MMIO bus.
+    pub transport: Arc<Mutex<MmioTransport>>,
+    /// MMIO window base.
+    pub base: u64,
+    /// Interrupt line.
+    pub gsi: u32,
+}
+
+/// First GSI used by virtio devices (ISA interrupts 0..=4 are taken by the PIT, COM ports…).
+pub const VIRTIO_FIRST_GSI: u32 = 5;
+
+/// Opens every configured disk, creates its virtio-block device and transport, wires its
+/// irqfd and ioeventfd, and returns the devices with their kernel command-line parameters.
+pub fn attach_blocks(
+    vm: &Vm,
+    mem: &GuestMemory,
+    cfg: &VmConfig,
+    mmio: &mut Bus,
+    events: &mut EventManager<Subscriber>,
+) -> Result<(Vec<AttachedBlock>, Vec<String>), BuildError> {
+    let mut attached = Vec::new();
+    let mut params = Vec::new();
+    for (i, b) in cfg.blocks.iter().enumerate() {
+        let backend =
+            FileBackend::open(&b.path, b.read_only, false).map_err(|e| BuildError::File {
+                what: "disk",
+                path: b.path.display().to_string(),
+                message: e.to_string(),
+            })?;
+        let device = BlockDevice::new(Arc::new(backend), BlockDeviceConfig { id: b.id.clone() })
+            .map_err(|e| BuildError::Device(e.to_string()))?;
+        let device = Arc::new(Mutex::new(device));
+        let gsi = VIRTIO_FIRST_GSI + i as u32;
+        let base = match arch::layout::virtio_mmio_addr(i as u32) {
+            Some(a) if gsi <= arch::mptable::MAX_LEGACY_IRQ => a.0,
+            _ => {
+                return Err(BuildError::Device(format!(
+                    "too many disks ({})",
+                    cfg.blocks.len()
+                )));
+            }
+        };
+        let irq = IrqLine::new(irq_evt(vm, gsi)?, gsi);
+        let transport = MmioTransport::new(mem.clone(), device.clone(), irq)
+            .map_err(|e| BuildError::Device(e.to_string()))?;
+        for (q, evt) in lock(&device).queue_events().iter().enumerate() {
+            vm.fd()
+                .register_ioevent(
+                    evt,
+                    &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET),
+                    q as u32,
+                )
+                .map_err(|e| BuildError::Device(format!("ioeventfd: {e}")))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(transport.clone(), base, MMIO_WINDOW_SIZE)
+            .map_err(|e| BuildError::Device(e.to_string()))?;
+        events.add_subscriber(device.clone());
+        params.push(kernel_cmdline_arg(base, gsi));
+        attached.push(AttachedBlock {
+            device,
+            transport,
+            base,
+            gsi,
+        });
+    }
+    Ok((attached, params))
 }
 
 /// The guest command line: the user's, then device parameters, then host quirks.
@@ -133,11 +221,17 @@ pub fn compose_cmdline(cfg: &VmConfig, device_params: &[String], tsc_khz: Option
     parts.extend(device_params.iter().cloned());
     if let Some(i) = cfg.blocks.iter().position(|b| b.root) {
         let dev = format!("root=/dev/vd{}", (b'a' + i as u8) as char);
-        let ro = if cfg.blocks[i].read_only { " ro" } else { " rw" };
+        let ro = if cfg.blocks[i].read_only {
+            " ro"
+        } else {
+            " rw"
+        };
         parts.push(format!("{dev}{ro}"));
     }
     if cfg.host_quirks && config::pvm_host() {
-        log::info!("PVM-style nested KVM host detected: appending guest command-line workarounds (disable with --no-host-quirks)");
+        log::info!(
+            "PVM-style nested KVM host detected: appending guest command-line workarounds (disable with --no-host-quirks)"
+        );
         parts.push(config::pvm_quirks(tsc_khz));
     }
     parts.retain(|p| !p.is_empty());
@@ -167,7 +261,8 @@ fn configure_boot_vcpu(
     arch::regs::setup_fpu(fd).map_err(|e| BuildError::Arch(format!("vcpu{id}: fpu: {e}")))?;
     arch::regs::setup_sregs(mem, fd)
         .map_err(|e| BuildError::Arch(format!("vcpu{id}: sregs: {e}")))?;
-    arch::interrupts::set_lint(fd).map_err(|e| BuildError::Arch(format!("vcpu{id}: lapic: {e}")))?;
+    arch::interrupts::set_lint(fd)
+        .map_err(|e| BuildError::Arch(format!("vcpu{id}: lapic: {e}")))?;
     Ok(())
 }
 
@@ -233,10 +328,16 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
         message: e.to_string(),
     })?;
     let initrd_region = match initrd.as_mut() {
-        Some(f) => Some(arch::boot::load_initrd(&mem, f, &loaded).map_err(|e| BuildError::File {
-            what: "initrd",
-            path: cfg.initrd.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-            message: e.to_string(),
+        Some(f) => Some(arch::boot::load_initrd(&mem, f, &loaded).map_err(|e| {
+            BuildError::File {
+                what: "initrd",
+                path: cfg
+                    .initrd
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                message: e.to_string(),
+            }
         })?),
         None => None,
     };
@@ -264,7 +365,7 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
         events.add_subscriber(Arc::new(Mutex::new(StdinInput::new(legacy.serial.clone()))));
     }
 
-    let device_params: Vec<String> = Vec::new();
+    let (blocks, device_params) = attach_blocks(&vm, &mem, cfg, &mut mmio, &mut events)?;
     let mut fds = Vec::new();
     for id in 0..cfg.vcpus {
         fds.push(vm.create_vcpu(id)?);
@@ -302,6 +403,7 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
         pio,
         mmio,
         serial: legacy.serial,
+        blocks,
         events,
         state: if opts.start_paused {
             RunState::Paused

@@ -4,11 +4,11 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod arch;
+pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod disk;
 pub mod snapshot;
 pub mod store;
-pub mod vstate;
-pub mod builder;
 pub mod vmm;
+pub mod vstate;

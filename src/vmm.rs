@@ -7,9 +7,9 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::config::VmConfig;
+use crate::devices::Bus;
 use crate::devices::bus::lock;
 use crate::devices::legacy::SerialDevice;
-use crate::devices::Bus;
 use crate::vstate::exit::{ExitReason, ExitSignal};
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::vcpu::{RunState, VcpuError, VcpuHandle, VcpuRequest, VcpuResponse};
@@ -59,6 +59,8 @@ pub struct Vmm {
     pub mmio: Arc<Bus>,
     /// COM1.
     pub serial: Arc<Mutex<SerialDevice>>,
+    /// virtio-block disks in attach order.
+    pub blocks: Vec<crate::builder::AttachedBlock>,
     /// Device event loop.
     pub events: EventManager<Subscriber>,
     /// Whole-VM run state.
@@ -129,17 +131,17 @@ impl Vmm {
     }
 }
 
-fn expect_response(
-    v: &VcpuHandle,
-    ok: impl Fn(&VcpuResponse) -> bool,
-) -> Result<(), VmmError> {
+fn expect_response(v: &VcpuHandle, ok: impl Fn(&VcpuResponse) -> bool) -> Result<(), VmmError> {
     let r = v
         .recv(crate::vstate::vcpu::VCPU_ANSWER_TIMEOUT)
         .map_err(VmmError::Vcpu)?;
     if ok(&r) {
         Ok(())
     } else {
-        Err(VmmError::Vcpu(VcpuError::Unexpected(v.id(), format!("{r:?}"))))
+        Err(VmmError::Vcpu(VcpuError::Unexpected(
+            v.id(),
+            format!("{r:?}"),
+        )))
     }
 }
 

@@ -36,13 +36,19 @@ fn boot_info(kernel: &str, vcpus: u8, mem_mib: u64) {
     // not above, what we gave the guest.
     let given = mem_mib * 1024;
     if mem_kib > given || mem_kib < given * 3 / 4 {
-        fail(&r, &format!("mem_kib={mem_kib} does not match {mem_mib} MiB"));
+        fail(
+            &r,
+            &format!("mem_kib={mem_kib} does not match {mem_mib} MiB"),
+        );
     }
     match r.wait_exit(Duration::from_secs(120)) {
         Some(0) => {}
         other => fail(&r, &format!("vmm did not exit 0 after poweroff: {other:?}")),
     }
-    println!("booted {kernel} with {vcpus} vCPU(s) in {:.1} s", r.elapsed());
+    println!(
+        "booted {kernel} with {vcpus} vCPU(s) in {:.1} s",
+        r.elapsed()
+    );
 }
 
 #[test]

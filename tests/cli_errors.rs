@@ -17,10 +17,7 @@ fn run(args: &[&str]) -> (i32, String) {
 fn assert_clear_error(args: &[&str], needle: &str) {
     let (code, stderr) = run(args);
     assert_ne!(code, 0, "{args:?} should fail; stderr: {stderr}");
-    assert!(
-        !stderr.contains("panicked"),
-        "{args:?} panicked: {stderr}"
-    );
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
     assert!(
         stderr.to_lowercase().contains(&needle.to_lowercase()),
         "{args:?}: expected {needle:?} in stderr: {stderr}"
@@ -39,7 +36,10 @@ fn tmpfile(name: &str, content: &[u8]) -> std::path::PathBuf {
 
 #[test]
 fn missing_kernel_file() {
-    assert_clear_error(&["--kernel", "path=/nonexistent/vmlinux"], "/nonexistent/vmlinux");
+    assert_clear_error(
+        &["--kernel", "path=/nonexistent/vmlinux"],
+        "/nonexistent/vmlinux",
+    );
 }
 
 #[test]
@@ -50,18 +50,21 @@ fn kernel_is_a_directory() {
 #[test]
 fn kernel_neither_elf_nor_bzimage() {
     let p = tmpfile("garbage", &[0x5a; 8192]);
-    assert_clear_error(
-        &["--kernel", &format!("path={}", p.display())],
-        "neither",
-    );
+    assert_clear_error(&["--kernel", &format!("path={}", p.display())], "neither");
 }
 
 #[test]
 fn malformed_flags() {
     assert_clear_error(&["--kernel", "cmdline=x"], "path= is required");
     assert_clear_error(&["--kernel", "path=/k,bogus=1"], "unknown key");
-    assert_clear_error(&["--kernel", "path=/k", "--memory", "size_mib=lots"], "not a number");
-    assert_clear_error(&["--kernel", "path=/k", "--block", "read_only=true"], "path= is required");
+    assert_clear_error(
+        &["--kernel", "path=/k", "--memory", "size_mib=lots"],
+        "not a number",
+    );
+    assert_clear_error(
+        &["--kernel", "path=/k", "--block", "read_only=true"],
+        "path= is required",
+    );
     assert_clear_error(&["--kernel", r#"path=/k,cmdline="unterminated"#], "quote");
     assert_clear_error(&["--no-such-flag"], "unexpected argument");
 }

@@ -49,8 +49,7 @@ fn serial_and_port_io_then_reset() {
     serial_and_port_io(Scenario::SerialPio.into(), "serial_and_port_io_then_reset");
 }
 
-/// The same with interrupts off throughout: on PVM-style hosts every guest instruction then
-/// goes through KVM's instruction emulator, as early Linux boot does.
+/// The same with interrupts never enabled (as in early Linux boot).
 #[test]
 fn serial_and_port_io_with_interrupts_off() {
     if !tiny::have_kvm() {
@@ -285,7 +284,7 @@ fn triple_fault_with_interrupts_off() {
     out.expect_console("triple fault: ud2 with interrupts off and no IDT\n");
 }
 
-/// The same with interrupts on (native execution on PVM-style hosts).
+/// The same with interrupts on.
 #[test]
 fn triple_fault_with_interrupts_on() {
     if !tiny::have_kvm() {
@@ -312,21 +311,4 @@ fn guest_exception_handler_reports_ud() {
             .starts_with("exception: ud2\n\n!EXC vector=06 rip=0000000000"),
         "expected the #UD report",
     );
-}
-
-#[test]
-fn zz_measure() {
-    for off in [0u64, 1] {
-        let mut defsyms = vec![("MEASURE", 1)];
-        if off == 1 { defsyms.push(("SET_WP", 1)); }
-        let port = RecordingDevice::new(guest::TEST_PORT_LEN);
-        let mut spec = Spec::new(Variant { scenario: Scenario::Memory, defsyms });
-        spec.pio.push(RecordingDevice::attach(&port, guest::TEST_PORT));
-        let out = tiny::run_with(spec, move |vmm| {
-            std::thread::sleep(Duration::from_secs(8));
-            vmm.exit.exit(ExitReason::Shutdown);
-            Ok(())
-        });
-        eprintln!("irqs_off={off}: {}", out.console);
-    }
 }

@@ -61,10 +61,10 @@ impl Bus {
             .checked_add(len)
             .filter(|_| len > 0)
             .ok_or(BusError::InvalidRange { base, len })?;
-        if let Some((&b, e)) = self.ranges.range(..end).next_back() {
-            if b + e.len > base {
-                return Err(BusError::Overlap { base, len });
-            }
+        if let Some((&b, e)) = self.ranges.range(..end).next_back()
+            && b + e.len > base
+        {
+            return Err(BusError::Overlap { base, len });
         }
         self.ranges.insert(base, Entry { len, dev });
         Ok(())

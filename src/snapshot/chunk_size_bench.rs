@@ -58,7 +58,7 @@ fn realistic_memory(size: usize, seed: u64) -> Vec<u8> {
             5 | 6 => rng.fill(area),
             7 | 8 => {
                 for page in area.chunks_mut(PAGE) {
-                    if rng.next_u64() % 10 != 0 {
+                    if !rng.next_u64().is_multiple_of(10) {
                         text_page(&mut rng, page);
                     }
                 }
@@ -156,7 +156,11 @@ fn chunk_size_bench() {
             println!(
                 "{:>5}K {:>5} | {:>8.2} {:>7.1} {:>7} {:>7} {:>9.1} {:>9.1} {:>8} | {:>9.3} | {:>6.2} {:>8} {:>9.2}",
                 chunk_size >> 10,
-                if compression == Compression::None { "no" } else { "1" },
+                if compression == Compression::None {
+                    "no"
+                } else {
+                    "1"
+                },
                 save_s,
                 100.0 * st.chunks_zero as f64 / st.chunks_total as f64,
                 st.chunks_new,
@@ -194,8 +198,13 @@ fn worker_count_bench() {
             let save_s = t.elapsed().as_secs_f64();
             let mut dest = vec![0u8; original.len()];
             let t = Instant::now();
-            restore_memory(&m, &mut [(0, &mut dest[..])], &store, ZeroChunks::AlreadyZero)
-                .unwrap();
+            restore_memory(
+                &m,
+                &mut [(0, &mut dest[..])],
+                &store,
+                ZeroChunks::AlreadyZero,
+            )
+            .unwrap();
             let restore_s = t.elapsed().as_secs_f64();
             println!(
                 "round {round} chunk {}K workers {workers:>2}: save {save_s:.2} s, restore {restore_s:.3} s",

@@ -71,6 +71,9 @@ pub enum ManifestError {
         #[source]
         source: StoreError,
     },
+    /// Making the stored chunks durable failed.
+    #[error("cannot make the stored chunks durable")]
+    Sync(#[source] StoreError),
     /// Fetching a chunk failed (missing, corrupt, unreadable).
     #[error("cannot restore chunk {id} at guest address {gpa:#x}")]
     Chunk {
@@ -167,7 +170,7 @@ fn chunk_count(size: u64, chunk_size: u64) -> u64 {
 }
 
 fn check_chunk_size(size: u64) -> Result<()> {
-    if size == 0 || size % CHUNK_ALIGN as u64 != 0 || size > MAX_CHUNK_LEN as u64 {
+    if size == 0 || !size.is_multiple_of(CHUNK_ALIGN as u64) || size > MAX_CHUNK_LEN as u64 {
         return Err(ManifestError::InvalidChunkSize { size });
     }
     Ok(())
@@ -214,7 +217,8 @@ impl MemoryManifest {
 
     /// Reads and validates a manifest written by [`write_to`](Self::write_to).
     pub fn read_from(path: impl AsRef<Path>) -> Result<Self> {
-        let m: Self = file::read_file(path.as_ref(), &MANIFEST_KIND).map_err(ManifestError::File)?;
+        let m: Self =
+            file::read_file(path.as_ref(), &MANIFEST_KIND).map_err(ManifestError::File)?;
         m.validate()?;
         Ok(m)
     }
@@ -291,7 +295,7 @@ where
         Ok(out)
     };
     let outcomes: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..workers).map(|_| s.spawn(&worker)).collect();
+        let handles: Vec<_> = (0..workers).map(|_| s.spawn(worker)).collect();
         handles
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
@@ -339,26 +343,31 @@ fn save(
     }
     // Ids seen in this save: a repeat is not put twice.
     let seen = Mutex::new(std::collections::HashSet::new());
-    let saved = parallel_map(items, workers(), batch_for(chunk_size), |(r, c, gpa, data)| {
-        if let Some(entry) = reuse(r, c) {
-            return Ok(Saved::Reused(entry));
-        }
-        if is_zero(data) {
-            return Ok(Saved::Zero);
-        }
-        let id = ChunkId::of(data);
-        if !seen
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id)
-        {
-            return Ok(Saved::Repeated(id));
-        }
-        let outcome = store
-            .put_hashed(&id, data)
-            .map_err(|source| ManifestError::Store { gpa, source })?;
-        Ok(Saved::Stored(id, outcome))
-    })?;
+    let saved = parallel_map(
+        items,
+        workers(),
+        batch_for(chunk_size),
+        |(r, c, gpa, data)| {
+            if let Some(entry) = reuse(r, c) {
+                return Ok(Saved::Reused(entry));
+            }
+            if is_zero(data) {
+                return Ok(Saved::Zero);
+            }
+            let id = ChunkId::of(data);
+            if !seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(id)
+            {
+                return Ok(Saved::Repeated(id));
+            }
+            let outcome = store
+                .put_hashed(&id, data)
+                .map_err(|source| ManifestError::Store { gpa, source })?;
+            Ok(Saved::Stored(id, outcome))
+        },
+    )?;
 
     let mut stats = SaveStats::default();
     let mut saved = saved.into_iter();
@@ -399,6 +408,7 @@ fn save(
             chunks,
         });
     }
+    store.sync().map_err(ManifestError::Sync)?;
     Ok((manifest, stats))
 }
 
@@ -406,6 +416,7 @@ fn save(
 /// in chunks of `chunk_size` bytes, returning the manifest that describes it.
 ///
 /// All-zero chunks are recorded as [`ChunkEntry::Zero`] without touching the store.
+/// Ends with [`ChunkStore::sync`], so the chunks are durable when it returns.
 /// The guest must be paused: memory that changes while being saved yields chunks
 /// that fail verification on restore.
 pub fn save_memory(
@@ -500,19 +511,24 @@ pub fn restore_memory(
             }
         }
     }
-    parallel_map(items, workers(), batch_for(chunk_size), |(gpa, id, buf)| match id {
-        None => {
-            buf.fill(0);
-            Ok(())
-        }
-        Some(id) => store
-            .get_into(id, buf)
-            .map_err(|source| ManifestError::Chunk {
-                id: *id,
-                gpa,
-                source,
-            }),
-    })?;
+    parallel_map(
+        items,
+        workers(),
+        batch_for(chunk_size),
+        |(gpa, id, buf)| match id {
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+            Some(id) => store
+                .get_into(id, buf)
+                .map_err(|source| ManifestError::Chunk {
+                    id: *id,
+                    gpa,
+                    source,
+                }),
+        },
+    )?;
     Ok(stats)
 }
 

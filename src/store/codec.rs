@@ -152,10 +152,8 @@ pub fn encode<'a>(id: &ChunkId, data: &'a [u8], compression: Compression) -> Res
     let compressed = COMPRESSOR.with(|cell| -> Result<bool> {
         let mut slot = cell.borrow_mut();
         if slot.as_ref().is_none_or(|(l, _)| *l != level) {
-            let c = zstd::bulk::Compressor::new(level).map_err(|source| StoreError::Compress {
-                id: *id,
-                source,
-            })?;
+            let c = zstd::bulk::Compressor::new(level)
+                .map_err(|source| StoreError::Compress { id: *id, source })?;
             *slot = Some((level, c));
         }
         let (_, c) = slot.as_mut().expect("compressor was just set");
@@ -252,7 +250,12 @@ mod tests {
     fn raw_and_zstd_round_trip() {
         let mut random = vec![0u8; 8192];
         Rng::new(7).fill(&mut random);
-        let text: Vec<u8> = b"the quick brown fox ".iter().cycle().take(8192).copied().collect();
+        let text: Vec<u8> = b"the quick brown fox "
+            .iter()
+            .cycle()
+            .take(8192)
+            .copied()
+            .collect();
         for (data, want) in [(&random, Encoding::Raw), (&text, Encoding::Zstd)] {
             let id = ChunkId::of(data);
             let enc = encode(&id, data, Compression::Zstd { level: 3 }).unwrap();
@@ -264,7 +267,10 @@ mod tests {
             assert_eq!(&buf, data);
             // Uncompressed policy always stores raw.
             let enc = encode(&id, data, Compression::None).unwrap();
-            assert_eq!(ChunkHeader::parse(&id, &enc.header).unwrap().encoding, Encoding::Raw);
+            assert_eq!(
+                ChunkHeader::parse(&id, &enc.header).unwrap().encoding,
+                Encoding::Raw
+            );
             assert_eq!(&decode(&id, &file_of(&enc)).unwrap(), data);
         }
     }
@@ -292,7 +298,10 @@ mod tests {
                 assert!(decode_into(&id, &bad, &mut buf).is_err());
             }
             for len in 0..file.len() {
-                assert!(decode(&id, &file[..len]).is_err(), "truncation to {len} accepted");
+                assert!(
+                    decode(&id, &file[..len]).is_err(),
+                    "truncation to {len} accepted"
+                );
             }
             let mut longer = file.clone();
             longer.push(0);
@@ -320,7 +329,11 @@ mod tests {
         let mut buf = [0u8; 4];
         assert!(matches!(
             decode_into(&id, &file, &mut buf),
-            Err(StoreError::LengthMismatch { expected: 4, actual: 3, .. })
+            Err(StoreError::LengthMismatch {
+                expected: 4,
+                actual: 3,
+                ..
+            })
         ));
     }
 }

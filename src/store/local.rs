@@ -141,18 +141,18 @@ impl LocalStore {
     /// the chunks written so far durable. Call once after a whole snapshot.
     pub fn sync(&self) -> Result<()> {
         for idx in 0..256 {
-            if self.dirty[idx].swap(false, Ordering::AcqRel) {
-                if let Err(e) = fsync_dir(&self.fanout_dir(idx)) {
-                    self.dirty[idx].store(true, Ordering::Release);
-                    return Err(e);
-                }
-            }
-        }
-        if self.chunks_dir_dirty.swap(false, Ordering::AcqRel) {
-            if let Err(e) = fsync_dir(&self.chunks_dir) {
-                self.chunks_dir_dirty.store(true, Ordering::Release);
+            if self.dirty[idx].swap(false, Ordering::AcqRel)
+                && let Err(e) = fsync_dir(&self.fanout_dir(idx))
+            {
+                self.dirty[idx].store(true, Ordering::Release);
                 return Err(e);
             }
+        }
+        if self.chunks_dir_dirty.swap(false, Ordering::AcqRel)
+            && let Err(e) = fsync_dir(&self.chunks_dir)
+        {
+            self.chunks_dir_dirty.store(true, Ordering::Release);
+            return Err(e);
         }
         Ok(())
     }
@@ -252,7 +252,8 @@ impl ChunkStore for LocalStore {
         self.dirty[idx].store(true, Ordering::Release);
         let stored_bytes = encoded.file_len() as u64;
         self.chunks_written.fetch_add(1, Ordering::Relaxed);
-        self.bytes_written.fetch_add(stored_bytes, Ordering::Relaxed);
+        self.bytes_written
+            .fetch_add(stored_bytes, Ordering::Relaxed);
         self.raw_bytes_written
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(PutOutcome::Written { stored_bytes })
@@ -301,6 +302,10 @@ impl ChunkStore for LocalStore {
         }
     }
 
+    fn sync(&self) -> Result<()> {
+        LocalStore::sync(self)
+    }
+
     fn contains(&self, id: &ChunkId) -> Result<bool> {
         let path = self.chunk_path(id);
         match fs::symlink_metadata(&path) {
@@ -337,7 +342,12 @@ mod tests {
     fn samples() -> Vec<Vec<u8>> {
         let mut random = vec![0u8; 16384];
         Rng::new(11).fill(&mut random);
-        let text: Vec<u8> = b"guest kernel text ".iter().cycle().take(16384).copied().collect();
+        let text: Vec<u8> = b"guest kernel text "
+            .iter()
+            .cycle()
+            .take(16384)
+            .copied()
+            .collect();
         vec![random, text, vec![1u8; 4096], Vec::new()]
     }
 
@@ -386,10 +396,16 @@ mod tests {
         let store = open(&dir, Compression::None);
         let data = vec![5u8; 8192];
         let id = store.put(&data).unwrap();
-        let mtime = fs::metadata(store.chunk_path(&id)).unwrap().modified().unwrap();
+        let mtime = fs::metadata(store.chunk_path(&id))
+            .unwrap()
+            .modified()
+            .unwrap();
         assert_eq!(store.put(&data).unwrap(), id);
         assert_eq!(
-            fs::metadata(store.chunk_path(&id)).unwrap().modified().unwrap(),
+            fs::metadata(store.chunk_path(&id))
+                .unwrap()
+                .modified()
+                .unwrap(),
             mtime
         );
         assert_eq!(

@@ -13,6 +13,7 @@
 pub mod codec;
 pub mod local;
 
+pub use codec::Compression;
 pub use local::{LocalStore, LocalStoreOptions, StoreStats};
 
 use std::fmt;
@@ -233,6 +234,12 @@ pub trait ChunkStore: Send + Sync {
     /// Whether the store holds a chunk with this id (its contents are not checked).
     fn contains(&self, id: &ChunkId) -> Result<bool>;
 
+    /// Makes every chunk put so far durable. Call once after a whole snapshot,
+    /// before writing anything that refers to the chunks. The default does nothing.
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Like [`put`](Self::put) for a caller that has already computed
     /// `id == ChunkId::of(data)` (so the store need not hash again), and that wants
     /// to know whether the chunk was new. Passing a wrong id stores a chunk that
@@ -352,15 +359,19 @@ mod tests {
         assert_eq!(hex, blake3::hash(b"hello").to_hex().as_str());
         assert_eq!(hex.parse::<ChunkId>().unwrap(), id);
         assert_eq!(hex.to_uppercase().parse::<ChunkId>().unwrap(), id);
-        assert_eq!(
-            id.relative_path(),
-            format!("chunks/{}/{}", &hex[..2], hex)
-        );
+        assert_eq!(id.relative_path(), format!("chunks/{}/{}", &hex[..2], hex));
     }
 
     #[test]
     fn id_parse_rejects_bad_input() {
-        for bad in ["", "00", &"g".repeat(64), &"0".repeat(63), &"0".repeat(65), &"é".repeat(32)] {
+        for bad in [
+            "",
+            "00",
+            &"g".repeat(64),
+            &"0".repeat(63),
+            &"0".repeat(65),
+            &"é".repeat(32),
+        ] {
             assert!(matches!(
                 bad.parse::<ChunkId>(),
                 Err(StoreError::InvalidId { .. })

@@ -165,11 +165,11 @@ impl VcpuHandle {
     /// Sends a request and kicks the thread out of KVM_RUN.
     pub fn send(&self, req: VcpuRequest) -> Result<(), VcpuError> {
         self.tx.send(req).map_err(|_| VcpuError::Gone(self.id))?;
-        if let Some(t) = &self.thread {
-            if !t.is_finished() {
-                // A failed kick only means the thread is already gone or will see the request.
-                let _ = t.kill(kick_signal());
-            }
+        if let Some(t) = &self.thread
+            && !t.is_finished()
+        {
+            // A failed kick only means the thread is already gone or will see the request.
+            let _ = t.kill(kick_signal());
         }
         Ok(())
     }

@@ -58,7 +58,13 @@ impl Vm {
         if v != 12 {
             return Err(VmError::ApiVersion(v));
         }
-        for cap in [Cap::Irqchip, Cap::Ioeventfd, Cap::Irqfd, Cap::UserMemory, Cap::Pit2] {
+        for cap in [
+            Cap::Irqchip,
+            Cap::Ioeventfd,
+            Cap::Irqfd,
+            Cap::UserMemory,
+            Cap::Pit2,
+        ] {
             if !kvm.check_extension(cap) {
                 return Err(VmError::MissingCap(cap));
             }

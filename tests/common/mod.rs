@@ -100,7 +100,10 @@ impl Running {
         let log = Arc::new(Mutex::new(Vec::new()));
         let out = child.stdout.take().unwrap();
         let err = child.stderr.take().unwrap();
-        for (src, tag) in [(Box::new(out) as Box<dyn Read + Send>, ""), (Box::new(err), "[stderr] ")] {
+        for (src, tag) in [
+            (Box::new(out) as Box<dyn Read + Send>, ""),
+            (Box::new(err), "[stderr] "),
+        ] {
             let tx = tx.clone();
             let log = log.clone();
             std::thread::spawn(move || {
@@ -176,7 +179,10 @@ impl Drop for Running {
 
 /// Panics with the console log attached.
 pub fn fail(r: &Running, msg: &str) -> ! {
-    panic!("{msg}\n----- vmm output -----\n{}\n----------------------", r.output());
+    panic!(
+        "{msg}\n----- vmm output -----\n{}\n----------------------",
+        r.output()
+    );
 }
 
 /// How long one Linux boot may take here (about a minute on PVM hosts).

@@ -334,6 +334,8 @@ pub struct Spec {
     pub mmio: Vec<ExtraDevice>,
     /// The whole run (build, boot, body) must end within this.
     pub timeout: Duration,
+    /// Build the VM with its vCPUs paused (the body resumes them).
+    pub start_paused: bool,
 }
 
 impl Spec {
@@ -346,6 +348,7 @@ impl Spec {
             pio: Vec::new(),
             mmio: Vec::new(),
             timeout: Duration::from_secs(60),
+            start_paused: false,
         }
     }
 }
@@ -458,7 +461,7 @@ where
         console: Console::Writer(Box::new(capture.clone())),
         extra_pio: spec.pio,
         extra_mmio: spec.mmio,
-        start_paused: false,
+        start_paused: spec.start_paused,
     };
     let (exit_tx, exit_rx) = mpsc::channel();
     let (done_tx, done_rx) = mpsc::channel();

@@ -17,6 +17,8 @@ pub mod layout;
 pub mod mptable;
 pub mod msrs;
 pub mod regs;
+pub mod vcpu_state;
+pub mod vm_state;
 
 pub use boot::{BootError, KernelFormat, KernelLoad, configure_system, load_initrd, load_kernel};
 pub use cpuid::{CpuidError, normalize_cpuid};
@@ -25,6 +27,10 @@ pub use layout::arch_memory_regions;
 pub use mptable::{MptableError, setup_mptable};
 pub use msrs::{MsrError, msrs_to_save, setup_msrs};
 pub use regs::{RegsError, setup_fpu, setup_regs, setup_sregs};
+pub use vcpu_state::{
+    FpuRegs, FpuState, VcpuState, VcpuStateError, kvmclock_ctrl, restore_vcpu, save_vcpu,
+};
+pub use vm_state::{VmState, VmStateError, restore_vm, save_vm};
 
 /// Any error of the x86_64 boot support.
 #[derive(Debug, thiserror::Error)]

@@ -65,10 +65,10 @@ impl BusDevice for I8042 {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if data.len() == 1 {
-            if let Err(e) = self.dev.write(offset as u8, data[0]) {
-                log::warn!("i8042: reset signal failed: {e}");
-            }
+        if data.len() == 1
+            && let Err(e) = self.dev.write(offset as u8, data[0])
+        {
+            log::warn!("i8042: reset signal failed: {e}");
         }
     }
 }

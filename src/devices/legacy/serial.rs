@@ -65,10 +65,11 @@ impl BusDevice for SerialDevice {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if data.len() == 1 && offset < 8 {
-            if let Err(e) = self.serial.write(offset as u8, data[0]) {
-                log::debug!("serial: write error: {e}");
-            }
+        if data.len() == 1
+            && offset < 8
+            && let Err(e) = self.serial.write(offset as u8, data[0])
+        {
+            log::debug!("serial: write error: {e}");
         }
     }
 }

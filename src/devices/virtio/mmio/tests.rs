@@ -425,3 +425,14 @@ fn cmdline_arg() {
     );
     assert_eq!(NOTIFY_REG_OFFSET, 0x50);
 }
+
+#[test]
+fn shareable_with_the_vmm() {
+    fn bus_and_event_loop<T: Send + 'static>() {}
+    bus_and_event_loop::<MmioTransport>();
+    bus_and_event_loop::<BlockDevice>();
+    let mem = guest_mem();
+    let vm = Vm::new(&mem, disk());
+    let _: crate::devices::SharedDevice = Arc::new(Mutex::new(vm.t));
+    let _: Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>> = vm.block;
+}

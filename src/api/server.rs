@@ -1,0 +1,491 @@
+//! Listeners, accept threads, per-connection threads and routing.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, ErrorKind, Read};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, select};
+use serde::de::DeserializeOwned;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use super::http::{Conn, Head, HttpError, ReadError, Response, Stream};
+use super::{
+    ActionRequest, ActionType, ApiChannel, ApiReply, ApiRequest, ApiServerConfig, ApiServerError,
+    ApiServerHandle, SnapshotCreateRequest, SocketFile, VmStatePatch,
+};
+
+/// How long a closing connection's unread input is drained.
+const LINGER_TIME: Duration = Duration::from_secs(1);
+/// How many bytes of unread input are drained at most before closing.
+const LINGER_BYTES: usize = 1024 * 1024;
+
+/// State shared by the handle, the accept threads and the connection threads.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    config: ApiServerConfig,
+    tx: Sender<(ApiRequest, Sender<ApiReply>)>,
+    wake: EventFd,
+    /// Never sent on; disconnected when the server stops.
+    stop_rx: Receiver<()>,
+    pub(crate) stopping: AtomicBool,
+    conns: Mutex<HashMap<u64, Stream>>,
+    next_id: AtomicU64,
+    active: AtomicUsize,
+}
+
+impl Shared {
+    fn conns(&self) -> MutexGuard<'_, HashMap<u64, Stream>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Shuts down every open connection so their threads finish promptly.
+    pub(crate) fn close_all_connections(&self) {
+        for s in self.conns().values() {
+            s.shutdown();
+        }
+    }
+}
+
+/// Accounts for one connection; unregisters it when its thread ends.
+struct ConnGuard {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.shared.conns().remove(&self.id);
+        self.shared.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    fn accept(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Listener::Tcp(l) => Stream::Tcp(l.accept()?.0),
+            Listener::Unix(l) => Stream::Unix(l.accept()?.0),
+        })
+    }
+
+    fn fd(&self) -> RawFd {
+        match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l) => l.as_raw_fd(),
+        }
+    }
+}
+
+pub(crate) fn start(config: ApiServerConfig) -> Result<(ApiServerHandle, ApiChannel), ApiServerError> {
+    if config.port.is_none() && config.sock.is_none() {
+        return Err(ApiServerError::NoEndpoint);
+    }
+    let wake = EventFd::new(EFD_NONBLOCK).map_err(ApiServerError::EventFd)?;
+    let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(ApiServerError::EventFd)?;
+    let channel_wake = wake.try_clone().map_err(ApiServerError::EventFd)?;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
+
+    let mut listeners = Vec::new();
+    let mut tcp_addr = None;
+    if let Some(port) = config.port {
+        let bind_err = |source| ApiServerError::BindTcp { port, source };
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).map_err(bind_err)?;
+        l.set_nonblocking(true).map_err(bind_err)?;
+        tcp_addr = Some(l.local_addr().map_err(bind_err)?);
+        listeners.push(("api-tcp", Listener::Tcp(l)));
+    }
+    let mut socket_file = None;
+    if let Some(path) = &config.sock {
+        let (l, file) = bind_unix(path)?;
+        socket_file = Some(file);
+        listeners.push(("api-unix", Listener::Unix(l)));
+    }
+
+    let shared = Arc::new(Shared {
+        config,
+        tx,
+        wake,
+        stop_rx,
+        stopping: AtomicBool::new(false),
+        conns: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(0),
+        active: AtomicUsize::new(0),
+    });
+    // From here on, dropping `handle` cleans up (threads, socket file) on any error.
+    let mut handle = ApiServerHandle {
+        shared: shared.clone(),
+        stop_evt,
+        stop_tx: Some(stop_tx),
+        threads: Vec::new(),
+        tcp_addr,
+        socket_file,
+    };
+    for (name, listener) in listeners {
+        let shared = shared.clone();
+        let stop = handle.stop_evt.try_clone().map_err(ApiServerError::EventFd)?;
+        let t = thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || accept_loop(&listener, &shared, &stop))
+            .map_err(ApiServerError::Thread)?;
+        handle.threads.push(t);
+    }
+    let channel = ApiChannel { rx, wake: channel_wake };
+    Ok((handle, channel))
+}
+
+/// Binds the unix socket: a stale socket file is removed (a live one is an error), the new
+/// socket is bound under a temporary name, chmod-ed to 0600 and renamed into place, so it is
+/// never reachable with looser permissions.
+fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile), ApiServerError> {
+    let file_err = |source| ApiServerError::SocketFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    match fs::symlink_metadata(path) {
+        Ok(md) if md.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ApiServerError::SocketInUse(path.to_path_buf()));
+            }
+            fs::remove_file(path).map_err(file_err)?;
+        }
+        Ok(_) => return Err(ApiServerError::NotASocket(path.to_path_buf())),
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(file_err(e)),
+    }
+    let bind_err = |source| ApiServerError::BindUnix {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = temp_socket_path(path);
+    let listener = match tmp.as_deref() {
+        Some(tmp) => {
+            let _ = fs::remove_file(tmp);
+            let l = UnixListener::bind(tmp).map_err(bind_err)?;
+            let placed = fs::set_permissions(tmp, fs::Permissions::from_mode(0o600))
+                .and_then(|()| fs::rename(tmp, path));
+            if let Err(e) = placed {
+                let _ = fs::remove_file(tmp);
+                return Err(file_err(e));
+            }
+            l
+        }
+        None => {
+            let l = UnixListener::bind(path).map_err(bind_err)?;
+            if let Err(e) = fs::set_permissions(path, fs::Permissions::from_mode(0o600)) {
+                let _ = fs::remove_file(path);
+                return Err(file_err(e));
+            }
+            l
+        }
+    };
+    set_listener_nonblocking(&listener, path)?;
+    let md = fs::symlink_metadata(path).map_err(file_err)?;
+    let file = SocketFile {
+        path: path.to_path_buf(),
+        dev: md.dev(),
+        ino: md.ino(),
+    };
+    Ok((listener, file))
+}
+
+fn set_listener_nonblocking(l: &UnixListener, path: &Path) -> Result<(), ApiServerError> {
+    l.set_nonblocking(true).map_err(|source| {
+        let _ = fs::remove_file(path);
+        ApiServerError::BindUnix {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
+
+/// A sibling temporary name for binding, if it fits in `sun_path` (108 bytes).
+fn temp_socket_path(path: &Path) -> Option<PathBuf> {
+    let name = format!(".vmm-api-{}.tmp", std::process::id());
+    let tmp = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.join(name),
+        _ => PathBuf::from(name),
+    };
+    (tmp.as_os_str().len() < 108).then_some(tmp)
+}
+
+/// Removes the socket file if it is still the one we created.
+pub(crate) fn remove_socket_file(file: &SocketFile) {
+    match fs::symlink_metadata(&file.path) {
+        Ok(md) if md.dev() == file.dev && md.ino() == file.ino => {
+            if let Err(e) = fs::remove_file(&file.path) {
+                log::warn!("api: cannot remove {}: {e}", file.path.display());
+            }
+        }
+        _ => {}
+    }
+}
+
+fn accept_loop(listener: &Listener, shared: &Arc<Shared>, stop: &EventFd) {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid, writable array of 2 pollfd structs that outlives the call,
+        // and both fds stay open for its duration (owned by `listener` and `stop`).
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != ErrorKind::Interrupted {
+                log::error!("api: poll failed: {e}");
+                thread::sleep(Duration::from_millis(100));
+            }
+            continue;
+        }
+        if fds[1].revents != 0 || shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        if fds[0].revents == 0 {
+            continue;
+        }
+        loop {
+            match listener.accept() {
+                Ok(stream) => spawn_connection(shared, stream),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // E.g. EMFILE: back off instead of spinning.
+                    log::warn!("api: accept failed: {e}");
+                    thread::sleep(Duration::from_millis(100));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn spawn_connection(shared: &Arc<Shared>, stream: Stream) {
+    let cfg = &shared.config;
+    let configured = stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_write_timeout(Some(cfg.write_timeout)));
+    if let Err(e) = configured {
+        log::warn!("api: cannot configure connection: {e}");
+        return;
+    }
+    if shared.active.fetch_add(1, Ordering::SeqCst) >= cfg.max_connections {
+        shared.active.fetch_sub(1, Ordering::SeqCst);
+        let mut stream = stream;
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+        let resp = Response::error(503, "too many open API connections; retry later");
+        let _ = resp.write_to(&mut stream, false);
+        return;
+    }
+    let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
+    let guard = ConnGuard {
+        shared: shared.clone(),
+        id,
+    };
+    let clone = match stream.try_clone() {
+        Ok(clone) => clone,
+        Err(e) => {
+            log::warn!("api: cannot track connection: {e}");
+            return;
+        }
+    };
+    // Registered under the lock with the `stopping` check, so `stop()` cannot miss it.
+    let registered = {
+        let mut conns = shared.conns();
+        let stopping = shared.stopping.load(Ordering::SeqCst);
+        if !stopping {
+            conns.insert(id, clone);
+        }
+        !stopping
+    };
+    if !registered {
+        return;
+    }
+    let spawned = thread::Builder::new()
+        .name("api-conn".to_string())
+        .spawn(move || {
+            let guard = guard;
+            serve_connection(&guard.shared, Conn::new(stream));
+        });
+    if let Err(e) = spawned {
+        log::warn!("api: cannot spawn connection thread: {e}");
+    }
+}
+
+/// Serves requests on one connection until it closes, idles out or the server stops.
+fn serve_connection(shared: &Shared, mut conn: Conn) {
+    let cfg = &shared.config;
+    while !shared.stopping.load(Ordering::SeqCst) {
+        let (head, deadline) = match conn.read_head(cfg.idle_timeout, cfg.request_timeout) {
+            Ok(Some(r)) => r,
+            Ok(None) | Err(ReadError::Gone) => return,
+            Err(ReadError::Http(e)) => return respond_and_close(&mut conn, &Response::from_http_error(&e)),
+        };
+        let len = match head.body_len(cfg.max_body) {
+            Ok(len) => len,
+            Err(e) => return respond_and_close(&mut conn, &Response::from_http_error(&e)),
+        };
+        if len > 0 && head.expects_continue() {
+            use std::io::Write;
+            if conn.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err() {
+                return;
+            }
+        }
+        let body = match conn.read_body(len, deadline) {
+            Ok(b) => b,
+            Err(ReadError::Gone) => return,
+            Err(ReadError::Http(e)) => return respond_and_close(&mut conn, &Response::from_http_error(&e)),
+        };
+        let response = match parse_request(&head, &body) {
+            Ok(req) => forward(shared, req),
+            Err(resp) => resp,
+        };
+        let keep_alive =
+            head.keep_alive() && !response.close && !shared.stopping.load(Ordering::SeqCst);
+        if !keep_alive {
+            return respond_and_close(&mut conn, &response);
+        }
+        if response.write_to(&mut conn.stream, true).is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes a final response, then closes gracefully: the write side is shut and unread
+/// input is drained for a moment, so the kernel does not reset the connection (which could
+/// discard the response) because of bytes the client already sent.
+fn respond_and_close(conn: &mut Conn, response: &Response) {
+    if response.write_to(&mut conn.stream, false).is_err() {
+        return;
+    }
+    conn.stream.shutdown_write();
+    let deadline = Instant::now() + LINGER_TIME;
+    let mut drained = 0usize;
+    let mut sink = [0u8; 4096];
+    while drained < LINGER_BYTES {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || conn.stream.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match conn.stream.read(&mut sink) {
+            Ok(0) => return,
+            Ok(n) => drained += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Methods allowed on each known path.
+fn allowed(path: &str) -> Option<&'static str> {
+    match path {
+        "/vm" => Some("GET, PATCH"),
+        "/snapshot/create" | "/actions" => Some("PUT"),
+        _ => None,
+    }
+}
+
+/// Maps a complete request to an [`ApiRequest`], or to the error response the server sends.
+pub(crate) fn parse_request(head: &Head, body: &[u8]) -> Result<ApiRequest, Response> {
+    let Some(allow) = allowed(&head.path) else {
+        return Err(Response::error(404, &format!("no such endpoint: {}", head.path)));
+    };
+    match (head.path.as_str(), head.method.as_str()) {
+        ("/vm", "GET") => Ok(ApiRequest::GetVm),
+        ("/vm", "PATCH") => Ok(ApiRequest::SetState(json_body::<VmStatePatch>(head, body)?.state)),
+        ("/snapshot/create", "PUT") => {
+            let req: SnapshotCreateRequest = json_body(head, body)?;
+            if req.path.as_os_str().is_empty() {
+                return Err(Response::error(400, "`path` must not be empty"));
+            }
+            if req.store.as_ref().is_some_and(|s| s.as_os_str().is_empty()) {
+                return Err(Response::error(400, "`store` must not be empty"));
+            }
+            if req.parent.as_ref().is_some_and(String::is_empty) {
+                return Err(Response::error(400, "`parent` must not be empty"));
+            }
+            Ok(ApiRequest::CreateSnapshot(req))
+        }
+        ("/actions", "PUT") => match json_body::<ActionRequest>(head, body)?.action {
+            ActionType::Shutdown => Ok(ApiRequest::Shutdown),
+        },
+        (path, method) => Err(Response {
+            allow: Some(allow),
+            ..Response::error(405, &format!("method {method} not allowed on {path} (allowed: {allow})"))
+        }),
+    }
+}
+
+/// Decodes a required JSON body.
+fn json_body<T: DeserializeOwned>(head: &Head, body: &[u8]) -> Result<T, Response> {
+    if !head.has_content_length() {
+        return Err(Response {
+            close: true,
+            ..Response::error(411, "a JSON body with a Content-Length header is required")
+        });
+    }
+    if body.is_empty() {
+        return Err(Response::error(400, "empty request body; a JSON object is required"));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        let msg = match e.classify() {
+            serde_json::error::Category::Data => format!("invalid request body: {e}"),
+            _ => format!("malformed JSON body: {e}"),
+        };
+        Response::error(400, &msg)
+    })
+}
+
+/// Hands `req` to the main thread and waits for its answer.
+fn forward(shared: &Shared, req: ApiRequest) -> Response {
+    if shared.stopping.load(Ordering::SeqCst) {
+        return Response::error(503, "the API server is shutting down");
+    }
+    let timeout = match req {
+        ApiRequest::CreateSnapshot(_) => shared.config.snapshot_reply_timeout,
+        _ => shared.config.reply_timeout,
+    };
+    let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
+    if shared.tx.send((req, reply_tx)).is_err() {
+        return Response::error(503, "the VMM is no longer accepting requests");
+    }
+    if let Err(e) = shared.wake.write(1) {
+        log::error!("api: cannot wake the main thread: {e}");
+    }
+    select! {
+        recv(reply_rx) -> reply => match reply {
+            Ok(Ok(value)) => Response::ok(&value),
+            Ok(Err(e)) => Response::error(e.status, &e.message),
+            Err(_) => Response::error(503, "the VMM dropped the request without answering"),
+        },
+        recv(shared.stop_rx) -> _ => Response {
+            close: true,
+            ..Response::error(503, "the API server is shutting down")
+        },
+        default(timeout) => Response::error(
+            504,
+            &format!("the VMM did not answer within {} ms", timeout.as_millis()),
+        ),
+    }
+}
