@@ -16,6 +16,7 @@ use crate::config::{self, VmConfig};
 use crate::devices::bus::lock;
 use crate::devices::legacy::{
     I8042, I8042_LEN, I8042_PORT, PVPANIC_PORT, PvPanic, SERIAL_PORTS, SerialDevice,
+    SerialDeviceState, SerialRestoreArgs,
 };
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::{BlockConfig as BlockDeviceConfig, BlockDevice};
@@ -24,6 +25,7 @@ use crate::devices::virtio::mmio::{
 };
 use crate::devices::{Bus, IrqLine, SharedDevice};
 use crate::disk::file::FileBackend;
+use crate::snapshot::Persist;
 use crate::vmm::{ExitWaker, StdinInput, Subscriber, Vmm};
 use crate::vstate::exit::ExitSignal;
 use crate::vstate::memory::{self, GuestMemory};
@@ -109,12 +111,22 @@ pub fn setup_legacy(
     pio: &mut Bus,
     exit: &Arc<ExitSignal>,
     console: Box<dyn Write + Send>,
+    serial_state: Option<&SerialDeviceState>,
 ) -> Result<LegacyDevices, BuildError> {
     let (com1_port, com1_irq) = SERIAL_PORTS[0];
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        irq_evt(vm, com1_irq)?,
-        console,
-    )));
+    let com1_evt = irq_evt(vm, com1_irq)?;
+    let com1 = match serial_state {
+        None => SerialDevice::new(com1_evt, console),
+        Some(st) => SerialDevice::restore(
+            SerialRestoreArgs {
+                irq_evt: com1_evt,
+                out: console,
+            },
+            st,
+        )
+        .map_err(|e| BuildError::Device(e.to_string()))?,
+    };
+    let serial = Arc::new(Mutex::new(com1));
     let bus_err = |e: crate::devices::BusError| BuildError::Device(e.to_string());
     pio.insert(serial.clone(), com1_port, 8).map_err(bus_err)?;
     for &(port, _) in &SERIAL_PORTS[1..] {
@@ -356,7 +368,7 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
         Console::Stdio => Box::new(crate::devices::legacy::FlushingStdout),
         Console::Writer(w) => w,
     };
-    let legacy = setup_legacy(&vm, &mut pio, &exit, console_out)?;
+    let legacy = setup_legacy(&vm, &mut pio, &exit, console_out, None)?;
 
     let mut events: EventManager<Subscriber> =
         EventManager::new().map_err(BuildError::EventLoop)?;
@@ -405,6 +417,7 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
         serial: legacy.serial,
         blocks,
         events,
+        api: None,
         state: if opts.start_paused {
             RunState::Paused
         } else {

@@ -3,8 +3,10 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod api;
 pub mod arch;
 pub mod builder;
+pub mod builder_restore;
 pub mod config;
 pub mod devices;
 pub mod disk;

@@ -1,39 +1,118 @@
 //! `vmm` command-line front end.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 
-use vmm::builder::{self, BootOptions};
+use vmm::api::{self, ApiTarget};
+use vmm::builder::{self, BootOptions, Console};
+use vmm::builder_restore::{self, RestoreOptions};
 use vmm::config::{self, VmConfig};
+use vmm::vmm::{Vmm, error_chain};
 
 /// A KVM virtual machine monitor that boots Linux, snapshots and restores it.
 #[derive(Parser, Debug)]
-#[command(name = "vmm", version, about)]
+#[command(name = "vmm", version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
     /// Guest kernel: `path=FILE[,cmdline="…"]` (vmlinux ELF or bzImage).
     #[arg(long)]
     kernel: Option<String>,
     /// initramfs image.
     #[arg(long)]
     initrd: Option<PathBuf>,
-    /// Guest memory: `size_mib=N`.
-    #[arg(long, default_value = "size_mib=256")]
-    memory: String,
-    /// vCPUs: `num=N`.
-    #[arg(long, default_value = "num=1")]
-    vcpu: String,
+    /// Guest memory: `size_mib=N` (default 256).
+    #[arg(long)]
+    memory: Option<String>,
+    /// vCPUs: `num=N` (default 1).
+    #[arg(long)]
+    vcpu: Option<String>,
     /// A virtio-block disk: `path=FILE[,read_only=true][,id=NAME][,root=true]` (repeatable).
     #[arg(long)]
     block: Vec<String>,
     /// Do not append the command-line workarounds for PVM-style nested KVM hosts.
     #[arg(long)]
     no_host_quirks: bool,
+    /// Restore: the snapshot's memory manifest (with --cpu_path).
+    #[arg(long = "memory_path", requires = "cpu_path")]
+    memory_path: Option<PathBuf>,
+    /// Restore: the snapshot's state file (with --memory_path).
+    #[arg(long = "cpu_path", requires = "memory_path")]
+    cpu_path: Option<PathBuf>,
+    #[command(flatten)]
+    restore: RestoreFlags,
+    #[command(flatten)]
+    api: ApiFlags,
 }
 
-fn build_config(cli: &Cli) -> Result<VmConfig, config::ConfigError> {
-    let kernel = match &cli.kernel {
+#[derive(Args, Debug, Clone)]
+struct RestoreFlags {
+    /// Restore even if a disk differs from the one recorded in the snapshot.
+    #[arg(long)]
+    force: bool,
+    /// Leave the restored VM paused (resume it through the API).
+    #[arg(long)]
+    paused: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+struct ApiFlags {
+    /// Serve the control API on 127.0.0.1:PORT.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Serve the control API on a unix socket.
+    #[arg(long = "api-sock")]
+    api_sock: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Restore a snapshot directory (written by `PUT /snapshot/create`).
+    Restore {
+        /// Snapshot directory.
+        dir: PathBuf,
+        /// Disks to attach instead of the recorded ones (same count and order).
+        #[arg(long)]
+        block: Vec<String>,
+        #[command(flatten)]
+        restore: RestoreFlags,
+        #[command(flatten)]
+        api: ApiFlags,
+    },
+    /// Snapshot operations on a running `vmm`.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: SnapshotCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCmd {
+    /// Pause the VM (if running), write a snapshot, resume it unless --leave-paused.
+    Create {
+        /// Snapshot directory to write.
+        path: PathBuf,
+        /// Shared chunk store directory (default: inside the snapshot directory).
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// Leave the VM paused afterwards.
+        #[arg(long)]
+        leave_paused: bool,
+        #[command(flatten)]
+        api: ApiFlags,
+    },
+}
+
+fn build_config(run: &RunArgs) -> Result<VmConfig, config::ConfigError> {
+    let kernel = match &run.kernel {
         Some(k) => config::parse_kernel(k)?,
         None => {
             return Err(config::ConfigError::Syntax {
@@ -44,16 +123,27 @@ fn build_config(cli: &Cli) -> Result<VmConfig, config::ConfigError> {
     };
     Ok(VmConfig {
         kernel,
-        initrd: cli.initrd.clone(),
-        mem_mib: config::parse_memory(&cli.memory)?,
-        vcpus: config::parse_vcpu(&cli.vcpu)?,
-        blocks: cli
-            .block
-            .iter()
-            .map(|b| config::parse_block(b))
-            .collect::<Result<_, _>>()?,
-        host_quirks: !cli.no_host_quirks,
+        initrd: run.initrd.clone(),
+        mem_mib: match &run.memory {
+            Some(m) => config::parse_memory(m)?,
+            None => config::DEFAULT_MEM_MIB,
+        },
+        vcpus: match &run.vcpu {
+            Some(v) => config::parse_vcpu(v)?,
+            None => 1,
+        },
+        blocks: parse_blocks(&run.block)?,
+        host_quirks: !run.no_host_quirks,
     })
+}
+
+fn parse_blocks(b: &[String]) -> Result<Vec<config::BlockConfig>, config::ConfigError> {
+    b.iter().map(|b| config::parse_block(b)).collect()
+}
+
+fn fail(code: u8, msg: String) -> ExitCode {
+    eprintln!("vmm: error: {msg}");
+    ExitCode::from(code)
 }
 
 fn main() -> ExitCode {
@@ -61,20 +151,88 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
     let cli = Cli::parse();
-    let cfg = match build_config(&cli) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("vmm: error: {e}");
-            return ExitCode::from(2);
+    match cli.cmd {
+        None => run_vm(&cli.run),
+        Some(Cmd::Restore {
+            dir,
+            block,
+            restore,
+            api,
+        }) => {
+            let (state, memory) = builder_restore::snapshot_files(&dir);
+            restore_vm(&state, &memory, &block, &restore, &api)
         }
+        Some(Cmd::Snapshot {
+            cmd:
+                SnapshotCmd::Create {
+                    path,
+                    store,
+                    leave_paused,
+                    api,
+                },
+        }) => snapshot_create(&path, store.as_deref(), leave_paused, &api),
+    }
+}
+
+fn run_vm(run: &RunArgs) -> ExitCode {
+    if let (Some(m), Some(c)) = (&run.memory_path, &run.cpu_path) {
+        if run.kernel.is_some() {
+            log::info!("restoring a snapshot: --kernel is not needed and is ignored");
+        }
+        return restore_vm(c, m, &run.block, &run.restore, &run.api);
+    }
+    let cfg = match build_config(run) {
+        Ok(c) => c,
+        Err(e) => return fail(2, e.to_string()),
     };
     let _term = vmm::vmm::TerminalGuard::new();
-    let mut vm = match builder::build_for_boot(&cfg, BootOptions::stdio()) {
+    let vm = match builder::build_for_boot(&cfg, BootOptions::stdio()) {
         Ok(v) => v,
-        Err(e) => {
-            eprintln!("vmm: error: {}", error_chain(&e));
-            return ExitCode::from(1);
+        Err(e) => return fail(1, error_chain(&e)),
+    };
+    serve(vm, &run.api)
+}
+
+fn restore_vm(
+    cpu: &Path,
+    memory: &Path,
+    blocks: &[String],
+    flags: &RestoreFlags,
+    api: &ApiFlags,
+) -> ExitCode {
+    let blocks = match parse_blocks(blocks) {
+        Ok(b) if b.is_empty() => None,
+        Ok(b) => Some(b),
+        Err(e) => return fail(2, e.to_string()),
+    };
+    let _term = vmm::vmm::TerminalGuard::new();
+    let opts = RestoreOptions {
+        console: Console::Stdio,
+        blocks,
+        force: flags.force,
+        start_paused: flags.paused,
+    };
+    let vm = match builder_restore::build_from_snapshot(cpu, memory, opts) {
+        Ok(v) => v,
+        Err(e) => return fail(1, error_chain(&e)),
+    };
+    serve(vm, api)
+}
+
+/// Starts the API server if asked, then runs the VM to its end.
+fn serve(mut vm: Vmm, api: &ApiFlags) -> ExitCode {
+    let _server = if api.port.is_some() || api.api_sock.is_some() {
+        match api::start(api.port, api.api_sock.as_deref()) {
+            Ok((handle, chan)) => {
+                if let Err(e) = vm.attach_api(chan) {
+                    return fail(1, format!("control API: {e}"));
+                }
+                Some(handle)
+            }
+            Err(e) => return fail(1, error_chain(&e)),
         }
+    } else {
+        None
     };
     match vm.run() {
         Ok(reason) => {
@@ -86,21 +244,59 @@ fn main() -> ExitCode {
             }
             ExitCode::from(code as u8)
         }
-        Err(e) => {
-            eprintln!("vmm: error: {}", error_chain(&e));
-            ExitCode::from(1)
-        }
+        Err(e) => fail(1, error_chain(&e)),
     }
 }
 
-/// An error and its causes on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
+fn api_target(api: &ApiFlags) -> Result<ApiTarget, String> {
+    match (&api.api_sock, api.port) {
+        (Some(p), _) => Ok(ApiTarget::Unix(p.clone())),
+        (None, Some(port)) => Ok(ApiTarget::Tcp(port)),
+        (None, None) => Err("name the running vmm with --api-sock PATH or --port N".into()),
     }
-    s
+}
+
+fn call(t: &ApiTarget, method: &str, path: &str, body: Option<&str>) -> Result<String, String> {
+    match api::request(t, method, path, body) {
+        Ok((s, b)) if (200..300).contains(&s) => Ok(b),
+        Ok((s, b)) => Err(format!("{method} {path}: HTTP {s}: {b}")),
+        Err(e) => Err(format!("{method} {path}: {}", error_chain(&e))),
+    }
+}
+
+fn snapshot_create(
+    path: &Path,
+    store: Option<&Path>,
+    leave_paused: bool,
+    api: &ApiFlags,
+) -> ExitCode {
+    let t = match api_target(api) {
+        Ok(t) => t,
+        Err(e) => return fail(2, e),
+    };
+    let run = || -> Result<String, String> {
+        let vm: serde_json::Value = serde_json::from_str(&call(&t, "GET", "/vm", None)?)
+            .map_err(|e| format!("GET /vm: {e}"))?;
+        let was_running = vm["state"] == "Running";
+        if was_running {
+            call(&t, "PATCH", "/vm", Some(r#"{"state":"Paused"}"#))?;
+        }
+        let abs = std::path::absolute(path).map_err(|e| e.to_string())?;
+        let mut body = serde_json::json!({ "path": abs });
+        if let Some(s) = store {
+            body["store"] = serde_json::json!(std::path::absolute(s).map_err(|e| e.to_string())?);
+        }
+        let res = call(&t, "PUT", "/snapshot/create", Some(&body.to_string()));
+        if was_running && !leave_paused {
+            call(&t, "PATCH", "/vm", Some(r#"{"state":"Resumed"}"#))?;
+        }
+        res
+    };
+    match run() {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, e),
+    }
 }

@@ -3,9 +3,10 @@
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 
+use crate::api::{ApiChannel, ApiError, ApiReply, ApiRequest, VmStateRequest};
 use crate::config::VmConfig;
 use crate::devices::Bus;
 use crate::devices::bus::lock;
@@ -65,6 +66,8 @@ pub struct Vmm {
     pub events: EventManager<Subscriber>,
     /// Whole-VM run state.
     pub state: RunState,
+    /// Control API requests, when an API server runs.
+    pub api: Option<ApiChannel>,
 }
 
 impl Vmm {
@@ -77,9 +80,70 @@ impl Vmm {
             self.events
                 .run_with_timeout(100)
                 .map_err(VmmError::EventLoop)?;
+            self.handle_api_requests();
         };
         self.stop_vcpus();
         Ok(reason)
+    }
+
+    /// Attaches a control API channel: its requests are served by [`Vmm::run`].
+    pub fn attach_api(&mut self, chan: ApiChannel) -> std::io::Result<()> {
+        let waker = chan.eventfd().try_clone()?;
+        self.events
+            .add_subscriber(Arc::new(Mutex::new(EventFdDrain(waker))));
+        self.api = Some(chan);
+        Ok(())
+    }
+
+    fn handle_api_requests(&mut self) {
+        loop {
+            let Some((req, reply)) = self.api.as_ref().and_then(|a| a.try_recv()) else {
+                return;
+            };
+            let answer = self.handle_api_request(req);
+            // The client may have gone away; the request was handled anyway.
+            let _ = reply.send(answer);
+        }
+    }
+
+    /// Serves one control API request.
+    pub fn handle_api_request(&mut self, req: ApiRequest) -> ApiReply {
+        match req {
+            ApiRequest::GetVm => Ok(serde_json::json!({
+                "state": self.state,
+                "config": self.config,
+                "cmdline": self.cmdline,
+            })),
+            ApiRequest::SetState(VmStateRequest::Paused) => {
+                self.pause().map_err(api_error)?;
+                Ok(serde_json::Value::Null)
+            }
+            ApiRequest::SetState(VmStateRequest::Resumed) => {
+                self.resume().map_err(api_error)?;
+                Ok(serde_json::Value::Null)
+            }
+            ApiRequest::CreateSnapshot(r) => {
+                if r.parent.is_some() {
+                    return Err(ApiError::bad_request(
+                        "\"parent\": incremental snapshots are not supported by this version",
+                    ));
+                }
+                if self.state != RunState::Paused {
+                    return Err(ApiError::conflict(format!(
+                        "the VM must be paused to snapshot it (it is {:?})",
+                        self.state
+                    )));
+                }
+                let report =
+                    crate::snapshot::create::create_snapshot(self, &r.path, r.store.as_deref())
+                        .map_err(|e| ApiError::internal(error_chain(&e)))?;
+                serde_json::to_value(report).map_err(|e| ApiError::internal(e.to_string()))
+            }
+            ApiRequest::Shutdown => {
+                self.exit.exit(ExitReason::Shutdown);
+                Ok(serde_json::Value::Null)
+            }
+        }
     }
 
     /// Stops and joins every vCPU thread.
@@ -103,12 +167,14 @@ impl Vmm {
             expect_response(v, |r| matches!(r, VcpuResponse::Paused))?;
         }
         self.state = RunState::Paused;
+        self.kvmclock_ctrl();
         Ok(())
     }
 
     /// Resumes every vCPU.
     pub fn resume(&mut self) -> Result<(), VmmError> {
         self.expect(RunState::Paused, "resume")?;
+        self.kvmclock_ctrl();
         for v in &self.vcpus {
             v.send(VcpuRequest::Resume).map_err(VmmError::Vcpu)?;
         }
@@ -117,6 +183,18 @@ impl Vmm {
         }
         self.state = RunState::Running;
         Ok(())
+    }
+
+    /// Tells KVM the vCPUs were stopped (KVM_KVMCLOCK_CTRL), so a guest using kvmclock does
+    /// not report soft lockups for the paused time. Guests without kvmclock ignore it.
+    fn kvmclock_ctrl(&self) {
+        for v in &self.vcpus {
+            match v.with(|fd| crate::arch::x86_64::vcpu_state::kvmclock_ctrl(fd)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log::debug!("vcpu{}: {e}", v.id()),
+                Err(e) => log::warn!("vcpu{}: {e}", v.id()),
+            }
+        }
     }
 
     fn expect(&self, needed: RunState, what: &'static str) -> Result<(), VmmError> {
@@ -128,6 +206,40 @@ impl Vmm {
             });
         }
         Ok(())
+    }
+}
+
+fn api_error(e: VmmError) -> ApiError {
+    match e {
+        VmmError::WrongState { .. } => ApiError::conflict(e.to_string()),
+        other => ApiError::internal(error_chain(&other)),
+    }
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// Drains an eventfd that only exists to wake the event loop.
+pub struct EventFdDrain(pub vmm_sys_util::eventfd::EventFd);
+
+impl MutEventSubscriber for EventFdDrain {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            log::error!("cannot watch an eventfd: {e:?}");
+        }
     }
 }
 

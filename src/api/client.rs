@@ -80,10 +80,14 @@ pub fn request_with_timeout(
     timeout: Duration,
 ) -> Result<(u16, String), ClientError> {
     let bad = |v: &str| {
-        v.is_empty() || v.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        v.is_empty()
+            || v.bytes()
+                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
     };
     if bad(method) {
-        return Err(ClientError::InvalidRequest(format!("bad method `{method}`")));
+        return Err(ClientError::InvalidRequest(format!(
+            "bad method `{method}`"
+        )));
     }
     if bad(path) || !path.starts_with('/') {
         return Err(ClientError::InvalidRequest(format!("bad path `{path}`")));
@@ -167,9 +171,9 @@ fn read_body(
         return Ok(Vec::new());
     }
     match content_length {
-        Some(len) if len > MAX_RESPONSE_BODY => {
-            Err(ClientError::BadResponse(format!("response body too large ({len} bytes)")))
-        }
+        Some(len) if len > MAX_RESPONSE_BODY => Err(ClientError::BadResponse(format!(
+            "response body too large ({len} bytes)"
+        ))),
         Some(len) => {
             // Cannot truncate: len <= MAX_RESPONSE_BODY.
             let len = len as usize;
@@ -225,14 +229,21 @@ mod tests {
 
     #[test]
     fn parses_responses() {
-        let mut r: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}extra";
+        let mut r: &[u8] =
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}extra";
         assert_eq!(read_response(&mut r).unwrap(), (200, "{}".to_string()));
         let mut r: &[u8] = b"HTTP/1.1 204 No Content\r\n\r\n";
         assert_eq!(read_response(&mut r).unwrap(), (204, String::new()));
         let mut r: &[u8] = b"HTTP/1.0 404 Not Found\r\n\r\n{\"error\":\"x\"}";
-        assert_eq!(read_response(&mut r).unwrap(), (404, "{\"error\":\"x\"}".to_string()));
+        assert_eq!(
+            read_response(&mut r).unwrap(),
+            (404, "{\"error\":\"x\"}".to_string())
+        );
         let mut r: &[u8] = b"SSH-2.0-OpenSSH\r\n\r\n";
-        assert!(matches!(read_response(&mut r), Err(ClientError::BadResponse(_))));
+        assert!(matches!(
+            read_response(&mut r),
+            Err(ClientError::BadResponse(_))
+        ));
         let mut r: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort";
         assert!(matches!(read_response(&mut r), Err(ClientError::Io(_))));
     }
@@ -240,8 +251,17 @@ mod tests {
     #[test]
     fn rejects_bad_requests() {
         let t = ApiTarget::Tcp(1);
-        assert!(matches!(request(&t, "GET", "vm", None), Err(ClientError::InvalidRequest(_))));
-        assert!(matches!(request(&t, "G T", "/vm", None), Err(ClientError::InvalidRequest(_))));
-        assert!(matches!(request(&t, "GET", "/v\r\nm", None), Err(ClientError::InvalidRequest(_))));
+        assert!(matches!(
+            request(&t, "GET", "vm", None),
+            Err(ClientError::InvalidRequest(_))
+        ));
+        assert!(matches!(
+            request(&t, "G T", "/vm", None),
+            Err(ClientError::InvalidRequest(_))
+        ));
+        assert!(matches!(
+            request(&t, "GET", "/v\r\nm", None),
+            Err(ClientError::InvalidRequest(_))
+        ));
     }
 }

@@ -55,10 +55,11 @@ impl Stream {
         };
     }
 
-    pub(crate) fn shutdown(&self) {
+    /// Wakes a thread blocked reading (it sees EOF); replies can still be written.
+    pub(crate) fn shutdown_read(&self) {
         let _ = match self {
-            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
-            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            Stream::Tcp(s) => s.shutdown(Shutdown::Read),
+            Stream::Unix(s) => s.shutdown(Shutdown::Read),
         };
     }
 }
@@ -188,10 +189,16 @@ impl Head {
         }
         let mut len: Option<u64> = None;
         for tok in self.header_tokens("content-length") {
-            let valid = !tok.is_empty() && tok.len() <= 19 && tok.bytes().all(|b| b.is_ascii_digit());
+            let valid =
+                !tok.is_empty() && tok.len() <= 19 && tok.bytes().all(|b| b.is_ascii_digit());
             let v = match tok.parse::<u64>() {
                 Ok(v) if valid => v,
-                _ => return Err(HttpError::fatal(400, format!("invalid Content-Length `{tok}`"))),
+                _ => {
+                    return Err(HttpError::fatal(
+                        400,
+                        format!("invalid Content-Length `{tok}`"),
+                    ));
+                }
             };
             if len.is_some_and(|l| l != v) {
                 return Err(HttpError::fatal(400, "conflicting Content-Length headers"));
@@ -258,13 +265,19 @@ pub(crate) fn parse_head(raw: &[u8]) -> Result<Head, HttpError> {
         return Err(bad_line());
     }
     if !target.starts_with('/') || !target.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(HttpError::fatal(400, "request target must be an absolute path"));
+        return Err(HttpError::fatal(
+            400,
+            "request target must be an absolute path",
+        ));
     }
     let minor = match version {
         "HTTP/1.1" => 1,
         "HTTP/1.0" => 0,
         v if v.starts_with("HTTP/") => {
-            return Err(HttpError::fatal(505, format!("{v} is not supported; use HTTP/1.1")));
+            return Err(HttpError::fatal(
+                505,
+                format!("{v} is not supported; use HTTP/1.1"),
+            ));
         }
         _ => return Err(bad_line()),
     };
@@ -274,7 +287,10 @@ pub(crate) fn parse_head(raw: &[u8]) -> Result<Head, HttpError> {
             break;
         }
         if line.starts_with([' ', '\t']) {
-            return Err(HttpError::fatal(400, "folded header lines are not supported"));
+            return Err(HttpError::fatal(
+                400,
+                "folded header lines are not supported",
+            ));
         }
         let (name, value) = line
             .split_once(':')
@@ -285,7 +301,10 @@ pub(crate) fn parse_head(raw: &[u8]) -> Result<Head, HttpError> {
         if headers.len() >= MAX_HEADERS {
             return Err(HttpError::fatal(431, "too many request headers"));
         }
-        headers.push((name.to_string(), value.trim_matches([' ', '\t']).to_string()));
+        headers.push((
+            name.to_string(),
+            value.trim_matches([' ', '\t']).to_string(),
+        ));
     }
     let path = target.split('?').next().unwrap_or(target).to_string();
     Ok(Head {
@@ -319,7 +338,8 @@ impl Conn {
             match self.stream.read(&mut chunk) {
                 Ok(0) => return Ok(false),
                 Ok(n) => {
-                    self.buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+                    self.buf
+                        .extend_from_slice(chunk.get(..n).unwrap_or_default());
                     return Ok(true);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -376,7 +396,11 @@ impl Conn {
     }
 
     /// Reads exactly `len` body bytes before `deadline`.
-    pub(crate) fn read_body(&mut self, len: usize, deadline: Instant) -> Result<Vec<u8>, ReadError> {
+    pub(crate) fn read_body(
+        &mut self,
+        len: usize,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, ReadError> {
         while self.buf.len() < len {
             let timeout = deadline.saturating_duration_since(Instant::now());
             if timeout.is_zero() {
@@ -394,11 +418,17 @@ impl Conn {
 }
 
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 fn timed_out() -> ReadError {
-    ReadError::Http(HttpError::fatal(408, "timed out waiting for the complete request"))
+    ReadError::Http(HttpError::fatal(
+        408,
+        "timed out waiting for the complete request",
+    ))
 }
 
 fn too_large_head() -> ReadError {
@@ -441,7 +471,11 @@ impl Response {
 
     /// An error response with body `{"error": message}`; statuses outside 4xx/5xx become 500.
     pub(crate) fn error(status: u16, message: &str) -> Self {
-        let status = if (400..=599).contains(&status) { status } else { 500 };
+        let status = if (400..=599).contains(&status) {
+            status
+        } else {
+            500
+        };
         Response {
             status,
             body: Some(serde_json::json!({ "error": message }).to_string()),
@@ -459,7 +493,11 @@ impl Response {
 
     /// Serializes the response; `keep_alive` false adds `Connection: close`.
     pub(crate) fn to_bytes(&self, keep_alive: bool) -> Vec<u8> {
-        let mut out = format!("HTTP/1.1 {} {}\r\nServer: vmm\r\n", self.status, reason(self.status));
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\nServer: vmm\r\n",
+            self.status,
+            reason(self.status)
+        );
         if let Some(allow) = self.allow {
             out.push_str(&format!("Allow: {allow}\r\n"));
         }
@@ -551,15 +589,26 @@ mod tests {
         ] {
             assert_eq!(parse_head(raw).unwrap_err().status, 400, "{raw:?}");
         }
-        assert_eq!(parse_head(b"GET / HTTP/2.0\r\n\r\n").unwrap_err().status, 505);
+        assert_eq!(
+            parse_head(b"GET / HTTP/2.0\r\n\r\n").unwrap_err().status,
+            505
+        );
     }
 
     #[test]
     fn body_framing_errors() {
-        let cl = |v: &str| parse_head(format!("PUT / HTTP/1.1\r\nContent-Length: {v}\r\n\r\n").as_bytes()).unwrap();
+        let cl = |v: &str| {
+            parse_head(format!("PUT / HTTP/1.1\r\nContent-Length: {v}\r\n\r\n").as_bytes()).unwrap()
+        };
         assert_eq!(cl("-1").body_len(10).unwrap_err().status, 400);
         assert_eq!(cl("1x").body_len(10).unwrap_err().status, 400);
-        assert_eq!(cl("99999999999999999999999").body_len(10).unwrap_err().status, 400);
+        assert_eq!(
+            cl("99999999999999999999999")
+                .body_len(10)
+                .unwrap_err()
+                .status,
+            400
+        );
         assert_eq!(cl("11").body_len(10).unwrap_err().status, 413);
         assert_eq!(cl("3, 4").body_len(10).unwrap_err().status, 400);
         assert_eq!(cl("4, 4").body_len(10), Ok(4));

@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::EventFd;
 
 pub use client::{ApiTarget, ClientError, DEFAULT_CLIENT_TIMEOUT, request, request_with_timeout};
 

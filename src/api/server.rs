@@ -3,21 +3,21 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::{self, ErrorKind, Read};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, TcpListener};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, select};
 use serde::de::DeserializeOwned;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::http::{Conn, Head, HttpError, ReadError, Response, Stream};
+use super::http::{Conn, Head, ReadError, Response, Stream};
 use super::{
     ActionRequest, ActionType, ApiChannel, ApiReply, ApiRequest, ApiServerConfig, ApiServerError,
     ApiServerHandle, SnapshotCreateRequest, SocketFile, VmStatePatch,
@@ -47,10 +47,11 @@ impl Shared {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Shuts down every open connection so their threads finish promptly.
+    /// Shuts down the read side of every open connection so their threads finish promptly
+    /// (a thread waiting for a reply answers 503 first, see [`forward`]).
     pub(crate) fn close_all_connections(&self) {
         for s in self.conns().values() {
-            s.shutdown();
+            s.shutdown_read();
         }
     }
 }
@@ -89,7 +90,9 @@ impl Listener {
     }
 }
 
-pub(crate) fn start(config: ApiServerConfig) -> Result<(ApiServerHandle, ApiChannel), ApiServerError> {
+pub(crate) fn start(
+    config: ApiServerConfig,
+) -> Result<(ApiServerHandle, ApiChannel), ApiServerError> {
     if config.port.is_none() && config.sock.is_none() {
         return Err(ApiServerError::NoEndpoint);
     }
@@ -136,14 +139,20 @@ pub(crate) fn start(config: ApiServerConfig) -> Result<(ApiServerHandle, ApiChan
     };
     for (name, listener) in listeners {
         let shared = shared.clone();
-        let stop = handle.stop_evt.try_clone().map_err(ApiServerError::EventFd)?;
+        let stop = handle
+            .stop_evt
+            .try_clone()
+            .map_err(ApiServerError::EventFd)?;
         let t = thread::Builder::new()
             .name(name.to_string())
             .spawn(move || accept_loop(&listener, &shared, &stop))
             .map_err(ApiServerError::Thread)?;
         handle.threads.push(t);
     }
-    let channel = ApiChannel { rx, wake: channel_wake };
+    let channel = ApiChannel {
+        rx,
+        wake: channel_wake,
+    };
     Ok((handle, channel))
 }
 
@@ -340,7 +349,9 @@ fn serve_connection(shared: &Shared, mut conn: Conn) {
         let (head, deadline) = match conn.read_head(cfg.idle_timeout, cfg.request_timeout) {
             Ok(Some(r)) => r,
             Ok(None) | Err(ReadError::Gone) => return,
-            Err(ReadError::Http(e)) => return respond_and_close(&mut conn, &Response::from_http_error(&e)),
+            Err(ReadError::Http(e)) => {
+                return respond_and_close(&mut conn, &Response::from_http_error(&e));
+            }
         };
         let len = match head.body_len(cfg.max_body) {
             Ok(len) => len,
@@ -348,14 +359,20 @@ fn serve_connection(shared: &Shared, mut conn: Conn) {
         };
         if len > 0 && head.expects_continue() {
             use std::io::Write;
-            if conn.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err() {
+            if conn
+                .stream
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .is_err()
+            {
                 return;
             }
         }
         let body = match conn.read_body(len, deadline) {
             Ok(b) => b,
             Err(ReadError::Gone) => return,
-            Err(ReadError::Http(e)) => return respond_and_close(&mut conn, &Response::from_http_error(&e)),
+            Err(ReadError::Http(e)) => {
+                return respond_and_close(&mut conn, &Response::from_http_error(&e));
+            }
         };
         let response = match parse_request(&head, &body) {
             Ok(req) => forward(shared, req),
@@ -409,11 +426,16 @@ fn allowed(path: &str) -> Option<&'static str> {
 /// Maps a complete request to an [`ApiRequest`], or to the error response the server sends.
 pub(crate) fn parse_request(head: &Head, body: &[u8]) -> Result<ApiRequest, Response> {
     let Some(allow) = allowed(&head.path) else {
-        return Err(Response::error(404, &format!("no such endpoint: {}", head.path)));
+        return Err(Response::error(
+            404,
+            &format!("no such endpoint: {}", head.path),
+        ));
     };
     match (head.path.as_str(), head.method.as_str()) {
         ("/vm", "GET") => Ok(ApiRequest::GetVm),
-        ("/vm", "PATCH") => Ok(ApiRequest::SetState(json_body::<VmStatePatch>(head, body)?.state)),
+        ("/vm", "PATCH") => Ok(ApiRequest::SetState(
+            json_body::<VmStatePatch>(head, body)?.state,
+        )),
         ("/snapshot/create", "PUT") => {
             let req: SnapshotCreateRequest = json_body(head, body)?;
             if req.path.as_os_str().is_empty() {
@@ -432,7 +454,10 @@ pub(crate) fn parse_request(head: &Head, body: &[u8]) -> Result<ApiRequest, Resp
         },
         (path, method) => Err(Response {
             allow: Some(allow),
-            ..Response::error(405, &format!("method {method} not allowed on {path} (allowed: {allow})"))
+            ..Response::error(
+                405,
+                &format!("method {method} not allowed on {path} (allowed: {allow})"),
+            )
         }),
     }
 }
@@ -446,7 +471,10 @@ fn json_body<T: DeserializeOwned>(head: &Head, body: &[u8]) -> Result<T, Respons
         });
     }
     if body.is_empty() {
-        return Err(Response::error(400, "empty request body; a JSON object is required"));
+        return Err(Response::error(
+            400,
+            "empty request body; a JSON object is required",
+        ));
     }
     serde_json::from_slice(body).map_err(|e| {
         let msg = match e.classify() {

@@ -133,9 +133,15 @@ pub struct BackendIdentity {
 }
 
 impl BackendIdentity {
-    /// Checks that `found` (the disk now attached) is the disk `self` (a saved identity) names.
+    /// Checks that `found` (the disk now attached) is the disk `self` (a saved identity) names:
+    /// same kind, location and size, recursively for wrapped backends. The version stamp is
+    /// not compared — a VM that kept running after its snapshot legitimately changed its
+    /// disk — but a differing stamp is logged.
     pub fn check_matches(&self, found: &BackendIdentity) -> Result<()> {
-        if self == found {
+        if self.same_disk(found) {
+            if self.stamp != found.stamp {
+                log::warn!("disk {self} was modified since the snapshot (now {found})");
+            }
             Ok(())
         } else {
             Err(DiskError::IdentityMismatch {
@@ -143,6 +149,17 @@ impl BackendIdentity {
                 found: Box::new(found.clone()),
             })
         }
+    }
+
+    fn same_disk(&self, other: &BackendIdentity) -> bool {
+        self.kind == other.kind
+            && self.location == other.location
+            && self.size == other.size
+            && match (&self.inner, &other.inner) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a.same_disk(b),
+                _ => false,
+            }
     }
 }
 

@@ -124,7 +124,7 @@ pub struct MemoryManifest {
 }
 
 /// Counts from [`save_memory`] / [`save_memory_incremental`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SaveStats {
     /// Chunks in the manifest.
     pub chunks_total: u64,
@@ -143,7 +143,7 @@ pub struct SaveStats {
 }
 
 /// Counts from [`restore_memory`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RestoreStats {
     /// Chunks in the manifest.
     pub chunks_total: u64,

@@ -4,8 +4,10 @@
 //!
 //! The formats are described in `docs/SNAPSHOT_FORMAT.md`.
 
+pub mod create;
 pub mod file;
 pub mod manifest;
+pub mod microvm;
 
 pub use file::{FileKind, StateFileError, read_state_file, write_state_file};
 pub use manifest::{

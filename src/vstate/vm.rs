@@ -46,7 +46,7 @@ pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
 /// A KVM VM with an in-kernel irqchip and PIT.
 pub struct Vm {
-    kvm: Kvm,
+    kvm: std::sync::Arc<Kvm>,
     fd: VmFd,
 }
 
@@ -78,11 +78,14 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
-        Ok(Self { kvm, fd })
+        Ok(Self {
+            kvm: std::sync::Arc::new(kvm),
+            fd,
+        })
     }
 
     /// The system KVM handle.
-    pub fn kvm(&self) -> &Kvm {
+    pub fn kvm(&self) -> &std::sync::Arc<Kvm> {
         &self.kvm
     }
 

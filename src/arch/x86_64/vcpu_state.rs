@@ -214,8 +214,9 @@ pub enum FpuState {
     /// The XSAVE area of KVM_GET_XSAVE (1024 words) or KVM_GET_XSAVE2 (more, when
     /// KVM_CAP_XSAVE2 reports a size above 4096 bytes), as 32-bit words.
     Xsave(Vec<u32>),
-    /// The legacy x87/SSE state of KVM_GET_FPU, on hosts without KVM_CAP_XSAVE.
-    Fpu(FpuRegs),
+    /// The legacy x87/SSE state of KVM_GET_FPU, on hosts without KVM_CAP_XSAVE. Lossy: KVM's
+    /// KVM_GET_FPU/KVM_SET_FPU ignore MXCSR (it reads back as 0 and is never written).
+    Fpu(Box<FpuRegs>),
 }
 
 /// Everything KVM holds about one x86_64 vCPU.
@@ -255,7 +256,7 @@ fn host_xsave_size(kvm: &Kvm) -> usize {
 fn save_fpu(vcpu: &VcpuFd, kvm: &Kvm) -> Result<FpuState> {
     if !kvm.check_extension(Cap::Xsave) {
         let fpu = vcpu.get_fpu().map_err(VcpuStateError::GetFpu)?;
-        return Ok(FpuState::Fpu(fpu.into()));
+        return Ok(FpuState::Fpu(Box::new(fpu.into())));
     }
     let size = host_xsave_size(kvm);
     if size <= std::mem::size_of::<kvm_xsave>() {
@@ -276,7 +277,7 @@ fn restore_fpu(vcpu: &VcpuFd, kvm: &Kvm, fpu: &FpuState) -> Result<()> {
     let words = match fpu {
         FpuState::Fpu(regs) => {
             return vcpu
-                .set_fpu(&(*regs).into())
+                .set_fpu(&(**regs).into())
                 .map_err(VcpuStateError::SetFpu);
         }
         FpuState::Xsave(words) => words,
@@ -589,6 +590,61 @@ mod tests {
         assert!(tsc_khz_differs(2_596_128 + 700, 2_596_128)); // 270 ppm
         assert!(tsc_khz_differs(2_000_000, 2_596_128));
         assert!(!tsc_khz_differs(u32::MAX, u32::MAX));
+    }
+
+    #[test]
+    fn tsc_deadline_survives_restore() {
+        let Some(kvm) = kvm_or_skip() else { return };
+        let src = test_vm(&kvm, true);
+        let list = readable_msrs(&src.vcpu, &msrs_to_save(&kvm).unwrap()).unwrap();
+        if !list.contains(&MSR_IA32_TSC_DEADLINE) {
+            eprintln!("SKIP: MSR_IA32_TSC_DEADLINE is not saveable on this host");
+            return;
+        }
+        // SVR: APIC software-enabled; LVT timer: TSC-deadline mode, masked, vector 0x30.
+        let mut lapic = src.vcpu.get_lapic().unwrap();
+        for (off, val) in [(0xf0, 0x1ffu32), (0x320, 0x5_0030)] {
+            for (i, b) in val.to_le_bytes().into_iter().enumerate() {
+                lapic.regs[off + i] = b as _;
+            }
+        }
+        src.vcpu.set_lapic(&lapic).unwrap();
+        let tsc = get_msrs(&src.vcpu, &[MSR_IA32_TSC]).unwrap()[0].data;
+        let deadline = tsc + (1 << 50);
+        set_msrs(
+            &src.vcpu,
+            &[msr_entry(MSR_IA32_TSC_DEADLINE, deadline)],
+            0,
+            1,
+        )
+        .unwrap();
+
+        let deadline_of = |s: &VcpuState| {
+            s.msrs
+                .iter()
+                .find(|e| e.index == MSR_IA32_TSC_DEADLINE)
+                .map(|e| e.data)
+        };
+        let saved = save_vcpu(&src.vcpu, &kvm, &list).unwrap();
+        assert_eq!(deadline_of(&saved), Some(deadline));
+        let dst = test_vm(&kvm, false);
+        restore_vcpu(&dst.vcpu, &kvm, &saved).unwrap();
+        let again = save_vcpu(&dst.vcpu, &kvm, &list).unwrap();
+        assert_eq!(deadline_of(&again), Some(deadline));
+    }
+
+    #[test]
+    fn fpu_fallback_restores() {
+        let Some(kvm) = kvm_or_skip() else { return };
+        let t = test_vm(&kvm, true);
+        let mut regs = FpuRegs::from(t.vcpu.get_fpu().unwrap());
+        regs.xmm[3] = [0xab; 16];
+        regs.mxcsr = 0x1fa0;
+        restore_fpu(&t.vcpu, &kvm, &FpuState::Fpu(Box::new(regs))).unwrap();
+        let back = FpuRegs::from(t.vcpu.get_fpu().unwrap());
+        assert_eq!(back.xmm[3], [0xab; 16]);
+        // KVM_GET_FPU/KVM_SET_FPU never carry MXCSR (a long-standing KVM quirk): reads give 0.
+        assert_eq!(back.mxcsr, 0);
     }
 
     #[test]

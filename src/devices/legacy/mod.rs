@@ -2,7 +2,10 @@
 
 mod serial;
 
-pub use serial::{EventFdTrigger, FlushingStdout, SERIAL_PORTS, Serial, SerialDevice};
+pub use serial::{
+    EventFdTrigger, FlushingStdout, SERIAL_PORTS, Serial, SerialDevice, SerialDeviceState,
+    SerialError, SerialRestoreArgs,
+};
 
 use std::sync::Arc;
 

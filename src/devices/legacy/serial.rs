@@ -89,3 +89,133 @@ impl Write for FlushingStdout {
         std::io::stdout().flush()
     }
 }
+
+/// Saved state of a UART: every register and the receive FIFO.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialDeviceState {
+    /// Divisor latch low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Bytes received from the host and not yet read by the guest.
+    pub in_buffer: Vec<u8>,
+}
+
+/// Errors restoring a UART.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    /// The saved FIFO does not fit or the interrupt could not be re-raised.
+    #[error("serial: cannot restore state: {0}")]
+    Restore(String),
+}
+
+/// What restoring a UART needs besides its state.
+pub struct SerialRestoreArgs {
+    /// Interrupt eventfd (registered as irqfd).
+    pub irq_evt: EventFd,
+    /// Console output.
+    pub out: Box<dyn Write + Send>,
+}
+
+impl crate::snapshot::Persist for SerialDevice {
+    type State = SerialDeviceState;
+    type Args = SerialRestoreArgs;
+    type Error = SerialError;
+
+    fn save(&self) -> SerialDeviceState {
+        let s = self.serial.state();
+        SerialDeviceState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    fn restore(args: SerialRestoreArgs, s: &SerialDeviceState) -> Result<Self, SerialError> {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let serial = vm_superio::Serial::from_state(
+            &state,
+            EventFdTrigger(args.irq_evt),
+            NoEvents,
+            args.out,
+        )
+        .map_err(|e| SerialError::Restore(e.to_string()))?;
+        Ok(Self { serial })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::Persist;
+
+    #[test]
+    fn state_round_trip() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut d = SerialDevice::new(evt, Box::new(std::io::sink()));
+        d.write(3, &[0x83]); // DLAB on
+        d.write(0, &[0x0c]); // divisor low
+        d.write(3, &[0x03]); // 8N1, DLAB off
+        d.write(1, &[0x01]); // enable RX interrupt
+        d.write(7, &[0x5a]); // scratch
+        assert_eq!(d.enqueue_input(b"hi"), 2);
+        let s = d.save();
+        let bytes = bincode::serialize(&s).unwrap();
+        let s2: SerialDeviceState = bincode::deserialize(&bytes).unwrap();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut r = SerialDevice::restore(
+            SerialRestoreArgs {
+                irq_evt: evt,
+                out: Box::new(std::io::sink()),
+            },
+            &s2,
+        )
+        .unwrap();
+        assert_eq!(r.save(), s);
+        let mut b = [0u8];
+        r.read(7, &mut b);
+        assert_eq!(b[0], 0x5a);
+        r.read(0, &mut b);
+        assert_eq!(b[0], b'h');
+        let mut bad = s.clone();
+        bad.in_buffer = vec![0; 1 << 20];
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let args = SerialRestoreArgs {
+            irq_evt: evt,
+            out: Box::new(std::io::sink()),
+        };
+        assert!(SerialDevice::restore(args, &bad).is_err());
+    }
+}

@@ -174,13 +174,26 @@ impl BlockDevice {
 
     /// Checks saved state against this freshly created device: refuses a different disk or
     /// different guest-visible properties. (The queues are restored by the transport.)
-    pub fn restore_state(&mut self, state: &BlockDeviceState) -> Result<(), BlockError> {
-        state
-            .identity
-            .check_matches(&self.backend.identity())
-            .map_err(BlockError::Identity)?;
+    ///
+    /// With `force`, a different disk (or one of another size) is accepted with a warning.
+    pub fn restore_state(
+        &mut self,
+        state: &BlockDeviceState,
+        force: bool,
+    ) -> Result<(), BlockError> {
+        if let Err(e) = state.identity.check_matches(&self.backend.identity()) {
+            if !force {
+                return Err(BlockError::Identity(e));
+            }
+            warn!("virtio-blk: {e}; continuing because of --force");
+        }
         if state.config_space != self.config_space {
-            return Err(BlockError::StateMismatch("configuration space"));
+            if !force {
+                return Err(BlockError::StateMismatch("configuration space (disk size)"));
+            }
+            warn!(
+                "virtio-blk: disk size differs from the snapshot's; continuing because of --force"
+            );
         }
         if state.features != self.features {
             return Err(BlockError::StateMismatch("feature set"));

@@ -146,21 +146,24 @@ fn restore_refuses_guest_visible_changes() {
     let dev = device(MemBackend::new(4096).with_name("d"), Some("id"));
     let state = dev.save_state();
     device(MemBackend::new(4096).with_name("d"), Some("id"))
-        .restore_state(&state)
+        .restore_state(&state, false)
         .unwrap();
     let err = device(MemBackend::new(8192).with_name("d"), Some("id"))
-        .restore_state(&state)
+        .restore_state(&state, false)
         .unwrap_err();
     assert!(matches!(err, BlockError::Identity(_)), "{err}");
+    device(MemBackend::new(8192).with_name("d"), Some("id"))
+        .restore_state(&state, true)
+        .expect("--force accepts another disk");
     let err = device(MemBackend::new(4096).with_name("d"), Some("other"))
-        .restore_state(&state)
+        .restore_state(&state, false)
         .unwrap_err();
     assert!(matches!(err, BlockError::StateMismatch("disk id")), "{err}");
     let err = device(
         MemBackend::new(4096).with_name("d").with_read_only(true),
         Some("id"),
     )
-    .restore_state(&state)
+    .restore_state(&state, false)
     .unwrap_err();
     assert!(
         matches!(err, BlockError::StateMismatch("feature set")),

@@ -392,11 +392,11 @@ fn save_and_restore_continue_the_queue() {
 
     // A different disk is refused.
     let other = Vm::new(&mem, Arc::new(MemBackend::new(4096)));
-    assert!(lock(&other.block).restore_state(&b_state).is_err());
+    assert!(lock(&other.block).restore_state(&b_state, false).is_err());
 
     let mut vm2 = Vm::new(&mem, disk);
     vm2.d.set_avail_idx(2);
-    lock(&vm2.block).restore_state(&b_state).unwrap();
+    lock(&vm2.block).restore_state(&b_state, false).unwrap();
     vm2.t.restore_state(&t_state).unwrap();
     assert!(vm2.t.is_activated());
     assert_eq!(vm2.rd(VIRTIO_MMIO_STATUS), RUNNING);

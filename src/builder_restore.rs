@@ -1,0 +1,221 @@
+//! `build_from_snapshot`: the sibling of `build_for_boot` that rebuilds a VM from a
+//! snapshot directory, sharing the device helpers of [`crate::builder`].
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use event_manager::{EventManager, SubscriberOps};
+use vm_memory::GuestAddress;
+
+use crate::arch::x86_64::{vcpu_state, vm_state};
+use crate::builder::{BuildError, Console, attach_blocks, setup_legacy};
+use crate::config::BlockConfig;
+use crate::devices::Bus;
+use crate::devices::bus::lock;
+use crate::snapshot::file::read_state_file;
+use crate::snapshot::manifest::{MemoryManifest, ZeroChunks, restore_memory};
+use crate::snapshot::microvm::MicrovmState;
+use crate::store::local::{LocalStore, LocalStoreOptions};
+use crate::vmm::{ExitWaker, StdinInput, Subscriber, Vmm};
+use crate::vstate::exit::ExitSignal;
+use crate::vstate::memory;
+use crate::vstate::vcpu::{RunState, VcpuContext, VcpuHandle};
+use crate::vstate::vm::Vm;
+
+/// How to restore a snapshot besides its files.
+pub struct RestoreOptions {
+    /// Console destination.
+    pub console: Console,
+    /// Disks to attach instead of those recorded in the snapshot (same count and order).
+    pub blocks: Option<Vec<BlockConfig>>,
+    /// Accept disks whose identity or size differs from the snapshot's record.
+    pub force: bool,
+    /// Leave the vCPUs paused.
+    pub start_paused: bool,
+}
+
+impl RestoreOptions {
+    /// Console on stdio, the snapshot's disks, running.
+    pub fn stdio() -> Self {
+        Self {
+            console: Console::Stdio,
+            blocks: None,
+            force: false,
+            start_paused: false,
+        }
+    }
+}
+
+fn snap_err(what: &'static str, path: &Path, e: impl std::fmt::Display) -> BuildError {
+    BuildError::File {
+        what,
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// Paths of the state file and memory manifest inside a snapshot directory.
+pub fn snapshot_files(dir: &Path) -> (PathBuf, PathBuf) {
+    (
+        dir.join(crate::snapshot::microvm::STATE_FILE),
+        dir.join(crate::snapshot::microvm::MEMORY_FILE),
+    )
+}
+
+/// Rebuilds a VM from its state file (`cpu_path`) and memory manifest (`memory_path`).
+pub fn build_from_snapshot(
+    cpu_path: &Path,
+    memory_path: &Path,
+    opts: RestoreOptions,
+) -> Result<Vmm, BuildError> {
+    let t0 = Instant::now();
+    let state: MicrovmState =
+        read_state_file(cpu_path).map_err(|e| snap_err("snapshot state", cpu_path, e))?;
+    let manifest = MemoryManifest::read_from(memory_path)
+        .map_err(|e| snap_err("memory manifest", memory_path, e))?;
+    let snap_dir = cpu_path.parent().unwrap_or(Path::new("."));
+    let mut cfg = state.config.clone();
+    if let Some(blocks) = opts.blocks {
+        if blocks.len() != state.blocks.len() {
+            return Err(BuildError::Device(format!(
+                "the snapshot has {} disk(s) but {} were given",
+                state.blocks.len(),
+                blocks.len()
+            )));
+        }
+        cfg.blocks = blocks;
+    }
+    if state.vcpus.len() != usize::from(cfg.vcpus) {
+        return Err(snap_err(
+            "snapshot state",
+            cpu_path,
+            "vCPU count differs from the recorded configuration",
+        ));
+    }
+
+    let vm = Vm::new()?;
+    vm.check_vcpu_count(u32::from(cfg.vcpus))?;
+    let regions: Vec<(GuestAddress, usize)> = state
+        .memory_regions
+        .iter()
+        .map(|&(a, l)| (GuestAddress(a), l as usize))
+        .collect();
+    let mem = memory::create_anonymous(&regions)?;
+    vm.register_memory(&mem, 0)?;
+
+    let store_dir = state.store_dir(snap_dir);
+    if !store_dir.join("chunks").is_dir() {
+        return Err(snap_err(
+            "chunk store",
+            &store_dir,
+            "missing (no chunks/ directory)",
+        ));
+    }
+    let store = LocalStore::open(&store_dir, LocalStoreOptions::default())
+        .map_err(|e| snap_err("chunk store", &store_dir, e))?;
+    let t_mem = Instant::now();
+    {
+        // SAFETY: no vCPU exists yet and no device has been created, so nothing else
+        // touches guest memory while these slices live.
+        let views = unsafe { crate::snapshot::create::memory_slices(&mem) };
+        let mut views: Vec<(u64, &mut [u8])> = views
+            .into_iter()
+            // SAFETY: as above; the mutable views are disjoint regions of the mapping
+            // and nothing else holds a view while they live.
+            .map(|(a, s)| {
+                (a, unsafe {
+                    std::slice::from_raw_parts_mut(s.as_ptr() as *mut u8, s.len())
+                })
+            })
+            .collect();
+        restore_memory(&manifest, &mut views, &store, ZeroChunks::AlreadyZero)
+            .map_err(|e| snap_err("memory", memory_path, e))?;
+    }
+    let mem_ms = t_mem.elapsed().as_secs_f64() * 1e3;
+
+    let exit = Arc::new(ExitSignal::new().map_err(|e| BuildError::Device(e.to_string()))?);
+    let mut pio = Bus::new();
+    let mut mmio = Bus::new();
+    let stdio = matches!(opts.console, Console::Stdio);
+    let console_out: Box<dyn std::io::Write + Send> = match opts.console {
+        Console::Stdio => Box::new(crate::devices::legacy::FlushingStdout),
+        Console::Writer(w) => w,
+    };
+    let legacy = setup_legacy(&vm, &mut pio, &exit, console_out, Some(&state.serial))?;
+    let mut events: EventManager<Subscriber> =
+        EventManager::new().map_err(BuildError::EventLoop)?;
+    events.add_subscriber(Arc::new(Mutex::new(ExitWaker(exit.clone()))));
+    if stdio {
+        events.add_subscriber(Arc::new(Mutex::new(StdinInput::new(legacy.serial.clone()))));
+    }
+
+    let (blocks, _params) = attach_blocks(&vm, &mem, &cfg, &mut mmio, &mut events)?;
+    for (i, (b, saved)) in blocks.iter().zip(&state.blocks).enumerate() {
+        if b.base != saved.base || b.gsi != saved.gsi {
+            return Err(BuildError::Device(format!(
+                "disk {i}: snapshot has it at {:#x}/GSI {}, this VMM puts it at {:#x}/GSI {}",
+                saved.base, saved.gsi, b.base, b.gsi
+            )));
+        }
+        lock(&b.device)
+            .restore_state(&saved.device, opts.force)
+            .map_err(|e| {
+                BuildError::Device(format!("disk {i} ({}): {e}", cfg.blocks[i].path.display()))
+            })?;
+    }
+
+    let mut fds = Vec::new();
+    for (id, st) in state.vcpus.iter().enumerate() {
+        let fd = vm.create_vcpu(id as u8)?;
+        vcpu_state::restore_vcpu(&fd, vm.kvm(), st)
+            .map_err(|e| BuildError::Arch(format!("restoring vcpu{id}: {e}")))?;
+        fds.push(fd);
+    }
+    vm_state::restore_vm(vm.fd(), &state.vm)
+        .map_err(|e| BuildError::Arch(format!("restoring VM state: {e}")))?;
+    // Devices last: the transports re-activate their devices and re-raise interrupts.
+    for (i, (b, saved)) in blocks.iter().zip(&state.blocks).enumerate() {
+        lock(&b.transport)
+            .restore_state(&saved.transport)
+            .map_err(|e| BuildError::Device(format!("disk {i} transport: {e}")))?;
+    }
+
+    let pio = Arc::new(pio);
+    let mmio = Arc::new(mmio);
+    let mut vcpus = Vec::new();
+    for (id, fd) in fds.into_iter().enumerate() {
+        let ctx = VcpuContext {
+            id: id as u8,
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            exit: exit.clone(),
+        };
+        vcpus.push(VcpuHandle::spawn(fd, ctx, true)?);
+    }
+    let mut vmm = Vmm {
+        config: cfg,
+        cmdline: state.cmdline.clone(),
+        vm,
+        mem,
+        vcpus,
+        exit,
+        pio,
+        mmio,
+        serial: legacy.serial,
+        blocks,
+        events,
+        state: RunState::Paused,
+        api: None,
+    };
+    if !opts.start_paused {
+        vmm.resume()
+            .map_err(|e| BuildError::Device(format!("resuming: {e}")))?;
+    }
+    log::info!(
+        "restored {} in {:.1} ms (memory {mem_ms:.1} ms)",
+        cpu_path.display(),
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(vmm)
+}
