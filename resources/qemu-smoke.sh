@@ -38,19 +38,20 @@ qemu() {
 disk() { echo -drive "id=$1,file=$2,format=raw,if=none$3" -device "virtio-blk-device,drive=$1"; }
 
 want_md5=$(md5sum <"$G/disk.img" | cut -d' ' -f1)
+size=$(stat -c %s "$G/disk.img")
 
 # 1. info, whole-disk md5, write to the last block, poweroff (vmlinux via PVH)
 cp "$G/disk.img" "$W/d1.img"
 qemu "$W/1.log" 60 "$G/vmlinux" "rdinit=/idle vmmtest.info vmmtest.token=tok1 vmmtest.disk=/dev/vda vmmtest.write=hello-vmm vmmtest.poweroff" \
 	-initrd "$G/initramfs.cpio.gz" $(disk d0 "$W/d1.img" "")
 check "info line" has "$W/1.log" '^\[ *[0-9.]+\] vmmtest: info cpus=2 mem_kib=[0-9]+ token=tok1$'
-check "disk md5 = host md5sum" has "$W/1.log" "vmmtest: disk /dev/vda md5=$want_md5 bytes=8388608\$"
+check "disk md5 = host md5sum" has "$W/1.log" "vmmtest: disk /dev/vda md5=$want_md5 bytes=$size\$"
 check "write ok line" has "$W/1.log" 'vmmtest: write /dev/vda ok$'
 check "done + poweroff lines" has "$W/1.log" 'vmmtest: done'
 check "poweroff ends qemu cleanly" bash -c "has() { grep -qE -- \"\$2\" \"\$1\"; }; has '$W/1.log' 'vmmtest: poweroff' && has '$W/1.log' 'reboot: machine restart' && ! has '$W/1.log' 'qemu exit'"
 { printf 'hello-vmm\n'; head -c $((4096 - 10)) /dev/zero; } >"$W/expect-block"
 check "write landed in the last 4 KiB block" cmp -s <(tail -c 4096 "$W/d1.img") "$W/expect-block"
-check "rest of the disk unchanged" cmp -s <(head -c $((8388608 - 4096)) "$W/d1.img") <(head -c $((8388608 - 4096)) "$G/disk.img")
+check "rest of the disk unchanged" cmp -s <(head -c $((size - 4096)) "$W/d1.img") <(head -c $((size - 4096)) "$G/disk.img")
 
 # 2. read-only drive: error line, image unchanged (also with force_write: device refuses)
 cp "$G/disk.img" "$W/d2.img"
@@ -87,11 +88,17 @@ check "rcutorture.enable=1 prints stats" has "$W/5.log" 'rcu-torture: rtc: .* ve
 check "rcutorture no failures" bash -c "! grep -qE 'rcu-torture:.*(FAILURE|!!!)' '$W/5.log'"
 
 # 6. busybox shell from the initramfs /init (user space works under TCG)
-( sleep 6; echo 'echo RESULT-$((6*7)); ls /bin | wc -l'; sleep 2; echo 'reboot -f' ) |
-	qemu "$W/6.log" 30 "$G/bzImage" "" -initrd "$G/initramfs.cpio.gz"
+( sleep 6; echo 'echo RESULT-$((6*7)); grep MemTotal /proc/meminfo'; sleep 2; echo 'reboot -f' ) |
+	qemu "$W/6.log" 30 "$G/bzImage" "vmmtest.info" -initrd "$G/initramfs.cpio.gz"
 check "bzImage (LZ4) boots" has "$W/6.log" 'Run /init as init process'
 check "initramfs /init ready line" has "$W/6.log" '^vmmtest-initramfs: ready'
 check "busybox shell runs commands" has "$W/6.log" '^RESULT-42'
+memtotal=$(sed -nE 's/^MemTotal: +([0-9]+) kB$/\1/p' "$W/6.log")
+check "info mem_kib = MemTotal ($memtotal)" has "$W/6.log" "vmmtest: info cpus=2 mem_kib=${memtotal:-x} token=\$"
+
+# 6b. the tiny /idle-only initramfs
+qemu "$W/6b.log" 8 "$G/vmlinux" "rdinit=/idle vmmtest.counter" -initrd "$G/idle.cpio.gz"
+check "idle.cpio.gz: /idle runs, guest stays up" bash -c "grep -q 'Run /idle as init process' '$W/6b.log' && grep -q 'vmmtest: tick  3$' '$W/6b.log' && ! grep -q 'Kernel panic' '$W/6b.log'"
 
 # 7. ext4 root: /init shell, and init=/idle
 cp "$G/rootfs.ext4" "$W/r.ext4"

@@ -123,15 +123,20 @@ pub fn create_snapshot(
     // flight; make what the guest wrote durable.
     let mut blocks = Vec::new();
     for (index, b) in vmm.blocks.iter().enumerate() {
-        let dev = lock(&b.device);
-        dev.backend()
-            .flush()
-            .map_err(|source| CreateError::Flush { index, source })?;
+        // The transport locks the device itself: never hold both locks.
+        let transport = lock(&b.transport).save_state();
+        let device = {
+            let dev = lock(&b.device);
+            dev.backend()
+                .flush()
+                .map_err(|source| CreateError::Flush { index, source })?;
+            dev.save_state()
+        };
         blocks.push(BlockSnapshot {
             base: b.base,
             gsi: b.gsi,
-            transport: lock(&b.transport).save_state(),
-            device: dev.save_state(),
+            transport,
+            device,
         });
     }
 

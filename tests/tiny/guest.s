@@ -27,12 +27,19 @@
         .set SC_TRIPLE_FAULT,      8    /* ud2 with IF=0 and an empty IDT */
         .set SC_TRIPLE_FAULT_IRQ,  9    /* ud2 with IF=1 and an empty IDT */
         .set SC_EXCEPTION,        10    /* ud2 with the guest's IDT: handler reports it */
+        .set SC_SNAP_TICKS,       11    /* numbered timer ticks + serial registers (snapshot) */
+        .set SC_SNAP_STREAM,      12    /* endless numbered serial lines (snapshot) */
+        .set SC_SNAP_VIRTIO,      13    /* virtio-blk read in flight, then a write (snapshot) */
+        .set SC_SNAP_DIRTY,       14    /* writes host-chosen qwords on command (snapshot dedup) */
 
         .ifndef SCENARIO
         .error "assemble with --defsym SCENARIO=<n>"
         .endif
         .ifndef IRQS_OFF
         .set IRQS_OFF, 0
+        .endif
+        .ifndef TIMER_LAPIC                     /* SC_SNAP_TICKS: 0 = PIT, 1 = LAPIC timer */
+        .set TIMER_LAPIC, 0
         .endif
 
         /* Devices and addresses (mirrored in mod.rs). */
@@ -47,6 +54,11 @@
         .set MB_AP_MARK,        MAILBOX + 0x8   /* u32: AP writes AP_ALIVE */
         .set MB_AP_APIC_ID,     MAILBOX + 0xc   /* u32: AP's LAPIC id */
         .set MB_TICKS,          MAILBOX + 0x10  /* u32: timer interrupts counted */
+        .set MB_COUNT,          MAILBOX + 0x14  /* u32: snapshot scenarios' counter (= r12) */
+        .set MB_CMD_SEQ,        MAILBOX + 0x18  /* u32: SC_SNAP_DIRTY command number (host) */
+        .set MB_CMD_ACK,        MAILBOX + 0x1c  /* u32: last command done (guest) */
+        .set MB_CMD_COUNT,      MAILBOX + 0x20  /* u32: qwords to write (host, <= 32) */
+        .set MB_CMD_LIST,       MAILBOX + 0x100 /* u64[]: their addresses (host) */
         .set HOST_DATA,         MAILBOX + 0x1000 /* 4 KiB the host fills while paused */
         .set HOST_GO,           0x600d600d600d600d
         .set AP_ALIVE,          0xa11ea11e
@@ -63,6 +75,31 @@
         .set TICKS,             10
         .set PIT_DIVISOR,       11932           /* 1193182 Hz / 11932 = 100 Hz */
         .set LAPIC_COUNT,       10000000        /* 10 ms at KVM's 1 GHz APIC bus, divide 1 */
+
+        /* Serial register values set by serial_setup and checked by serial_check. */
+        .set SER_DLL,           0x03
+        .set SER_DLM,           0x01
+        .set SER_LCR,           0x1b            /* 8 bits, even parity */
+        .set SER_MCR,           0x0b            /* DTR, RTS, OUT2 */
+        .set SER_SCR,           0xa7
+
+        /* virtio-blk (disk 0) and the SC_SNAP_VIRTIO virtqueue in guest memory. */
+        .set VIRTIO_BASE,       0xd0000000
+        .set VQ_SIZE,           8
+        .set VQ_DESC,           0x300000        /* 16-byte descriptors */
+        .set VQ_AVAIL,          0x301000        /* flags, idx, ring[VQ_SIZE] (u16) */
+        .set VQ_USED,           0x302000        /* flags, idx, ring[VQ_SIZE] {u32 id, u32 len} */
+        .set REQ_HDR,           0x303000        /* read: type, reserved, sector */
+        .set REQ_STATUS,        0x303010
+        .set REQ2_HDR,          0x303020        /* write */
+        .set REQ2_STATUS,       0x303030
+        .set READ_BUF,          0x304000
+        .set WRITE_BUF,         0x305000
+        .set IO_LEN,            4096
+        .set READ_SECTOR,       8
+        .set WRITE_SECTOR,      24
+        .set DISK_XOR,          0x0d15c0ffee00d15c  /* disk qword at byte offset o = o ^ DISK_XOR */
+        .set WRITE_XOR,         0x77aa55cc33ee11ff  /* what the guest writes, likewise */
 
         .set SEL_CODE64,        0x08
         .set SEL_DATA,          0x10
@@ -127,6 +164,14 @@ _start:
         jmp panic
         .elseif SCENARIO == SC_EXCEPTION
         jmp exception
+        .elseif SCENARIO == SC_SNAP_TICKS
+        jmp snap_ticks
+        .elseif SCENARIO == SC_SNAP_STREAM
+        jmp snap_stream
+        .elseif SCENARIO == SC_SNAP_VIRTIO
+        jmp snap_virtio
+        .elseif SCENARIO == SC_SNAP_DIRTY
+        jmp snap_dirty
         .elseif SCENARIO == SC_TRIPLE_FAULT || SCENARIO == SC_TRIPLE_FAULT_IRQ
         /* handled above */
         .else
@@ -336,8 +381,345 @@ exception:
         PRINT "survived ud2?\n"
         jmp halt_forever
 
+/* Scenario 11: a timer (PIT, or the LAPIC timer with TIMER_LAPIC=1) ticks; for every tick
+ * the main loop increments r12 and MB_COUNT, checks they agree and that the serial registers
+ * still hold what serial_setup wrote, and prints "tick <r12>". Runs until the host stops it.
+ * A snapshot/restore in between must continue the numbering without gap or repeat. */
+snap_ticks:
+        call serial_setup
+        PRINT "serial set\n"
+        xor %r12d, %r12d
+        movl $0, MB_COUNT
+        .if TIMER_LAPIC
+        mov $0xff, %al                  /* PIC: everything masked */
+        call pic_init
+        mov $LAPIC, %ebx
+        movl $0x1ff, 0xf0(%rbx)         /* SVR: APIC enabled, spurious vector 0xff */
+        movl $0xb, 0x3e0(%rbx)          /* divide by 1 */
+        movl $(0x20000 | VEC_LAPIC_TIMER), 0x320(%rbx)  /* LVT timer: periodic */
+        movl $LAPIC_COUNT, 0x380(%rbx)  /* initial count: starts the timer */
+        .else
+        mov $0xfe, %al                  /* PIC: IRQ0 (PIT) only */
+        call pic_init
+        mov $0x34, %al                  /* channel 0, lobyte/hibyte, mode 2 (rate generator) */
+        out %al, $0x43
+        mov $(PIT_DIVISOR & 0xff), %al
+        out %al, $0x40
+        mov $(PIT_DIVISOR >> 8), %al
+        out %al, $0x40
+        .endif
+        sti
+1:      hlt
+2:      cmp MB_TICKS, %r12d
+        jae 1b
+        inc %r12d
+        incl MB_COUNT
+        cmp MB_COUNT, %r12d
+        jne 3f
+        call serial_check
+        jne 4f
+        PRINT "tick "
+        mov %r12d, %eax
+        call print_dec
+        PRINT "\n"
+        jmp 2b
+3:      PRINT "ticks: r12 and MB_COUNT differ\n"
+        jmp fail
+4:      PRINT "ticks: serial registers changed\n"
+        jmp fail
+
+/* Scenario 12: prints 1, 2, 3, ... one number per line, as fast as the UART takes them;
+ * the number is kept in r12 and MB_COUNT, which must agree. Runs until the host stops it. */
+snap_stream:
+        xor %r12d, %r12d
+        movl $0, MB_COUNT
+1:      inc %r12d
+        incl MB_COUNT
+        cmp MB_COUNT, %r12d
+        jne 2f
+        mov %r12d, %eax
+        call print_dec
+        PRINT "\n"
+        jmp 1b
+2:      PRINT "\nstream: r12 and MB_COUNT differ\n"
+        jmp fail
+
+/* Scenario 13: drives virtio-blk disk 0 through virtio-mmio with an 8-entry split virtqueue
+ * (no interrupts: the guest polls the used ring). Posts a 4 KiB read of READ_SECTOR and
+ * notifies, prints "virtio: read posted", then waits for the host's MB_HOST_GO before
+ * looking at the used ring: the host snapshots in between (with the request pending or
+ * completed) and restores. Then checks the data, writes 4 KiB at WRITE_SECTOR, resets.
+ * Failures print "virtio: FAIL step <n>" (r13 = step) and panic. */
+snap_virtio:
+        mov $0xff, %al                  /* PIC: everything masked */
+        call pic_init
+        mov $VIRTIO_BASE, %ebx
+        mov $1, %r13d
+        cmpl $0x74726976, 0x00(%rbx)    /* magic "virt" */
+        jne vfail
+        inc %r13d
+        cmpl $2, 0x04(%rbx)             /* version 2 */
+        jne vfail
+        inc %r13d
+        cmpl $2, 0x08(%rbx)             /* device id: block */
+        jne vfail
+        movl $0, 0x70(%rbx)             /* status: reset */
+        movl $1, 0x70(%rbx)             /* ACKNOWLEDGE */
+        movl $3, 0x70(%rbx)             /* DRIVER */
+        movl $1, 0x14(%rbx)             /* DeviceFeaturesSel: bits 63:32 */
+        inc %r13d
+        testl $1, 0x10(%rbx)            /* VIRTIO_F_VERSION_1 */
+        jz vfail
+        movl $1, 0x24(%rbx)             /* DriverFeaturesSel: bits 63:32 */
+        movl $1, 0x20(%rbx)             /* VIRTIO_F_VERSION_1 */
+        movl $0, 0x24(%rbx)
+        movl $0, 0x20(%rbx)             /* nothing else: no EVENT_IDX, no INDIRECT */
+        movl $0xb, 0x70(%rbx)           /* FEATURES_OK */
+        inc %r13d
+        testl $8, 0x70(%rbx)
+        jz vfail
+        movl $0, 0x30(%rbx)             /* QueueSel 0 */
+        inc %r13d
+        cmpl $VQ_SIZE, 0x34(%rbx)       /* QueueNumMax */
+        jb vfail
+        movl $VQ_SIZE, 0x38(%rbx)       /* QueueNum */
+        movl $VQ_DESC, 0x80(%rbx)
+        movl $0, 0x84(%rbx)
+        movl $VQ_AVAIL, 0x90(%rbx)
+        movl $0, 0x94(%rbx)
+        movl $VQ_USED, 0xa0(%rbx)
+        movl $0, 0xa4(%rbx)
+        movl $1, 0x44(%rbx)             /* QueueReady */
+        movl $0xf, 0x70(%rbx)           /* DRIVER_OK */
+        inc %r13d
+        cmpl $0xf, 0x70(%rbx)
+        jne vfail
+        movw $1, VQ_AVAIL               /* avail flags: VIRTQ_AVAIL_F_NO_INTERRUPT */
+
+        /* The read: header (device-readable), data and status (device-writable). */
+        movl $0, REQ_HDR                /* VIRTIO_BLK_T_IN */
+        movl $0, REQ_HDR + 4
+        movq $READ_SECTOR, REQ_HDR + 8
+        movb $0xff, REQ_STATUS
+        mov $VQ_DESC, %edi
+        movq $REQ_HDR, 0x00(%rdi)       /* desc 0 */
+        movl $16, 0x08(%rdi)
+        movw $1, 0x0c(%rdi)             /* NEXT */
+        movw $1, 0x0e(%rdi)
+        movq $READ_BUF, 0x10(%rdi)      /* desc 1 */
+        movl $IO_LEN, 0x18(%rdi)
+        movw $3, 0x1c(%rdi)             /* NEXT | WRITE */
+        movw $2, 0x1e(%rdi)
+        movq $REQ_STATUS, 0x20(%rdi)    /* desc 2 */
+        movl $1, 0x28(%rdi)
+        movw $2, 0x2c(%rdi)             /* WRITE */
+        movw $0, 0x2e(%rdi)
+        movw $0, VQ_AVAIL + 4           /* ring[0] = head 0 */
+        movw $1, VQ_AVAIL + 2           /* idx = 1 */
+        movl $0, 0x50(%rbx)             /* QueueNotify: queue 0 */
+        PRINT "virtio: read posted\n"
+        movabs $HOST_GO, %rcx
+1:      pause
+        cmp %rcx, MB_HOST_GO
+        jne 1b
+        PRINT "virtio: go\n"
+2:      pause
+        cmpw $1, VQ_USED + 2            /* used idx */
+        jb 2b
+        inc %r13d
+        cmpl $0, VQ_USED + 4            /* used ring[0].id */
+        jne vfail
+        inc %r13d
+        cmpl $(IO_LEN + 1), VQ_USED + 8 /* used ring[0].len: data + status */
+        jne vfail
+        inc %r13d
+        cmpb $0, REQ_STATUS             /* VIRTIO_BLK_S_OK */
+        jne vfail
+        inc %r13d
+        mov $READ_BUF, %edi
+        mov $(READ_SECTOR * 512), %esi  /* disk offset */
+        movabs $DISK_XOR, %rdx
+3:      mov %rsi, %rax
+        xor %rdx, %rax
+        cmp %rax, (%rdi)
+        jne vfail
+        add $8, %rdi
+        add $8, %rsi
+        cmp $(READ_BUF + IO_LEN), %edi
+        jb 3b
+        PRINT "virtio: read ok\n"
+
+        /* The write: descriptors 3..5, data from WRITE_BUF. */
+        mov $WRITE_BUF, %edi
+        mov $(WRITE_SECTOR * 512), %esi
+        movabs $WRITE_XOR, %rdx
+4:      mov %rsi, %rax
+        xor %rdx, %rax
+        mov %rax, (%rdi)
+        add $8, %rdi
+        add $8, %rsi
+        cmp $(WRITE_BUF + IO_LEN), %edi
+        jb 4b
+        movl $1, REQ2_HDR               /* VIRTIO_BLK_T_OUT */
+        movl $0, REQ2_HDR + 4
+        movq $WRITE_SECTOR, REQ2_HDR + 8
+        movb $0xff, REQ2_STATUS
+        mov $(VQ_DESC + 3 * 16), %edi
+        movq $REQ2_HDR, 0x00(%rdi)      /* desc 3 */
+        movl $16, 0x08(%rdi)
+        movw $1, 0x0c(%rdi)             /* NEXT */
+        movw $4, 0x0e(%rdi)
+        movq $WRITE_BUF, 0x10(%rdi)     /* desc 4 */
+        movl $IO_LEN, 0x18(%rdi)
+        movw $1, 0x1c(%rdi)             /* NEXT (device-readable) */
+        movw $5, 0x1e(%rdi)
+        movq $REQ2_STATUS, 0x20(%rdi)   /* desc 5 */
+        movl $1, 0x28(%rdi)
+        movw $2, 0x2c(%rdi)             /* WRITE */
+        movw $0, 0x2e(%rdi)
+        movw $3, VQ_AVAIL + 6           /* ring[1] = head 3 */
+        movw $2, VQ_AVAIL + 2           /* idx = 2 */
+        movl $0, 0x50(%rbx)             /* QueueNotify */
+5:      pause
+        cmpw $2, VQ_USED + 2
+        jb 5b
+        inc %r13d
+        cmpl $3, VQ_USED + 12           /* used ring[1].id */
+        jne vfail
+        inc %r13d
+        cmpl $1, VQ_USED + 16           /* used ring[1].len: status only */
+        jne vfail
+        inc %r13d
+        cmpb $0, REQ2_STATUS
+        jne vfail
+        inc %r13d
+        cmpw $2, VQ_USED + 2            /* nothing completed twice */
+        jne vfail
+        PRINT "virtio: write ok\n"
+        jmp reset
+vfail:
+        PRINT "virtio: FAIL step "
+        mov %r13d, %eax
+        call print_dec
+        PRINT "\n"
+        jmp fail
+
+/* Scenario 14: waits for the host to bump MB_CMD_SEQ, then writes (seq << 32 | address) to
+ * each of the MB_CMD_COUNT addresses in MB_CMD_LIST and sets MB_CMD_ACK = seq. The command
+ * loop uses no stack and no interrupts, so it changes no memory but what it is told to. */
+snap_dirty:
+        PRINT "dirty: ready\n"
+        xor %r12d, %r12d
+1:      pause
+        mov MB_CMD_SEQ, %eax
+        cmp %r12d, %eax
+        je 1b
+        mov %eax, %r12d
+        mov MB_CMD_COUNT, %ecx
+        mov $MB_CMD_LIST, %esi
+2:      test %ecx, %ecx
+        jz 3f
+        mov (%rsi), %rdi
+        mov %r12, %rax
+        shl $32, %rax
+        or %rdi, %rax
+        mov %rax, (%rdi)
+        add $8, %rsi
+        dec %ecx
+        jmp 2b
+3:      mov %r12d, MB_CMD_ACK
+        jmp 1b
+
 /* ------------------------------------------------------------------------------------- */
 /* Common code. */
+
+/* pic_init: AL = master IMR. Initializes both 8259s (master vectors VEC_PIT.., slave
+ * VEC_PIT+8..), masks the slave. Clobbers AL. */
+pic_init:
+        push %rax
+        mov $0x11, %al                  /* ICW1: edge, cascade, ICW4 */
+        out %al, $0x20
+        out %al, $0xa0
+        mov $VEC_PIT, %al               /* ICW2: vector bases */
+        out %al, $0x21
+        mov $(VEC_PIT + 8), %al
+        out %al, $0xa1
+        mov $0x04, %al                  /* ICW3: slave on IRQ2 */
+        out %al, $0x21
+        mov $0x02, %al
+        out %al, $0xa1
+        mov $0x01, %al                  /* ICW4: 8086 mode */
+        out %al, $0x21
+        out %al, $0xa1
+        mov $0xff, %al
+        out %al, $0xa1
+        pop %rax
+        out %al, $0x21
+        ret
+
+/* serial_setup: programs COM1's divisor latch, LCR, MCR and scratch register. */
+serial_setup:
+        push %rax
+        push %rdx
+        mov $(COM1 + 3), %dx
+        mov $0x80, %al                  /* DLAB */
+        out %al, %dx
+        mov $COM1, %dx
+        mov $SER_DLL, %al
+        out %al, %dx
+        mov $(COM1 + 1), %dx
+        mov $SER_DLM, %al
+        out %al, %dx
+        mov $(COM1 + 3), %dx
+        mov $SER_LCR, %al
+        out %al, %dx
+        mov $(COM1 + 4), %dx
+        mov $SER_MCR, %al
+        out %al, %dx
+        mov $(COM1 + 7), %dx
+        mov $SER_SCR, %al
+        out %al, %dx
+        pop %rdx
+        pop %rax
+        ret
+
+/* serial_check: ZF=1 when COM1 still holds what serial_setup wrote. */
+serial_check:
+        push %rax
+        push %rcx
+        push %rdx
+        xor %ecx, %ecx
+        mov $(COM1 + 3), %dx
+        in %dx, %al
+        xor $SER_LCR, %al
+        or %al, %cl
+        mov $(COM1 + 4), %dx
+        in %dx, %al
+        xor $SER_MCR, %al
+        or %al, %cl
+        mov $(COM1 + 7), %dx
+        in %dx, %al
+        xor $SER_SCR, %al
+        or %al, %cl
+        mov $(COM1 + 3), %dx
+        mov $(SER_LCR | 0x80), %al      /* DLAB on: read the divisor */
+        out %al, %dx
+        mov $COM1, %dx
+        in %dx, %al
+        xor $SER_DLL, %al
+        or %al, %cl
+        mov $(COM1 + 1), %dx
+        in %dx, %al
+        xor $SER_DLM, %al
+        or %al, %cl
+        mov $(COM1 + 3), %dx
+        mov $SER_LCR, %al               /* DLAB off */
+        out %al, %dx
+        test %cl, %cl
+        pop %rdx
+        pop %rcx
+        pop %rax
+        ret
 
 reset:
         mov $0xfe, %al

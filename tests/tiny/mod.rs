@@ -65,6 +65,40 @@ pub mod guest {
     pub const TRAMP_RM_MARK: u64 = TRAMP_BASE + 0xff0;
     /// Timer interrupts the timer scenarios wait for.
     pub const TICKS: u32 = 10;
+    /// u32: the snapshot scenarios' counter (kept equal to r12 by the guest).
+    pub const MB_COUNT: u64 = MAILBOX + 0x14;
+    /// u32: [`super::Scenario::SnapDirty`] command number, bumped by the host.
+    pub const MB_CMD_SEQ: u64 = MAILBOX + 0x18;
+    /// u32: the last command the guest carried out.
+    pub const MB_CMD_ACK: u64 = MAILBOX + 0x1c;
+    /// u32: how many addresses of [`MB_CMD_LIST`] the command writes.
+    pub const MB_CMD_COUNT: u64 = MAILBOX + 0x20;
+    /// u64[32]: the addresses; the guest writes `seq << 32 | address` to each.
+    pub const MB_CMD_LIST: u64 = MAILBOX + 0x100;
+    /// COM1 register values the tick scenario sets and checks: (offset, value, needs DLAB).
+    pub const SERIAL_REGS: [(u8, u8, bool); 5] = [
+        (0, 0x03, true),
+        (1, 0x01, true),
+        (3, 0x1b, false),
+        (4, 0x0b, false),
+        (7, 0xa7, false),
+    ];
+    /// virtio-mmio window of disk 0.
+    pub const VIRTIO_BASE: u64 = 0xd000_0000;
+    /// The virtio scenario's used ring (u16 flags, u16 idx, then {u32 id, u32 len}).
+    pub const VQ_USED: u64 = 0x30_2000;
+    /// Where the virtio scenario reads the disk into.
+    pub const READ_BUF: u64 = 0x30_4000;
+    /// Bytes per virtio request.
+    pub const IO_LEN: u64 = 4096;
+    /// Sector the virtio scenario reads.
+    pub const READ_SECTOR: u64 = 8;
+    /// Sector the virtio scenario writes.
+    pub const WRITE_SECTOR: u64 = 24;
+    /// The disk's qword at byte offset `o` is `o ^ DISK_XOR`.
+    pub const DISK_XOR: u64 = 0x0d15_c0ff_ee00_d15c;
+    /// The guest writes `o ^ WRITE_XOR` at each byte offset `o` of its write.
+    pub const WRITE_XOR: u64 = 0x77aa_55cc_33ee_11ff;
 }
 
 /// What the guest does, chosen at assembly time (`--defsym SCENARIO=n`).
@@ -90,6 +124,16 @@ pub enum Scenario {
     TripleFaultIrqsOn = 9,
     /// `ud2` with the guest's IDT: the handler reports it and panics.
     Exception = 10,
+    /// Sets COM1's registers, then prints `tick <n>` per timer tick (PIT, or the LAPIC timer
+    /// with `TIMER_LAPIC=1`), checking the registers and r12 == [`guest::MB_COUNT`] each time.
+    SnapTicks = 11,
+    /// Prints 1, 2, 3, ... one per line, as fast as it can (r12 == [`guest::MB_COUNT`]).
+    SnapStream = 12,
+    /// virtio-blk: a read posted and notified, a wait for [`guest::HOST_GO`], the read
+    /// checked, a write, reset.
+    SnapVirtio = 13,
+    /// Writes host-chosen qwords when [`guest::MB_CMD_SEQ`] changes.
+    SnapDirty = 14,
 }
 
 /// A tiny-guest ELF variant: a scenario and extra `--defsym`s (e.g. `IRQS_OFF=1`).
@@ -517,4 +561,209 @@ where
         console: capture.text(),
         elapsed,
     }
+}
+
+/// A tiny-guest VM driven directly by the calling thread (snapshot tests): no VM thread, no
+/// event loop unless the test runs it.
+pub struct TinyVm {
+    /// The VMM.
+    pub vmm: Vmm,
+    /// Its COM1 output.
+    pub console: Capture,
+}
+
+/// The configuration `spec` boots with these disks.
+pub fn vm_config(spec: &Spec, blocks: Vec<vmm::config::BlockConfig>) -> VmConfig {
+    VmConfig {
+        kernel: KernelConfig {
+            path: guest_elf(spec.variant.clone()),
+            cmdline: String::new(),
+        },
+        initrd: None,
+        mem_mib: spec.mem_mib,
+        vcpus: spec.vcpus,
+        blocks,
+        host_quirks: false,
+    }
+}
+
+/// Boots `spec` (its timeout is not used) with `blocks` on the calling thread.
+pub fn boot(spec: Spec, blocks: Vec<vmm::config::BlockConfig>) -> Result<TinyVm, String> {
+    let cfg = vm_config(&spec, blocks);
+    let console = Capture::default();
+    let opts = BootOptions {
+        console: Console::Writer(Box::new(console.clone())),
+        extra_pio: spec.pio,
+        extra_mmio: spec.mmio,
+        start_paused: spec.start_paused,
+    };
+    let vmm = build_for_boot(&cfg, opts).map_err(|e| format!("build_for_boot: {e}"))?;
+    Ok(TinyVm { vmm, console })
+}
+
+/// Restores the snapshot in `dir` with a fresh console capture.
+pub fn restore(
+    dir: &Path,
+    blocks: Option<Vec<vmm::config::BlockConfig>>,
+    start_paused: bool,
+) -> Result<TinyVm, String> {
+    let console = Capture::default();
+    let (state, memory) = vmm::builder_restore::snapshot_files(dir);
+    let opts = vmm::builder_restore::RestoreOptions {
+        console: Console::Writer(Box::new(console.clone())),
+        blocks,
+        force: false,
+        start_paused,
+    };
+    let vmm = vmm::builder_restore::build_from_snapshot(&state, &memory, opts)
+        .map_err(|e| format!("restoring {}: {e}", dir.display()))?;
+    Ok(TinyVm { vmm, console })
+}
+
+impl TinyVm {
+    /// Waits until `cond(console)` holds; the error carries the console output.
+    pub fn wait_console(
+        &self,
+        deadline: Instant,
+        what: &str,
+        mut cond: impl FnMut(&str) -> bool,
+    ) -> Result<(), String> {
+        wait_until(&self.vmm, deadline, what, || cond(&self.console.text()))
+            .map_err(|e| format!("{e}\n--- console ---\n{}\n--- end ---", self.console.text()))
+    }
+
+    /// Waits until the console contains `needle`.
+    pub fn wait_for(&self, deadline: Instant, needle: &str) -> Result<(), String> {
+        self.wait_console(deadline, &format!("{needle:?} on the console"), |c| {
+            c.contains(needle)
+        })
+    }
+
+    /// Pauses the VM.
+    pub fn pause(&mut self) -> Result<(), String> {
+        self.vmm.pause().map_err(|e| format!("pause: {e}"))
+    }
+
+    /// Resumes the VM.
+    pub fn resume(&mut self) -> Result<(), String> {
+        self.vmm.resume().map_err(|e| format!("resume: {e}"))
+    }
+
+    /// Snapshots the (paused) VM into `dir`, chunks into `store` (default `dir`).
+    pub fn snapshot(
+        &mut self,
+        dir: &Path,
+        store: Option<&Path>,
+    ) -> Result<vmm::snapshot::create::SnapshotReport, String> {
+        vmm::snapshot::create::create_snapshot(&mut self.vmm, dir, store).map_err(|e| {
+            format!(
+                "snapshot to {}: {}",
+                dir.display(),
+                vmm::vmm::error_chain(&e)
+            )
+        })
+    }
+
+    /// vCPU 0's general-purpose registers (the VM must be paused).
+    pub fn regs(&self) -> Result<kvm_bindings::kvm_regs, String> {
+        self.vmm.vcpus[0]
+            .with(|fd| fd.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}")))
+            .map_err(|e| format!("vcpu0: {e}"))?
+    }
+
+    /// Reads a u32 of guest memory.
+    pub fn read_u32(&self, addr: u64) -> Result<u32, String> {
+        use vm_memory::Bytes;
+        self.vmm
+            .mem
+            .read_obj(vm_memory::GuestAddress(addr))
+            .map_err(|e| format!("read guest memory at {addr:#x}: {e}"))
+    }
+
+    /// Writes a value to guest memory.
+    pub fn write<T: vm_memory::ByteValued>(&self, addr: u64, val: T) -> Result<(), String> {
+        use vm_memory::Bytes;
+        self.vmm
+            .mem
+            .write_obj(val, vm_memory::GuestAddress(addr))
+            .map_err(|e| format!("write guest memory at {addr:#x}: {e}"))
+    }
+}
+
+/// A fresh, empty directory under the target's tmp dir, removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates `<target>/tmp/tiny-snapshot/<name>-<pid>-<n>`.
+    pub fn new(name: &str) -> Self {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let p = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("tiny-snapshot")
+            .join(format!(
+                "{name}-{}-{}",
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::Relaxed)
+            ));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).expect("create a temp dir");
+        Self(p)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// A path inside it.
+    pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("TINY_KEEP_TMP").is_none() {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Copies the directory tree `from` to `to` (which must not exist).
+pub fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    fs::create_dir_all(to)?;
+    for e in fs::read_dir(from)? {
+        let e = e?;
+        let dest = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &dest)?;
+        } else {
+            fs::copy(e.path(), dest)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the event loop of `vm` until the VM exits, or stops it after `timeout`.
+pub fn run_for(vm: &mut TinyVm, timeout: Duration) -> Result<ExitReason, String> {
+    let exit = vm.vmm.exit.clone();
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if let Err(RecvTimeoutError::Timeout) = stop_rx.recv_timeout(timeout) {
+            exit.exit(ExitReason::Shutdown);
+            true
+        } else {
+            false
+        }
+    });
+    let res = vm.vmm.run().map_err(|e| format!("Vmm::run: {e}"));
+    let _ = stop_tx.send(());
+    let fired = watchdog.join().unwrap_or(false);
+    let reason = res?;
+    if fired && reason == ExitReason::Shutdown {
+        return Err(format!(
+            "the VM did not exit within {timeout:?}\n--- console ---\n{}\n--- end ---",
+            vm.console.text()
+        ));
+    }
+    Ok(reason)
 }

@@ -29,6 +29,7 @@
 #include <linux/gfp.h>
 #include <linux/init.h>
 #include <linux/io.h>
+#include <linux/kernel.h>
 #include <linux/kthread.h>
 #include <linux/ktime.h>
 #include <linux/mm.h>
@@ -235,6 +236,16 @@ out:
 
 static int vt_oneshot_fn(void *unused)
 {
+	int waited;
+
+	/*
+	 * Let the boot finish first (initramfs unpacked, root mounted, init
+	 * memory freed), so that mem_kib is the final MemTotal. Bounded, in
+	 * case the boot gets stuck somewhere (e.g. rootwait).
+	 */
+	for (waited = 0; system_state < SYSTEM_RUNNING && waited < 60000; waited += 20)
+		msleep(20);
+
 	if (info)
 		vt_out("info cpus=%u mem_kib=%lu token=%s", num_online_cpus(),
 		       totalram_pages() << (PAGE_SHIFT - 10), token);
