@@ -55,6 +55,10 @@ fn snap_err(what: &'static str, path: &Path, e: impl std::fmt::Display) -> Build
     }
 }
 
+fn snap_err_chain(what: &'static str, path: &Path, e: &dyn std::error::Error) -> BuildError {
+    snap_err(what, path, crate::vmm::error_chain(e))
+}
+
 /// Paths of the state file and memory manifest inside a snapshot directory.
 pub fn snapshot_files(dir: &Path) -> (PathBuf, PathBuf) {
     (
@@ -71,9 +75,9 @@ pub fn build_from_snapshot(
 ) -> Result<Vmm, BuildError> {
     let t0 = Instant::now();
     let state: MicrovmState =
-        read_state_file(cpu_path).map_err(|e| snap_err("snapshot state", cpu_path, e))?;
+        read_state_file(cpu_path).map_err(|e| snap_err_chain("snapshot state", cpu_path, &e))?;
     let manifest = MemoryManifest::read_from(memory_path)
-        .map_err(|e| snap_err("memory manifest", memory_path, e))?;
+        .map_err(|e| snap_err_chain("memory manifest", memory_path, &e))?;
     let snap_dir = cpu_path.parent().unwrap_or(Path::new("."));
     let mut cfg = state.config.clone();
     if let Some(blocks) = opts.blocks {
@@ -113,7 +117,7 @@ pub fn build_from_snapshot(
         ));
     }
     let store = LocalStore::open(&store_dir, LocalStoreOptions::default())
-        .map_err(|e| snap_err("chunk store", &store_dir, e))?;
+        .map_err(|e| snap_err_chain("chunk store", &store_dir, &e))?;
     let t_mem = Instant::now();
     {
         // SAFETY: no vCPU exists yet and no device has been created, so nothing else
@@ -130,7 +134,7 @@ pub fn build_from_snapshot(
             })
             .collect();
         restore_memory(&manifest, &mut views, &store, ZeroChunks::AlreadyZero)
-            .map_err(|e| snap_err("memory", memory_path, e))?;
+            .map_err(|e| snap_err_chain("memory", memory_path, &e))?;
     }
     let mem_ms = t_mem.elapsed().as_secs_f64() * 1e3;
 

@@ -204,9 +204,16 @@ mod tests {
     fn identity_match_and_display() {
         let a = ident("1:2:3");
         a.check_matches(&a.clone()).unwrap();
-        let err = a.check_matches(&ident("1:2:4")).unwrap_err();
+        // A changed stamp (the VM wrote after its snapshot) is accepted with a warning.
+        a.check_matches(&ident("1:2:4")).unwrap();
+        let mut other = ident("1:2:4");
+        other.size = 2048;
+        let err = a.check_matches(&other).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("1:2:3") && msg.contains("1:2:4"), "{msg}");
+        assert!(msg.contains("1024") && msg.contains("2048"), "{msg}");
+        let mut moved = ident("1:2:3");
+        moved.location = "/e.img".into();
+        assert!(a.check_matches(&moved).is_err());
         let json = serde_json::to_string(&a).unwrap();
         assert_eq!(serde_json::from_str::<BackendIdentity>(&json).unwrap(), a);
     }

@@ -234,7 +234,12 @@ fn handle_request(
     paused: bool,
 ) -> Next {
     let (answer, next) = match req {
-        VcpuRequest::Pause => (VcpuResponse::Paused, Next::Wait),
+        VcpuRequest::Pause => {
+            if !paused {
+                complete_pending_io(fd);
+            }
+            (VcpuResponse::Paused, Next::Wait)
+        }
         VcpuRequest::Resume => (VcpuResponse::Resumed, Next::Run),
         VcpuRequest::With(f) => {
             let a = if paused {
@@ -288,6 +293,21 @@ fn run_loop(
         }
     }
     KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));
+}
+
+/// Lets KVM finish an instruction whose port-I/O or MMIO exit was just handled, without
+/// running further guest code: a KVM_RUN with `immediate_exit` set completes the pending
+/// access and returns EINTR. Without it, state saved now would have RIP still at the
+/// instruction, which would run a second time after a restore (a read byte lost, a write
+/// repeated).
+fn complete_pending_io(fd: &mut VcpuFd) {
+    fd.set_kvm_immediate_exit(1);
+    match fd.run() {
+        Err(e) if e.errno() == libc::EINTR => {}
+        Err(e) => log::debug!("completing pending I/O before pause: {e}"),
+        Ok(exit) => log::debug!("completing pending I/O before pause: unexpected exit {exit:?}"),
+    }
+    fd.set_kvm_immediate_exit(0);
 }
 
 /// One KVM_RUN; returns a reason when the VM must stop.

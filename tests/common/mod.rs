@@ -2,7 +2,7 @@
 //! timeout while streaming its console, and skipping when KVM is missing.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -79,6 +79,8 @@ pub struct Running {
     pub child: Child,
     lines: mpsc::Receiver<String>,
     pub log: Arc<Mutex<Vec<String>>>,
+    /// Raw stdout bytes: the guest's serial console stream.
+    pub raw: Arc<Mutex<Vec<u8>>>,
     started: Instant,
 }
 
@@ -88,16 +90,21 @@ impl Running {
         Self::spawn_cmd(Command::new(vmm_bin()).args(args))
     }
 
-    /// Starts a prepared command.
+    /// Starts a prepared command with stdin from /dev/null.
     pub fn spawn_cmd(cmd: &mut Command) -> Running {
+        Self::spawn_cmd_stdin(cmd.stdin(Stdio::null()))
+    }
+
+    /// Starts a prepared command whose stdin the caller already set up.
+    pub fn spawn_cmd_stdin(cmd: &mut Command) -> Running {
         let mut child = cmd
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn vmm");
         let (tx, rx) = mpsc::channel();
         let log = Arc::new(Mutex::new(Vec::new()));
+        let raw = Arc::new(Mutex::new(Vec::new()));
         let out = child.stdout.take().unwrap();
         let err = child.stderr.take().unwrap();
         for (src, tag) in [
@@ -106,12 +113,39 @@ impl Running {
         ] {
             let tx = tx.clone();
             let log = log.clone();
+            let raw = if tag.is_empty() {
+                Some(raw.clone())
+            } else {
+                None
+            };
             std::thread::spawn(move || {
-                for line in BufReader::new(src).lines() {
-                    let Ok(line) = line else { break };
-                    let line = line.replace('\r', "");
-                    log.lock().unwrap().push(format!("{tag}{line}"));
-                    let _ = tx.send(format!("{tag}{line}"));
+                let mut src = src;
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let n = match src.read(&mut buf) {
+                        Ok(0) | Err(_) => 0,
+                        Ok(n) => n,
+                    };
+                    if let Some(r) = &raw {
+                        r.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                    pending.extend_from_slice(&buf[..n]);
+                    while let Some(i) = pending.iter().position(|&b| b == b'\n') {
+                        let line: Vec<u8> = pending.drain(..=i).collect();
+                        let line =
+                            String::from_utf8_lossy(&line[..line.len() - 1]).replace('\r', "");
+                        log.lock().unwrap().push(format!("{tag}{line}"));
+                        let _ = tx.send(format!("{tag}{line}"));
+                    }
+                    if n == 0 {
+                        if !pending.is_empty() {
+                            let line = String::from_utf8_lossy(&pending).replace('\r', "");
+                            log.lock().unwrap().push(format!("{tag}{line}"));
+                            let _ = tx.send(format!("{tag}{line}"));
+                        }
+                        break;
+                    }
                 }
             });
         }
@@ -119,6 +153,7 @@ impl Running {
             child,
             lines: rx,
             log,
+            raw,
             started: Instant::now(),
         }
     }
@@ -164,6 +199,11 @@ impl Running {
         self.log.lock().unwrap().join("\n")
     }
 
+    /// The guest console (stdout) so far, as text.
+    pub fn console(&self) -> String {
+        String::from_utf8_lossy(&self.raw.lock().unwrap()).replace('\r', "")
+    }
+
     /// Seconds since start.
     pub fn elapsed(&self) -> f64 {
         self.started.elapsed().as_secs_f64()
@@ -187,3 +227,44 @@ pub fn fail(r: &Running, msg: &str) -> ! {
 
 /// How long one Linux boot may take here (about a minute on PVM hosts).
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
+
+/// A scratch directory under the target dir, removed and recreated.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// md5 of a file, as lowercase hex, via md5sum(1).
+pub fn md5_file(p: &Path) -> String {
+    let out = Command::new("md5sum").arg(p).output().expect("md5sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The guest command line base used by the Linux tests.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
+/// `--kernel` argument for the project's vmlinux with `extra` appended to the base cmdline.
+pub fn kernel_arg(a: &Artifacts, extra: &str) -> String {
+    format!(
+        "path={},cmdline=\"{BASE_CMDLINE} {extra}\"",
+        a.file("vmlinux").display()
+    )
+}
+
+/// Parses `vmmtest: tick TOKEN N` lines of `console` (complete lines only), in order.
+pub fn ticks(console: &str, token: &str) -> Vec<u64> {
+    let pat = format!("vmmtest: tick {token} ");
+    console
+        .lines()
+        .filter_map(|l| {
+            let rest = &l[l.find(&pat)? + pat.len()..];
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .collect()
+}

@@ -31,6 +31,7 @@
         .set SC_SNAP_STREAM,      12    /* endless numbered serial lines (snapshot) */
         .set SC_SNAP_VIRTIO,      13    /* virtio-blk read in flight, then a write (snapshot) */
         .set SC_SNAP_DIRTY,       14    /* writes host-chosen qwords on command (snapshot dedup) */
+        .set SC_SNAP_ECHO,        15    /* echoes COM1 input, reading RBR only (snapshot) */
 
         .ifndef SCENARIO
         .error "assemble with --defsym SCENARIO=<n>"
@@ -172,6 +173,8 @@ _start:
         jmp snap_virtio
         .elseif SCENARIO == SC_SNAP_DIRTY
         jmp snap_dirty
+        .elseif SCENARIO == SC_SNAP_ECHO
+        jmp snap_echo
         .elseif SCENARIO == SC_TRIPLE_FAULT || SCENARIO == SC_TRIPLE_FAULT_IRQ
         /* handled above */
         .else
@@ -628,6 +631,19 @@ snap_dirty:
         dec %ecx
         jmp 2b
 3:      mov %r12d, MB_CMD_ACK
+        jmp 1b
+
+/* Scenario 15: echoes every byte received on COM1. It reads RBR without looking at LSR
+ * (an empty FIFO reads as 0, which the host never sends) and writes THR without waiting (the
+ * emulated UART is always ready), so nearly every vCPU exit is a one-byte `in` that pops the
+ * receive FIFO: pausing there must not lose or repeat a byte across a snapshot. */
+snap_echo:
+        PRINT "echo: ready\n"
+        mov $COM1, %dx
+1:      in %dx, %al
+        test %al, %al
+        jz 1b
+        out %al, %dx
         jmp 1b
 
 /* ------------------------------------------------------------------------------------- */

@@ -134,6 +134,8 @@ pub enum Scenario {
     SnapVirtio = 13,
     /// Writes host-chosen qwords when [`guest::MB_CMD_SEQ`] changes.
     SnapDirty = 14,
+    /// Prints `echo: ready`, then echoes every (non-zero) byte received on COM1.
+    SnapEcho = 15,
 }
 
 /// A tiny-guest ELF variant: a scenario and extra `--defsym`s (e.g. `IRQS_OFF=1`).

@@ -11,7 +11,7 @@
  *
  *   vmmtest.token=STR          string echoed in the info and tick lines
  *   vmmtest.info               "vmmtest: info cpus=N mem_kib=N token=STR"
- *   vmmtest.disk=/dev/vdX      md5 of the whole device
+ *   vmmtest.disk=/dev/vdX[,/dev/vdY…]  md5 of each whole device
  *   vmmtest.write=TEXT         then write "TEXT\n" (zero-padded) to its last 4 KiB
  *   vmmtest.force_write        send that write even to a read-only device
  *   vmmtest.counter            "vmmtest: tick TOKEN N" once a second
@@ -39,6 +39,7 @@
 #include <linux/notifier.h>
 #include <linux/panic_notifier.h>
 #include <linux/reboot.h>
+#include <linux/sched.h>
 #include <linux/string.h>
 #include <crypto/hash.h>
 #include <crypto/md5.h>
@@ -72,7 +73,7 @@ static char counter_disk[64];
 module_param_string(counter_disk, counter_disk, sizeof(counter_disk), 0444);
 MODULE_PARM_DESC(counter_disk, "Block device read and rewritten one block per tick");
 
-static char disk[64];
+static char disk[128];
 module_param_string(disk, disk, sizeof(disk), 0444);
 MODULE_PARM_DESC(disk, "Block device to hash as a whole");
 
@@ -138,24 +139,24 @@ static struct crypto_shash *vt_md5_alloc(void)
 
 /* ---- one-shot work: disk hash and write ---------------------------------- */
 
-static void vt_disk_write(struct block_device *bdev, u64 size)
+static void vt_disk_write(const char *dev, struct block_device *bdev, u64 size)
 {
 	struct page *page;
 	size_t n;
 	int ret;
 
 	if (size < VT_BLOCK) {
-		vt_out("write %s error=%d", disk, -ENOSPC);
+		vt_out("write %s error=%d", dev, -ENOSPC);
 		return;
 	}
 	if (bdev_read_only(bdev) && !force_write) {
 		/* What the kernel itself does: blkdev_get_by_path() for writing. */
-		vt_out("write %s error=%d", disk, -EACCES);
+		vt_out("write %s error=%d", dev, -EACCES);
 		return;
 	}
 	page = alloc_page(GFP_KERNEL | __GFP_ZERO);
 	if (!page) {
-		vt_out("write %s error=%d", disk, -ENOMEM);
+		vt_out("write %s error=%d", dev, -ENOMEM);
 		return;
 	}
 	n = min_t(size_t, strlen(write_text), VT_BLOCK - 1);
@@ -167,12 +168,12 @@ static void vt_disk_write(struct block_device *bdev, u64 size)
 		ret = blkdev_issue_flush(bdev);
 	__free_page(page);
 	if (ret)
-		vt_out("write %s error=%d", disk, ret);
+		vt_out("write %s error=%d", dev, ret);
 	else
-		vt_out("write %s ok", disk);
+		vt_out("write %s ok", dev);
 }
 
-static void vt_disk(void)
+static void vt_disk(const char *dev)
 {
 	bool want_write = write_text[0] != '\0';
 	fmode_t mode = FMODE_READ | (want_write ? FMODE_WRITE : 0);
@@ -183,9 +184,9 @@ static void vt_disk(void)
 	u64 size, pos;
 	int ret = 0;
 
-	bdev = vt_open(disk, mode);
+	bdev = vt_open(dev, mode);
 	if (IS_ERR(bdev)) {
-		vt_out("disk %s error=%ld", disk, PTR_ERR(bdev));
+		vt_out("disk %s error=%ld", dev, PTR_ERR(bdev));
 		return;
 	}
 	size = bdev_nr_bytes(bdev);
@@ -220,12 +221,12 @@ static void vt_disk(void)
 	}
 out:
 	if (ret)
-		vt_out("disk %s error=%d", disk, ret);
+		vt_out("disk %s error=%d", dev, ret);
 	else
-		vt_out("disk %s md5=%*phN bytes=%llu", disk, MD5_DIGEST_SIZE, digest, size);
+		vt_out("disk %s md5=%*phN bytes=%llu", dev, MD5_DIGEST_SIZE, digest, size);
 
 	if (!ret && want_write)
-		vt_disk_write(bdev, size);
+		vt_disk_write(dev, bdev, size);
 
 	if (page)
 		__free_pages(page, VT_CHUNK_ORDER);
@@ -238,6 +239,9 @@ static int vt_oneshot_fn(void *unused)
 {
 	int waited;
 
+	/* Run ahead of a busy /idle init (see docs/GUEST.md). */
+	sched_set_fifo_low(current);
+
 	/*
 	 * Let the boot finish first (initramfs unpacked, root mounted, init
 	 * memory freed), so that mem_kib is the final MemTotal. Bounded, in
@@ -249,9 +253,16 @@ static int vt_oneshot_fn(void *unused)
 	if (info)
 		vt_out("info cpus=%u mem_kib=%lu token=%s", num_online_cpus(),
 		       totalram_pages() << (PAGE_SHIFT - 10), token);
-	if (disk[0])
-		vt_disk();
-	else if (write_text[0])
+	if (disk[0]) {
+		/* A comma-separated list of devices, each hashed (and written). */
+		char list[sizeof(disk)];
+		char *rest = list, *dev;
+
+		strscpy(list, disk, sizeof(list));
+		while ((dev = strsep(&rest, ",")) != NULL)
+			if (*dev)
+				vt_disk(dev);
+	} else if (write_text[0])
 		vt_out("write needs vmmtest.disk");
 	vt_out("done");
 	if (do_poweroff) {
@@ -331,6 +342,7 @@ static int vt_counter_fn(void *unused)
 	ktime_t next, now;
 	u64 n;
 
+	sched_set_fifo_low(current);
 	if (counter_disk[0]) {
 		int ret = vt_cdisk_open(&c);
 

@@ -1,0 +1,125 @@
+//! Pause, snapshot and restore a running Linux guest: the test agent's counter (with a
+//! disk read/rewrite on every tick) and rcutorture keep going in a new `vmm` process, twice
+//! from the same snapshot (clones). The guest boots once; everything else is restores.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+/// Checks that the ticks in `console` count 0, 1, 2, … with no gap and no repeat and
+/// returns the last one.
+fn check_consecutive(console: &str, token: &str, what: &str) -> u64 {
+    let t = ticks(console, token);
+    assert!(!t.is_empty(), "{what}: no ticks\n{console}");
+    for (i, n) in t.iter().enumerate() {
+        assert_eq!(
+            *n, i as u64,
+            "{what}: tick sequence broken at index {i}: {t:?}\n{console}"
+        );
+    }
+    *t.last().unwrap()
+}
+
+fn restore_and_check(dir: &Path, before: &str, token: &str, last_before: u64, what: &str) {
+    let mut r = Running::spawn(&["restore".into(), dir.display().to_string()]);
+    let want = format!("vmmtest: tick {token} {}", last_before + 4);
+    if r.wait_for(&want, Duration::from_secs(120)).is_none() {
+        fail(
+            &r,
+            &format!("{what}: counter did not continue to {}", last_before + 4),
+        );
+    }
+    let _ = r.child.kill();
+    let _ = r.wait_exit(Duration::from_secs(10));
+    let after = r.console();
+    let combined = format!("{before}{after}");
+    let last = check_consecutive(&combined, token, what);
+    assert!(last >= last_before + 4);
+    // Every tick after the restore read and rewrote a disk block through virtio-blk.
+    let pat = format!("vmmtest: tick {token} ");
+    for l in after.lines().filter(|l| l.contains(&pat)) {
+        assert!(
+            l.contains(" md5=") && !l.contains("error="),
+            "{what}: disk I/O failed after restore: {l}\n{after}"
+        );
+    }
+    assert!(
+        !combined.contains("rcu-torture: !!!") && !combined.contains("FAILURE"),
+        "{what}: rcutorture reported errors\n{combined}"
+    );
+    assert!(
+        after.contains("rcu-torture:"),
+        "{what}: rcutorture printed nothing after restore\n{after}"
+    );
+    let out = r.output();
+    assert!(!out.contains("panicked"), "{what}: vmm panicked\n{out}");
+}
+
+#[test]
+fn counter_continues_after_restore_twice() {
+    let Some(a) = guest_env() else { return };
+    let dir = scratch("snapshot-linux");
+    let root = dir.join("rootfs.ext4");
+    let data = dir.join("data.img");
+    std::fs::copy(a.file("rootfs.ext4"), &root).unwrap();
+    std::fs::copy(a.file("disk.img"), &data).unwrap();
+    let sock = dir.join("api.sock");
+    let snap = dir.join("snap");
+    let token = format!("c{}", std::process::id());
+    let extra = format!(
+        "init=/idle vmmtest.counter vmmtest.token={token} vmmtest.counter_disk=/dev/vdb \
+         rcutorture.enable=1 rcutorture.stat_interval=3 rcutorture.nreaders=1 \
+         rcutorture.nfakewriters=0 rcutorture.onoff_interval=0 rcutorture.shutdown_secs=0"
+    );
+    let mut r = Running::spawn(&[
+        "--kernel".into(),
+        kernel_arg(&a, &extra),
+        "--block".into(),
+        format!("path={},root=true", root.display()),
+        "--block".into(),
+        format!("path={}", data.display()),
+        "--api-sock".into(),
+        sock.display().to_string(),
+    ]);
+    if r.wait_for(&format!("vmmtest: tick {token} 3 "), BOOT_TIMEOUT)
+        .is_none()
+    {
+        fail(&r, "counter did not reach 3");
+    }
+    let out = Command::new(vmm_bin())
+        .args(["snapshot", "create", "--leave-paused", "--api-sock"])
+        .arg(&sock)
+        .arg(&snap)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        fail(
+            &r,
+            &format!(
+                "snapshot create failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        );
+    }
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert!(report["memory"]["chunks_total"].as_u64().unwrap() > 0);
+    // The VM stays paused until killed, so its console ends exactly at the snapshot.
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = r.child.kill();
+    let _ = r.wait_exit(Duration::from_secs(10));
+    let before = r.console();
+    let last_before = check_consecutive(&before, &token, "before the snapshot");
+    println!("snapshot taken after tick {last_before}: {report}");
+
+    restore_and_check(&snap, &before, &token, last_before, "first restore");
+    restore_and_check(
+        &snap,
+        &before,
+        &token,
+        last_before,
+        "second restore (clone)",
+    );
+}
