@@ -53,6 +53,17 @@ check "poweroff ends qemu cleanly" bash -c "has() { grep -qE -- \"\$2\" \"\$1\";
 check "write landed in the last 4 KiB block" cmp -s <(tail -c 4096 "$W/d1.img") "$W/expect-block"
 check "rest of the disk unchanged" cmp -s <(head -c $((size - 4096)) "$W/d1.img") <(head -c $((size - 4096)) "$G/disk.img")
 
+# 1b. a comma-separated disk list: each device hashed and written, in order
+cp "$G/disk.img" "$W/l1.img"
+head -c 65536 /dev/zero >"$W/l2.img"
+qemu "$W/1b.log" 60 "$G/vmlinux" "rdinit=/idle vmmtest.disk=/dev/vda,/dev/vdb vmmtest.write=both vmmtest.poweroff" \
+	-initrd "$G/idle.cpio.gz" $(disk d0 "$W/l1.img" "") $(disk d1 "$W/l2.img" "")
+zero_md5=$(head -c 65536 /dev/zero | md5sum | cut -d' ' -f1)
+check "disk list: both hashed and written, in order" bash -c "
+	grep -E 'vmmtest: (disk|write) ' '$W/1b.log' | sed -E 's/^\\[[^]]*\\] //' | tr '\\n' '|' |
+	grep -qx 'vmmtest: disk /dev/vda md5=$want_md5 bytes=$size|vmmtest: write /dev/vda ok|vmmtest: disk /dev/vdb md5=$zero_md5 bytes=65536|vmmtest: write /dev/vdb ok|'"
+check "disk list: second write landed" bash -c "tail -c 4096 '$W/l2.img' | head -c 5 | grep -qx both"
+
 # 2. read-only drive: error line, image unchanged (also with force_write: device refuses)
 cp "$G/disk.img" "$W/d2.img"
 qemu "$W/2.log" 60 "$G/vmlinux" "rdinit=/idle vmmtest.disk=/dev/vda vmmtest.write=nope vmmtest.poweroff" \

@@ -24,6 +24,7 @@ use crate::devices::virtio::mmio::{
     MMIO_WINDOW_SIZE, MmioTransport, NOTIFY_REG_OFFSET, kernel_cmdline_arg,
 };
 use crate::devices::{Bus, IrqLine, SharedDevice};
+use crate::disk::BlockBackend;
 use crate::disk::file::FileBackend;
 use crate::snapshot::Persist;
 use crate::vmm::{ExitWaker, StdinInput, Subscriber, Vmm};
@@ -169,25 +170,37 @@ pub struct AttachedBlock {
 /// First GSI used by virtio devices (ISA interrupts 0..=4 are taken by the PIT, COM ports…).
 pub const VIRTIO_FIRST_GSI: u32 = 5;
 
-/// Opens every configured disk, creates its virtio-block device and transport, wires its
-/// irqfd and ioeventfd, and returns the devices with their kernel command-line parameters.
+/// Opens every configured disk (clear errors: missing, a directory, a size that is not a
+/// multiple of 512 bytes). Done before the VM is created, so bad input fails fast.
+pub fn open_disks(cfg: &VmConfig) -> Result<Vec<Arc<dyn BlockBackend>>, BuildError> {
+    cfg.blocks
+        .iter()
+        .map(|b| {
+            FileBackend::open(&b.path, b.read_only, false)
+                .map(|f| Arc::new(f) as Arc<dyn BlockBackend>)
+                .map_err(|e| BuildError::File {
+                    what: "disk",
+                    path: b.path.display().to_string(),
+                    message: e.to_string(),
+                })
+        })
+        .collect()
+}
+
+/// Creates a virtio-block device and transport for each opened disk, wires its irqfd and
+/// ioeventfd, and returns the devices with their kernel command-line parameters.
 pub fn attach_blocks(
     vm: &Vm,
     mem: &GuestMemory,
     cfg: &VmConfig,
+    disks: Vec<Arc<dyn BlockBackend>>,
     mmio: &mut Bus,
     events: &mut EventManager<Subscriber>,
 ) -> Result<(Vec<AttachedBlock>, Vec<String>), BuildError> {
     let mut attached = Vec::new();
     let mut params = Vec::new();
-    for (i, b) in cfg.blocks.iter().enumerate() {
-        let backend =
-            FileBackend::open(&b.path, b.read_only, false).map_err(|e| BuildError::File {
-                what: "disk",
-                path: b.path.display().to_string(),
-                message: e.to_string(),
-            })?;
-        let device = BlockDevice::new(Arc::new(backend), BlockDeviceConfig { id: b.id.clone() })
+    for (i, (b, backend)) in cfg.blocks.iter().zip(disks).enumerate() {
+        let device = BlockDevice::new(backend, BlockDeviceConfig { id: b.id.clone() })
             .map_err(|e| BuildError::Device(e.to_string()))?;
         let device = Arc::new(Mutex::new(device));
         let gsi = VIRTIO_FIRST_GSI + i as u32;
@@ -329,6 +342,7 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
         .map(|p| open_input("initrd", p))
         .transpose()?;
 
+    let disks = open_disks(cfg)?;
     let vm = Vm::new()?;
     vm.check_vcpu_count(u32::from(cfg.vcpus))?;
     let mem = memory::create_anonymous(&arch::layout::arch_memory_regions(cfg.mem_mib << 20))?;
@@ -377,7 +391,7 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
         events.add_subscriber(Arc::new(Mutex::new(StdinInput::new(legacy.serial.clone()))));
     }
 
-    let (blocks, device_params) = attach_blocks(&vm, &mem, cfg, &mut mmio, &mut events)?;
+    let (blocks, device_params) = attach_blocks(&vm, &mem, cfg, disks, &mut mmio, &mut events)?;
     let mut fds = Vec::new();
     for id in 0..cfg.vcpus {
         fds.push(vm.create_vcpu(id)?);

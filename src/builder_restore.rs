@@ -9,7 +9,7 @@ use event_manager::{EventManager, SubscriberOps};
 use vm_memory::GuestAddress;
 
 use crate::arch::x86_64::{vcpu_state, vm_state};
-use crate::builder::{BuildError, Console, attach_blocks, setup_legacy};
+use crate::builder::{BuildError, Console, attach_blocks, open_disks, setup_legacy};
 use crate::config::BlockConfig;
 use crate::devices::Bus;
 use crate::devices::bus::lock;
@@ -98,6 +98,7 @@ pub fn build_from_snapshot(
         ));
     }
 
+    let disks = open_disks(&cfg)?;
     let vm = Vm::new()?;
     vm.check_vcpu_count(u32::from(cfg.vcpus))?;
     let regions: Vec<(GuestAddress, usize)> = state
@@ -154,7 +155,7 @@ pub fn build_from_snapshot(
         events.add_subscriber(Arc::new(Mutex::new(StdinInput::new(legacy.serial.clone()))));
     }
 
-    let (blocks, _params) = attach_blocks(&vm, &mem, &cfg, &mut mmio, &mut events)?;
+    let (blocks, _params) = attach_blocks(&vm, &mem, &cfg, disks, &mut mmio, &mut events)?;
     for (i, (b, saved)) in blocks.iter().zip(&state.blocks).enumerate() {
         if b.base != saved.base || b.gsi != saved.gsi {
             return Err(BuildError::Device(format!(

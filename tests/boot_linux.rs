@@ -9,8 +9,10 @@ use std::time::Duration;
 fn boot_info(kernel: &str, vcpus: u8, mem_mib: u64) {
     let Some(a) = guest_env() else { return };
     let token = format!("t{}x{}", std::process::id(), vcpus);
+    // rdinit=/idle from the tiny idle initramfs: an init that needs no system calls (guest
+    // user space cannot make any on PVM hosts), so the boot completes and the agent runs.
     let cmdline = format!(
-        "console=ttyS0 reboot=k panic=-1 vmmtest.info vmmtest.token={token} vmmtest.poweroff"
+        "console=ttyS0 reboot=k panic=-1 rdinit=/idle vmmtest.info vmmtest.token={token} vmmtest.poweroff"
     );
     let mut r = Running::spawn(&[
         "--kernel".into(),
@@ -19,6 +21,8 @@ fn boot_info(kernel: &str, vcpus: u8, mem_mib: u64) {
         format!("size_mib={mem_mib}"),
         "--vcpu".into(),
         format!("num={vcpus}"),
+        "--initrd".into(),
+        a.file("idle.cpio.gz").display().to_string(),
     ]);
     let Some(line) = r.wait_for("vmmtest: info", BOOT_TIMEOUT) else {
         fail(&r, "no `vmmtest: info` line")

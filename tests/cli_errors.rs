@@ -103,3 +103,34 @@ fn memory_too_small_for_the_kernel() {
     let k = format!("path={}", a.file("vmlinux").display());
     assert_clear_error(&["--kernel", &k, "--memory", "size_mib=2"], "kernel");
 }
+
+#[test]
+fn bad_disks() {
+    // Disks are checked before the VM is created, so no KVM is needed here.
+    let k = tmpfile("kernel-placeholder", b"not checked before the disks");
+    let karg = format!("path={}", k.display());
+    assert_clear_error(
+        &["--kernel", &karg, "--block", "path=/nonexistent/disk.img"],
+        "/nonexistent/disk.img",
+    );
+    let dir = std::env::temp_dir();
+    assert_clear_error(
+        &[
+            "--kernel",
+            &karg,
+            "--block",
+            &format!("path={}", dir.display()),
+        ],
+        "directory",
+    );
+    let odd = tmpfile("odd.img", &[0u8; 1000]);
+    assert_clear_error(
+        &[
+            "--kernel",
+            &karg,
+            "--block",
+            &format!("path={}", odd.display()),
+        ],
+        "512",
+    );
+}

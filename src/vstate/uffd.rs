@@ -1,0 +1,815 @@
+//! Lazy guest memory restore: page faults on guest memory served from a memory
+//! manifest and a chunk store with userfaultfd.
+//!
+//! [`LazyMemory::start`] registers fresh anonymous guest memory with a userfaultfd in
+//! missing mode and starts one handler thread, `uffd-handler`. The first access to a
+//! page, by a vCPU (KVM faults on the guest's behalf, which are kernel-mode accesses)
+//! or by the VMM itself (virtio devices, snapshot code), blocks until the handler has
+//! put the page's whole chunk in place:
+//!
+//! - a [`ChunkEntry::Zero`] chunk is mapped to the zero page (`UFFDIO_ZEROPAGE`);
+//! - a stored chunk is read with [`ChunkStore::get_into`] (which checks its hash) into
+//!   a buffer owned by the handler, then copied in atomically (`UFFDIO_COPY`).
+//!
+//! So restore costs time proportional to the number of regions, not memory size, and
+//! only the chunks the guest touches are ever read. The handler thread never touches
+//! guest memory itself (it would fault on it and wait for itself): all its writes go
+//! through the userfaultfd ioctls. [`LazyMemory::fill_in_background`] optionally
+//! fetches every remaining chunk while no fault is pending.
+//!
+//! # When a chunk cannot be fetched
+//!
+//! If the store fails for a chunk (missing, corrupt, unreadable), the fetch is retried
+//! a few times with exponential backoff ([`LazyOptions`]). If it still fails, the
+//! fault is **left unresolved** and a fatal error is recorded
+//! ([`LazyMemory::fatal_error`], [`LazyMemory::fatal_event`]): the accessing thread
+//! stays blocked rather than reading zeros or stale data, because silently corrupted
+//! guest memory is worse than a stopped VM. The VMM is expected to notice the fatal
+//! error and exit with it. Other chunks are still served meanwhile. After a fatal
+//! error, [`LazyMemory::stop`] keeps the userfaultfd open (leaks it) so the blocked
+//! threads never resume with wrong memory.
+//!
+//! # Limits
+//!
+//! - Guest memory must not be discarded (`MADV_DONTNEED`, balloon, free page
+//!   reporting) while chunks are still missing: a discarded page of an unfetched
+//!   chunk would be filled from the snapshot again. (Pages discarded after their chunk
+//!   was placed correctly read back as zeros.)
+//! - After [`LazyMemory::stop`] the ranges are no longer served: missing pages then
+//!   read as zeros. Stop only once the guest and devices will not touch the memory
+//!   again, or after [`LazyMemory::wait_complete`].
+
+mod sys;
+#[cfg(test)]
+mod tests;
+
+use std::io;
+use std::os::fd::AsRawFd as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use log::{debug, error, warn};
+use vmm_sys_util::eventfd::EventFd;
+
+use self::sys::{Fill, Uffd, UffdMsg};
+use crate::snapshot::manifest::{ChunkEntry, RegionManifest};
+use crate::store::{ChunkId, ChunkStore, MAX_CHUNK_LEN, StoreError};
+
+/// Page size the ranges and chunks are aligned to.
+const PAGE_SIZE: usize = 4096;
+
+/// Events read from the userfaultfd per `read`.
+const MSGS_PER_READ: usize = 64;
+
+/// Errors of starting lazy memory restore.
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    /// No userfaultfd could be opened (neither the system call nor
+    /// `/dev/userfaultfd`).
+    #[error("cannot open a userfaultfd")]
+    Open(#[source] io::Error),
+    /// The `UFFDIO_API` handshake failed.
+    #[error("userfaultfd API handshake failed")]
+    Api(#[source] io::Error),
+    /// The chunk size is not usable.
+    #[error(
+        "chunk size {size} is invalid: it must be a non-zero multiple of {PAGE_SIZE} \
+         and at most {MAX_CHUNK_LEN}"
+    )]
+    InvalidChunkSize {
+        /// The rejected size.
+        size: usize,
+    },
+    /// A region is malformed, overlaps another, or does not match its manifest.
+    #[error("guest memory region {index} at host address {host_addr:#x}: {detail}")]
+    InvalidRegion {
+        /// Index of the region in the list given to [`LazyMemory::start`].
+        index: usize,
+        /// Its host address.
+        host_addr: usize,
+        /// What is wrong.
+        detail: String,
+    },
+    /// Dropping the previous contents of a region failed.
+    #[error("cannot discard the contents of {len:#x} bytes at host address {host_addr:#x}")]
+    Discard {
+        /// Start of the range.
+        host_addr: usize,
+        /// Its length.
+        len: usize,
+        /// The `madvise` error.
+        #[source]
+        source: io::Error,
+    },
+    /// `UFFDIO_REGISTER` failed (for instance on memory that is not anonymous).
+    #[error("cannot register {len:#x} bytes at host address {host_addr:#x} with userfaultfd")]
+    Register {
+        /// Start of the range.
+        host_addr: usize,
+        /// Its length.
+        len: usize,
+        /// The ioctl error.
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel does not offer copy, zero-page and wake on a registered range.
+    #[error(
+        "userfaultfd range at host address {host_addr:#x} lacks copy/zeropage/wake \
+         (ioctls {ioctls:#x})"
+    )]
+    MissingIoctls {
+        /// Start of the range.
+        host_addr: usize,
+        /// The ioctl bits the kernel reported.
+        ioctls: u64,
+    },
+    /// Creating an eventfd failed.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] io::Error),
+    /// The handler thread could not be started.
+    #[error("cannot start the userfaultfd handler thread")]
+    Spawn(#[source] io::Error),
+}
+
+/// Tuning of [`LazyMemory`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LazyOptions {
+    /// Tries per chunk before a fetch error becomes fatal (at least 1).
+    pub fetch_attempts: u32,
+    /// Wait before the second try; doubled before each further one.
+    pub retry_backoff: Duration,
+}
+
+impl Default for LazyOptions {
+    /// 4 tries, 20 + 40 + 80 ms of waiting: rides out transient store errors, gives
+    /// up on a missing chunk in well under a second.
+    fn default() -> Self {
+        LazyOptions {
+            fetch_attempts: 4,
+            retry_backoff: Duration::from_millis(20),
+        }
+    }
+}
+
+/// Counters of a [`LazyMemory`] since it started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LazyStats {
+    /// Page-fault events received.
+    pub faults: u64,
+    /// Faults on pages of chunks already placed (several threads faulting on one
+    /// chunk at once, or a fault queued while its chunk was placed).
+    pub repeat_faults: u64,
+    /// Stored chunks read from the store and copied in (faults and background fill).
+    pub chunks_fetched: u64,
+    /// Of `chunks_fetched`, those fetched by the background fill.
+    pub chunks_prefetched: u64,
+    /// Zero chunks mapped to the zero page.
+    pub chunks_zero: u64,
+    /// Bytes copied into guest memory.
+    pub bytes_copied: u64,
+    /// Failed store reads (every try counts) and failed userfaultfd operations.
+    pub errors: u64,
+    /// Stored (non-zero) chunks in the manifest.
+    pub data_chunks_total: u64,
+    /// Stored chunks not yet placed in guest memory.
+    pub data_chunks_remaining: u64,
+    /// Total time the handler spent serving faults, in nanoseconds (from reading the
+    /// event to the waking copy).
+    pub fault_service_ns: u64,
+}
+
+/// State shared by [`LazyMemory`] and its handler thread.
+#[derive(Debug)]
+struct Shared {
+    faults: AtomicU64,
+    repeat_faults: AtomicU64,
+    chunks_fetched: AtomicU64,
+    chunks_prefetched: AtomicU64,
+    chunks_zero: AtomicU64,
+    bytes_copied: AtomicU64,
+    errors: AtomicU64,
+    data_chunks_total: u64,
+    data_chunks_remaining: AtomicU64,
+    fault_service_ns: AtomicU64,
+    /// The first fatal error.
+    fatal: Mutex<Option<String>>,
+    /// Signalled when `fatal` is set.
+    fatal_evt: EventFd,
+    /// The handler must exit.
+    stop: AtomicBool,
+    /// The handler should fill remaining chunks when idle.
+    fill: AtomicBool,
+}
+
+impl Shared {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn is_fatal(&self) -> bool {
+        self.fatal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// Records `msg` as the fatal error, unless one is already recorded.
+    fn set_fatal(&self, msg: String) {
+        error!("lazy memory restore: {msg}");
+        let mut fatal = self.fatal.lock().unwrap_or_else(PoisonError::into_inner);
+        if fatal.is_none() {
+            *fatal = Some(msg);
+            if let Err(e) = self.fatal_evt.write(1) {
+                error!("cannot signal the lazy memory fatal error eventfd: {e}");
+            }
+        }
+    }
+}
+
+/// Serves page faults on guest memory regions from a memory manifest and a chunk
+/// store (see the [module documentation](self)).
+#[derive(Debug)]
+pub struct LazyMemory {
+    shared: Arc<Shared>,
+    /// Wakes the handler to look at `shared.stop` / `shared.fill`.
+    ctl: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LazyMemory {
+    /// Starts serving faults on `regions`: for each guest memory region, its host
+    /// address, its length and the [`RegionManifest`] of its contents, in chunks of
+    /// `chunk_size` bytes from `store`. Uses [`LazyOptions::default`].
+    ///
+    /// Whatever the ranges held is discarded first; they are then registered with a
+    /// userfaultfd in missing mode and a handler thread, `uffd-handler`, is started.
+    /// Takes time proportional to the number of regions, not their size.
+    ///
+    /// # Safety
+    ///
+    /// Each range must be a private anonymous mapping (`MAP_PRIVATE |
+    /// MAP_ANONYMOUS`) owned by the caller, that stays mapped while the returned
+    /// value lives, and into which no Rust reference is held while its contents
+    /// change (they are dropped here, then filled in on first access).
+    pub unsafe fn start(
+        regions: Vec<(usize, usize, RegionManifest)>,
+        chunk_size: usize,
+        store: Arc<dyn ChunkStore>,
+    ) -> Result<Self, UffdError> {
+        // SAFETY: the caller upholds the contract, which is the same.
+        unsafe { Self::start_with_options(regions, chunk_size, store, LazyOptions::default()) }
+    }
+
+    /// [`start`](Self::start) with explicit [`LazyOptions`].
+    ///
+    /// # Safety
+    ///
+    /// As for [`start`](Self::start).
+    pub unsafe fn start_with_options(
+        regions: Vec<(usize, usize, RegionManifest)>,
+        chunk_size: usize,
+        store: Arc<dyn ChunkStore>,
+        options: LazyOptions,
+    ) -> Result<Self, UffdError> {
+        let regions = validate(regions, chunk_size)?;
+        let uffd = Uffd::open().map_err(UffdError::Open)?;
+        uffd.api().map_err(UffdError::Api)?;
+        for r in &regions {
+            // SAFETY: the caller guarantees the range is its own anonymous mapping
+            // with no reference into it, so its contents may be dropped.
+            unsafe { sys::discard(r.host, r.len) }.map_err(|source| UffdError::Discard {
+                host_addr: r.host,
+                len: r.len,
+                source,
+            })?;
+            let ioctls =
+                uffd.register_missing(r.host, r.len)
+                    .map_err(|source| UffdError::Register {
+                        host_addr: r.host,
+                        len: r.len,
+                        source,
+                    })?;
+            if ioctls & sys::NEEDED_RANGE_IOCTLS != sys::NEEDED_RANGE_IOCTLS {
+                return Err(UffdError::MissingIoctls {
+                    host_addr: r.host,
+                    ioctls,
+                });
+            }
+        }
+        let data_chunks = regions
+            .iter()
+            .flat_map(|r| &r.chunks)
+            .filter(|c| matches!(c, ChunkEntry::Chunk(_)))
+            .count() as u64;
+        let new_evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(UffdError::EventFd);
+        let shared = Arc::new(Shared {
+            faults: AtomicU64::new(0),
+            repeat_faults: AtomicU64::new(0),
+            chunks_fetched: AtomicU64::new(0),
+            chunks_prefetched: AtomicU64::new(0),
+            chunks_zero: AtomicU64::new(0),
+            bytes_copied: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            data_chunks_total: data_chunks,
+            data_chunks_remaining: AtomicU64::new(data_chunks),
+            fault_service_ns: AtomicU64::new(0),
+            fatal: Mutex::new(None),
+            fatal_evt: new_evt()?,
+            stop: AtomicBool::new(false),
+            fill: AtomicBool::new(false),
+        });
+        let ctl = new_evt()?;
+        let handler = Handler {
+            uffd: Some(uffd),
+            ctl: ctl.try_clone().map_err(UffdError::EventFd)?,
+            regions,
+            chunk_size,
+            store,
+            buf: vec![0; chunk_size],
+            shared: Arc::clone(&shared),
+            options,
+            fill_cursor: (0, 0),
+            fill_exhausted: false,
+        };
+        let thread = std::thread::Builder::new()
+            .name("uffd-handler".into())
+            .spawn(move || handler.run())
+            .map_err(UffdError::Spawn)?;
+        Ok(LazyMemory {
+            shared,
+            ctl,
+            thread: Some(thread),
+        })
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> LazyStats {
+        let s = &self.shared;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        LazyStats {
+            faults: get(&s.faults),
+            repeat_faults: get(&s.repeat_faults),
+            chunks_fetched: get(&s.chunks_fetched),
+            chunks_prefetched: get(&s.chunks_prefetched),
+            chunks_zero: get(&s.chunks_zero),
+            bytes_copied: get(&s.bytes_copied),
+            errors: get(&s.errors),
+            data_chunks_total: s.data_chunks_total,
+            data_chunks_remaining: get(&s.data_chunks_remaining),
+            fault_service_ns: get(&s.fault_service_ns),
+        }
+    }
+
+    /// The first fatal error, if any: a chunk that could not be fetched (its fault
+    /// is left unresolved) or a failed userfaultfd operation. The VMM should stop
+    /// the VM and exit with this message.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.shared
+            .fatal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// An eventfd that becomes readable when a fatal error is recorded, for the
+    /// VMM's event loop.
+    pub fn fatal_event(&self) -> &EventFd {
+        &self.shared.fatal_evt
+    }
+
+    /// Asks the handler to fetch every stored chunk not yet placed, one at a time
+    /// whenever no fault is pending (faults keep priority). Zero chunks need no
+    /// filling: once every stored chunk is placed, the memory reads correctly even
+    /// without the handler.
+    pub fn fill_in_background(&self) {
+        self.shared.fill.store(true, Ordering::Release);
+        self.kick();
+    }
+
+    /// Whether every stored chunk is in guest memory (then [`stop`](Self::stop)
+    /// loses nothing).
+    pub fn is_complete(&self) -> bool {
+        self.shared.data_chunks_remaining.load(Ordering::Acquire) == 0
+    }
+
+    /// Waits until [`is_complete`](Self::is_complete), a fatal error, or `timeout`;
+    /// returns whether it is complete.
+    pub fn wait_complete(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.is_complete() {
+                return true;
+            }
+            if self.shared.is_fatal() || Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Stops the handler thread and waits for it; returns the final counters.
+    ///
+    /// The registrations end with it (pages still missing then read as zeros),
+    /// except after a fatal error: the userfaultfd is then leaked so that threads
+    /// blocked on the failed chunk stay blocked until the process exits.
+    pub fn stop(mut self) -> LazyStats {
+        self.shutdown();
+        self.stats()
+    }
+
+    fn kick(&self) {
+        if let Err(e) = self.ctl.write(1) {
+            error!("cannot wake the userfaultfd handler: {e}");
+        }
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.shared.stop.store(true, Ordering::Release);
+            self.kick();
+            if thread.join().is_err() {
+                error!("the userfaultfd handler thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for LazyMemory {
+    /// Stops the handler like [`LazyMemory::stop`].
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Progress of one chunk, known to the handler only.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    Pending,
+    Placed,
+    Failed,
+}
+
+/// A registered region as the handler sees it.
+struct Region {
+    host: usize,
+    len: usize,
+    gpa: u64,
+    chunks: Vec<ChunkEntry>,
+    state: Vec<ChunkState>,
+}
+
+/// Checks the arguments of [`LazyMemory::start`]; returns the regions sorted by
+/// host address.
+fn validate(
+    regions: Vec<(usize, usize, RegionManifest)>,
+    chunk_size: usize,
+) -> Result<Vec<Region>, UffdError> {
+    if chunk_size == 0 || !chunk_size.is_multiple_of(PAGE_SIZE) || chunk_size > MAX_CHUNK_LEN {
+        return Err(UffdError::InvalidChunkSize { size: chunk_size });
+    }
+    let mut out = Vec::with_capacity(regions.len());
+    for (index, (host, len, manifest)) in regions.into_iter().enumerate() {
+        let invalid = |detail: String| UffdError::InvalidRegion {
+            index,
+            host_addr: host,
+            detail,
+        };
+        if host == 0 || !host.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(invalid(format!(
+                "address and length {len:#x} must be non-null multiples of {PAGE_SIZE}"
+            )));
+        }
+        if len == 0 || host.checked_add(len).is_none() {
+            return Err(invalid(format!("length {len:#x} is empty or wraps")));
+        }
+        if manifest.size != len as u64 {
+            return Err(invalid(format!(
+                "length {len:#x} differs from the manifest's {:#x}",
+                manifest.size
+            )));
+        }
+        let expected = len.div_ceil(chunk_size);
+        if manifest.chunks.len() != expected {
+            return Err(invalid(format!(
+                "manifest has {} chunk entries, expected {expected}",
+                manifest.chunks.len()
+            )));
+        }
+        out.push((index, Region {
+            host,
+            len,
+            gpa: manifest.guest_addr,
+            state: vec![ChunkState::Pending; expected],
+            chunks: manifest.chunks,
+        }));
+    }
+    out.sort_by_key(|(_, r)| r.host);
+    for pair in out.windows(2) {
+        let ((_, a), (index, b)) = (&pair[0], &pair[1]);
+        if a.host + a.len > b.host {
+            return Err(UffdError::InvalidRegion {
+                index: *index,
+                host_addr: b.host,
+                detail: format!("overlaps the region at {:#x}", a.host),
+            });
+        }
+    }
+    Ok(out.into_iter().map(|(_, r)| r).collect())
+}
+
+/// Why a chunk is being placed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Fault,
+    Fill,
+}
+
+/// The handler thread's state.
+struct Handler {
+    /// `None` only once leaked or closed in `Drop`.
+    uffd: Option<Uffd>,
+    ctl: EventFd,
+    regions: Vec<Region>,
+    chunk_size: usize,
+    store: Arc<dyn ChunkStore>,
+    /// Chunk fetch buffer: the handler never writes guest memory directly.
+    buf: Vec<u8>,
+    shared: Arc<Shared>,
+    options: LazyOptions,
+    /// Next (region, chunk) the background fill looks at.
+    fill_cursor: (usize, usize),
+    fill_exhausted: bool,
+}
+
+impl Drop for Handler {
+    /// Closes the userfaultfd, or leaks it after a fatal error or a panic so that
+    /// threads blocked on unresolved faults never resume with wrong memory.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.shared
+                .set_fatal("the userfaultfd handler thread panicked".into());
+        }
+        if let Some(uffd) = self.uffd.take()
+            && self.shared.is_fatal()
+        {
+            uffd.leak();
+        }
+    }
+}
+
+/// Formats an error with its chain of causes.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+impl Handler {
+    fn uffd(&self) -> &Uffd {
+        self.uffd.as_ref().expect("the userfaultfd is open while running")
+    }
+
+    fn run(mut self) {
+        let mut msgs = [UffdMsg::default(); MSGS_PER_READ];
+        while !self.shared.stop.load(Ordering::Acquire) {
+            let filling = !self.fill_exhausted && self.shared.fill.load(Ordering::Acquire);
+            let ready = sys::poll_readable(
+                [self.uffd().raw_fd(), self.ctl.as_raw_fd()],
+                if filling { 0 } else { -1 },
+            );
+            let [faults, ctl] = match ready {
+                Ok(r) => r,
+                Err(e) => {
+                    self.shared
+                        .set_fatal(format!("cannot poll the userfaultfd: {e}"));
+                    return;
+                }
+            };
+            if ctl {
+                // Only a wake-up: the flags in `shared` say what to do.
+                let _ = self.ctl.read();
+            }
+            if faults {
+                if let Err(e) = self.drain(&mut msgs) {
+                    self.shared
+                        .set_fatal(format!("cannot read userfaultfd events: {e}"));
+                    return;
+                }
+            } else if filling {
+                self.fill_one();
+            }
+        }
+    }
+
+    /// Serves every pending event.
+    fn drain(&mut self, msgs: &mut [UffdMsg]) -> io::Result<()> {
+        loop {
+            let n = self.uffd().read_events(msgs)?;
+            if n == 0 {
+                return Ok(());
+            }
+            for msg in &msgs[..n] {
+                if msg.event == sys::UFFD_EVENT_PAGEFAULT {
+                    self.fault(msg.arg1 as usize, msg.arg0);
+                } else {
+                    warn!("ignoring unexpected userfaultfd event {:#x}", msg.event);
+                }
+            }
+        }
+    }
+
+    /// The region and chunk index of host address `addr`.
+    fn locate(&self, addr: usize) -> Option<(usize, usize)> {
+        let i = self.regions.partition_point(|r| r.host <= addr).checked_sub(1)?;
+        let r = &self.regions[i];
+        (addr - r.host < r.len).then(|| (i, (addr - r.host) / self.chunk_size))
+    }
+
+    fn fault(&mut self, addr: usize, flags: u64) {
+        let started = Instant::now();
+        Shared::add(&self.shared.faults, 1);
+        let Some((ri, ci)) = self.locate(addr) else {
+            Shared::add(&self.shared.errors, 1);
+            error!("userfaultfd fault at {addr:#x} outside every registered region");
+            return;
+        };
+        match self.regions[ri].state[ci] {
+            ChunkState::Pending => self.place_chunk(ri, ci, Origin::Fault),
+            ChunkState::Placed => {
+                // Usually the page is there and the faulting thread only needs a
+                // wake-up; if it was discarded since, the zero page is right.
+                Shared::add(&self.shared.repeat_faults, 1);
+                let page = addr & !(PAGE_SIZE - 1);
+                if let Err(e) = place(self.uffd(), page, PAGE_SIZE, None) {
+                    self.io_error(e, page, ri, ci);
+                }
+            }
+            ChunkState::Failed => debug!(
+                "fault at {addr:#x} (flags {flags:#x}) on a chunk that failed: left blocked"
+            ),
+        }
+        let ns = started.elapsed().as_nanos() as u64;
+        Shared::add(&self.shared.fault_service_ns, ns);
+    }
+
+    /// Puts chunk `ci` of region `ri` in place.
+    fn place_chunk(&mut self, ri: usize, ci: usize, origin: Origin) {
+        let r = &self.regions[ri];
+        let off = ci * self.chunk_size;
+        let len = self.chunk_size.min(r.len - off);
+        let dst = r.host + off;
+        let gpa = r.gpa + off as u64;
+        let placed = match r.chunks[ci] {
+            ChunkEntry::Zero => {
+                let placed = place(self.uffd(), dst, len, None);
+                if placed.is_ok() {
+                    Shared::add(&self.shared.chunks_zero, 1);
+                }
+                placed
+            }
+            ChunkEntry::Chunk(id) => {
+                if let Err(e) = self.fetch(&id, len) {
+                    self.regions[ri].state[ci] = ChunkState::Failed;
+                    self.shared.set_fatal(format!(
+                        "cannot fetch chunk {id} for guest address {gpa:#x} \
+                         (host {dst:#x}): {}",
+                        chain(&e)
+                    ));
+                    return;
+                }
+                let placed = place(self.uffd(), dst, len, Some(&self.buf[..len]));
+                if let Ok(bytes) = placed {
+                    let s = &self.shared;
+                    Shared::add(&s.chunks_fetched, 1);
+                    Shared::add(&s.bytes_copied, bytes as u64);
+                    if origin == Origin::Fill {
+                        Shared::add(&s.chunks_prefetched, 1);
+                    }
+                    s.data_chunks_remaining.fetch_sub(1, Ordering::AcqRel);
+                }
+                placed
+            }
+        };
+        match placed {
+            Ok(_) => self.regions[ri].state[ci] = ChunkState::Placed,
+            Err(e) => self.io_error(e, dst, ri, ci),
+        }
+    }
+
+    /// Handles a failed copy or zero-page ioctl at `dst` in chunk `ci` of `ri`.
+    fn io_error(&mut self, e: io::Error, dst: usize, ri: usize, ci: usize) {
+        Shared::add(&self.shared.errors, 1);
+        if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) {
+            // The mapping or the process is going away: nothing can wait on it.
+            warn!("guest memory at {dst:#x} is gone ({e}); background fill stopped");
+            self.regions[ri].state[ci] = ChunkState::Failed;
+            self.fill_exhausted = true;
+            return;
+        }
+        self.regions[ri].state[ci] = ChunkState::Failed;
+        self.shared.set_fatal(format!(
+            "cannot place guest memory at host address {dst:#x} (guest {:#x}): {e}",
+            self.regions[ri].gpa + (dst - self.regions[ri].host) as u64
+        ));
+    }
+
+    /// Reads chunk `id` of `len` bytes into `buf`, retrying with backoff.
+    fn fetch(&mut self, id: &ChunkId, len: usize) -> Result<(), StoreError> {
+        let attempts = self.options.fetch_attempts.max(1);
+        let mut delay = self.options.retry_backoff;
+        let mut attempt = 1;
+        loop {
+            match self.store.get_into(id, &mut self.buf[..len]) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    Shared::add(&self.shared.errors, 1);
+                    warn!("fetching chunk {id} failed (try {attempt}/{attempts}): {e}");
+                    if attempt >= attempts || self.shared.stop.load(Ordering::Acquire) {
+                        return Err(e);
+                    }
+                }
+            }
+            // Sleep, but wake up early to stop.
+            let ms = delay.as_millis().min(i32::MAX as u128) as i32;
+            if let Ok([true]) = sys::poll_readable([self.ctl.as_raw_fd()], ms) {
+                let _ = self.ctl.read();
+            }
+            delay = delay.saturating_mul(2);
+            attempt += 1;
+        }
+    }
+
+    /// Places the next stored chunk not yet placed, if any.
+    fn fill_one(&mut self) {
+        let (mut ri, mut ci) = self.fill_cursor;
+        while ri < self.regions.len() {
+            let r = &self.regions[ri];
+            if ci >= r.chunks.len() {
+                ri += 1;
+                ci = 0;
+                continue;
+            }
+            let todo = matches!(r.chunks[ci], ChunkEntry::Chunk(_))
+                && r.state[ci] == ChunkState::Pending;
+            ci += 1;
+            if todo {
+                self.fill_cursor = (ri, ci);
+                self.place_chunk(ri, ci - 1, Origin::Fill);
+                return;
+            }
+        }
+        self.fill_cursor = (ri, ci);
+        self.fill_exhausted = true;
+    }
+}
+
+/// Fills `[dst, dst + len)` from `src` (or with the zero page), skipping pages that
+/// already exist, and makes sure every thread waiting on the range is woken.
+/// Returns the bytes placed.
+fn place(uffd: &Uffd, dst: usize, len: usize, src: Option<&[u8]>) -> io::Result<usize> {
+    let mut off = 0;
+    let mut placed = 0;
+    let mut skipped = false;
+    let mut retries = 0;
+    while off < len {
+        let fill = match src {
+            Some(src) => uffd.copy(dst + off, &src[off..len]),
+            None => uffd.zeropage(dst + off, len - off),
+        };
+        match fill {
+            Fill::Done => {
+                placed += len - off;
+                off = len;
+            }
+            Fill::Partial(n) => {
+                placed += n;
+                off += n;
+            }
+            Fill::Failed(e) => match e.raw_os_error() {
+                // The page exists (placed before, or discarded and refaulted):
+                // never overwrite it; wake its waiters below.
+                Some(libc::EEXIST) => {
+                    off += PAGE_SIZE;
+                    skipped = true;
+                }
+                // The address space is changing under us: try again.
+                Some(libc::EAGAIN) if retries < 1000 => {
+                    retries += 1;
+                    std::thread::yield_now();
+                }
+                _ => return Err(e),
+            },
+        }
+    }
+    if skipped {
+        uffd.wake(dst, len)?;
+    }
+    Ok(placed)
+}
