@@ -15,6 +15,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use vm_memory::Bytes;
 use vmm::config::BlockConfig;
 use vmm::devices::bus::lock;
 use vmm::snapshot::{ChunkEntry, MemoryManifest};
@@ -851,4 +852,71 @@ fn snapshots_in_a_shared_store_dedup_unchanged_chunks() {
         })?;
         Ok(())
     });
+}
+
+// ---------------------------------------------------------------------------------------
+// An idle 1 GiB guest: the snapshot stores no more than the guest's non-zero memory.
+
+#[test]
+fn idle_1gib_snapshot_stores_at_most_the_nonzero_memory() {
+    check(
+        "idle_1gib_snapshot_stores_at_most_the_nonzero_memory",
+        || {
+            let tmp = TempDir::new("idle1g");
+            let mut spec = Spec::new(Scenario::SnapDirty);
+            spec.mem_mib = 1024;
+            let mut vm = tiny::boot(spec, Vec::new())?;
+            vm.wait_for(deadline(), "dirty: ready\n")?;
+            vm.pause()?;
+            // Count the guest's non-zero bytes, 4 KiB page by page, from the host.
+            let mut nonzero_pages = 0u64;
+            let mut page = vec![0u8; 4096];
+            let mut addr = 0u64;
+            while addr < 1024 << 20 {
+                vm.vmm
+                    .mem
+                    .read_slice(&mut page, vm_memory::GuestAddress(addr))
+                    .map_err(|e| format!("read {addr:#x}: {e}"))?;
+                if page.iter().any(|&b| b != 0) {
+                    nonzero_pages += 1;
+                }
+                addr += 4096;
+            }
+            let nonzero = nonzero_pages * 4096;
+            let s = vm.snapshot(&tmp.join("s"), None)?.memory;
+            let stored: u64 = walk_size(&tmp.join("s").join("chunks"));
+            eprintln!("  nonzero {nonzero} bytes, stored {stored} bytes on disk, {s:?}");
+            ensure(nonzero > 0, || "the guest has no non-zero memory?".into())?;
+            ensure(
+                s.bytes_written <= nonzero && stored <= nonzero + 4096 * s.chunks_new,
+                || {
+                    format!(
+                        "stored {} bytes ({stored} on disk) for {nonzero} non-zero bytes",
+                        s.bytes_written
+                    )
+                },
+            )?;
+            ensure(
+                s.chunks_zero + s.chunks_new + s.chunks_deduped == s.chunks_total,
+                || format!("chunk counts do not add up: {s:?}"),
+            )?;
+            Ok(())
+        },
+    );
+}
+
+/// Sum of the sizes of the regular files under `dir`.
+fn walk_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                total += walk_size(&p);
+            } else if let Ok(m) = e.metadata() {
+                total += m.len();
+            }
+        }
+    }
+    total
 }

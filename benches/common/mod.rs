@@ -65,8 +65,15 @@ impl Csv {
 
     /// Appends one row (fields must not contain commas).
     pub fn row(&self, fields: &[String]) {
-        debug_assert_eq!(fields.len(), self.header.split(',').count(), "{}", self.header);
-        let new = fs::metadata(&self.path).map(|m| m.len() == 0).unwrap_or(true);
+        debug_assert_eq!(
+            fields.len(),
+            self.header.split(',').count(),
+            "{}",
+            self.header
+        );
+        let new = fs::metadata(&self.path)
+            .map(|m| m.len() == 0)
+            .unwrap_or(true);
         let mut f = OpenOptions::new()
             .create(true)
             .append(true)

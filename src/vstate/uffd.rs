@@ -53,7 +53,7 @@ use std::time::{Duration, Instant};
 use log::{debug, error, warn};
 use vmm_sys_util::eventfd::EventFd;
 
-use self::sys::{Fill, Uffd, UffdMsg};
+use self::sys::{Uffd, UffdMsg};
 use crate::snapshot::manifest::{ChunkEntry, RegionManifest};
 use crate::store::{ChunkId, ChunkStore, MAX_CHUNK_LEN, StoreError};
 
@@ -497,13 +497,16 @@ fn validate(
                 manifest.chunks.len()
             )));
         }
-        out.push((index, Region {
-            host,
-            len,
-            gpa: manifest.guest_addr,
-            state: vec![ChunkState::Pending; expected],
-            chunks: manifest.chunks,
-        }));
+        out.push((
+            index,
+            Region {
+                host,
+                len,
+                gpa: manifest.guest_addr,
+                state: vec![ChunkState::Pending; expected],
+                chunks: manifest.chunks,
+            },
+        ));
     }
     out.sort_by_key(|(_, r)| r.host);
     for pair in out.windows(2) {
@@ -573,7 +576,9 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 impl Handler {
     fn uffd(&self) -> &Uffd {
-        self.uffd.as_ref().expect("the userfaultfd is open while running")
+        self.uffd
+            .as_ref()
+            .expect("the userfaultfd is open while running")
     }
 
     fn run(mut self) {
@@ -627,7 +632,10 @@ impl Handler {
 
     /// The region and chunk index of host address `addr`.
     fn locate(&self, addr: usize) -> Option<(usize, usize)> {
-        let i = self.regions.partition_point(|r| r.host <= addr).checked_sub(1)?;
+        let i = self
+            .regions
+            .partition_point(|r| r.host <= addr)
+            .checked_sub(1)?;
         let r = &self.regions[i];
         (addr - r.host < r.len).then(|| (i, (addr - r.host) / self.chunk_size))
     }
@@ -647,13 +655,13 @@ impl Handler {
                 // wake-up; if it was discarded since, the zero page is right.
                 Shared::add(&self.shared.repeat_faults, 1);
                 let page = addr & !(PAGE_SIZE - 1);
-                if let Err(e) = place(self.uffd(), page, PAGE_SIZE, None) {
+                if let Err(e) = self.uffd().place(page, PAGE_SIZE, None) {
                     self.io_error(e, page, ri, ci);
                 }
             }
-            ChunkState::Failed => debug!(
-                "fault at {addr:#x} (flags {flags:#x}) on a chunk that failed: left blocked"
-            ),
+            ChunkState::Failed => {
+                debug!("fault at {addr:#x} (flags {flags:#x}) on a chunk that failed: left blocked")
+            }
         }
         let ns = started.elapsed().as_nanos() as u64;
         Shared::add(&self.shared.fault_service_ns, ns);
@@ -666,13 +674,13 @@ impl Handler {
         let len = self.chunk_size.min(r.len - off);
         let dst = r.host + off;
         let gpa = r.gpa + off as u64;
+        // Counters are updated before the ioctl that wakes the faulting thread, so
+        // that thread sees them.
+        let s = &self.shared;
         let placed = match r.chunks[ci] {
             ChunkEntry::Zero => {
-                let placed = place(self.uffd(), dst, len, None);
-                if placed.is_ok() {
-                    Shared::add(&self.shared.chunks_zero, 1);
-                }
-                placed
+                Shared::add(&s.chunks_zero, 1);
+                self.uffd().place(dst, len, None)
             }
             ChunkEntry::Chunk(id) => {
                 if let Err(e) = self.fetch(&id, len) {
@@ -684,16 +692,18 @@ impl Handler {
                     ));
                     return;
                 }
-                let placed = place(self.uffd(), dst, len, Some(&self.buf[..len]));
-                if let Ok(bytes) = placed {
-                    let s = &self.shared;
-                    Shared::add(&s.chunks_fetched, 1);
-                    Shared::add(&s.bytes_copied, bytes as u64);
-                    if origin == Origin::Fill {
-                        Shared::add(&s.chunks_prefetched, 1);
-                    }
-                    s.data_chunks_remaining.fetch_sub(1, Ordering::AcqRel);
+                let s = &self.shared;
+                Shared::add(&s.chunks_fetched, 1);
+                if origin == Origin::Fill {
+                    Shared::add(&s.chunks_prefetched, 1);
                 }
+                s.data_chunks_remaining.fetch_sub(1, Ordering::AcqRel);
+                Shared::add(&s.bytes_copied, len as u64);
+                let placed = self.uffd().place(dst, len, Some(&self.buf[..len]));
+                let bytes = *placed.as_ref().unwrap_or(&0);
+                // Pages found already present were not copied.
+                s.bytes_copied
+                    .fetch_sub((len - bytes) as u64, Ordering::Relaxed);
                 placed
             }
         };
@@ -756,8 +766,8 @@ impl Handler {
                 ci = 0;
                 continue;
             }
-            let todo = matches!(r.chunks[ci], ChunkEntry::Chunk(_))
-                && r.state[ci] == ChunkState::Pending;
+            let todo =
+                matches!(r.chunks[ci], ChunkEntry::Chunk(_)) && r.state[ci] == ChunkState::Pending;
             ci += 1;
             if todo {
                 self.fill_cursor = (ri, ci);
@@ -768,48 +778,4 @@ impl Handler {
         self.fill_cursor = (ri, ci);
         self.fill_exhausted = true;
     }
-}
-
-/// Fills `[dst, dst + len)` from `src` (or with the zero page), skipping pages that
-/// already exist, and makes sure every thread waiting on the range is woken.
-/// Returns the bytes placed.
-fn place(uffd: &Uffd, dst: usize, len: usize, src: Option<&[u8]>) -> io::Result<usize> {
-    let mut off = 0;
-    let mut placed = 0;
-    let mut skipped = false;
-    let mut retries = 0;
-    while off < len {
-        let fill = match src {
-            Some(src) => uffd.copy(dst + off, &src[off..len]),
-            None => uffd.zeropage(dst + off, len - off),
-        };
-        match fill {
-            Fill::Done => {
-                placed += len - off;
-                off = len;
-            }
-            Fill::Partial(n) => {
-                placed += n;
-                off += n;
-            }
-            Fill::Failed(e) => match e.raw_os_error() {
-                // The page exists (placed before, or discarded and refaulted):
-                // never overwrite it; wake its waiters below.
-                Some(libc::EEXIST) => {
-                    off += PAGE_SIZE;
-                    skipped = true;
-                }
-                // The address space is changing under us: try again.
-                Some(libc::EAGAIN) if retries < 1000 => {
-                    retries += 1;
-                    std::thread::yield_now();
-                }
-                _ => return Err(e),
-            },
-        }
-    }
-    if skipped {
-        uffd.wake(dst, len)?;
-    }
-    Ok(placed)
 }

@@ -6,6 +6,8 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+use super::PAGE_SIZE;
+
 /// `UFFD_API`: the only API version.
 const UFFD_API: u64 = 0xAA;
 /// The ioctl type of userfaultfd ioctls (`UFFDIO`, also `USERFAULTFD_IOC`).
@@ -22,8 +24,6 @@ const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 
 /// `UFFD_EVENT_PAGEFAULT`.
 pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-/// `UFFD_PAGEFAULT_FLAG_WRITE`.
-pub const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
 
 /// Bits of `uffdio_register.ioctls` that lazy restore needs on a registered range.
 pub const NEEDED_RANGE_IOCTLS: u64 =
@@ -298,6 +298,50 @@ impl Uffd {
             };
         }
         Ok(ret as usize / size_of::<UffdMsg>())
+    }
+
+    /// Fills `[dst, dst + len)` from `src` (or with the zero page), skipping pages that
+    /// already exist, and makes sure every thread waiting on the range is woken.
+    /// Returns the bytes placed.
+    pub fn place(&self, dst: usize, len: usize, src: Option<&[u8]>) -> io::Result<usize> {
+        let mut off = 0;
+        let mut placed = 0;
+        let mut skipped = false;
+        let mut retries = 0;
+        while off < len {
+            let fill = match src {
+                Some(src) => self.copy(dst + off, &src[off..len]),
+                None => self.zeropage(dst + off, len - off),
+            };
+            match fill {
+                Fill::Done => {
+                    placed += len - off;
+                    off = len;
+                }
+                Fill::Partial(n) => {
+                    placed += n;
+                    off += n;
+                }
+                Fill::Failed(e) => match e.raw_os_error() {
+                    // The page exists (placed before, or discarded and refaulted):
+                    // never overwrite it; wake its waiters below.
+                    Some(libc::EEXIST) => {
+                        off += PAGE_SIZE;
+                        skipped = true;
+                    }
+                    // The address space is changing under us: try again.
+                    Some(libc::EAGAIN) if retries < 1000 => {
+                        retries += 1;
+                        std::thread::yield_now();
+                    }
+                    _ => return Err(e),
+                },
+            }
+        }
+        if skipped {
+            self.wake(dst, len)?;
+        }
+        Ok(placed)
     }
 
     /// The raw descriptor, for `poll`.

@@ -1,0 +1,219 @@
+//! Guest sequential read throughput vs host `dd` of the same file (harness = false; runs
+//! only under `cargo bench`).
+//!
+//! Boots the project's `vmlinux` (root = a copy of `rootfs.ext4`, `init=/idle`) with two
+//! read-only data disks: `/dev/vdb` = `disk.img` (1 MiB) and `/dev/vdc` = a generated
+//! `GUEST_DISK_MIB` MiB file (default 4). The in-kernel test agent reads each disk whole
+//! (raw bios, 64 KiB each) and prints its md5 (`vmmtest.disk=/dev/vdb,/dev/vdc`). The
+//! guest-side time of each disk is the difference of the printk timestamps of the line
+//! before it and its own line. Two sizes give a fixed cost and a marginal rate.
+//!
+//! The host side: `dd if=FILE of=/dev/null bs=1M` with the page cache dropped, again
+//! warm, with `iflag=direct`, and `md5sum` of the file (the guest figure includes its md5).
+//! Appends to `target/bench/guest_disk.csv`.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Runs `dd if=file of=/dev/null bs=1M [extra]`; returns (seconds, MB/s) from its stderr.
+fn dd(file: &Path, extra: &[&str]) -> (f64, f64) {
+    let out = Command::new("dd")
+        .arg(format!("if={}", file.display()))
+        .args(["of=/dev/null", "bs=1M"])
+        .args(extra)
+        .output()
+        .expect("run dd");
+    let err = String::from_utf8_lossy(&out.stderr);
+    // "4194304 bytes (4.2 MB, 4.0 MiB) copied, 0.00123 s, 3.4 GB/s"
+    let line = err.lines().find(|l| l.contains("copied")).unwrap_or("");
+    let bytes: f64 = line
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN);
+    let secs: f64 = line
+        .split(", ")
+        .find(|p| p.ends_with(" s"))
+        .and_then(|p| p.trim_end_matches(" s").trim().parse().ok())
+        .unwrap_or(f64::NAN);
+    (secs, bytes / secs / 1e6)
+}
+
+fn main() {
+    if !bench_mode("guest_disk") {
+        return;
+    }
+    let Some(art) = artifacts() else {
+        println!("guest_disk bench: no guest artifacts (run resources/build-guest.sh); skipped");
+        return;
+    };
+    if !have_kvm() {
+        println!("guest_disk bench: /dev/kvm unavailable; skipped");
+        return;
+    }
+    let run = run_id();
+    print_host("guest_disk");
+    let mib: usize = env_or("GUEST_DISK_MIB", 4);
+    let dir = scratch("guest-disk");
+    let root = dir.join("rootfs.ext4");
+    fs::copy(art.join("rootfs.ext4"), &root).expect("copy rootfs");
+    let small = dir.join("disk1.img");
+    fs::copy(art.join("disk.img"), &small).expect("copy disk.img");
+    let big = dir.join(format!("disk{mib}.img"));
+    {
+        // Deterministic pseudo-random data (xorshift64*).
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut data = vec![0u8; mib << 20];
+        for w in data.chunks_exact_mut(8) {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            w.copy_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+        }
+        fs::write(&big, data).expect("write data disk");
+    }
+    let md5 = |p: &Path| -> (String, f64) {
+        let t = Instant::now();
+        let out = Command::new("md5sum").arg(p).output().expect("md5sum");
+        let s = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        (s, t.elapsed().as_secs_f64())
+    };
+    let disks = [("/dev/vdb", &small), ("/dev/vdc", &big)];
+
+    let cmdline = format!(
+        "{BASE_CMDLINE} init=/idle vmmtest.info vmmtest.disk=/dev/vdb,/dev/vdc vmmtest.poweroff"
+    );
+    let mut cmd = Command::new(vmm_bin());
+    cmd.arg("--kernel")
+        .arg(format!(
+            "path={},cmdline=\"{cmdline}\"",
+            art.join("vmlinux").display()
+        ))
+        .arg("--memory")
+        .arg("size_mib=256")
+        .arg("--block")
+        .arg(format!("path={},root=true", root.display()));
+    for (_, f) in &disks {
+        cmd.arg("--block")
+            .arg(format!("path={},read_only=true", f.display()));
+    }
+    let load_before = load1();
+    let mut p = Proc::spawn(&mut cmd).expect("spawn vmm");
+    let timeout = Duration::from_secs(420 + 60 * mib as u64);
+    let info = p.wait_for("vmmtest: info", Duration::from_secs(420));
+    let done = p.wait_for("vmmtest: done", timeout);
+    let (code, _) = p.wait_exit(Duration::from_secs(120));
+    let (Some(info), Some(_)) = (info, done) else {
+        println!(
+            "guest_disk: the agent did not finish (exit {code:?})\n{}",
+            p.output()
+        );
+        return;
+    };
+    let load_after = load1();
+    println!(
+        "guest booted to `vmmtest: info` in {:.1} s; exit {code:?}",
+        p.secs_to(info)
+    );
+    let csv = Csv::new(
+        "guest_disk",
+        "run,side,what,bytes,seconds,mb_per_s,detail,load1",
+    );
+    let mut prev = printk_secs(&p.log[info].text).unwrap_or(f64::NAN);
+    let mut guest = Vec::new();
+    for (dev, file) in &disks {
+        let pat = format!("vmmtest: disk {dev} ");
+        let Some(line) = p.log.iter().find(|l| l.text.contains(&pat)) else {
+            println!("guest_disk: no line for {dev}\n{}", p.output());
+            return;
+        };
+        let t = printk_secs(&line.text).unwrap_or(f64::NAN);
+        let bytes: f64 = line
+            .text
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("bytes="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN);
+        let (want, host_md5_s) = md5(file);
+        let ok = line.text.contains(&format!("md5={want}"));
+        let secs = t - prev;
+        prev = t;
+        println!(
+            "  guest {dev}: {bytes} bytes in {secs:.3} s (printk) = {:.3} MB/s, md5 {}; host md5sum \
+             {host_md5_s:.4} s",
+            bytes / secs / 1e6,
+            if ok { "ok" } else { "WRONG" }
+        );
+        guest.push((bytes, secs));
+        csv.row(&[
+            run.to_string(),
+            "guest".into(),
+            format!("read+md5 {dev}"),
+            f(bytes),
+            f(secs),
+            f(bytes / secs / 1e6),
+            if ok { "md5 ok" } else { "md5 WRONG" }.into(),
+            f(load_after.max(load_before)),
+        ]);
+        csv.row(&[
+            run.to_string(),
+            "host".into(),
+            format!("md5sum {dev}"),
+            f(bytes),
+            f(host_md5_s),
+            f(bytes / host_md5_s / 1e6),
+            "page cache warm; includes process start".into(),
+            f(load1()),
+        ]);
+    }
+    if let [(b1, s1), (b2, s2)] = guest[..] {
+        let marginal = (b2 - b1) / (s2 - s1) / 1e6;
+        let fixed = s1 - b1 / (marginal * 1e6);
+        println!("  guest marginal rate {marginal:.3} MB/s, fixed cost {fixed:.3} s per disk");
+        csv.row(&[
+            run.to_string(),
+            "guest".into(),
+            "marginal read+md5".into(),
+            f(b2 - b1),
+            f(s2 - s1),
+            f(marginal),
+            format!("fixed cost {fixed:.3} s"),
+            f(load1()),
+        ]);
+    }
+    for (what, extra, drop) in [
+        ("dd cold", &[][..], true),
+        ("dd warm", &[][..], false),
+        ("dd iflag=direct", &["iflag=direct"][..], false),
+    ] {
+        let dropped = drop && drop_caches();
+        let (secs, mbps) = dd(&big, extra);
+        println!("  host {what}: {} MiB in {secs:.5} s = {mbps:.0} MB/s", mib);
+        csv.row(&[
+            run.to_string(),
+            "host".into(),
+            what.into(),
+            (mib << 20).to_string(),
+            format!("{secs:.6}"),
+            f(mbps),
+            if drop && !dropped {
+                "page cache NOT dropped".into()
+            } else {
+                format!("{} on {}", big.display(), fs_type(&dir))
+            },
+            f(load1()),
+        ]);
+    }
+    println!("guest_disk done; loadavg {}", loadavg());
+    let _ = fs::remove_dir_all(&dir);
+}
