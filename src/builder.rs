@@ -432,6 +432,7 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
         blocks,
         events,
         api: None,
+        lazy: None,
         state: if opts.start_paused {
             RunState::Paused
         } else {

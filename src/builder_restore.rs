@@ -20,8 +20,10 @@ use crate::store::local::{LocalStore, LocalStoreOptions};
 use crate::vmm::{ExitWaker, StdinInput, Subscriber, Vmm};
 use crate::vstate::exit::ExitSignal;
 use crate::vstate::memory;
+use crate::vstate::uffd::LazyMemory;
 use crate::vstate::vcpu::{RunState, VcpuContext, VcpuHandle};
 use crate::vstate::vm::Vm;
+use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
 
 /// How to restore a snapshot besides its files.
 pub struct RestoreOptions {
@@ -33,6 +35,8 @@ pub struct RestoreOptions {
     pub force: bool,
     /// Leave the vCPUs paused.
     pub start_paused: bool,
+    /// Fill guest memory before the vCPUs start instead of serving it lazily.
+    pub eager_memory: bool,
 }
 
 impl RestoreOptions {
@@ -43,6 +47,7 @@ impl RestoreOptions {
             blocks: None,
             force: false,
             start_paused: false,
+            eager_memory: false,
         }
     }
 }
@@ -120,7 +125,7 @@ pub fn build_from_snapshot(
     let store = LocalStore::open(&store_dir, LocalStoreOptions::default())
         .map_err(|e| snap_err_chain("chunk store", &store_dir, &e))?;
     let t_mem = Instant::now();
-    {
+    let lazy = if opts.eager_memory {
         // SAFETY: no vCPU exists yet and no device has been created, so nothing else
         // touches guest memory while these slices live.
         let views = unsafe { crate::snapshot::create::memory_slices(&mem) };
@@ -136,7 +141,40 @@ pub fn build_from_snapshot(
             .collect();
         restore_memory(&manifest, &mut views, &store, ZeroChunks::AlreadyZero)
             .map_err(|e| snap_err_chain("memory", memory_path, &e))?;
-    }
+        None
+    } else {
+        manifest
+            .validate()
+            .map_err(|e| snap_err_chain("memory manifest", memory_path, &e))?;
+        let mut regions = Vec::new();
+        for (r, m) in mem.iter().zip(&manifest.regions) {
+            if r.start_addr().0 != m.guest_addr || r.len() != m.size {
+                return Err(snap_err(
+                    "memory manifest",
+                    memory_path,
+                    "its memory layout differs from the state file's",
+                ));
+            }
+            regions.push((r.as_ptr() as usize, r.len() as usize, m.clone()));
+        }
+        if regions.len() != manifest.regions.len() {
+            return Err(snap_err(
+                "memory manifest",
+                memory_path,
+                "region count differs",
+            ));
+        }
+        let store: Arc<dyn crate::store::ChunkStore> = Arc::new(store);
+        // SAFETY: `mem` was just created by `create_anonymous` (private anonymous
+        // mappings), nothing has touched it or holds a reference into it, and the
+        // returned LazyMemory is kept in the Vmm next to `mem`, which outlives it.
+        let lazy = unsafe { LazyMemory::start(regions, manifest.chunk_size as usize, store) }
+            .map_err(|e| {
+                BuildError::Device(format!("lazy memory: {}", crate::vmm::error_chain(&e)))
+            })?;
+        lazy.fill_in_background();
+        Some(lazy)
+    };
     let mem_ms = t_mem.elapsed().as_secs_f64() * 1e3;
 
     let exit = Arc::new(ExitSignal::new().map_err(|e| BuildError::Device(e.to_string()))?);
@@ -212,6 +250,7 @@ pub fn build_from_snapshot(
         events,
         state: RunState::Paused,
         api: None,
+        lazy,
     };
     if !opts.start_paused {
         vmm.resume()

@@ -10,6 +10,7 @@ pub mod builder_restore;
 pub mod config;
 pub mod devices;
 pub mod disk;
+pub mod image;
 pub mod snapshot;
 pub mod store;
 pub mod vmm;

@@ -61,6 +61,10 @@ struct RestoreFlags {
     /// Leave the restored VM paused (resume it through the API).
     #[arg(long)]
     paused: bool,
+    /// Load all guest memory before the VM runs (default: served lazily on first touch
+    /// through userfaultfd, with a background fill).
+    #[arg(long)]
+    eager_memory: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -211,11 +215,15 @@ fn restore_vm(
         blocks,
         force: flags.force,
         start_paused: flags.paused,
+        eager_memory: flags.eager_memory,
     };
-    let vm = match builder_restore::build_from_snapshot(cpu, memory, opts) {
+    let mut vm = match builder_restore::build_from_snapshot(cpu, memory, opts) {
         Ok(v) => v,
         Err(e) => return fail(1, error_chain(&e)),
     };
+    if let Err(e) = vm.watch_lazy_memory() {
+        return fail(1, format!("lazy memory: {e}"));
+    }
     serve(vm, api)
 }
 

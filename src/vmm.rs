@@ -68,6 +68,9 @@ pub struct Vmm {
     pub state: RunState,
     /// Control API requests, when an API server runs.
     pub api: Option<ApiChannel>,
+    /// Lazily restored memory: the userfaultfd handler serving guest page faults.
+    /// Declared after the vCPUs so that it is dropped after them.
+    pub lazy: Option<crate::vstate::uffd::LazyMemory>,
 }
 
 impl Vmm {
@@ -76,6 +79,11 @@ impl Vmm {
         let reason = loop {
             if let Some(r) = self.exit.reason() {
                 break r;
+            }
+            if let Some(msg) = self.lazy.as_ref().and_then(|l| l.fatal_error()) {
+                self.exit
+                    .exit(ExitReason::MemoryUnavailable { message: msg });
+                continue;
             }
             self.events
                 .run_with_timeout(100)
@@ -144,6 +152,16 @@ impl Vmm {
                 Ok(serde_json::Value::Null)
             }
         }
+    }
+
+    /// Makes the lazy memory handler's fatal errors wake the event loop.
+    pub fn watch_lazy_memory(&mut self) -> std::io::Result<()> {
+        if let Some(l) = &self.lazy {
+            let evt = l.fatal_event().try_clone()?;
+            self.events
+                .add_subscriber(Arc::new(Mutex::new(EventFdDrain(evt))));
+        }
+        Ok(())
     }
 
     /// Stops and joins every vCPU thread.
@@ -260,6 +278,9 @@ fn expect_response(v: &VcpuHandle, ok: impl Fn(&VcpuResponse) -> bool) -> Result
 impl Drop for Vmm {
     fn drop(&mut self) {
         self.stop_vcpus();
+        if let Some(l) = self.lazy.take() {
+            l.stop();
+        }
     }
 }
 

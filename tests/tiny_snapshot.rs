@@ -295,8 +295,8 @@ fn serial_input_is_neither_lost_nor_repeated_across_snapshots() {
                 let console = vm.console.text();
                 echoed.push_str(console.strip_prefix("echo: ready\n").unwrap_or(&console));
                 drop(vm);
+                // A lazily restored VM reads its snapshot until all memory is in: keep it.
                 vm = tiny::restore(&dir, None, false)?;
-                let _ = fs::remove_dir_all(&dir);
             }
             // Let the last VM echo what is left in its FIFO.
             let done = echoed.len();
@@ -573,7 +573,7 @@ fn corrupt_snapshots_are_rejected_with_clear_errors() {
         vm.snapshot(&good, None)?;
         drop(vm);
         // The intact snapshot restores.
-        drop(tiny::restore(&good, None, true)?);
+        drop(tiny::restore_eager(&good, None, true)?);
 
         let chunks = chunk_files(&good)?;
         ensure(chunks.len() >= 2, || {
@@ -687,7 +687,7 @@ fn corrupt_snapshots_are_rejected_with_clear_errors() {
             } else {
                 case.names.clone()
             };
-            match catch_unwind(AssertUnwindSafe(|| tiny::restore(&dir, None, true))) {
+            match catch_unwind(AssertUnwindSafe(|| tiny::restore_eager(&dir, None, true))) {
                 Err(_) => failures.push(format!("{name}: restore panicked")),
                 Ok(Ok(_)) => failures.push(format!("{name}: restore succeeded")),
                 Ok(Err(msg)) => {
@@ -919,4 +919,35 @@ fn walk_size(dir: &Path) -> u64 {
         }
     }
     total
+}
+
+/// A lazily restored VM whose snapshot has a corrupt chunk starts (memory is fetched on
+/// first touch), then stops with a clear error naming the chunk as soon as the chunk is
+/// needed (here by the background fill) — it never runs on wrong memory.
+#[test]
+fn lazy_restore_stops_on_a_corrupt_chunk() {
+    check("lazy_restore_stops_on_a_corrupt_chunk", || {
+        let tmp = TempDir::new("lazy-corrupt");
+        let good = tmp.join("good");
+        let mut vm = tiny::boot(Spec::new(Scenario::SnapDirty), Vec::new())?;
+        vm.wait_for(deadline(), "dirty: ready\n")?;
+        vm.pause()?;
+        vm.snapshot(&good, None)?;
+        drop(vm);
+        let chunks = chunk_files(&good)?;
+        let victim = chunks.last().ok_or("no chunk files")?.clone();
+        let mut bytes = fs::read(&victim).map_err(|e| e.to_string())?;
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&victim, bytes).map_err(|e| e.to_string())?;
+        let mut r = tiny::restore(&good, None, false)?;
+        let reason = tiny::run_for(&mut r, Duration::from_secs(20))?;
+        let id = victim.file_name().unwrap().to_string_lossy().to_string();
+        match reason {
+            ExitReason::MemoryUnavailable { message } if message.contains(&id) => Ok(()),
+            other => Err(format!(
+                "expected MemoryUnavailable naming {id}, got {other:?}"
+            )),
+        }
+    });
 }

@@ -11,6 +11,7 @@
 //! The layout and chunk file format are described in `docs/SNAPSHOT_FORMAT.md`.
 
 pub mod codec;
+pub mod http;
 pub mod local;
 
 pub use codec::Compression;

@@ -26,6 +26,11 @@ pub enum ExitReason {
     },
     /// Shutdown requested through the control API or a signal.
     Shutdown,
+    /// Lazily restored guest memory could not be fetched (missing or corrupt chunk).
+    MemoryUnavailable {
+        /// What failed.
+        message: String,
+    },
 }
 
 impl ExitReason {
@@ -36,6 +41,7 @@ impl ExitReason {
             ExitReason::GuestPanic => 3,
             ExitReason::TripleFault { .. } => 4,
             ExitReason::VcpuError { .. } => 5,
+            ExitReason::MemoryUnavailable { .. } => 6,
         }
     }
 }
@@ -48,6 +54,9 @@ impl std::fmt::Display for ExitReason {
             ExitReason::TripleFault { vcpu } => write!(f, "vcpu{vcpu}: triple fault"),
             ExitReason::VcpuError { vcpu, message } => write!(f, "vcpu{vcpu}: {message}"),
             ExitReason::Shutdown => write!(f, "shutdown requested"),
+            ExitReason::MemoryUnavailable { message } => {
+                write!(f, "guest memory could not be restored: {message}")
+            }
         }
     }
 }

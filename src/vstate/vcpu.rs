@@ -135,6 +135,9 @@ pub struct VcpuHandle {
     thread: Option<JoinHandle<()>>,
 }
 
+/// How long stopping a vCPU thread may take before it is abandoned.
+pub const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How long the VMM waits for a vCPU to answer a request.
 pub const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -203,14 +206,31 @@ impl VcpuHandle {
         }
     }
 
-    /// Asks the thread to exit and joins it.
+    /// Asks the thread to exit and joins it. A thread that does not answer within
+    /// [`VCPU_STOP_TIMEOUT`] (e.g. blocked on guest memory that can no longer be fetched)
+    /// is left behind with a warning rather than hanging the VMM.
     pub fn stop(&mut self) {
-        if self.thread.as_ref().is_some_and(|t| !t.is_finished()) {
-            let _ = self.send(VcpuRequest::Exit);
+        let Some(t) = self.thread.take() else { return };
+        if !t.is_finished() {
+            let _ = self.send_to(&t, VcpuRequest::Exit);
+            let deadline = std::time::Instant::now() + VCPU_STOP_TIMEOUT;
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                // Keep kicking: the first signal may have arrived outside KVM_RUN.
+                let _ = t.kill(kick_signal());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if !t.is_finished() {
+                log::warn!("vcpu{} did not stop; leaving its thread behind", self.id);
+                return;
+            }
         }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let _ = t.join();
+    }
+
+    fn send_to(&self, t: &JoinHandle<()>, req: VcpuRequest) -> Result<(), VcpuError> {
+        self.tx.send(req).map_err(|_| VcpuError::Gone(self.id))?;
+        let _ = t.kill(kick_signal());
+        Ok(())
     }
 }
 

@@ -603,11 +603,30 @@ pub fn boot(spec: Spec, blocks: Vec<vmm::config::BlockConfig>) -> Result<TinyVm,
     Ok(TinyVm { vmm, console })
 }
 
-/// Restores the snapshot in `dir` with a fresh console capture.
+/// Restores the snapshot in `dir` with a fresh console capture; guest memory is served
+/// lazily (userfaultfd), as `vmm restore` does by default.
 pub fn restore(
     dir: &Path,
     blocks: Option<Vec<vmm::config::BlockConfig>>,
     start_paused: bool,
+) -> Result<TinyVm, String> {
+    restore_with(dir, blocks, start_paused, false)
+}
+
+/// Like [`restore`], but loads all memory before returning (`--eager-memory`).
+pub fn restore_eager(
+    dir: &Path,
+    blocks: Option<Vec<vmm::config::BlockConfig>>,
+    start_paused: bool,
+) -> Result<TinyVm, String> {
+    restore_with(dir, blocks, start_paused, true)
+}
+
+fn restore_with(
+    dir: &Path,
+    blocks: Option<Vec<vmm::config::BlockConfig>>,
+    start_paused: bool,
+    eager_memory: bool,
 ) -> Result<TinyVm, String> {
     let console = Capture::default();
     let (state, memory) = vmm::builder_restore::snapshot_files(dir);
@@ -616,6 +635,7 @@ pub fn restore(
         blocks,
         force: false,
         start_paused,
+        eager_memory,
     };
     let vmm = vmm::builder_restore::build_from_snapshot(&state, &memory, opts)
         .map_err(|e| format!("restoring {}: {e}", dir.display()))?;

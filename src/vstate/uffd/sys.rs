@@ -126,7 +126,7 @@ const _: () = assert!(UFFDIO_API == 0xC018_AA3F);
 const _: () = assert!(UFFDIO_COPY == 0xC028_AA03);
 
 /// How a copy or zero-page ioctl ended.
-pub enum Fill {
+enum Fill {
     /// The whole range was filled.
     Done,
     /// Only this many bytes from the start were filled (the kernel stopped, e.g. at a
@@ -224,7 +224,7 @@ impl Uffd {
     /// `UFFDIO_COPY`: atomically maps new pages at `[dst, dst + src.len())` holding
     /// a copy of `src`, and wakes the threads waiting on them. Pages that already
     /// exist are never overwritten (the copy stops there).
-    pub fn copy(&self, dst: usize, src: &[u8]) -> Fill {
+    fn copy(&self, dst: usize, src: &[u8]) -> Fill {
         let mut copy = UffdioCopy {
             dst: dst as u64,
             src: src.as_ptr() as u64,
@@ -241,7 +241,7 @@ impl Uffd {
 
     /// `UFFDIO_ZEROPAGE`: maps the zero page over the missing pages at the start of
     /// `[dst, dst + len)`, and wakes the threads waiting on them.
-    pub fn zeropage(&self, dst: usize, len: usize) -> Fill {
+    fn zeropage(&self, dst: usize, len: usize) -> Fill {
         let mut zp = UffdioZeropage {
             range: UffdioRange {
                 start: dst as u64,
@@ -268,7 +268,7 @@ impl Uffd {
     }
 
     /// `UFFDIO_WAKE`: wakes the threads waiting on faults in `[start, start + len)`.
-    pub fn wake(&self, start: usize, len: usize) -> io::Result<()> {
+    fn wake(&self, start: usize, len: usize) -> io::Result<()> {
         let mut range = UffdioRange {
             start: start as u64,
             len: len as u64,

@@ -1,0 +1,289 @@
+#!/usr/bin/env python3
+"""Plots the bench CSVs (written by benches/*.rs, collected by scripts/bench.sh) as SVG.
+
+    scripts/plot.py [DIR]      # DIR defaults to docs/bench; reads DIR/*.csv, writes DIR/*.svg
+
+No third-party modules: the SVG (grouped bar charts, linear or log scale) is written by hand.
+Each CSV may hold several runs (column `run`); only the latest run of each file is plotted.
+"""
+
+import csv
+import math
+import os
+import statistics
+import sys
+from html import escape
+
+COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#b07aa1", "#9c755f"]
+
+
+def read(path, key=None):
+    """Rows of a CSV; with `key` (row → tuple), only the latest run of each key is kept."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if key and rows and "run" in rows[0]:
+        last = {}
+        for r in rows:
+            k = key(r)
+            last[k] = max(last.get(k, 0), int(r["run"]))
+        rows = [r for r in rows if int(r["run"]) == last[key(r)]]
+    return rows
+
+
+def num(v):
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(x) else x
+
+
+def fmt(v):
+    if v is None:
+        return ""
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def bar_chart(path, title, categories, series, ylabel, log=False, hlines=(), note=""):
+    """series: [(name, [value or None per category])]; hlines: [(value, label)]."""
+    W, H = 760, 420
+    L, R, T, B = 70, 20, 50, 95
+    pw, ph = W - L - R, H - T - B
+    vals = [v for _, vs in series for v in vs if v is not None and v > 0]
+    vals += [v for v, _ in hlines]
+    if not vals:
+        return
+    if log:
+        lo = 10 ** math.floor(math.log10(min(vals)))
+        hi = 10 ** math.ceil(math.log10(max(vals) * 1.3))
+
+        def y(v):
+            v = max(v, lo)
+            return T + ph - ph * (math.log10(v) - math.log10(lo)) / (math.log10(hi) - math.log10(lo))
+
+        ticks = []
+        d = lo
+        while d <= hi * 1.0001:
+            ticks.append(d)
+            d *= 10
+    else:
+        lo, top = 0.0, max(vals) * 1.15
+        step = 10 ** math.floor(math.log10(top))
+        for m in (1, 2, 5, 10):
+            if top / (step * m / 5) <= 8:
+                step = step * m / 5
+                break
+        hi = math.ceil(top / step) * step
+
+        def y(v):
+            return T + ph - ph * (v - lo) / (hi - lo)
+
+        ticks = [i * step for i in range(int(round(hi / step)) + 1)]
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+        f'viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{W}" height="{H}" fill="white"/>',
+        f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="15" font-weight="bold">{escape(title)}</text>',
+    ]
+    for t in ticks:
+        yy = y(t)
+        out.append(f'<line x1="{L}" y1="{yy:.1f}" x2="{L + pw}" y2="{yy:.1f}" stroke="#ddd"/>')
+        out.append(f'<text x="{L - 6}" y="{yy + 4:.1f}" text-anchor="end">{t:g}</text>')
+    out.append(
+        f'<text x="16" y="{T + ph / 2}" text-anchor="middle" '
+        f'transform="rotate(-90 16 {T + ph / 2})">{escape(ylabel)}{" (log scale)" if log else ""}</text>'
+    )
+    n, k = len(categories), len(series)
+    gw = pw / max(n, 1)
+    bw = gw * 0.8 / max(k, 1)
+    for i, c in enumerate(categories):
+        gx = L + i * gw + gw * 0.1
+        out.append(f'<text x="{L + i * gw + gw / 2:.1f}" y="{T + ph + 18}" text-anchor="middle">{escape(c)}</text>')
+        for j, (_, vs) in enumerate(series):
+            v = vs[i]
+            if v is None or (log and v <= 0):
+                continue
+            x = gx + j * bw
+            y0, y1 = y(lo if log else 0), y(v)
+            out.append(
+                f'<rect x="{x:.1f}" y="{y1:.1f}" width="{bw * 0.92:.1f}" height="{max(y0 - y1, 0.5):.1f}" '
+                f'fill="{COLORS[j % len(COLORS)]}"/>'
+            )
+            out.append(
+                f'<text x="{x + bw * 0.46:.1f}" y="{y1 - 3:.1f}" text-anchor="middle" font-size="10">{fmt(v)}</text>'
+            )
+    for v, label in hlines:
+        yy = y(v)
+        out.append(f'<line x1="{L}" y1="{yy:.1f}" x2="{L + pw}" y2="{yy:.1f}" stroke="#c00" stroke-dasharray="6 4"/>')
+        out.append(f'<text x="{L + pw - 4}" y="{yy - 4:.1f}" text-anchor="end" fill="#c00">{escape(label)}</text>')
+    out.append(f'<line x1="{L}" y1="{T}" x2="{L}" y2="{T + ph}" stroke="black"/>')
+    out.append(f'<line x1="{L}" y1="{T + ph}" x2="{L + pw}" y2="{T + ph}" stroke="black"/>')
+    lx, ly = L, T + ph + 38
+    for j, (name, _) in enumerate(series):
+        if lx + 30 + 7 * len(name) > W:
+            lx, ly = L, ly + 18
+        out.append(f'<rect x="{lx}" y="{ly - 10}" width="12" height="12" fill="{COLORS[j % len(COLORS)]}"/>')
+        out.append(f'<text x="{lx + 16}" y="{ly}">{escape(name)}</text>')
+        lx += 30 + 7 * len(name)
+    if note:
+        out.append(f'<text x="{L}" y="{H - 8}" font-size="10" fill="#555">{escape(note)}</text>')
+    out.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+    print(f"wrote {path}")
+
+
+def main():
+    d = sys.argv[1] if len(sys.argv) > 1 else "docs/bench"
+    snap = read(os.path.join(d, "snapshot.csv"), lambda r: (r["guest"], r["mem_mib"]))
+    rest = read(os.path.join(d, "restore.csv"), lambda r: (r["guest"], r["mem_mib"], r["method"]))
+    incr = read(os.path.join(d, "incremental.csv"), lambda r: ())
+    host = {r["metric"]: r for r in read(os.path.join(d, "host.csv"), lambda r: r["metric"])}
+    load = ""
+    if snap:
+        load = f"load average during the run: {min(float(r['load1']) for r in snap):.1f}–{max(float(r['load1']) for r in snap):.1f} on 2 cores"
+
+    def label(guest, mib):
+        mib = int(mib)
+        size = f"{mib // 1024} GiB" if mib >= 1024 else f"{mib} MiB"
+        return size if guest == "synthetic" else f"{size} ({guest})"
+
+    keys = []
+    for r in snap:
+        k = (r["guest"], r["mem_mib"])
+        if k not in keys:
+            keys.append(k)
+    order = {"synthetic": 0, "synthetic-tmpfs": 1, "linux": 2}
+    keys.sort(key=lambda k: (order.get(k[0], 3), k[0], int(k[1])))
+    cats = [label(*k) for k in keys]
+
+    if snap:
+        by = {(r["guest"], r["mem_mib"]): r for r in snap}
+        bar_chart(
+            os.path.join(d, "create.svg"),
+            "Snapshot create time vs memory size",
+            cats,
+            [
+                ("create (ms)", [num(by[k]["create_ms"]) for k in keys]),
+                ("target: 1.2 × non-zero bytes ÷ seq. write+fsync bandwidth", [num(by[k]["target_ms"]) for k in keys]),
+            ],
+            "milliseconds",
+            log=True,
+            note=load,
+        )
+        mib = 1 << 20
+        bar_chart(
+            os.path.join(d, "bytes.svg"),
+            "Snapshot bytes vs memory size",
+            cats,
+            [
+                ("non-zero 4 KiB pages", [int(by[k]["nonzero_pages"]) * 4096 / mib for k in keys]),
+                ("new chunks, raw (64 KiB each)", [int(by[k]["bytes_new"]) / mib for k in keys]),
+                ("stored (zstd-1, on disk)", [int(by[k]["bytes_written"]) / mib for k in keys]),
+            ],
+            "MiB",
+            note="synthetic: ~15 % non-zero pages (see docs/BENCHMARKS.md); linux: the idle guest",
+        )
+
+    if rest:
+        def med(m):
+            vs = []
+            for g, mb in keys:
+                xs = [num(r["ms"]) for r in rest if r["guest"] == g and r["mem_mib"] == mb and r["method"] == m]
+                xs = [x for x in xs if x is not None]
+                vs.append(statistics.median(xs) if xs else None)
+            return vs
+
+        charts = [
+            (
+                "restore.svg",
+                "Restore in process (build_from_snapshot → VM ready, paused)",
+                [
+                    ("in_process_lazy_warm", "lazy: ready"),
+                    ("in_process_lazy_warm_filled", "lazy: all memory filled"),
+                    ("in_process_eager_warm", "eager: ready"),
+                    ("in_process_lazy_cold", "lazy, cache dropped: ready"),
+                    ("in_process_eager_cold", "eager, cache dropped: ready"),
+                ],
+            ),
+            (
+                "restore_process.svg",
+                "Restore as a process (vmm restore DIR --paused)",
+                [
+                    ("process_lazy_log", "lazy: spawn → `restored` log line"),
+                    ("process_lazy_api", "lazy: spawn → GET /vm answered"),
+                    ("process_eager_log", "--eager-memory: → log line"),
+                    ("process_eager_api", "--eager-memory: → GET /vm"),
+                ],
+            ),
+        ]
+        for fname, title, methods in charts:
+            series = [(name, med(m)) for m, name in methods]
+            series = [(n, v) for n, v in series if any(x is not None for x in v)]
+            bar_chart(
+                os.path.join(d, fname),
+                title,
+                cats,
+                series,
+                "milliseconds (median of the warm runs)",
+                log=True,
+                hlines=[(5.0, "target ≤ 5 ms at 256 MiB")],
+                note=load,
+            )
+
+    if incr:
+        cats_i, ms_i, mb_i, touched = [], [], [], []
+        for r in incr:
+            p = r["dirty_pct"]
+            cats_i.append("base (full)" if p == "base" else f"{p} % dirty")
+            ms_i.append(num(r["create_ms"]))
+            mb_i.append(int(r["bytes_written"]) / (1 << 20))
+            touched.append(int(r["chunks_touched"]) * 64 / 1024)
+        size = int(incr[0]["mem_mib"])
+        bar_chart(
+            os.path.join(d, "incremental_time.svg"),
+            f"Incremental snapshot create time vs dirty fraction ({size} MiB, shared store)",
+            cats_i,
+            [("create (ms)", ms_i)],
+            "milliseconds",
+            log=True,
+            note="each snapshot after dirtying the given fraction of pages (uniformly random) since the previous one",
+        )
+        bar_chart(
+            os.path.join(d, "incremental_bytes.svg"),
+            f"Incremental snapshot: bytes added vs dirty fraction ({size} MiB)",
+            cats_i,
+            [("stored bytes added (MiB, zstd-1)", mb_i), ("64 KiB chunks touched (MiB raw)", touched)],
+            "MiB",
+            log=True,
+        )
+    if host:
+        names = [
+            ("memcpy_warm", "memcpy"),
+            ("memcpy_first_touch", "memcpy to fresh pages"),
+            ("blake3_1thread", "BLAKE3 1 thread"),
+            ("blake3_all_cores", "BLAKE3 all cores"),
+            ("zstd1_compress_text", "zstd-1 compress text"),
+            ("zstd1_decompress_text", "zstd-1 decompress text"),
+            ("write_fsync_seq_bench_dir", "write+fsync seq"),
+            ("write_fsync_chunks_bench_dir", "write+fsync 64 KiB files"),
+        ]
+        names = [(m, n) for m, n in names if m in host]
+        bar_chart(
+            os.path.join(d, "host.svg"),
+            "Host limits (GB/s)",
+            [n for _, n in names],
+            [("GB/s", [num(host[m]["value"]) for m, _ in names])],
+            "GB/s",
+            log=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

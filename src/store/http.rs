@@ -1,0 +1,694 @@
+//! [`HttpStore`]: a read-only [`ChunkStore`] over plain HTTP.
+//!
+//! A chunk `id` is fetched with `GET BASE/chunks/<2 hex>/<64 hex>` — the [`LocalStore`]
+//! layout served by any static web server — and decoded with the chunk [`codec`]. Every
+//! chunk is checked against its id before it is returned.
+//!
+//! * **Keep-alive pool**: one `ureq` agent keeps idle connections; at most
+//!   [`HttpStoreOptions::max_connections`] requests are in flight at once.
+//! * **Retries**: transport errors, timeouts and 5xx/408/429 answers are retried with
+//!   exponential backoff, at most [`HttpStoreOptions::attempts`] rounds and within
+//!   [`HttpStoreOptions::budget`]; then the fetch fails (a guest sees an I/O error, never
+//!   an endless hang). A 404, a hash mismatch or an oversized answer is final for that
+//!   server.
+//! * **Mirrors**: further base URLs, tried in turn in each round.
+//! * **Coalescing**: concurrent fetches of one chunk make one request; the others wait
+//!   for its result.
+//!
+//! Only `http://` URLs are supported (the crate is built without TLS).
+//!
+//! [`LocalStore`]: super::LocalStore
+
+use std::collections::HashMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::codec::{self, HEADER_LEN};
+use super::{ChunkId, ChunkStore, MAX_CHUNK_LEN, PutOutcome, Result, StoreError};
+
+/// Errors of HTTP fetches.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum HttpError {
+    /// A base URL is not usable.
+    #[error("invalid URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL.
+        url: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The server answered with a status other than 200.
+    #[error("GET {url}: HTTP status {status}")]
+    Status {
+        /// The URL fetched.
+        url: String,
+        /// The status code.
+        status: u16,
+    },
+    /// The request failed: connection refused or reset, timeout, protocol error.
+    #[error("GET {url} failed: {source}")]
+    Transport {
+        /// The URL fetched.
+        url: String,
+        /// Underlying error.
+        #[source]
+        source: Arc<ureq::Error>,
+    },
+    /// The answer is longer than anything valid at that URL.
+    #[error("GET {url}: response is larger than the limit of {limit} bytes")]
+    TooLarge {
+        /// The URL fetched.
+        url: String,
+        /// The limit.
+        limit: u64,
+    },
+    /// A fetched chunk is not the chunk asked for (bad header, wrong length, hash mismatch).
+    #[error("chunk {id} fetched from {url} is corrupt: {reason}")]
+    Corrupt {
+        /// The chunk asked for.
+        id: ChunkId,
+        /// Where it came from.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A fetched file other than a chunk was rejected by its reader.
+    #[error("{url}: {reason}")]
+    Invalid {
+        /// Where it came from.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Retries ran out.
+    #[error("GET {url}: gave up after {attempts} attempts in {elapsed_ms} ms: {last}")]
+    GaveUp {
+        /// The URL of the last attempt.
+        url: String,
+        /// Requests made.
+        attempts: u32,
+        /// Time spent.
+        elapsed_ms: u64,
+        /// The last failure.
+        #[source]
+        last: Box<HttpError>,
+    },
+    /// The fetch of this chunk by another thread, which this one waited for, ended abnormally.
+    #[error("the shared fetch of chunk {id} was abandoned")]
+    Abandoned {
+        /// The chunk.
+        id: ChunkId,
+    },
+    /// Writing to an HTTP store.
+    #[error("the HTTP chunk store {base} is read-only")]
+    ReadOnly {
+        /// The store's base URL.
+        base: String,
+    },
+}
+
+impl HttpError {
+    /// Whether trying the same server again may succeed.
+    fn is_transient(&self) -> bool {
+        match self {
+            HttpError::Status { status, .. } => *status >= 500 || matches!(status, 408 | 429),
+            HttpError::Transport { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Whether the resource is absent (404 or 410 on every server).
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            HttpError::Status { status, .. } => matches!(status, 404 | 410),
+            HttpError::GaveUp { last, .. } => last.is_not_found(),
+            _ => false,
+        }
+    }
+
+    /// Converts to the chunk store error of chunk `id`.
+    pub fn into_store_error(self, id: &ChunkId) -> StoreError {
+        match self {
+            HttpError::Corrupt { id, url, reason } => StoreError::Corrupt {
+                id,
+                reason: format!("{reason} (fetched from {url})"),
+            },
+            e if e.is_not_found() => StoreError::NotFound { id: *id },
+            e => {
+                let url = match &e {
+                    HttpError::Status { url, .. }
+                    | HttpError::Transport { url, .. }
+                    | HttpError::TooLarge { url, .. }
+                    | HttpError::GaveUp { url, .. } => url.clone(),
+                    _ => id.relative_path(),
+                };
+                StoreError::Io {
+                    op: "fetch",
+                    path: PathBuf::from(url),
+                    source: io::Error::other(e),
+                }
+            }
+        }
+    }
+}
+
+/// Options of an [`HttpStore`].
+#[derive(Clone, Debug)]
+pub struct HttpStoreOptions {
+    /// Further base URLs holding the same chunks, tried in turn after the main one.
+    pub mirrors: Vec<String>,
+    /// Most requests in flight at once (and idle keep-alive connections kept).
+    pub max_connections: usize,
+    /// Rounds of attempts (each round tries every server still worth trying).
+    pub attempts: u32,
+    /// Wait before the second round; doubled for each further round.
+    pub first_backoff: Duration,
+    /// No new round starts once this much time has passed since the first attempt.
+    pub budget: Duration,
+    /// Limit for establishing a connection.
+    pub connect_timeout: Duration,
+    /// Limit for one whole request, body included.
+    pub request_timeout: Duration,
+}
+
+impl Default for HttpStoreOptions {
+    /// 4 connections; 5 rounds with backoff 0.2, 0.4, 0.8, 1.6 s within a 4 s budget;
+    /// 2 s to connect, 10 s per request.
+    fn default() -> Self {
+        HttpStoreOptions {
+            mirrors: Vec::new(),
+            max_connections: 4,
+            attempts: 5,
+            first_backoff: Duration::from_millis(200),
+            budget: Duration::from_secs(4),
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Running totals of an [`HttpStore`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HttpStats {
+    /// HTTP requests sent (retries included).
+    pub requests: u64,
+    /// Response body bytes received from successful (200) requests.
+    pub bytes_fetched: u64,
+    /// Backoff waits between rounds of attempts.
+    pub retries: u64,
+    /// Requests that failed (any reason).
+    pub failed_requests: u64,
+    /// Chunks fetched and verified.
+    pub chunks_fetched: u64,
+    /// Chunk fetches that waited for another thread's fetch of the same chunk.
+    pub coalesced: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    bytes_fetched: AtomicU64,
+    retries: AtomicU64,
+    failed_requests: AtomicU64,
+    chunks_fetched: AtomicU64,
+    coalesced: AtomicU64,
+}
+
+type FlightResult = std::result::Result<Arc<Vec<u8>>, HttpError>;
+
+/// One chunk fetch that other threads may wait for.
+#[derive(Default)]
+struct Flight {
+    result: Mutex<Option<FlightResult>>,
+    done: Condvar,
+}
+
+/// A counting semaphore bounding requests in flight.
+struct Permits {
+    free: Mutex<usize>,
+    cv: Condvar,
+}
+
+struct Permit<'a>(&'a Permits);
+
+impl Permits {
+    fn acquire(&self) -> Permit<'_> {
+        let mut free = lock(&self.free);
+        while *free == 0 {
+            free = self.cv.wait(free).unwrap_or_else(|e| e.into_inner());
+        }
+        *free -= 1;
+        Permit(self)
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.free) += 1;
+        self.0.cv.notify_one();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A read-only chunk store served over HTTP (see the module documentation).
+pub struct HttpStore {
+    bases: Vec<String>,
+    agent: ureq::Agent,
+    opts: HttpStoreOptions,
+    permits: Permits,
+    inflight: Mutex<HashMap<ChunkId, Arc<Flight>>>,
+    counters: Counters,
+    /// The base that answered last: tried first in each round.
+    preferred: AtomicUsize,
+}
+
+impl std::fmt::Debug for HttpStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpStore")
+            .field("bases", &self.bases)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Checks a base URL and returns it without trailing slashes.
+pub fn normalize_base(url: &str) -> std::result::Result<String, HttpError> {
+    let invalid = |reason| HttpError::InvalidUrl {
+        url: url.into(),
+        reason,
+    };
+    if url.starts_with("https://") {
+        return Err(invalid(
+            "https is not supported by this build (serve the archive over plain http)",
+        ));
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(invalid("must start with http://"));
+    };
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(invalid("no host"));
+    }
+    if url.contains(['?', '#']) || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(
+            "must not contain a query, a fragment or whitespace",
+        ));
+    }
+    Ok(url.trim_end_matches('/').to_string())
+}
+
+impl HttpStore {
+    /// A store reading chunks from `base` (e.g. `http://host/archive`) and the mirrors in
+    /// `opts`. No request is made yet.
+    pub fn new(base: &str, opts: HttpStoreOptions) -> std::result::Result<Self, HttpError> {
+        let mut bases = vec![normalize_base(base)?];
+        for m in &opts.mirrors {
+            bases.push(normalize_base(m)?);
+        }
+        let conns = opts.max_connections.max(1);
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(3)
+            .max_idle_connections(conns * bases.len())
+            .max_idle_connections_per_host(conns)
+            .timeout_connect(Some(opts.connect_timeout))
+            .timeout_global(Some(opts.request_timeout))
+            .user_agent(concat!("vmm/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        Ok(HttpStore {
+            bases,
+            agent,
+            permits: Permits {
+                free: Mutex::new(conns),
+                cv: Condvar::new(),
+            },
+            opts,
+            inflight: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+            preferred: AtomicUsize::new(0),
+        })
+    }
+
+    /// The base URLs: the main one first, then the mirrors.
+    pub fn bases(&self) -> &[String] {
+        &self.bases
+    }
+
+    /// Totals since the store was created.
+    pub fn stats(&self) -> HttpStats {
+        let c = &self.counters;
+        HttpStats {
+            requests: c.requests.load(Ordering::Relaxed),
+            bytes_fetched: c.bytes_fetched.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+            failed_requests: c.failed_requests.load(Ordering::Relaxed),
+            chunks_fetched: c.chunks_fetched.load(Ordering::Relaxed),
+            coalesced: c.coalesced.load(Ordering::Relaxed),
+        }
+    }
+
+    /// One GET of `url`, refusing bodies longer than `max_len`.
+    fn get_once(&self, url: &str, max_len: u64) -> std::result::Result<Vec<u8>, HttpError> {
+        let transport = |e: ureq::Error| HttpError::Transport {
+            url: url.into(),
+            source: Arc::new(e),
+        };
+        let _permit = self.permits.acquire();
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let mut resp = self.agent.get(url).call().map_err(transport)?;
+        let status = resp.status().as_u16();
+        if status != 200 {
+            return Err(HttpError::Status {
+                url: url.into(),
+                status,
+            });
+        }
+        let too_large = || HttpError::TooLarge {
+            url: url.into(),
+            limit: max_len,
+        };
+        if resp.body().content_length().is_some_and(|n| n > max_len) {
+            return Err(too_large());
+        }
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(max_len)
+            .read_to_vec()
+            .map_err(|e| match e {
+                ureq::Error::BodyExceedsLimit(_) => too_large(),
+                e => transport(e),
+            })?;
+        self.counters
+            .bytes_fetched
+            .fetch_add(body.len() as u64, Ordering::Relaxed);
+        Ok(body)
+    }
+
+    /// Fetches `BASE/rel` (trying mirrors and retrying as described in the module
+    /// documentation), refusing bodies over `max_len` bytes, and hands each body to `check`
+    /// — a rejection by `check` is final for that server.
+    pub fn fetch_with<T>(
+        &self,
+        rel: &str,
+        max_len: u64,
+        check: impl Fn(&str, Vec<u8>) -> std::result::Result<T, HttpError>,
+    ) -> std::result::Result<T, HttpError> {
+        let start = Instant::now();
+        let deadline = start + self.opts.budget;
+        let mut dead = vec![false; self.bases.len()];
+        let mut backoff = self.opts.first_backoff;
+        let mut attempts = 0u32;
+        let mut round = 0u32;
+        loop {
+            round += 1;
+            let mut last: Option<(String, HttpError)> = None;
+            let first = self.preferred.load(Ordering::Relaxed);
+            for k in 0..self.bases.len() {
+                let i = (first + k) % self.bases.len();
+                if dead[i] {
+                    continue;
+                }
+                let base = &self.bases[i];
+                attempts += 1;
+                let url = format!("{base}/{rel}");
+                match self.get_once(&url, max_len).and_then(|b| check(&url, b)) {
+                    Ok(v) => {
+                        self.preferred.store(i, Ordering::Relaxed);
+                        if attempts > 1 {
+                            log::info!("GET {url} succeeded after {attempts} attempts");
+                        }
+                        return Ok(v);
+                    }
+                    Err(e) => {
+                        self.counters
+                            .failed_requests
+                            .fetch_add(1, Ordering::Relaxed);
+                        if e.is_transient() {
+                            log::warn!("{e} (attempt {attempts}, will retry)");
+                        } else {
+                            if !e.is_not_found() || self.bases.len() > 1 {
+                                log::error!("{e}");
+                            }
+                            dead[i] = true;
+                        }
+                        last = Some((url, e));
+                    }
+                }
+            }
+            let Some((url, err)) = last else {
+                // Every server failed for good in an earlier round; cannot happen as the
+                // loop returns below once they are all dead.
+                return Err(HttpError::InvalidUrl {
+                    url: rel.into(),
+                    reason: "no server left to try",
+                });
+            };
+            if dead.iter().all(|&d| d) {
+                return Err(err);
+            }
+            if round >= self.opts.attempts.max(1) || Instant::now() + backoff > deadline {
+                let e = HttpError::GaveUp {
+                    url,
+                    attempts,
+                    elapsed_ms: start.elapsed().as_millis() as u64,
+                    last: Box::new(err),
+                };
+                log::error!("{e}");
+                return Err(e);
+            }
+            self.counters.retries.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(backoff);
+            backoff = backoff.saturating_mul(2);
+        }
+    }
+
+    /// Fetches `BASE/rel` whole (with retries and mirrors), up to `max_len` bytes.
+    pub fn fetch(&self, rel: &str, max_len: u64) -> std::result::Result<Vec<u8>, HttpError> {
+        self.fetch_with(rel, max_len, |_, body| Ok(body))
+    }
+
+    /// Fetches and verifies chunk `id`. With `len`, the chunk must be exactly `len` bytes
+    /// long (and longer answers are refused early). Concurrent calls for the same chunk
+    /// share one fetch.
+    pub fn fetch_chunk(
+        &self,
+        id: &ChunkId,
+        len: Option<usize>,
+    ) -> std::result::Result<Arc<Vec<u8>>, HttpError> {
+        let (flight, leader) = {
+            let mut map = lock(&self.inflight);
+            match map.get(id) {
+                Some(f) => (Arc::clone(f), false),
+                None => {
+                    let f = Arc::new(Flight::default());
+                    map.insert(*id, Arc::clone(&f));
+                    (f, true)
+                }
+            }
+        };
+        if !leader {
+            self.counters.coalesced.fetch_add(1, Ordering::Relaxed);
+            let mut slot = lock(&flight.result);
+            while slot.is_none() {
+                slot = flight.done.wait(slot).unwrap_or_else(|e| e.into_inner());
+            }
+            let data = slot
+                .clone()
+                .unwrap_or(Err(HttpError::Abandoned { id: *id }))?;
+            return match len {
+                Some(l) if l != data.len() => Err(HttpError::Corrupt {
+                    id: *id,
+                    url: id.relative_path(),
+                    reason: format!("chunk is {} bytes, expected {l}", data.len()),
+                }),
+                _ => Ok(data),
+            };
+        }
+        // Publishes the result (or, if the fetch unwinds, an error) and wakes the waiters.
+        struct Publish<'a> {
+            store: &'a HttpStore,
+            id: ChunkId,
+            flight: Arc<Flight>,
+            result: Option<FlightResult>,
+        }
+        impl Drop for Publish<'_> {
+            fn drop(&mut self) {
+                let r = self
+                    .result
+                    .take()
+                    .unwrap_or(Err(HttpError::Abandoned { id: self.id }));
+                *lock(&self.flight.result) = Some(r);
+                self.flight.done.notify_all();
+                lock(&self.store.inflight).remove(&self.id);
+            }
+        }
+        let mut publish = Publish {
+            store: self,
+            id: *id,
+            flight,
+            result: None,
+        };
+        let result = self.fetch_chunk_uncoalesced(id, len).map(Arc::new);
+        publish.result = Some(result.clone());
+        drop(publish);
+        result
+    }
+
+    fn fetch_chunk_uncoalesced(
+        &self,
+        id: &ChunkId,
+        len: Option<usize>,
+    ) -> std::result::Result<Vec<u8>, HttpError> {
+        let max = (HEADER_LEN + len.unwrap_or(MAX_CHUNK_LEN)) as u64;
+        let data = self.fetch_with(&id.relative_path(), max, |url, file| {
+            let corrupt = |reason: String| HttpError::Corrupt {
+                id: *id,
+                url: url.into(),
+                reason,
+            };
+            let data = codec::decode(id, &file).map_err(|e| match e {
+                StoreError::Corrupt { reason, .. } => corrupt(reason),
+                e => corrupt(e.to_string()),
+            })?;
+            match len {
+                Some(l) if l != data.len() => Err(corrupt(format!(
+                    "chunk is {} bytes, expected {l}",
+                    data.len()
+                ))),
+                _ => Ok(data),
+            }
+        })?;
+        self.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+        Ok(data)
+    }
+
+    fn read_only_error(&self) -> StoreError {
+        StoreError::Io {
+            op: "write to",
+            path: PathBuf::from(&self.bases[0]),
+            source: io::Error::new(
+                io::ErrorKind::ReadOnlyFilesystem,
+                HttpError::ReadOnly {
+                    base: self.bases[0].clone(),
+                },
+            ),
+        }
+    }
+}
+
+impl ChunkStore for HttpStore {
+    /// Always fails: the store is read-only.
+    fn put(&self, _data: &[u8]) -> Result<ChunkId> {
+        Err(self.read_only_error())
+    }
+
+    fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let data = self
+            .fetch_chunk(id, None)
+            .map_err(|e| e.into_store_error(id))?;
+        Ok(Arc::try_unwrap(data).unwrap_or_else(|a| a.as_ref().clone()))
+    }
+
+    fn get_into(&self, id: &ChunkId, buf: &mut [u8]) -> Result<()> {
+        let data = self
+            .fetch_chunk(id, Some(buf.len()))
+            .map_err(|e| e.into_store_error(id))?;
+        buf.copy_from_slice(&data);
+        Ok(())
+    }
+
+    /// Asks the servers with `HEAD` (one attempt each): present if any answers 200.
+    fn contains(&self, id: &ChunkId) -> Result<bool> {
+        let mut last = None;
+        for base in &self.bases {
+            let url = format!("{base}/{}", id.relative_path());
+            let _permit = self.permits.acquire();
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            match self.agent.head(&url).call() {
+                Ok(r) if r.status().as_u16() == 200 => return Ok(true),
+                Ok(r) if matches!(r.status().as_u16(), 404 | 410) => {}
+                Ok(r) => {
+                    last = Some(HttpError::Status {
+                        url,
+                        status: r.status().as_u16(),
+                    })
+                }
+                Err(e) => {
+                    last = Some(HttpError::Transport {
+                        url,
+                        source: Arc::new(e),
+                    })
+                }
+            }
+        }
+        match last {
+            None => Ok(false),
+            Some(e) => Err(e.into_store_error(id)),
+        }
+    }
+
+    /// Always fails: the store is read-only.
+    fn put_hashed(&self, _id: &ChunkId, _data: &[u8]) -> Result<PutOutcome> {
+        Err(self.read_only_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_urls_are_checked() {
+        assert_eq!(normalize_base("http://h:8/a/").unwrap(), "http://h:8/a");
+        for bad in [
+            "https://h/a",
+            "ftp://h",
+            "http://",
+            "http:///x",
+            "http://h/a?x",
+            "h/a",
+        ] {
+            assert!(normalize_base(bad).is_err(), "{bad}");
+        }
+        let e = HttpStore::new("https://h", HttpStoreOptions::default()).unwrap_err();
+        assert!(e.to_string().contains("https"), "{e}");
+    }
+
+    #[test]
+    fn unreachable_server_gives_up_within_budget() {
+        // A port nothing listens on: bind then drop.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let opts = HttpStoreOptions {
+            attempts: 3,
+            first_backoff: Duration::from_millis(20),
+            ..HttpStoreOptions::default()
+        };
+        let store = HttpStore::new(&format!("http://127.0.0.1:{port}/a"), opts).unwrap();
+        let id = ChunkId::of(b"x");
+        let t = Instant::now();
+        let e = store.get(&id).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(3));
+        let msg = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+        assert!(msg.contains("gave up after 3 attempts"), "{msg}");
+        let st = store.stats();
+        assert_eq!((st.requests, st.retries, st.failed_requests), (3, 2, 3));
+        assert!(
+            store
+                .put(b"x")
+                .unwrap_err()
+                .to_string()
+                .contains("write to")
+        );
+    }
+}

@@ -1,0 +1,500 @@
+//! Lazy remote disks against a real nginx (Debian's, started by each test on a free
+//! loopback port): import, lazy verified reads, the persistent cache, the copy-on-write
+//! overlay, server outages, tampered chunks, broken indexes, qcow2 import and prefetch.
+
+mod remote;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use remote::{Nginx, TempDir, nginx_available, test_image, tree_hashes};
+use vmm::disk::BlockBackend;
+use vmm::disk::http::{LazyHttpDisk, LazyHttpOptions, RemoteDiskError, read_prefetch_list};
+use vmm::disk::overlay::OverlayBackend;
+use vmm::image::{ImageEntry, ImportOptions, import_image_with};
+use vmm::store::http::HttpStoreOptions;
+
+const CS: u32 = 64 << 10;
+
+/// An archive with image "img" (64 KiB chunks) served by nginx.
+struct Setup {
+    dir: TempDir,
+    data: Vec<u8>,
+    nginx: Nginx,
+}
+
+impl Setup {
+    fn new(tag: &str) -> Option<Setup> {
+        if !nginx_available() {
+            return None;
+        }
+        let dir = TempDir::new(tag);
+        let src = dir.path().join("src.img");
+        let data = test_image(&src);
+        let archive = dir.path().join("archive");
+        let opts = ImportOptions {
+            chunk_size: CS,
+            progress: Some(false),
+        };
+        let r = import_image_with(&src, &archive, "img", &opts).unwrap();
+        assert_eq!(r.chunks_total, 64);
+        assert_eq!(r.chunks_zero, 8 + 4, "{r:?}");
+        assert_eq!(r.chunks_reused, 2, "{r:?}");
+        let nginx = Nginx::start(dir.path());
+        Some(Setup { dir, data, nginx })
+    }
+
+    fn archive(&self) -> std::path::PathBuf {
+        self.dir.path().join("archive")
+    }
+
+    fn url(&self, name: &str) -> String {
+        format!("{}/archive/images/{name}", self.nginx.url())
+    }
+
+    fn opts(&self, cache: &str) -> LazyHttpOptions {
+        LazyHttpOptions {
+            cache_dir: Some(self.dir.path().join(cache)),
+            ..LazyHttpOptions::default()
+        }
+    }
+
+    fn open(&self, cache: &str) -> LazyHttpDisk {
+        LazyHttpDisk::open(&self.url("img"), self.opts(cache)).unwrap()
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(" / ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn rng(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+#[test]
+fn lazy_reads_match_source_fetch_little_and_survive_restart() {
+    let Some(s) = Setup::new("reads") else { return };
+    let size = s.data.len() as u64;
+    let first_chunks;
+    {
+        let disk = s.open("cache");
+        assert_eq!(disk.size(), size);
+        assert!(disk.read_only());
+        assert_eq!(disk.identity().kind, "http");
+        // A partial pattern: 100 random reads within the first MiB.
+        let mut seed = 0x1234_5678u64;
+        let t = Instant::now();
+        for _ in 0..100 {
+            let off = (rng(&mut seed) % (1 << 20)) & !511;
+            let len = (1 + rng(&mut seed) % 16) as usize * 512;
+            let len = len.min((size - off) as usize);
+            let mut buf = vec![0u8; len];
+            disk.read_at(&mut buf, off).unwrap();
+            assert!(
+                buf[..] == s.data[off as usize..off as usize + len],
+                "at {off}"
+            );
+        }
+        let st = disk.stats();
+        println!(
+            "partial pattern: {} chunks fetched, {} bytes over HTTP in {} requests, {:?}",
+            st.chunks_fetched,
+            st.http.bytes_fetched,
+            st.http.requests,
+            t.elapsed()
+        );
+        assert!(st.http.bytes_fetched < size / 3, "{st:?}");
+        assert!(st.chunks_fetched <= 12, "{st:?}");
+        // Cache all of the first MiB for the restart check below.
+        let mut mib = vec![0u8; 1 << 20];
+        disk.read_at(&mut mib, 0).unwrap();
+        assert!(mib[..] == s.data[..1 << 20]);
+        first_chunks = disk.stats().chunks_fetched;
+        assert_eq!(first_chunks, 8, "non-zero chunks of the first MiB");
+        // Unaligned reads straddling chunks.
+        let mut buf = vec![0u8; 200_000];
+        disk.read_at(&mut buf, 65_000).unwrap();
+        assert!(buf[..] == s.data[65_000..265_000]);
+        assert!(disk.read_at(&mut [0u8; 2], size - 1).is_err());
+        assert!(disk.write_at(&[0u8; 512], 0).is_err());
+    }
+    // Restart with the same cache: the same reads fetch nothing.
+    let disk = s.open("cache");
+    assert!(disk.stats().cache.chunks >= first_chunks);
+    let mut buf = vec![0u8; 1 << 20];
+    disk.read_at(&mut buf, 0).unwrap();
+    assert!(buf[..] == s.data[..1 << 20]);
+    let st = disk.stats();
+    assert_eq!(st.chunks_fetched, 0, "{st:?}");
+    assert_eq!(st.http.requests, 1, "only the index: {st:?}");
+    // The whole image, cold chunks included; timing of sequential cold fetches.
+    let t = Instant::now();
+    let mut all = vec![0u8; size as usize];
+    disk.read_at(&mut all, 0).unwrap();
+    let el = t.elapsed();
+    assert!(all == s.data, "whole image");
+    let st = disk.stats();
+    println!(
+        "cold sequential: {} chunks of {} KiB in {:?} ({:.2} ms/chunk)",
+        st.chunks_fetched,
+        CS >> 10,
+        el,
+        el.as_secs_f64() * 1000.0 / st.chunks_fetched.max(1) as f64
+    );
+    // 52 non-zero chunks, 8 of them cached already.
+    assert_eq!(st.chunks_fetched, 44, "{st:?}");
+}
+
+#[test]
+fn concurrent_readers_of_a_chunk_fetch_it_once() {
+    let Some(s) = Setup::new("coalesce") else {
+        return;
+    };
+    let disk = Arc::new(s.open("cache"));
+    let barrier = Arc::new(std::sync::Barrier::new(8));
+    let handles: Vec<_> = (0..8u64)
+        .map(|i| {
+            let (disk, barrier) = (disk.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                barrier.wait();
+                disk.read_at(&mut buf, (1 << 20) + i * 4096).unwrap();
+                buf
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let off = (1 << 20) + i * 4096;
+        assert!(h.join().unwrap()[..] == s.data[off..off + 4096]);
+    }
+    let st = disk.stats();
+    assert_eq!(st.chunks_fetched, 1, "{st:?}");
+    assert_eq!(st.http.chunks_fetched, 1, "{st:?}");
+}
+
+#[test]
+fn overlay_writes_persist_and_served_files_stay_unchanged() {
+    let Some(s) = Setup::new("overlay") else {
+        return;
+    };
+    let before = tree_hashes(&s.archive());
+    let ov_path = s.dir.path().join("disk.overlay");
+    let text = b"written at the end of the remote disk";
+    let end = s.data.len() as u64 - 4096;
+    {
+        let base: Arc<dyn BlockBackend> = Arc::new(s.open("cache"));
+        let ov = OverlayBackend::open(&ov_path, base).unwrap();
+        ov.write_at(text, end + 100).unwrap();
+        ov.write_at(&[0xab; 8192], 4096).unwrap();
+        ov.flush().unwrap();
+        let id = ov.identity();
+        assert_eq!(id.kind, "overlay");
+        assert_eq!(id.inner.unwrap().kind, "http");
+    }
+    // Reopened (with a cold cache, even): the writes are there, the rest is the image.
+    let base: Arc<dyn BlockBackend> = Arc::new(s.open("cache2"));
+    let ov = OverlayBackend::open(&ov_path, base.clone()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    ov.read_at(&mut buf, end).unwrap();
+    assert_eq!(&buf[100..100 + text.len()], text);
+    assert!(buf[..100] == s.data[end as usize..end as usize + 100]);
+    let mut buf = vec![0u8; 16384];
+    ov.read_at(&mut buf, 0).unwrap();
+    assert!(buf[..4096] == s.data[..4096]);
+    assert!(buf[4096..12288].iter().all(|&b| b == 0xab));
+    assert!(buf[12288..] == s.data[12288..16384]);
+    // The remote image is unchanged.
+    let mut img = vec![0u8; 4096];
+    base.read_at(&mut img, end).unwrap();
+    assert!(img[..] == s.data[end as usize..end as usize + 4096]);
+    drop(ov);
+    assert_eq!(tree_hashes(&s.archive()), before, "served files changed");
+    // An overlay is tied to its base image: another image is refused.
+    let src2 = s.dir.path().join("other.img");
+    std::fs::write(&src2, vec![1u8; s.data.len()]).unwrap();
+    let opts = ImportOptions {
+        chunk_size: CS,
+        progress: Some(false),
+    };
+    import_image_with(&src2, &s.archive(), "other", &opts).unwrap();
+    let other: Arc<dyn BlockBackend> =
+        Arc::new(LazyHttpDisk::open(&s.url("other"), s.opts("cache3")).unwrap());
+    let e = OverlayBackend::open(&ov_path, other).unwrap_err();
+    assert!(e.to_string().contains("was created over"), "{e}");
+}
+
+#[test]
+fn server_outage_fails_reads_in_bounded_time_then_recovers() {
+    let Some(mut s) = Setup::new("outage") else {
+        return;
+    };
+    let disk = s.open("cache");
+    let mut buf = vec![0u8; 4096];
+    disk.read_at(&mut buf, 0).unwrap();
+    s.nginx.stop();
+    // Cached chunks still read.
+    disk.read_at(&mut buf, 0).unwrap();
+    assert!(buf[..] == s.data[..4096]);
+    // Uncached ones fail after the retries (default options), without hanging.
+    let t = Instant::now();
+    let e = disk.read_at(&mut buf, 2 << 20).unwrap_err();
+    let el = t.elapsed();
+    let msg = chain(&e);
+    println!("outage: error after {el:?}: {msg}");
+    assert!(
+        el >= Duration::from_millis(1000) && el < Duration::from_secs(8),
+        "{el:?}"
+    );
+    assert!(msg.contains("gave up after 5 attempts"), "{msg}");
+    let st = disk.stats();
+    assert_eq!(st.read_errors, 1);
+    assert_eq!(st.http.retries, 4, "{st:?}");
+    // Back on the same port: reads work again.
+    s.nginx.restart();
+    disk.read_at(&mut buf, 2 << 20).unwrap();
+    assert!(buf[..] == s.data[2 << 20..(2 << 20) + 4096]);
+}
+
+#[test]
+fn tampered_chunks_are_rejected() {
+    let Some(s) = Setup::new("tamper") else {
+        return;
+    };
+    let opts = LazyHttpOptions {
+        http: HttpStoreOptions {
+            first_backoff: Duration::from_millis(10),
+            ..HttpStoreOptions::default()
+        },
+        ..s.opts("cache")
+    };
+    let disk = LazyHttpDisk::open(&s.url("img"), opts).unwrap();
+    let chunk_file = |idx: usize| {
+        let ImageEntry::Chunk(id) = disk.index().entries[idx] else {
+            panic!("chunk {idx} is zero")
+        };
+        (id, s.archive().join(id.relative_path()))
+    };
+    // Same length, one byte changed.
+    let (id, path) = chunk_file(1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[5000] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let mut buf = vec![0u8; 512];
+    let t = Instant::now();
+    let e = chain(&disk.read_at(&mut buf, u64::from(CS)).unwrap_err());
+    assert!(t.elapsed() < Duration::from_secs(1), "not retried");
+    assert!(
+        e.contains(&id.to_hex()) && e.contains("contents hash to"),
+        "{e}"
+    );
+    assert!(
+        e.contains(&format!("/archive/{}", id.relative_path())),
+        "{e}"
+    );
+    // Truncated, and oversized (a hostile answer larger than any chunk).
+    let (id, path) = chunk_file(2);
+    let good = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &good[..1000]).unwrap();
+    let e = chain(&disk.read_at(&mut buf, 2 * u64::from(CS)).unwrap_err());
+    assert!(e.contains(&id.to_hex()) && e.contains("corrupt"), "{e}");
+    std::fs::write(&path, vec![0u8; 8 << 20]).unwrap();
+    let e = chain(&disk.read_at(&mut buf, 2 * u64::from(CS)).unwrap_err());
+    assert!(e.contains("larger than the limit"), "{e}");
+    // Missing on the server.
+    std::fs::remove_file(&path).unwrap();
+    let e = chain(&disk.read_at(&mut buf, 2 * u64::from(CS)).unwrap_err());
+    assert!(e.contains("404"), "{e}");
+    // Restored: read fine, nothing bad was cached.
+    std::fs::write(&path, &good).unwrap();
+    disk.read_at(&mut buf, 2 * u64::from(CS)).unwrap();
+    assert!(buf[..] == s.data[2 * CS as usize..2 * CS as usize + 512]);
+}
+
+#[test]
+fn missing_truncated_or_corrupt_index_fails_at_open() {
+    let Some(s) = Setup::new("index") else { return };
+    let fast = || LazyHttpOptions {
+        http: HttpStoreOptions {
+            first_backoff: Duration::from_millis(10),
+            ..HttpStoreOptions::default()
+        },
+        ..s.opts("cache")
+    };
+    let e = LazyHttpDisk::open(&s.url("nope"), fast()).unwrap_err();
+    assert!(matches!(e, RemoteDiskError::IndexNotFound { .. }), "{e}");
+    assert!(e.to_string().contains("/archive/images/nope"), "{e}");
+    let index = std::fs::read(s.archive().join("images/img")).unwrap();
+    let broken = s.archive().join("images/broken");
+    for (bytes, want) in [
+        (index[..index.len() / 2].to_vec(), "truncated"),
+        (b"<html>not an index</html>".to_vec(), "bad magic"),
+        (Vec::new(), "bad magic"),
+    ] {
+        std::fs::write(&broken, &bytes).unwrap();
+        let e = LazyHttpDisk::open(&s.url("broken"), fast()).unwrap_err();
+        let msg = chain(&e);
+        assert!(matches!(e, RemoteDiskError::Index { .. }), "{msg}");
+        assert!(msg.contains(want) && msg.contains("images/broken"), "{msg}");
+    }
+    let mut flipped = index.clone();
+    flipped[40] ^= 0xff;
+    std::fs::write(&broken, &flipped).unwrap();
+    let msg = chain(&LazyHttpDisk::open(&s.url("broken"), fast()).unwrap_err());
+    assert!(msg.contains("checksum mismatch"), "{msg}");
+    for bad in ["http://h/x", "https://h/images/a"] {
+        assert!(matches!(
+            LazyHttpDisk::open(bad, fast()),
+            Err(RemoteDiskError::BadUrl { .. })
+        ));
+    }
+}
+
+#[test]
+fn mirrors_are_tried_in_turn() {
+    let Some(s) = Setup::new("mirror") else {
+        return;
+    };
+    // The main URL points at a dead port; the mirror is the real server.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let opts = LazyHttpOptions {
+        http: HttpStoreOptions {
+            mirrors: vec![format!("{}/archive", s.nginx.url())],
+            ..HttpStoreOptions::default()
+        },
+        ..s.opts("cache")
+    };
+    let disk =
+        LazyHttpDisk::open(&format!("http://127.0.0.1:{dead}/archive/images/img"), opts).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let off = (3 << 20) + (512 << 10);
+    disk.read_at(&mut buf, off as u64).unwrap();
+    assert!(buf[..] == s.data[off..off + 4096]);
+    assert_eq!(disk.stats().http.retries, 0);
+}
+
+#[test]
+fn qcow2_import_reuses_the_raw_import_chunks() {
+    let Some(s) = Setup::new("qcow2") else { return };
+    if Command::new("qemu-img").arg("--version").output().is_err() {
+        let msg = "qemu-img is missing (apt-get install qemu-utils)";
+        assert!(std::env::var("CI").is_err(), "{msg}");
+        println!("SKIP: {msg}");
+        return;
+    }
+    let src = s.dir.path().join("src.img");
+    let qcow = s.dir.path().join("src.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&src)
+        .arg(&qcow)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let opts = ImportOptions {
+        chunk_size: CS,
+        progress: Some(false),
+    };
+    let raw = vmm::image::read_index(&s.archive().join("images/img")).unwrap();
+    let r = import_image_with(&qcow, &s.archive(), "from-qcow2", &opts).unwrap();
+    assert_eq!(r.format, vmm::image::SourceFormat::Qcow2);
+    assert_eq!((r.chunks_new, r.image_id), (0, raw.id()), "{r:?}");
+    // Served and readable like the raw import.
+    let disk = LazyHttpDisk::open(&s.url("from-qcow2"), s.opts("c")).unwrap();
+    let mut all = vec![0u8; s.data.len()];
+    disk.read_at(&mut all, 0).unwrap();
+    assert!(all == s.data);
+    // A garbage "qcow2" fails with qemu-img's message.
+    let bad = s.dir.path().join("bad.qcow2");
+    std::fs::write(&bad, b"QFI\xfb garbage").unwrap();
+    let e = import_image_with(&bad, &s.archive(), "bad", &opts).unwrap_err();
+    assert!(e.to_string().contains("qemu-img convert"), "{e}");
+}
+
+#[test]
+fn prefetch_record_and_replay() {
+    let Some(s) = Setup::new("prefetch") else {
+        return;
+    };
+    let list = s.dir.path().join("boot.prefetch");
+    let reads: [u64; 5] = [(2 << 20) + 65536, 0, 1 << 20, (2 << 20) + 70000, 4096];
+    {
+        let opts = LazyHttpOptions {
+            record_prefetch: Some(list.clone()),
+            ..s.opts("rec")
+        };
+        let disk = LazyHttpDisk::open(&s.url("img"), opts).unwrap();
+        let mut buf = vec![0u8; 512];
+        for off in reads {
+            disk.read_at(&mut buf, off).unwrap();
+        }
+    }
+    let image = vmm::image::read_index(&s.archive().join("images/img")).unwrap();
+    let recorded = read_prefetch_list(&list, &image.id()).unwrap();
+    let cs = u64::from(CS);
+    let idx = |off: u64| (off / cs) as u32;
+    assert_eq!(recorded, vec![idx((2 << 20) + 65536), 0, idx(1 << 20)]);
+    // A cold cache replays the list in the background; the reads then fetch nothing.
+    let opts = LazyHttpOptions {
+        prefetch: Some(list.clone()),
+        ..s.opts("cold")
+    };
+    let disk = LazyHttpDisk::open(&s.url("img"), opts).unwrap();
+    disk.wait_prefetch();
+    assert_eq!(disk.stats().chunks_prefetched, 3);
+    let mut buf = vec![0u8; 512];
+    for off in reads {
+        disk.read_at(&mut buf, off).unwrap();
+        assert!(buf[..] == s.data[off as usize..off as usize + 512]);
+    }
+    assert_eq!(disk.stats().chunks_fetched, 0);
+    // A list recorded for another image is refused.
+    let other = vmm::store::ChunkId::of(b"other image");
+    assert!(read_prefetch_list(&list, &other).is_err());
+    // Starting a prefetch explicitly works too (nothing left to fetch here).
+    disk.start_prefetch(vec![0, 1, 2, 63, 1000]);
+    disk.wait_prefetch();
+    assert_eq!(disk.stats().chunks_prefetched, 3 + 3);
+}
+
+#[test]
+fn guest_artifact_disk_image_round_trips() {
+    let img = Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/out/disk.img");
+    if !img.exists() || !nginx_available() {
+        println!("SKIP: {} missing", img.display());
+        return;
+    }
+    let dir = TempDir::new("artifact");
+    let archive = dir.path().join("archive");
+    let r = vmm::image::import_image(&img, &archive, "disk", vmm::image::DEFAULT_IMAGE_CHUNK_SIZE)
+        .unwrap();
+    let nginx = Nginx::start(dir.path());
+    let disk = LazyHttpDisk::open(
+        &format!("{}/archive/images/disk", nginx.url()),
+        LazyHttpOptions {
+            cache_dir: Some(dir.path().join("cache")),
+            ..LazyHttpOptions::default()
+        },
+    )
+    .unwrap();
+    let want = std::fs::read(&img).unwrap();
+    let mut got = vec![0u8; r.size as usize];
+    disk.read_at(&mut got, 0).unwrap();
+    assert!(got[..want.len()] == want[..]);
+}
