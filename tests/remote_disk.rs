@@ -498,3 +498,108 @@ fn guest_artifact_disk_image_round_trips() {
     disk.read_at(&mut got, 0).unwrap();
     assert!(got[..want.len()] == want[..]);
 }
+
+/// Byte ranges of a boot-like read pattern of the guest rootfs (superblock and group
+/// descriptors, the inode table blocks and data of /, /bin, /init and busybox), from
+/// debugfs; None if debugfs is missing.
+fn boot_like_pattern(img: &Path) -> Option<Vec<(u64, u64)>> {
+    let debugfs = |req: &str| -> Option<String> {
+        let out = Command::new("/sbin/debugfs")
+            .args(["-R", req])
+            .arg(img)
+            .output()
+            .ok()?;
+        Some(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let bs = 1024u64;
+    let mut ranges = vec![(0, 16 * bs)];
+    for path in ["/", "/bin", "/init", "/bin/busybox", "/etc", "/sbin"] {
+        let imap = debugfs(&format!("imap {path}"))?;
+        if let Some(b) = imap
+            .split("located at block ")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .and_then(|n| n.trim().parse::<u64>().ok())
+        {
+            ranges.push((b * bs, bs));
+        }
+        for b in debugfs(&format!("blocks {path}"))?.split_whitespace() {
+            if let Ok(b) = b.parse::<u64>() {
+                ranges.push((b * bs, bs));
+            }
+        }
+    }
+    Some(ranges)
+}
+
+/// Chunk size measurement (run by hand: `cargo test --test remote_disk -- --ignored
+/// --nocapture measure_chunk_sizes`); figures are in docs/REMOTE_IMAGES.md.
+#[test]
+#[ignore]
+fn measure_chunk_sizes() {
+    let img = Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/out/rootfs.ext4");
+    if !img.exists() || !nginx_available() {
+        println!("SKIP: {} missing", img.display());
+        return;
+    }
+    let pattern = boot_like_pattern(&img).expect("debugfs");
+    let wanted: u64 = pattern.iter().map(|r| r.1).sum();
+    let dir = TempDir::new("measure");
+    let nginx = Nginx::start(dir.path());
+    println!(
+        "rootfs.ext4 {} MiB; boot-like pattern: {} reads, {} KiB",
+        std::fs::metadata(&img).unwrap().len() >> 20,
+        pattern.len(),
+        wanted >> 10
+    );
+    for cs in [64u32 << 10, 256 << 10, 1 << 20] {
+        let archive = dir.path().join(format!("a{cs}"));
+        let opts = ImportOptions {
+            chunk_size: cs,
+            progress: Some(false),
+        };
+        let r = import_image_with(&img, &archive, "root", &opts).unwrap();
+        let url = format!("{}/a{cs}/images/root", nginx.url());
+        let open = |cache: &str| {
+            LazyHttpDisk::open(
+                &url,
+                LazyHttpOptions {
+                    cache_dir: Some(dir.path().join(format!("{cache}{cs}"))),
+                    ..LazyHttpOptions::default()
+                },
+            )
+            .unwrap()
+        };
+        let disk = open("boot");
+        let t = Instant::now();
+        for &(off, len) in &pattern {
+            let mut buf = vec![0u8; len as usize];
+            disk.read_at(&mut buf, off).unwrap();
+        }
+        let boot_time = t.elapsed();
+        let st = disk.stats();
+        let disk = open("full");
+        let t = Instant::now();
+        let mut all = vec![0u8; r.size as usize];
+        disk.read_at(&mut all, 0).unwrap();
+        let full = t.elapsed();
+        let fs = disk.stats();
+        println!(
+            "chunk {:>4} KiB: import {:>5.1} ms, {} chunks stored ({} zero) = {:.1} MiB; \
+             boot-like: {} fetches, {:.2} MiB, amplification {:.1}x, {:.1} ms; \
+             full cold read {:.1} ms = {:.3} ms/chunk, {:.0} MiB/s",
+            cs >> 10,
+            r.elapsed.as_secs_f64() * 1e3,
+            r.chunks_new,
+            r.chunks_zero,
+            r.bytes_written as f64 / (1 << 20) as f64,
+            st.chunks_fetched,
+            st.http.bytes_fetched as f64 / (1 << 20) as f64,
+            st.http.bytes_fetched as f64 / wanted as f64,
+            boot_time.as_secs_f64() * 1e3,
+            full.as_secs_f64() * 1e3,
+            full.as_secs_f64() * 1e3 / fs.chunks_fetched.max(1) as f64,
+            fs.http.bytes_fetched as f64 / (1 << 20) as f64 / full.as_secs_f64()
+        );
+    }
+}

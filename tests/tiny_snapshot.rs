@@ -951,3 +951,57 @@ fn lazy_restore_stops_on_a_corrupt_chunk() {
         }
     });
 }
+
+/// Restore re-attaches the recorded disks and refuses one of another size or path unless
+/// forced.
+#[test]
+fn restore_refuses_a_different_disk_unless_forced() {
+    check("restore_refuses_a_different_disk_unless_forced", || {
+        let tmp = TempDir::new("disk-identity");
+        let disk = |name: &str, len: usize| -> Result<BlockConfig, String> {
+            let p = tmp.join(name);
+            fs::write(&p, vec![0x5au8; len]).map_err(|e| e.to_string())?;
+            Ok(BlockConfig {
+                path: p,
+                read_only: false,
+                id: None,
+                root: false,
+            })
+        };
+        let a = disk("a.img", 64 * 1024)?;
+        let mut vm = tiny::boot(Spec::new(Scenario::SnapDirty), vec![a.clone()])?;
+        vm.wait_for(deadline(), "dirty: ready\n")?;
+        vm.pause()?;
+        let snap = tmp.join("snap");
+        vm.snapshot(&snap, None)?;
+        drop(vm);
+        drop(tiny::restore(&snap, None, true)?);
+        let bigger = disk("b.img", 128 * 1024)?;
+        let err = match tiny::restore(&snap, Some(vec![bigger.clone()]), true) {
+            Ok(_) => return Err("a disk of another size and path was accepted".into()),
+            Err(e) => e,
+        };
+        ensure(err.contains("b.img") || err.contains("a.img"), || {
+            format!("the error does not name the disk: {err}")
+        })?;
+        let (state, memory) = vmm::builder_restore::snapshot_files(&snap);
+        let forced = vmm::builder_restore::build_from_snapshot(
+            &state,
+            &memory,
+            vmm::builder_restore::RestoreOptions {
+                console: vmm::builder::Console::Writer(Box::new(std::io::sink())),
+                blocks: Some(vec![bigger]),
+                force: true,
+                start_paused: true,
+                eager_memory: false,
+            },
+        );
+        ensure(forced.is_ok(), || {
+            format!(
+                "--force did not accept the disk: {:?}",
+                forced.err().map(|e| e.to_string())
+            )
+        })?;
+        Ok(())
+    });
+}

@@ -57,7 +57,7 @@ pub enum CacheError {
         path: PathBuf,
     },
     /// A file operation failed.
-    #[error("image cache: cannot {op} {}: {source}", path.display())]
+    #[error("image cache: cannot {op} {}", path.display())]
     Io {
         /// What was being done.
         op: &'static str,
@@ -68,7 +68,7 @@ pub enum CacheError {
         source: io::Error,
     },
     /// The bitmap file could not be written.
-    #[error("image cache: cannot write the presence bitmap: {0}")]
+    #[error("image cache: cannot write the presence bitmap")]
     Bitmap(#[source] StateFileError),
 }
 
@@ -183,7 +183,10 @@ impl ChunkCache {
                 None
             }
             Err(e) => {
-                log::warn!("discarding image cache bitmap: {e}");
+                log::warn!(
+                    "discarding image cache bitmap: {}",
+                    crate::vmm::error_chain(&e)
+                );
                 None
             }
         };
@@ -454,7 +457,7 @@ impl ChunkCache {
 impl Drop for ChunkCache {
     fn drop(&mut self) {
         if let Err(e) = self.persist() {
-            log::warn!("{e}");
+            log::warn!("{}", crate::vmm::error_chain(&e));
         }
     }
 }

@@ -24,6 +24,7 @@ use super::{BackendIdentity, BlockBackend, DiskError, check_range};
 use crate::image::{self, ImageEntry, ImageId, ImageIndex};
 use crate::snapshot::file::{HEADER_LEN, TRAILER_LEN, write_atomic};
 use crate::store::http::{HttpError, HttpStats, HttpStore, HttpStoreOptions};
+use crate::vmm::error_chain;
 
 /// First line of a prefetch list file.
 const PREFETCH_MAGIC: &str = "vmm-prefetch v1";
@@ -44,7 +45,7 @@ pub enum RemoteDiskError {
         reason: String,
     },
     /// A base or mirror URL was refused.
-    #[error("{0}")]
+    #[error("invalid archive or mirror URL")]
     Http(#[source] HttpError),
     /// The index is not on the server.
     #[error("image index {url} not found on the server (HTTP 404)")]
@@ -53,7 +54,7 @@ pub enum RemoteDiskError {
         url: String,
     },
     /// The index could not be fetched or is corrupt.
-    #[error("cannot load image index {url}: {source}")]
+    #[error("cannot load image index {url}")]
     Index {
         /// The index URL.
         url: String,
@@ -62,10 +63,10 @@ pub enum RemoteDiskError {
         source: HttpError,
     },
     /// The local cache could not be opened or used.
-    #[error("{0}")]
+    #[error("cannot open the image cache")]
     Cache(#[source] CacheError),
     /// Fetching a chunk failed.
-    #[error("cannot read chunk {idx} of {url}: {source}")]
+    #[error("cannot read chunk {idx} of {url}")]
     Fetch {
         /// The image URL.
         url: String,
@@ -257,7 +258,7 @@ impl LazyHttpDisk {
         if let Some(p) = opts.prefetch.as_deref().filter(|p| p.exists()) {
             match read_prefetch_list(p, &image_id) {
                 Ok(list) => disk.start_prefetch(list),
-                Err(e) => log::warn!("not prefetching: {e}"),
+                Err(e) => log::warn!("not prefetching: {}", error_chain(&e)),
             }
         }
         Ok(disk)
@@ -343,14 +344,14 @@ impl Inner {
             match self.store.fetch_chunk(id, Some(self.index.chunk_len(idx))) {
                 Ok(data) => {
                     if let Err(e) = self.cache.insert(idx, &data) {
-                        log::warn!("prefetch stopped: {e}");
+                        log::warn!("prefetch stopped: {}", error_chain(&e));
                         break;
                     }
                     fetched += 1;
                     self.chunks_prefetched.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => {
-                    log::warn!("prefetch of {} stopped: {e}", self.url);
+                    log::warn!("prefetch of {} stopped: {}", self.url, error_chain(&e));
                     break;
                 }
             }
@@ -409,7 +410,7 @@ impl Inner {
         match self.cache.read(idx, within, out) {
             Ok(true) => return Ok(()),
             Ok(false) => {}
-            Err(e) => log::warn!("{e}; fetching instead"),
+            Err(e) => log::warn!("{}; fetching instead", error_chain(&e)),
         }
         let _stripe = lock(&self.fetch_locks[idx % FETCH_STRIPES]);
         // Another reader may have fetched it while this one waited for the stripe.
@@ -426,7 +427,7 @@ impl Inner {
             })?;
         self.chunks_fetched.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.cache.insert(idx, &data) {
-            log::warn!("{e}");
+            log::warn!("{}", error_chain(&e));
         }
         out.copy_from_slice(&data[within..within + out.len()]);
         Ok(())
@@ -468,20 +469,6 @@ pub fn read_prefetch_list(path: &Path, image_id: &ImageId) -> Result<Vec<u32>, R
         .collect()
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
-}
-
 impl BlockBackend for LazyHttpDisk {
     fn size(&self) -> u64 {
         self.inner.index.size
@@ -501,7 +488,7 @@ impl BlockBackend for LazyHttpDisk {
                 inner.read_errors.fetch_add(1, Ordering::Relaxed);
                 return Err(DiskError::Io {
                     op: "read",
-                    source: std::io::Error::other(e),
+                    source: std::io::Error::other(error_chain(&e)),
                 });
             }
             done += n;
@@ -520,10 +507,10 @@ impl BlockBackend for LazyHttpDisk {
     /// returned (the guest's data does not depend on them).
     fn flush(&self) -> super::Result<()> {
         if let Err(e) = self.inner.cache.persist() {
-            log::warn!("{e}");
+            log::warn!("{}", error_chain(&e));
         }
         if let Err(e) = self.inner.save_record() {
-            log::warn!("{e}");
+            log::warn!("{}", error_chain(&e));
         }
         Ok(())
     }

@@ -51,7 +51,7 @@ pub const MAP_KIND: FileKind = FileKind {
 #[derive(Debug, thiserror::Error)]
 pub enum OverlayError {
     /// A file operation failed.
-    #[error("overlay: cannot {op} {}: {source}", path.display())]
+    #[error("overlay: cannot {op} {}", path.display())]
     Io {
         /// What was being done.
         op: &'static str,
@@ -62,7 +62,7 @@ pub enum OverlayError {
         source: io::Error,
     },
     /// The map file is unreadable or corrupt.
-    #[error("overlay map {}: {source}", path.display())]
+    #[error("overlay map {}", path.display())]
     Map {
         /// The map file.
         path: PathBuf,
@@ -420,7 +420,7 @@ impl BlockBackend for OverlayBackend {
                     bits,
                 };
                 file::write_file(&self.map_path, &MAP_KIND, &map)
-                    .map_err(|e| disk_io("flush")(io::Error::other(e)))
+                    .map_err(|e| disk_io("flush")(io::Error::other(crate::vmm::error_chain(&e))))
             });
         if result.is_err() {
             self.dirty.store(true, Ordering::Release);
@@ -446,7 +446,11 @@ impl BlockBackend for OverlayBackend {
 impl Drop for OverlayBackend {
     fn drop(&mut self) {
         if let Err(e) = self.flush() {
-            log::error!("overlay {}: final flush failed: {e}", self.path.display());
+            log::error!(
+                "overlay {}: final flush failed: {}",
+                self.path.display(),
+                crate::vmm::error_chain(&e)
+            );
         }
     }
 }

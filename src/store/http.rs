@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use super::codec::{self, HEADER_LEN};
 use super::{ChunkId, ChunkStore, MAX_CHUNK_LEN, PutOutcome, Result, StoreError};
+use crate::vmm::error_chain;
 
 /// Errors of HTTP fetches.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -49,7 +50,7 @@ pub enum HttpError {
         status: u16,
     },
     /// The request failed: connection refused or reset, timeout, protocol error.
-    #[error("GET {url} failed: {source}")]
+    #[error("GET {url} failed")]
     Transport {
         /// The URL fetched.
         url: String,
@@ -84,7 +85,7 @@ pub enum HttpError {
         reason: String,
     },
     /// Retries ran out.
-    #[error("GET {url}: gave up after {attempts} attempts in {elapsed_ms} ms: {last}")]
+    #[error("GET {url}: gave up after {attempts} attempts in {elapsed_ms} ms")]
     GaveUp {
         /// The URL of the last attempt.
         url: String,
@@ -431,10 +432,10 @@ impl HttpStore {
                             .failed_requests
                             .fetch_add(1, Ordering::Relaxed);
                         if e.is_transient() {
-                            log::warn!("{e} (attempt {attempts}, will retry)");
+                            log::warn!("{} (attempt {attempts}, will retry)", error_chain(&e));
                         } else {
                             if !e.is_not_found() || self.bases.len() > 1 {
-                                log::error!("{e}");
+                                log::error!("{}", error_chain(&e));
                             }
                             dead[i] = true;
                         }
@@ -460,7 +461,7 @@ impl HttpStore {
                     elapsed_ms: start.elapsed().as_millis() as u64,
                     last: Box::new(err),
                 };
-                log::error!("{e}");
+                log::error!("{}", error_chain(&e));
                 return Err(e);
             }
             self.counters.retries.fetch_add(1, Ordering::Relaxed);

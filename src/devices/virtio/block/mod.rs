@@ -196,10 +196,18 @@ impl BlockDevice {
             );
         }
         if state.features != self.features {
-            return Err(BlockError::StateMismatch("feature set"));
+            if !force {
+                return Err(BlockError::StateMismatch("feature set"));
+            }
+            warn!(
+                "virtio-blk: feature set differs from the snapshot's; continuing because of --force"
+            );
         }
         if state.disk_id != self.disk_id {
-            return Err(BlockError::StateMismatch("disk id"));
+            if !force {
+                return Err(BlockError::StateMismatch("disk id"));
+            }
+            warn!("virtio-blk: disk id differs from the snapshot's; continuing because of --force");
         }
         Ok(())
     }
