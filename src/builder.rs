@@ -240,6 +240,73 @@ pub fn attach_blocks(
     Ok((attached, params))
 }
 
+/// The devices and event loop every VM has, before disks are attached.
+pub struct Platform {
+    /// Exit latch.
+    pub exit: Arc<ExitSignal>,
+    /// Port-I/O bus with the legacy devices.
+    pub pio: Bus,
+    /// MMIO bus (empty).
+    pub mmio: Bus,
+    /// COM1.
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// Event loop with the exit waker (and stdin when the console is stdio).
+    pub events: EventManager<Subscriber>,
+}
+
+/// Creates the exit latch, the legacy devices (COM1 from `serial_state` when restoring) and
+/// the event loop.
+pub fn setup_platform(
+    vm: &Vm,
+    console: Console,
+    serial_state: Option<&SerialDeviceState>,
+) -> Result<Platform, BuildError> {
+    let exit = Arc::new(ExitSignal::new().map_err(|e| BuildError::Device(e.to_string()))?);
+    let mut pio = Bus::new();
+    let stdio = matches!(console, Console::Stdio);
+    let console_out: Box<dyn Write + Send> = match console {
+        Console::Stdio => Box::new(crate::devices::legacy::FlushingStdout),
+        Console::Writer(w) => w,
+    };
+    let legacy = setup_legacy(vm, &mut pio, &exit, console_out, serial_state)?;
+    let mut events: EventManager<Subscriber> =
+        EventManager::new().map_err(BuildError::EventLoop)?;
+    events.add_subscriber(Arc::new(Mutex::new(ExitWaker(exit.clone()))));
+    if stdio {
+        events.add_subscriber(Arc::new(Mutex::new(StdinInput::new(legacy.serial.clone()))));
+    }
+    Ok(Platform {
+        exit,
+        pio,
+        mmio: Bus::new(),
+        serial: legacy.serial,
+        events,
+    })
+}
+
+/// Freezes the buses and starts one thread per vCPU fd (paused if asked).
+pub fn start_vcpus(
+    fds: Vec<kvm_ioctls::VcpuFd>,
+    pio: Bus,
+    mmio: Bus,
+    exit: &Arc<ExitSignal>,
+    paused: bool,
+) -> Result<(Arc<Bus>, Arc<Bus>, Vec<VcpuHandle>), BuildError> {
+    let pio = Arc::new(pio);
+    let mmio = Arc::new(mmio);
+    let mut vcpus = Vec::new();
+    for (id, fd) in fds.into_iter().enumerate() {
+        let ctx = VcpuContext {
+            id: id as u8,
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            exit: exit.clone(),
+        };
+        vcpus.push(VcpuHandle::spawn(fd, ctx, paused)?);
+    }
+    Ok((pio, mmio, vcpus))
+}
+
 /// The guest command line: the user's, then device parameters, then host quirks.
 pub fn compose_cmdline(cfg: &VmConfig, device_params: &[String], tsc_khz: Option<u32>) -> String {
     let mut parts = vec![cfg.kernel.cmdline.trim().to_string()];
@@ -334,7 +401,6 @@ impl BootOptions {
 /// Builds and starts a VM that boots `cfg.kernel`.
 pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildError> {
     let console = opts.console;
-    let stdio = matches!(console, Console::Stdio);
     let mut kernel = open_input("kernel", &cfg.kernel.path)?;
     let mut initrd = cfg
         .initrd
@@ -368,27 +434,19 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
         None => None,
     };
 
-    let exit = Arc::new(ExitSignal::new().map_err(|e| BuildError::Device(e.to_string()))?);
-    let mut pio = Bus::new();
-    let mut mmio = Bus::new();
+    let Platform {
+        exit,
+        mut pio,
+        mut mmio,
+        serial,
+        mut events,
+    } = setup_platform(&vm, console, None)?;
     let bus_err = |e: crate::devices::BusError| BuildError::Device(e.to_string());
     for (dev, base, len) in opts.extra_pio {
         pio.insert(dev, base, len).map_err(bus_err)?;
     }
     for (dev, base, len) in opts.extra_mmio {
         mmio.insert(dev, base, len).map_err(bus_err)?;
-    }
-    let console_out: Box<dyn Write + Send> = match console {
-        Console::Stdio => Box::new(crate::devices::legacy::FlushingStdout),
-        Console::Writer(w) => w,
-    };
-    let legacy = setup_legacy(&vm, &mut pio, &exit, console_out, None)?;
-
-    let mut events: EventManager<Subscriber> =
-        EventManager::new().map_err(BuildError::EventLoop)?;
-    events.add_subscriber(Arc::new(Mutex::new(ExitWaker(exit.clone()))));
-    if stdio {
-        events.add_subscriber(Arc::new(Mutex::new(StdinInput::new(legacy.serial.clone()))));
     }
 
     let (blocks, device_params) = attach_blocks(&vm, &mem, cfg, disks, &mut mmio, &mut events)?;
@@ -406,18 +464,7 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
         configure_boot_vcpu(&vm, &mem, fd, id as u8, cfg.vcpus, loaded.entry)?;
     }
 
-    let pio = Arc::new(pio);
-    let mmio = Arc::new(mmio);
-    let mut vcpus = Vec::new();
-    for (id, fd) in fds.into_iter().enumerate() {
-        let ctx = VcpuContext {
-            id: id as u8,
-            pio: pio.clone(),
-            mmio: mmio.clone(),
-            exit: exit.clone(),
-        };
-        vcpus.push(VcpuHandle::spawn(fd, ctx, opts.start_paused)?);
-    }
+    let (pio, mmio, vcpus) = start_vcpus(fds, pio, mmio, &exit, opts.start_paused)?;
     log::info!("guest command line: {cmdline}");
     Ok(Vmm {
         config: cfg.clone(),
@@ -428,7 +475,7 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
         exit,
         pio,
         mmio,
-        serial: legacy.serial,
+        serial,
         blocks,
         events,
         api: None,

@@ -2,26 +2,25 @@
 //! snapshot directory, sharing the device helpers of [`crate::builder`].
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
-use event_manager::{EventManager, SubscriberOps};
 use vm_memory::GuestAddress;
 
 use crate::arch::x86_64::{vcpu_state, vm_state};
-use crate::builder::{BuildError, Console, attach_blocks, open_disks, setup_legacy};
+use crate::builder::{
+    BuildError, Console, Platform, attach_blocks, open_disks, setup_platform, start_vcpus,
+};
 use crate::config::BlockConfig;
-use crate::devices::Bus;
 use crate::devices::bus::lock;
 use crate::snapshot::file::read_state_file;
 use crate::snapshot::manifest::{MemoryManifest, ZeroChunks, restore_memory};
 use crate::snapshot::microvm::MicrovmState;
 use crate::store::local::{LocalStore, LocalStoreOptions};
-use crate::vmm::{ExitWaker, StdinInput, Subscriber, Vmm};
-use crate::vstate::exit::ExitSignal;
+use crate::vmm::Vmm;
 use crate::vstate::memory;
 use crate::vstate::uffd::LazyMemory;
-use crate::vstate::vcpu::{RunState, VcpuContext, VcpuHandle};
+use crate::vstate::vcpu::RunState;
 use crate::vstate::vm::Vm;
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
 
@@ -128,17 +127,7 @@ pub fn build_from_snapshot(
     let lazy = if opts.eager_memory {
         // SAFETY: no vCPU exists yet and no device has been created, so nothing else
         // touches guest memory while these slices live.
-        let views = unsafe { crate::snapshot::create::memory_slices(&mem) };
-        let mut views: Vec<(u64, &mut [u8])> = views
-            .into_iter()
-            // SAFETY: as above; the mutable views are disjoint regions of the mapping
-            // and nothing else holds a view while they live.
-            .map(|(a, s)| {
-                (a, unsafe {
-                    std::slice::from_raw_parts_mut(s.as_ptr() as *mut u8, s.len())
-                })
-            })
-            .collect();
+        let mut views = unsafe { crate::snapshot::create::memory_slices_mut(&mem) };
         restore_memory(&manifest, &mut views, &store, ZeroChunks::AlreadyZero)
             .map_err(|e| snap_err_chain("memory", memory_path, &e))?;
         None
@@ -177,21 +166,13 @@ pub fn build_from_snapshot(
     };
     let mem_ms = t_mem.elapsed().as_secs_f64() * 1e3;
 
-    let exit = Arc::new(ExitSignal::new().map_err(|e| BuildError::Device(e.to_string()))?);
-    let mut pio = Bus::new();
-    let mut mmio = Bus::new();
-    let stdio = matches!(opts.console, Console::Stdio);
-    let console_out: Box<dyn std::io::Write + Send> = match opts.console {
-        Console::Stdio => Box::new(crate::devices::legacy::FlushingStdout),
-        Console::Writer(w) => w,
-    };
-    let legacy = setup_legacy(&vm, &mut pio, &exit, console_out, Some(&state.serial))?;
-    let mut events: EventManager<Subscriber> =
-        EventManager::new().map_err(BuildError::EventLoop)?;
-    events.add_subscriber(Arc::new(Mutex::new(ExitWaker(exit.clone()))));
-    if stdio {
-        events.add_subscriber(Arc::new(Mutex::new(StdinInput::new(legacy.serial.clone()))));
-    }
+    let Platform {
+        exit,
+        pio,
+        mut mmio,
+        serial,
+        mut events,
+    } = setup_platform(&vm, opts.console, Some(&state.serial))?;
 
     let (blocks, _params) = attach_blocks(&vm, &mem, &cfg, disks, &mut mmio, &mut events)?;
     for (i, (b, saved)) in blocks.iter().zip(&state.blocks).enumerate() {
@@ -224,18 +205,7 @@ pub fn build_from_snapshot(
             .map_err(|e| BuildError::Device(format!("disk {i} transport: {e}")))?;
     }
 
-    let pio = Arc::new(pio);
-    let mmio = Arc::new(mmio);
-    let mut vcpus = Vec::new();
-    for (id, fd) in fds.into_iter().enumerate() {
-        let ctx = VcpuContext {
-            id: id as u8,
-            pio: pio.clone(),
-            mmio: mmio.clone(),
-            exit: exit.clone(),
-        };
-        vcpus.push(VcpuHandle::spawn(fd, ctx, true)?);
-    }
+    let (pio, mmio, vcpus) = start_vcpus(fds, pio, mmio, &exit, true)?;
     let mut vmm = Vmm {
         config: cfg,
         cmdline: state.cmdline.clone(),
@@ -245,7 +215,7 @@ pub fn build_from_snapshot(
         exit,
         pio,
         mmio,
-        serial: legacy.serial,
+        serial,
         blocks,
         events,
         state: RunState::Paused,

@@ -17,7 +17,7 @@
 //! The format is described byte by byte in `docs/REMOTE_IMAGES.md`.
 
 use std::fs::File;
-use std::io::{self, IsTerminal, Read, Write};
+use std::io::{self, IsTerminal, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -322,6 +322,29 @@ pub struct ImportReport {
     pub elapsed: Duration,
 }
 
+impl std::fmt::Display for ImportReport {
+    /// One line: name, size, chunks (new, reused, zero), bytes written, time, image id.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "imported {} ({}, {} bytes) as {}: {} chunks of {} KiB: {} new, {} reused, {} zero; \
+             {} bytes written in {:.2} s; image id {}",
+            self.name,
+            self.format.name(),
+            self.size,
+            self.index_path.display(),
+            self.chunks_total,
+            self.chunk_size >> 10,
+            self.chunks_new,
+            self.chunks_reused,
+            self.chunks_zero,
+            self.bytes_written,
+            self.elapsed.as_secs_f64(),
+            self.image_id
+        )
+    }
+}
+
 /// Imports `src` into `archive_dir` as image `name` with `chunk_size`-byte chunks; progress
 /// is shown when stderr is a terminal. See [`import_image_with`].
 pub fn import_image(
@@ -459,7 +482,9 @@ fn chunk_file(
         move |source| ImageError::Io { op, path, source }
     };
     let mut f = File::open(path).map_err(io("open"))?;
-    let raw_size = f.metadata().map_err(io("stat"))?.len();
+    // Seeking to the end also sizes block devices, whose metadata length is 0.
+    let raw_size = f.seek(SeekFrom::End(0)).map_err(io("seek"))?;
+    f.seek(SeekFrom::Start(0)).map_err(io("seek"))?;
     if raw_size == 0 {
         return Err(ImageError::EmptySource { path: path.into() });
     }
@@ -645,6 +670,31 @@ mod tests {
         wrong = good;
         wrong.size = 8000;
         assert!(ImageIndex::decode(&wrong.encode().unwrap()).is_err());
+    }
+
+    #[test]
+    fn index_byte_layout_is_as_documented() {
+        let id = ChunkId::of(b"x");
+        let index = ImageIndex {
+            size: 8192,
+            chunk_size: 4096,
+            entries: vec![ImageEntry::Zero, ImageEntry::Chunk(id)],
+        };
+        let b = index.encode().unwrap();
+        let n = 8 + 4 + 8 + 4 + (4 + 32);
+        assert_eq!(b.len(), 20 + n + 32);
+        assert_eq!(&b[..8], b"VMMIMG\0\0");
+        assert_eq!(b[8..12], 1u32.to_le_bytes());
+        assert_eq!(b[12..20], (n as u64).to_le_bytes());
+        let p = &b[20..20 + n];
+        assert_eq!(p[0..8], 8192u64.to_le_bytes());
+        assert_eq!(p[8..12], 4096u32.to_le_bytes());
+        assert_eq!(p[12..20], 2u64.to_le_bytes());
+        assert_eq!(p[20..24], 0u32.to_le_bytes());
+        assert_eq!(p[24..28], 1u32.to_le_bytes());
+        assert_eq!(p[28..60], id.as_bytes()[..]);
+        assert_eq!(b[20 + n..], blake3::hash(p).as_bytes()[..]);
+        assert_eq!(index.id().as_bytes()[..], b[20 + n..]);
     }
 
     #[test]

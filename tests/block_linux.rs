@@ -81,6 +81,10 @@ fn root_mount_md5_write_and_read_only() {
     );
 }
 
+/// Hardware KVM only (guest user space cannot make system calls on PVM hosts): a busybox
+/// shell from the initramfs runs a command, and the disk checks above run from user space
+/// too (md5sum of the whole device, a write at the last 4 KiB block, a refused write to the
+/// read-only disk), then `reboot -f` ends the VM cleanly.
 #[test]
 fn busybox_shell_from_initramfs() {
     let Some(a) = guest_env() else { return };
@@ -91,12 +95,23 @@ fn busybox_shell_from_initramfs() {
         );
         return;
     }
+    let dir = scratch("block-busybox");
+    let rw = dir.join("rw.img");
+    let ro = dir.join("ro.img");
+    std::fs::copy(a.file("disk.img"), &rw).unwrap();
+    std::fs::copy(a.file("disk.img"), &ro).unwrap();
+    let want_md5 = md5_file(&a.file("disk.img"));
+    let size = std::fs::metadata(&rw).unwrap().len();
     let mut cmd = std::process::Command::new(vmm_bin());
     cmd.args([
         "--kernel".to_string(),
         kernel_arg(&a, ""),
         "--initrd".into(),
         a.file("initramfs.cpio.gz").display().to_string(),
+        "--block".into(),
+        format!("path={}", rw.display()),
+        "--block".into(),
+        format!("path={},read_only=true", ro.display()),
     ]);
     cmd.stdin(std::process::Stdio::piped());
     let mut r = Running::spawn_cmd_stdin(&mut cmd);
@@ -109,14 +124,41 @@ fn busybox_shell_from_initramfs() {
     std::thread::sleep(Duration::from_secs(2));
     use std::io::Write;
     let token = format!("shell-{}", std::process::id());
-    writeln!(stdin, "echo $((40 + 2))-{token}; reboot -f").unwrap();
+    let seek = size / 4096 - 1;
+    let script = format!(
+        "echo $((40 + 2))-{token}\n\
+         md5sum /dev/vda /dev/vdb\n\
+         printf '{token}\\n' | dd of=/dev/vda bs=4096 seek={seek} conv=sync,fsync 2>/dev/null && echo rw-write-ok\n\
+         printf '{token}\\n' | dd of=/dev/vdb bs=4096 seek={seek} conv=sync,fsync 2>/dev/null || echo ro-write-refused\n\
+         sync; reboot -f\n"
+    );
+    stdin.write_all(script.as_bytes()).unwrap();
     if r.wait_for(&format!("42-{token}"), Duration::from_secs(60))
         .is_none()
     {
         fail(&r, "the busybox shell did not run the command");
     }
-    match r.wait_exit(Duration::from_secs(60)) {
+    match r.wait_exit(Duration::from_secs(120)) {
         Some(0) => {}
         other => fail(&r, &format!("vmm exit {other:?} after reboot -f")),
     }
+    let out = r.output();
+    for dev in ["/dev/vda", "/dev/vdb"] {
+        if !out.contains(&format!("{want_md5}  {dev}")) {
+            fail(
+                &r,
+                &format!("md5sum of {dev} from user space is wrong or missing"),
+            );
+        }
+    }
+    if !out.contains("rw-write-ok") || !out.contains("ro-write-refused") {
+        fail(&r, "user-space writes did not behave");
+    }
+    let data = std::fs::read(&rw).unwrap();
+    let expect = format!("{token}\n");
+    assert_eq!(
+        &data[data.len() - 4096..][..expect.len()],
+        expect.as_bytes()
+    );
+    assert_eq!(md5_file(&ro), want_md5, "the read-only disk file changed");
 }

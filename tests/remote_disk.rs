@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use remote::{Nginx, TempDir, nginx_available, test_image, tree_hashes};
 use vmm::disk::BlockBackend;
-use vmm::disk::http::{LazyHttpDisk, LazyHttpOptions, RemoteDiskError, read_prefetch_list};
+use vmm::disk::http::{
+    LazyHttpDisk, LazyHttpOptions, RemoteDiskError, open_remote_disk, read_prefetch_list,
+};
 use vmm::disk::overlay::OverlayBackend;
 use vmm::image::{ImageEntry, ImportOptions, import_image_with};
 use vmm::store::http::HttpStoreOptions;
@@ -195,14 +197,17 @@ fn overlay_writes_persist_and_served_files_stay_unchanged() {
     let text = b"written at the end of the remote disk";
     let end = s.data.len() as u64 - 4096;
     {
-        let base: Arc<dyn BlockBackend> = Arc::new(s.open("cache"));
-        let ov = OverlayBackend::open(&ov_path, base).unwrap();
+        let (remote, ov) =
+            open_remote_disk(&s.url("img"), s.opts("cache"), Some(&ov_path)).unwrap();
+        assert!(!ov.read_only());
         ov.write_at(text, end + 100).unwrap();
         ov.write_at(&[0xab; 8192], 4096).unwrap();
         ov.flush().unwrap();
         let id = ov.identity();
         assert_eq!(id.kind, "overlay");
         assert_eq!(id.inner.unwrap().kind, "http");
+        // The partial-block write read its block from the image; the aligned one did not.
+        assert_eq!(remote.stats().chunks_fetched, 1, "{:?}", remote.stats());
     }
     // Reopened (with a cold cache, even): the writes are there, the rest is the image.
     let base: Arc<dyn BlockBackend> = Arc::new(s.open("cache2"));
@@ -600,6 +605,43 @@ fn measure_chunk_sizes() {
             full.as_secs_f64() * 1e3,
             full.as_secs_f64() * 1e3 / fs.chunks_fetched.max(1) as f64,
             fs.http.bytes_fetched as f64 / (1 << 20) as f64 / full.as_secs_f64()
+        );
+    }
+    // Fetch latency of incompressible chunks over loopback keep-alive, no cache.
+    let src = dir.path().join("random.img");
+    std::fs::write(&src, remote::random_bytes(32 << 20, 77)).unwrap();
+    for cs in [64u32 << 10, 256 << 10, 1 << 20] {
+        let archive = dir.path().join(format!("r{cs}"));
+        let opts = ImportOptions {
+            chunk_size: cs,
+            progress: Some(false),
+        };
+        import_image_with(&src, &archive, "r", &opts).unwrap();
+        let index = vmm::image::read_index(&archive.join("images/r")).unwrap();
+        let store = vmm::store::http::HttpStore::new(
+            &format!("{}/r{cs}", nginx.url()),
+            HttpStoreOptions::default(),
+        )
+        .unwrap();
+        let mut lat: Vec<f64> = Vec::new();
+        let t = Instant::now();
+        for e in &index.entries {
+            if let ImageEntry::Chunk(id) = e {
+                let t = Instant::now();
+                store.fetch_chunk(id, Some(cs as usize)).unwrap();
+                lat.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let total = t.elapsed().as_secs_f64();
+        lat.sort_by(f64::total_cmp);
+        println!(
+            "fetch {:>4} KiB chunks: {} fetches, median {:.3} ms, p90 {:.3} ms, {:.0} MiB/s, {} requests",
+            cs >> 10,
+            lat.len(),
+            lat[lat.len() / 2],
+            lat[lat.len() * 9 / 10],
+            32.0 / total,
+            store.stats().requests
         );
     }
 }

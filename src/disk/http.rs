@@ -20,6 +20,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use super::cache::{CacheError, CacheStats, ChunkCache};
+use super::overlay::{OverlayBackend, OverlayError};
 use super::{BackendIdentity, BlockBackend, DiskError, check_range};
 use crate::image::{self, ImageEntry, ImageId, ImageIndex};
 use crate::snapshot::file::{HEADER_LEN, TRAILER_LEN, write_atomic};
@@ -76,6 +77,15 @@ pub enum RemoteDiskError {
         #[source]
         source: HttpError,
     },
+    /// The overlay over the remote image could not be opened.
+    #[error("cannot open the overlay of {url}")]
+    Overlay {
+        /// The image URL.
+        url: String,
+        /// What went wrong.
+        #[source]
+        source: OverlayError,
+    },
     /// A prefetch list file is unreadable, malformed or for another image.
     #[error("prefetch list {}: {reason}", path.display())]
     Prefetch {
@@ -116,6 +126,30 @@ pub fn default_cache_dir() -> PathBuf {
         return h.join(".cache/vmm/images");
     }
     std::env::temp_dir().join("vmm-images")
+}
+
+/// Opens the remote image at `url` and, with `overlay`, a persistent copy-on-write overlay
+/// (file `overlay` plus `overlay.map`) on top of it: what `--block url=...,overlay=FILE`
+/// attaches. Returns the remote disk (for [`LazyHttpDisk::stats`]) and the backend to give
+/// the guest: the overlay, or the read-only remote disk itself without one.
+pub fn open_remote_disk(
+    url: &str,
+    opts: LazyHttpOptions,
+    overlay: Option<&Path>,
+) -> Result<(Arc<LazyHttpDisk>, Arc<dyn BlockBackend>), RemoteDiskError> {
+    let remote = Arc::new(LazyHttpDisk::open(url, opts)?);
+    let top: Arc<dyn BlockBackend> = match overlay {
+        Some(path) => Arc::new(
+            OverlayBackend::open(path, remote.clone() as Arc<dyn BlockBackend>).map_err(
+                |source| RemoteDiskError::Overlay {
+                    url: remote.url().to_string(),
+                    source,
+                },
+            )?,
+        ),
+        None => remote.clone(),
+    };
+    Ok((remote, top))
 }
 
 /// Splits `http://HOST/ARCHIVE/images/NAME` into the archive base URL and the image name.

@@ -103,6 +103,23 @@ pub unsafe fn memory_slices(mem: &GuestMemory) -> Vec<(u64, &[u8])> {
         .collect()
 }
 
+/// Mutable host views of every guest memory region, as (guest address, bytes).
+///
+/// # Safety
+/// The caller must make sure nothing else reads or writes guest memory while the slices
+/// live (no vCPU runs, no device is active).
+#[allow(clippy::mut_from_ref)]
+pub unsafe fn memory_slices_mut(mem: &GuestMemory) -> Vec<(u64, &mut [u8])> {
+    mem.iter()
+        .map(|r| {
+            // SAFETY: the region maps `len()` bytes at `as_ptr()` for as long as `mem`
+            // lives; regions are disjoint and the caller guarantees exclusive access.
+            let s = unsafe { std::slice::from_raw_parts_mut(r.as_ptr(), r.len() as usize) };
+            (r.start_addr().0, s)
+        })
+        .collect()
+}
+
 /// Writes a snapshot of the paused `vmm` into `dir`, memory chunks into `store`
 /// (default: `dir` itself).
 pub fn create_snapshot(
