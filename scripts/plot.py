@@ -52,15 +52,15 @@ def fmt(v):
 
 def bar_chart(path, title, categories, series, ylabel, log=False, hlines=(), note=""):
     """series: [(name, [value or None per category])]; hlines: [(value, label)]."""
-    W, H = 760, 420
-    L, R, T, B = 70, 20, 50, 95
+    W, H = 780, 440
+    L, R, T, B = 70, 20, 50, 110
     pw, ph = W - L - R, H - T - B
     vals = [v for _, vs in series for v in vs if v is not None and v > 0]
     vals += [v for v, _ in hlines]
     if not vals:
         return
     if log:
-        lo = 10 ** math.floor(math.log10(min(vals)))
+        lo = 10 ** math.floor(math.log10(min(vals)) - 0.3)
         hi = 10 ** math.ceil(math.log10(max(vals) * 1.3))
 
         def y(v):
@@ -104,33 +104,48 @@ def bar_chart(path, title, categories, series, ylabel, log=False, hlines=(), not
     bw = gw * 0.8 / max(k, 1)
     for i, c in enumerate(categories):
         gx = L + i * gw + gw * 0.1
-        out.append(f'<text x="{L + i * gw + gw / 2:.1f}" y="{T + ph + 18}" text-anchor="middle">{escape(c)}</text>')
+        cx = L + i * gw + gw / 2
+        for li, part in enumerate(c.split("\n")):
+            out.append(f'<text x="{cx:.1f}" y="{T + ph + 16 + 14 * li}" text-anchor="middle">{escape(part)}</text>')
         for j, (_, vs) in enumerate(series):
             v = vs[i]
-            if v is None or (log and v <= 0):
+            if v is None:
                 continue
             x = gx + j * bw
-            y0, y1 = y(lo if log else 0), y(v)
-            out.append(
-                f'<rect x="{x:.1f}" y="{y1:.1f}" width="{bw * 0.92:.1f}" height="{max(y0 - y1, 0.5):.1f}" '
-                f'fill="{COLORS[j % len(COLORS)]}"/>'
-            )
-            out.append(
-                f'<text x="{x + bw * 0.46:.1f}" y="{y1 - 3:.1f}" text-anchor="middle" font-size="10">{fmt(v)}</text>'
-            )
+            y0 = y(lo if log else 0)
+            y1 = y0 if (log and v <= 0) else y(v)
+            if y0 - y1 > 0:
+                out.append(
+                    f'<rect x="{x:.1f}" y="{y1:.1f}" width="{bw * 0.92:.1f}" height="{y0 - y1:.1f}" '
+                    f'fill="{COLORS[j % len(COLORS)]}"/>'
+                )
+            tx, ty = x + bw * 0.46, y1 - 3
+            label = fmt(v) if v > 0 else "0"
+            if bw < 30:
+                out.append(
+                    f'<text x="{tx:.1f}" y="{ty:.1f}" font-size="10" transform="rotate(-90 {tx:.1f} {ty:.1f})" '
+                    f'dominant-baseline="middle">{label}</text>'
+                )
+            else:
+                out.append(f'<text x="{tx:.1f}" y="{ty:.1f}" text-anchor="middle" font-size="10">{label}</text>')
     for v, label in hlines:
         yy = y(v)
         out.append(f'<line x1="{L}" y1="{yy:.1f}" x2="{L + pw}" y2="{yy:.1f}" stroke="#c00" stroke-dasharray="6 4"/>')
-        out.append(f'<text x="{L + pw - 4}" y="{yy - 4:.1f}" text-anchor="end" fill="#c00">{escape(label)}</text>')
     out.append(f'<line x1="{L}" y1="{T}" x2="{L}" y2="{T + ph}" stroke="black"/>')
     out.append(f'<line x1="{L}" y1="{T + ph}" x2="{L + pw}" y2="{T + ph}" stroke="black"/>')
-    lx, ly = L, T + ph + 38
+    lx, ly = L, T + ph + 50
     for j, (name, _) in enumerate(series):
         if lx + 30 + 7 * len(name) > W:
             lx, ly = L, ly + 18
         out.append(f'<rect x="{lx}" y="{ly - 10}" width="12" height="12" fill="{COLORS[j % len(COLORS)]}"/>')
         out.append(f'<text x="{lx + 16}" y="{ly}">{escape(name)}</text>')
         lx += 30 + 7 * len(name)
+    for _, name in hlines:
+        if lx + 40 + 7 * len(name) > W:
+            lx, ly = L, ly + 18
+        out.append(f'<line x1="{lx}" y1="{ly - 4}" x2="{lx + 22}" y2="{ly - 4}" stroke="#c00" stroke-dasharray="6 4"/>')
+        out.append(f'<text x="{lx + 26}" y="{ly}" fill="#c00">{escape(name)}</text>')
+        lx += 40 + 7 * len(name)
     if note:
         out.append(f'<text x="{L}" y="{H - 8}" font-size="10" fill="#555">{escape(note)}</text>')
     out.append("</svg>")
@@ -152,7 +167,8 @@ def main():
     def label(guest, mib):
         mib = int(mib)
         size = f"{mib // 1024} GiB" if mib >= 1024 else f"{mib} MiB"
-        return size if guest == "synthetic" else f"{size} ({guest})"
+        kind = {"synthetic": "synthetic", "synthetic-tmpfs": "synth., tmpfs", "linux": "Linux idle"}
+        return f"{size}\n{kind.get(guest, guest)}"
 
     keys = []
     for r in snap:

@@ -26,7 +26,9 @@ use crate::devices::virtio::mmio::{
 use crate::devices::{Bus, IrqLine, SharedDevice};
 use crate::disk::BlockBackend;
 use crate::disk::file::FileBackend;
+use crate::disk::http::{LazyHttpDisk, LazyHttpOptions, open_remote_disk};
 use crate::snapshot::Persist;
+use crate::store::http::HttpStoreOptions;
 use crate::vmm::{ExitWaker, StdinInput, Subscriber, Vmm};
 use crate::vstate::exit::ExitSignal;
 use crate::vstate::memory::{self, GuestMemory};
@@ -170,21 +172,54 @@ pub struct AttachedBlock {
 /// First GSI used by virtio devices (ISA interrupts 0..=4 are taken by the PIT, COM ports…).
 pub const VIRTIO_FIRST_GSI: u32 = 5;
 
+/// The opened disks: the backend to attach for each, and the lazy remote images among them
+/// (for their fetch statistics).
+pub struct OpenedDisks {
+    /// One backend per configured disk, in order.
+    pub backends: Vec<Arc<dyn BlockBackend>>,
+    /// (disk index, remote image) for each `url=` disk.
+    pub remote: Vec<(usize, Arc<LazyHttpDisk>)>,
+}
+
 /// Opens every configured disk (clear errors: missing, a directory, a size that is not a
-/// multiple of 512 bytes). Done before the VM is created, so bad input fails fast.
-pub fn open_disks(cfg: &VmConfig) -> Result<Vec<Arc<dyn BlockBackend>>, BuildError> {
-    cfg.blocks
-        .iter()
-        .map(|b| {
-            FileBackend::open(&b.path, b.read_only, false)
-                .map(|f| Arc::new(f) as Arc<dyn BlockBackend>)
-                .map_err(|e| BuildError::File {
-                    what: "disk",
-                    path: b.path.display().to_string(),
-                    message: e.to_string(),
-                })
-        })
-        .collect()
+/// multiple of 512 bytes, an unreachable or corrupt remote index). Done before the VM is
+/// created, so bad input fails fast.
+pub fn open_disks(cfg: &VmConfig) -> Result<OpenedDisks, BuildError> {
+    let mut out = OpenedDisks {
+        backends: Vec::new(),
+        remote: Vec::new(),
+    };
+    for (i, b) in cfg.blocks.iter().enumerate() {
+        let err = |message: String| BuildError::File {
+            what: "disk",
+            path: b.location(),
+            message,
+        };
+        let backend: Arc<dyn BlockBackend> = match &b.url {
+            None => Arc::new(
+                FileBackend::open(&b.path, b.read_only, false)
+                    .map_err(|e| err(crate::vmm::error_chain(&e)))?,
+            ),
+            Some(url) => {
+                let opts = LazyHttpOptions {
+                    cache_dir: b.cache.clone(),
+                    cache_max_bytes: b.cache_max_mib.map(|m| m << 20),
+                    http: HttpStoreOptions {
+                        mirrors: b.mirrors.clone(),
+                        ..Default::default()
+                    },
+                    record_prefetch: b.record_prefetch.clone(),
+                    prefetch: b.prefetch.clone(),
+                };
+                let (remote, top) = open_remote_disk(url, opts, b.overlay.as_deref())
+                    .map_err(|e| err(crate::vmm::error_chain(&e)))?;
+                out.remote.push((i, remote));
+                top
+            }
+        };
+        out.backends.push(backend);
+    }
+    Ok(out)
 }
 
 /// Creates a virtio-block device and transport for each opened disk, wires its irqfd and
@@ -284,6 +319,9 @@ pub fn setup_platform(
     })
 }
 
+/// The frozen port-I/O and MMIO buses and the vCPU threads using them.
+pub type StartedVcpus = (Arc<Bus>, Arc<Bus>, Vec<VcpuHandle>);
+
 /// Freezes the buses and starts one thread per vCPU fd (paused if asked).
 pub fn start_vcpus(
     fds: Vec<kvm_ioctls::VcpuFd>,
@@ -291,7 +329,7 @@ pub fn start_vcpus(
     mmio: Bus,
     exit: &Arc<ExitSignal>,
     paused: bool,
-) -> Result<(Arc<Bus>, Arc<Bus>, Vec<VcpuHandle>), BuildError> {
+) -> Result<StartedVcpus, BuildError> {
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
     let mut vcpus = Vec::new();
@@ -449,7 +487,9 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
         mmio.insert(dev, base, len).map_err(bus_err)?;
     }
 
-    let (blocks, device_params) = attach_blocks(&vm, &mem, cfg, disks, &mut mmio, &mut events)?;
+    let remote = disks.remote;
+    let (blocks, device_params) =
+        attach_blocks(&vm, &mem, cfg, disks.backends, &mut mmio, &mut events)?;
     let mut fds = Vec::new();
     for id in 0..cfg.vcpus {
         fds.push(vm.create_vcpu(id)?);
@@ -480,6 +520,7 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
         events,
         api: None,
         lazy: None,
+        remote,
         state: if opts.start_paused {
             RunState::Paused
         } else {

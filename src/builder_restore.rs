@@ -174,7 +174,8 @@ pub fn build_from_snapshot(
         mut events,
     } = setup_platform(&vm, opts.console, Some(&state.serial))?;
 
-    let (blocks, _params) = attach_blocks(&vm, &mem, &cfg, disks, &mut mmio, &mut events)?;
+    let remote = disks.remote;
+    let (blocks, _params) = attach_blocks(&vm, &mem, &cfg, disks.backends, &mut mmio, &mut events)?;
     for (i, (b, saved)) in blocks.iter().zip(&state.blocks).enumerate() {
         if b.base != saved.base || b.gsi != saved.gsi {
             return Err(BuildError::Device(format!(
@@ -221,6 +222,7 @@ pub fn build_from_snapshot(
         state: RunState::Paused,
         api: None,
         lazy,
+        remote,
     };
     if !opts.start_paused {
         vmm.resume()

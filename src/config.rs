@@ -39,17 +39,48 @@ pub struct KernelConfig {
     pub cmdline: String,
 }
 
-/// One virtio-block disk.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// One virtio-block disk: a local image file, or a lazy remote image (docs/REMOTE_IMAGES.md).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockConfig {
-    /// Local image file.
+    /// Local image file (empty for a remote image).
     pub path: PathBuf,
     /// Refuse guest writes.
     pub read_only: bool,
-    /// Drive name (GET_ID); defaults to the index.
+    /// Drive name (GET_ID); defaults to the image's file name.
     pub id: Option<String>,
     /// Add `root=/dev/vdX` for this disk.
     pub root: bool,
+    /// Remote image: `http://HOST/ARCHIVE/images/NAME`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Local cache directory for the remote image's chunks.
+    #[serde(default)]
+    pub cache: Option<PathBuf>,
+    /// Size limit of the cache, in MiB.
+    #[serde(default)]
+    pub cache_max_mib: Option<u64>,
+    /// Persistent copy-on-write overlay file that receives the guest's writes.
+    #[serde(default)]
+    pub overlay: Option<PathBuf>,
+    /// Mirror archive base URLs tried when the main one fails.
+    #[serde(default)]
+    pub mirrors: Vec<String>,
+    /// Record the chunks the guest reads into this file (a prefetch list).
+    #[serde(default)]
+    pub record_prefetch: Option<PathBuf>,
+    /// Fetch the chunks listed in this file in the background at start.
+    #[serde(default)]
+    pub prefetch: Option<PathBuf>,
+}
+
+impl BlockConfig {
+    /// What the disk is, for messages: its path or URL.
+    pub fn location(&self) -> String {
+        match &self.url {
+            Some(u) => u.clone(),
+            None => self.path.display().to_string(),
+        }
+    }
 }
 
 /// The whole VM configuration, recorded in snapshots.
@@ -215,15 +246,25 @@ pub fn parse_vcpu(s: &str) -> Result<u8, ConfigError> {
     Ok(n as u8)
 }
 
-/// `--block path=FILE[,read_only=true][,id=NAME][,root=true]`.
+/// `--block path=FILE[,read_only=true][,id=NAME][,root=true]` or
+/// `--block url=http://…/images/NAME[,cache=DIR][,cache_max_mib=N][,overlay=FILE][,mirror=URL]…
+/// [,record_prefetch=FILE][,prefetch=FILE][,id=NAME][,root=true]`.
 pub fn parse_block(s: &str) -> Result<BlockConfig, ConfigError> {
     const F: &str = "block";
-    let mut b = BlockConfig {
-        path: PathBuf::new(),
-        read_only: false,
-        id: None,
-        root: false,
-    };
+    const KNOWN: &[&str] = &[
+        "path",
+        "read_only",
+        "id",
+        "root",
+        "url",
+        "cache",
+        "cache_max_mib",
+        "overlay",
+        "mirror",
+        "record_prefetch",
+        "prefetch",
+    ];
+    let mut b = BlockConfig::default();
     let mut have_path = false;
     for (k, v) in parse_kv(F, s)? {
         match k.as_str() {
@@ -242,16 +283,47 @@ pub fn parse_block(s: &str) -> Result<BlockConfig, ConfigError> {
                 b.id = Some(v)
             }
             "root" => b.root = parse_bool(F, &k, &v)?,
-            _ => return Err(unknown(F, &k, &["path", "read_only", "id", "root"])),
+            "url" => {
+                if !v.starts_with("http://") {
+                    return Err(ConfigError::Invalid {
+                        flag: F,
+                        message: format!("url= must be an http:// URL, got {v:?}"),
+                    });
+                }
+                b.url = Some(v)
+            }
+            "cache" => b.cache = Some(v.into()),
+            "cache_max_mib" => b.cache_max_mib = Some(parse_num(F, &k, &v)?),
+            "overlay" => b.overlay = Some(v.into()),
+            "mirror" => b.mirrors.push(v),
+            "record_prefetch" => b.record_prefetch = Some(v.into()),
+            "prefetch" => b.prefetch = Some(v.into()),
+            _ => return Err(unknown(F, &k, KNOWN)),
         }
     }
-    if !have_path {
-        return Err(ConfigError::Syntax {
+    match (have_path, b.url.is_some()) {
+        (false, false) => Err(ConfigError::Syntax {
             flag: F,
-            message: "path= is required".into(),
-        });
+            message: "path= (a local image) or url= (a remote image) is required".into(),
+        }),
+        (true, true) => Err(ConfigError::Syntax {
+            flag: F,
+            message: "give either path= or url=, not both".into(),
+        }),
+        (true, false)
+            if b.cache.is_some()
+                || b.overlay.is_some()
+                || !b.mirrors.is_empty()
+                || b.record_prefetch.is_some()
+                || b.prefetch.is_some() =>
+        {
+            Err(ConfigError::Syntax {
+                flag: F,
+                message: "cache=, overlay=, mirror= and prefetch options need url=".into(),
+            })
+        }
+        _ => Ok(b),
     }
-    Ok(b)
 }
 
 /// True when `/dev/kvm` is provided by the PVM module (nested, PVM-style KVM).
@@ -311,6 +383,14 @@ mod tests {
         assert!(parse_block("read_only=true").is_err());
         assert!(parse_block("path=/d,read_only=maybe").is_err());
         assert!(parse_block("path=/d,id=123456789012345678901").is_err());
+        let r =
+            parse_block("url=http://h/a/images/x,cache=/c,overlay=/o,mirror=http://m/a,root=true")
+                .unwrap();
+        assert_eq!(r.url.as_deref(), Some("http://h/a/images/x"));
+        assert_eq!(r.mirrors, vec!["http://m/a".to_string()]);
+        assert!(parse_block("url=ftp://h/x").is_err());
+        assert!(parse_block("path=/d,url=http://h/x").is_err());
+        assert!(parse_block("path=/d,overlay=/o").is_err());
     }
 
     #[test]

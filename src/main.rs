@@ -96,6 +96,29 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SnapshotCmd,
     },
+    /// Disk image archives (docs/REMOTE_IMAGES.md).
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCmd {
+    /// Cut a raw, qcow2 or vmdk image into content-addressed chunks in an archive directory
+    /// that any static web server can serve.
+    Import {
+        /// Source image.
+        src: PathBuf,
+        /// Archive directory (images/ and chunks/ are created in it).
+        archive: PathBuf,
+        /// Image name (the index is written to ARCHIVE/images/NAME).
+        #[arg(long)]
+        name: String,
+        /// Chunk size in KiB.
+        #[arg(long, default_value_t = vmm::image::DEFAULT_IMAGE_CHUNK_SIZE / 1024)]
+        chunk_kib: u32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -175,6 +198,22 @@ fn main() -> ExitCode {
                     api,
                 },
         }) => snapshot_create(&path, store.as_deref(), leave_paused, &api),
+        Some(Cmd::Image {
+            cmd:
+                ImageCmd::Import {
+                    src,
+                    archive,
+                    name,
+                    chunk_kib,
+                },
+        }) => match vmm::image::import_image(&src, &archive, &name, chunk_kib.saturating_mul(1024))
+        {
+            Ok(report) => {
+                println!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(1, error_chain(&e)),
+        },
     }
 }
 
@@ -242,7 +281,11 @@ fn serve(mut vm: Vmm, api: &ApiFlags) -> ExitCode {
     } else {
         None
     };
-    match vm.run() {
+    let result = vm.run();
+    for d in vm.remote_disk_report() {
+        log::info!("remote disk: {d}");
+    }
+    match result {
         Ok(reason) => {
             let code = reason.exit_code();
             if code != 0 {

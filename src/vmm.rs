@@ -71,6 +71,8 @@ pub struct Vmm {
     /// Lazily restored memory: the userfaultfd handler serving guest page faults.
     /// Declared after the vCPUs so that it is dropped after them.
     pub lazy: Option<crate::vstate::uffd::LazyMemory>,
+    /// Lazy remote disk images, by disk index (for their fetch statistics).
+    pub remote: Vec<(usize, Arc<crate::disk::http::LazyHttpDisk>)>,
 }
 
 impl Vmm {
@@ -121,6 +123,7 @@ impl Vmm {
                 "state": self.state,
                 "config": self.config,
                 "cmdline": self.cmdline,
+                "remote_disks": self.remote_disk_report(),
             })),
             ApiRequest::SetState(VmStateRequest::Paused) => {
                 self.pause().map_err(api_error)?;
@@ -152,6 +155,24 @@ impl Vmm {
                 Ok(serde_json::Value::Null)
             }
         }
+    }
+
+    /// Fetch statistics of the lazy remote disks, one JSON object per disk.
+    pub fn remote_disk_report(&self) -> Vec<serde_json::Value> {
+        self.remote
+            .iter()
+            .map(|(i, d)| {
+                let s = d.stats();
+                serde_json::json!({
+                    "disk": i,
+                    "bytes_fetched": s.http.bytes_fetched,
+                    "bytes_read_by_guest": s.bytes_read,
+                    "chunks_fetched": s.chunks_fetched,
+                    "chunks_prefetched": s.chunks_prefetched,
+                    "read_errors": s.read_errors,
+                })
+            })
+            .collect()
     }
 
     /// Makes the lazy memory handler's fatal errors wake the event loop.

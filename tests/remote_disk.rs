@@ -158,6 +158,13 @@ fn lazy_reads_match_source_fetch_little_and_survive_restart() {
     );
     // 52 non-zero chunks, 8 of them cached already.
     assert_eq!(st.chunks_fetched, 44, "{st:?}");
+    // Keep-alive: all those requests went over very few connections.
+    let log = s.nginx.access_log();
+    let mut conns: Vec<u64> = log.iter().map(|l| l.0).collect();
+    conns.sort();
+    conns.dedup();
+    println!("{} requests over {} connections", log.len(), conns.len());
+    assert!(log.len() > 50 && conns.len() <= 4, "{conns:?}");
 }
 
 #[test]
@@ -185,6 +192,39 @@ fn concurrent_readers_of_a_chunk_fetch_it_once() {
     let st = disk.stats();
     assert_eq!(st.chunks_fetched, 1, "{st:?}");
     assert_eq!(st.http.chunks_fetched, 1, "{st:?}");
+    // The store coalesces too: concurrent fetches of one chunk share requests.
+    let store = Arc::new(
+        vmm::store::http::HttpStore::new(
+            &format!("{}/archive", s.nginx.url()),
+            HttpStoreOptions::default(),
+        )
+        .unwrap(),
+    );
+    let ImageEntry::Chunk(id) = disk.index().entries[40] else {
+        panic!("chunk 40 is zero")
+    };
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, barrier) = (store.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                store.fetch_chunk(&id, Some(CS as usize)).unwrap()
+            })
+        })
+        .collect();
+    for h in handles {
+        assert!(h.join().unwrap()[..] == s.data[40 * CS as usize..41 * CS as usize]);
+    }
+    let st = store.stats();
+    println!("8 concurrent fetches of one chunk: {st:?}");
+    assert_eq!(st.chunks_fetched + st.coalesced, 8, "{st:?}");
+    // The ChunkStore view: HEAD for contains, get verifies, put is refused.
+    use vmm::store::ChunkStore;
+    assert!(store.contains(&id).unwrap());
+    assert!(!store.contains(&vmm::store::ChunkId::of(b"absent")).unwrap());
+    assert_eq!(store.get(&id).unwrap().len(), CS as usize);
+    let e = store.put(b"data").unwrap_err();
+    assert!(chain(&e).contains("read-only"), "{}", chain(&e));
 }
 
 #[test]

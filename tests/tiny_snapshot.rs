@@ -354,6 +354,7 @@ fn make_disk(path: &Path) -> Result<BlockConfig, String> {
         read_only: false,
         id: Some("tiny0".into()),
         root: false,
+        ..Default::default()
     })
 }
 
@@ -966,6 +967,7 @@ fn restore_refuses_a_different_disk_unless_forced() {
                 read_only: false,
                 id: None,
                 root: false,
+                ..Default::default()
             })
         };
         let a = disk("a.img", 64 * 1024)?;

@@ -398,7 +398,10 @@ impl BlockBackend for OverlayBackend {
         Ok(())
     }
 
+    /// Flushes the base (a remote disk persists its cache there), then makes the overlay's
+    /// writes durable as described in the module documentation.
     fn flush(&self) -> super::Result<()> {
+        self.base.flush()?;
         let _f = lock(&self.flush_lock);
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return self.data.sync_data().map_err(disk_io("flush"));

@@ -105,11 +105,13 @@ impl Nginx {
             format!(
                 "daemon off;\nmaster_process off;\nworker_processes 1;\nerror_log stderr warn;\n\
                  pid {pid};\nevents {{ worker_connections 256; }}\n\
-                 http {{\n  access_log off;\n  default_type application/octet-stream;\n\
+                 http {{\n  log_format conn '$connection $status $request_uri';\n\
+                 \x20 access_log {log} conn;\n  default_type application/octet-stream;\n\
                  \x20 client_body_temp_path {b};\n  proxy_temp_path {p};\n  fastcgi_temp_path {f};\n\
                  \x20 uwsgi_temp_path {u};\n  scgi_temp_path {s};\n\
                  \x20 server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n",
                 pid = t("nginx.pid"),
+                log = t("access.log"),
                 b = t("body"),
                 p = t("proxy"),
                 f = t("fastcgi"),
@@ -150,6 +152,24 @@ impl Nginx {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.child = Some(child);
+    }
+}
+
+impl Nginx {
+    /// Access log lines so far: (connection serial number, status, URI).
+    pub fn access_log(&self) -> Vec<(u64, u16, String)> {
+        let text =
+            std::fs::read_to_string(self.conf_dir.path().join("access.log")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let mut f = l.split(' ');
+                Some((
+                    f.next()?.parse().ok()?,
+                    f.next()?.parse().ok()?,
+                    f.next()?.into(),
+                ))
+            })
+            .collect()
     }
 }
 

@@ -1,0 +1,131 @@
+//! The project's Linux guest on lazy remote disks served by a real nginx: the kernel mounts
+//! its root filesystem from a remote image, the test agent hashes and writes a remote data
+//! disk through a persistent overlay, and a second boot with the same overlay sees the
+//! written text while the served archive stays unchanged.
+
+mod common;
+#[allow(dead_code)]
+mod remote;
+
+use common::*;
+use remote::{Nginx, nginx_available, tree_hashes};
+use std::process::Command;
+use std::time::Duration;
+
+fn import(src: &std::path::Path, archive: &std::path::Path, name: &str) {
+    let out = Command::new(vmm_bin())
+        .args(["image", "import"])
+        .arg(src)
+        .arg(archive)
+        .args(["--name", name])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "image import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn bytes_fetched(out: &str, disk: usize) -> Option<u64> {
+    let pat = format!("\"disk\":{disk}");
+    out.lines()
+        .filter(|l| l.contains("remote disk:") && l.contains(&pat))
+        .find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(&l[l.find('{')?..]).ok()?;
+            v["bytes_fetched"].as_u64()
+        })
+}
+
+#[test]
+fn boot_from_remote_root_with_persistent_overlay() {
+    let Some(a) = guest_env() else { return };
+    if !nginx_available() {
+        return;
+    }
+    let dir = scratch("remote-linux");
+    let archive = dir.join("archive");
+    import(&a.file("rootfs.ext4"), &archive, "rootfs");
+    import(&a.file("disk.img"), &archive, "data");
+    let served_before = tree_hashes(&archive);
+    let nginx = Nginx::start(&archive);
+    let base = nginx.url();
+    let cache = dir.join("cache");
+    let token = format!("remote-{}", std::process::id());
+    let disks = |extra: &str| -> Vec<String> {
+        vec![
+            "--kernel".into(),
+            kernel_arg(&a, extra),
+            "--block".into(),
+            format!(
+                "url={base}/images/rootfs,root=true,cache={},overlay={}",
+                cache.display(),
+                dir.join("root.overlay").display()
+            ),
+            "--block".into(),
+            format!(
+                "url={base}/images/data,cache={},overlay={}",
+                cache.display(),
+                dir.join("data.overlay").display()
+            ),
+        ]
+    };
+
+    // First boot: mount the remote root, hash the remote data disk, write at its end.
+    let mut r = Running::spawn(&disks(&format!(
+        "init=/idle vmmtest.disk=/dev/vdb vmmtest.write={token} vmmtest.poweroff"
+    )));
+    if r.wait_for("VFS: Mounted root (ext4 filesystem)", BOOT_TIMEOUT)
+        .is_none()
+    {
+        fail(&r, "the remote root filesystem was not mounted");
+    }
+    match r.wait_exit(Duration::from_secs(600)) {
+        Some(0) => {}
+        other => fail(&r, &format!("vmm exit {other:?}")),
+    }
+    let out = r.output();
+    let want = md5_file(&a.file("disk.img"));
+    if !out.contains(&format!("vmmtest: disk /dev/vdb md5={want} ")) {
+        fail(&r, "wrong md5 of the remote data disk");
+    }
+    if !out.contains("vmmtest: write /dev/vdb ok") {
+        fail(&r, "the write to the remote disk's overlay failed");
+    }
+    let root_size = std::fs::metadata(a.file("rootfs.ext4")).unwrap().len();
+    let fetched = bytes_fetched(&out, 0).unwrap_or_else(|| fail(&r, "no fetch report for disk 0"));
+    println!("root image: {fetched} of {root_size} bytes fetched");
+    assert!(
+        fetched < root_size / 2,
+        "mounting the root filesystem fetched {fetched} of {root_size} bytes"
+    );
+
+    // Second boot with the same overlay (and cache): the guest sees its text.
+    let mut expect = std::fs::read(a.file("disk.img")).unwrap();
+    let n = expect.len();
+    expect[n - 4096..].fill(0);
+    expect[n - 4096..][..token.len() + 1].copy_from_slice(format!("{token}\n").as_bytes());
+    let modified = dir.join("expected.img");
+    std::fs::write(&modified, &expect).unwrap();
+    let want2 = md5_file(&modified);
+    let mut r = Running::spawn(&disks("init=/idle vmmtest.disk=/dev/vdb vmmtest.poweroff"));
+    match r.wait_exit(BOOT_TIMEOUT) {
+        Some(0) => {}
+        other => fail(&r, &format!("second boot: vmm exit {other:?}")),
+    }
+    if !r
+        .output()
+        .contains(&format!("vmmtest: disk /dev/vdb md5={want2} "))
+    {
+        fail(
+            &r,
+            "after a restart the overlay did not show the written text",
+        );
+    }
+    drop(nginx);
+    assert_eq!(
+        tree_hashes(&archive),
+        served_before,
+        "the served archive changed"
+    );
+}
