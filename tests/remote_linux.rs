@@ -4,7 +4,6 @@
 //! written text while the served archive stays unchanged.
 
 mod common;
-#[allow(dead_code)]
 mod remote;
 
 use common::*;
