@@ -17,7 +17,7 @@
 //! The format is described byte by byte in `docs/REMOTE_IMAGES.md`.
 
 use std::fs::File;
-use std::io::{self, IsTerminal, Read, Seek, SeekFrom, Write};
+use std::io::{self, IsTerminal, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::snapshot::file::{self, FileKind, StateFileError};
+use crate::store::local::read_full;
 use crate::store::{
     ChunkId, ChunkStore, Compression, LocalStore, LocalStoreOptions, MAX_CHUNK_LEN, PutOutcome,
     StoreError,
@@ -542,20 +543,6 @@ pub(crate) fn is_zero(buf: &[u8]) -> bool {
         .by_ref()
         .all(|w| u128::from_ne_bytes(w.try_into().unwrap_or([1; 16])) == 0);
     body && words.remainder().iter().all(|&b| b == 0)
-}
-
-/// Reads until `buf` is full or end of file; returns the bytes read.
-fn read_full(f: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match f.read(&mut buf[done..]) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 #[cfg(test)]

@@ -317,7 +317,7 @@ impl ChunkStore for LocalStore {
 }
 
 /// Reads until `buf` is full or end of file; returns the bytes read.
-fn read_full(f: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn read_full(f: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match f.read(&mut buf[done..]) {
