@@ -197,7 +197,7 @@ pub fn open_disks(cfg: &VmConfig) -> Result<OpenedDisks, BuildError> {
         };
         let backend: Arc<dyn BlockBackend> = match &b.url {
             None => Arc::new(
-                FileBackend::open(&b.path, b.read_only, false)
+                FileBackend::open(&b.path, b.read_only, b.direct)
                     .map_err(|e| err(crate::vmm::error_chain(&e)))?,
             ),
             Some(url) => {

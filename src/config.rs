@@ -50,6 +50,9 @@ pub struct BlockConfig {
     pub id: Option<String>,
     /// Add `root=/dev/vdX` for this disk.
     pub root: bool,
+    /// Open the local image with O_DIRECT (bypass the host page cache).
+    #[serde(default)]
+    pub direct: bool,
     /// Remote image: `http://HOST/ARCHIVE/images/NAME`.
     #[serde(default)]
     pub url: Option<String>,
@@ -246,7 +249,7 @@ pub fn parse_vcpu(s: &str) -> Result<u8, ConfigError> {
     Ok(n as u8)
 }
 
-/// `--block path=FILE[,read_only=true][,id=NAME][,root=true]` or
+/// `--block path=FILE[,read_only=true][,id=NAME][,root=true][,direct=true]` or
 /// `--block url=http://…/images/NAME[,cache=DIR][,cache_max_mib=N][,overlay=FILE][,mirror=URL]…
 /// [,record_prefetch=FILE][,prefetch=FILE][,id=NAME][,root=true]`.
 pub fn parse_block(s: &str) -> Result<BlockConfig, ConfigError> {
@@ -256,6 +259,7 @@ pub fn parse_block(s: &str) -> Result<BlockConfig, ConfigError> {
         "read_only",
         "id",
         "root",
+        "direct",
         "url",
         "cache",
         "cache_max_mib",
@@ -283,6 +287,7 @@ pub fn parse_block(s: &str) -> Result<BlockConfig, ConfigError> {
                 b.id = Some(v)
             }
             "root" => b.root = parse_bool(F, &k, &v)?,
+            "direct" => b.direct = parse_bool(F, &k, &v)?,
             "url" => {
                 if !v.starts_with("http://") {
                     return Err(ConfigError::Invalid {

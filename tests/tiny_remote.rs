@@ -37,7 +37,8 @@ fn snapshot_of_a_vm_on_a_remote_disk_restores_with_its_overlay() {
     vm.snapshot(&snap, None).expect("snapshot");
     drop(vm);
 
-    let r = tiny::restore(&snap, None, true).expect("restore with the same remote disk and overlay");
+    let r =
+        tiny::restore(&snap, None, true).expect("restore with the same remote disk and overlay");
     assert_eq!(r.vmm.remote.len(), 1, "the remote disk was not re-attached");
     drop(r);
     std::fs::copy(tmp.join("a.overlay"), tmp.join("b.overlay")).unwrap();
