@@ -3,7 +3,7 @@
 //!
 //! Boots the project's `vmlinux` (root = a copy of `rootfs.ext4`, `init=/idle`) with two
 //! read-only data disks: `/dev/vdb` = `disk.img` (1 MiB) and `/dev/vdc` = a generated
-//! `GUEST_DISK_MIB` MiB file (default 4). The in-kernel test agent reads each disk whole
+//! `GUEST_DISK_MIB` MiB file (default 2). The in-kernel test agent reads each disk whole
 //! (raw bios, 64 KiB each) and prints its md5 (`vmmtest.disk=/dev/vdb,/dev/vdc`). The
 //! guest-side time of each disk is the difference of the printk timestamps of the line
 //! before it and its own line. Two sizes give a fixed cost and a marginal rate.
@@ -59,7 +59,7 @@ fn main() {
     }
     let run = run_id();
     print_host("guest_disk");
-    let mib: usize = env_or("GUEST_DISK_MIB", 4);
+    let mib: usize = env_or("GUEST_DISK_MIB", 2);
     let dir = scratch("guest-disk");
     let root = dir.join("rootfs.ext4");
     fs::copy(art.join("rootfs.ext4"), &root).expect("copy rootfs");

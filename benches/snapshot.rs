@@ -84,6 +84,7 @@ fn cores() -> usize {
 ///
 /// # Safety
 /// Nothing else may access guest memory while the slices live (vCPUs paused).
+#[allow(clippy::mut_from_ref)] // guest memory is mapped memory, not owned by `mem`'s borrow
 unsafe fn regions_mut(mem: &GuestMemory) -> Vec<(u64, &mut [u8])> {
     // SAFETY: forwarded to the caller.
     unsafe { memory_slices(mem) }
@@ -266,7 +267,9 @@ fn scan(mem: &GuestMemory) -> Content {
     }
     let n = cores();
     let per = items.len().div_ceil(n);
-    let parts: Vec<(u64, u64, Vec<(u64, [u8; 32])>)> = std::thread::scope(|s| {
+    // Per thread: non-zero pages, non-zero chunks, (address, hash) of each non-zero chunk.
+    type Part = (u64, u64, Vec<(u64, [u8; 32])>);
+    let parts: Vec<Part> = std::thread::scope(|s| {
         let hs: Vec<_> = items
             .chunks(per.max(1))
             .map(|part| {
@@ -390,6 +393,26 @@ fn chunk_files(dir: &Path, data: &[u8], threads: usize) -> Duration {
     let d = t.elapsed();
     let _ = fs::remove_dir_all(dir);
     d
+}
+
+/// Median latencies (ms) of a new 4 KiB file's fsync and of a directory fsync.
+fn fsync_latency(dir: &Path) -> (f64, f64) {
+    let _ = fs::remove_dir_all(dir);
+    fs::create_dir_all(dir).unwrap();
+    let (mut files, mut dirs) = (Vec::new(), Vec::new());
+    let page = [0x5au8; PAGE];
+    for i in 0..64 {
+        let t = Instant::now();
+        let mut f = fs::File::create(dir.join(format!("f{i}"))).unwrap();
+        f.write_all(&page).unwrap();
+        f.sync_all().unwrap();
+        files.push(ms(t.elapsed()));
+        let t = Instant::now();
+        fs::File::open(dir).unwrap().sync_all().unwrap();
+        dirs.push(ms(t.elapsed()));
+    }
+    let _ = fs::remove_dir_all(dir);
+    (min_median(&files).1, min_median(&dirs).1)
 }
 
 fn host_limits(run: u64, dir: &Path) -> Limits {
@@ -543,6 +566,19 @@ fn host_limits(run: u64, dir: &Path) -> Limits {
             "GB/s",
             &format!("{fst}: 2048 new 64 KiB files each fsynced+renamed by 8 threads"),
         );
+        let (f_ms, d_ms) = fsync_latency(&d.join("latency-test"));
+        row(
+            &format!("fsync_4k_file_{tag}"),
+            f_ms,
+            "ms",
+            &format!("{fst}: create + write 4 KiB + fsync of a new file, median of 64"),
+        );
+        row(
+            &format!("fsync_dir_{tag}"),
+            d_ms,
+            "ms",
+            &format!("{fst}: fsync of a directory with one new entry, median of 64"),
+        );
         if *tag == "dev_shm" {
             let _ = fs::remove_dir_all(d);
         }
@@ -611,17 +647,28 @@ fn boot_tiny(kernel: &Path, mem_mib: u64) -> Vmm {
     vmm
 }
 
-fn restore_in_process(dir: &Path) -> (Duration, Vmm) {
+/// `build_from_snapshot` (paused): time to the VM being ready and, for a lazy restore,
+/// to the background fill having placed every stored chunk.
+fn restore_in_process(dir: &Path, eager: bool) -> (Duration, Option<Duration>, Vmm) {
     let (state, memory) = snapshot_files(dir);
     let opts = RestoreOptions {
         console: Console::Writer(Box::new(std::io::sink())),
         blocks: None,
         force: false,
         start_paused: true,
+        eager_memory: eager,
     };
     let t = Instant::now();
     let vmm = build_from_snapshot(&state, &memory, opts).expect("build_from_snapshot");
-    (t.elapsed(), vmm)
+    let ready = t.elapsed();
+    let filled = vmm.lazy.as_ref().map(|l| {
+        assert!(
+            l.wait_complete(Duration::from_secs(300)),
+            "lazy memory fill did not complete"
+        );
+        t.elapsed()
+    });
+    (ready, filled, vmm)
 }
 
 /// Memory only, through the library: manifest read + store open + fresh mapping +
@@ -654,18 +701,19 @@ struct ProcRestore {
 }
 
 /// `vmm restore DIR --paused --api-sock S`: spawn → log line, spawn → `GET /vm` answered.
-fn restore_process(dir: &Path, sock: &Path) -> Result<ProcRestore, String> {
+fn restore_process(dir: &Path, sock: &Path, eager: bool) -> Result<ProcRestore, String> {
     let _ = fs::remove_file(sock);
-    let mut p = Proc::spawn(
-        Command::new(vmm_bin())
-            .arg("restore")
-            .arg(dir)
-            .arg("--paused")
-            .arg("--api-sock")
-            .arg(sock)
-            .env("RUST_LOG", "info"),
-    )
-    .map_err(|e| format!("spawn vmm: {e}"))?;
+    let mut cmd = Command::new(vmm_bin());
+    cmd.arg("restore")
+        .arg(dir)
+        .arg("--paused")
+        .arg("--api-sock")
+        .arg(sock)
+        .env("RUST_LOG", "info");
+    if eager {
+        cmd.arg("--eager-memory");
+    }
+    let mut p = Proc::spawn(&mut cmd).map_err(|e| format!("spawn vmm: {e}"))?;
     let target = vmm::api::ApiTarget::Unix(sock.to_path_buf());
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut api_ms = None;
@@ -738,83 +786,110 @@ impl Restores {
     /// All restore measurements of the snapshot in `dir`; checks the restored memory.
     fn measure(&self, guest: &str, mem_mib: u64, dir: &Path, store: &Path, want: &Content) {
         let reps = env_or("SNAPSHOT_BENCH_REPS", 3usize);
-        let mut warm = Vec::new();
-        for i in 0..reps + 1 {
-            let (d, vm) = restore_in_process(dir);
-            if i == 0 {
-                // First run: page-cache warm-up, and the correctness check.
-                let got = scan(&vm.mem);
-                assert_eq!(
-                    (got.nonzero_chunks, got.digest),
-                    (want.nonzero_chunks, want.digest),
-                    "restored memory differs from the snapshotted memory"
+        let nan = (f64::NAN, f64::NAN);
+        let mut summary = Vec::new();
+        for (eager, mode) in [(false, "lazy"), (true, "eager")] {
+            let (mut ready, mut filled) = (Vec::new(), Vec::new());
+            for i in 0..=reps {
+                let (d, fill, vm) = restore_in_process(dir, eager);
+                if i == 0 {
+                    // First run: page-cache warm-up, and the correctness check (a lazy
+                    // restore's memory is read through its fault handler).
+                    let got = scan(&vm.mem);
+                    assert_eq!(
+                        (got.nonzero_chunks, got.digest),
+                        (want.nonzero_chunks, want.digest),
+                        "{mode} restore: memory differs from the snapshotted memory"
+                    );
+                    continue;
+                }
+                drop(vm);
+                ready.push(ms(d));
+                self.row(
+                    guest,
+                    mem_mib,
+                    &format!("in_process_{mode}_warm"),
+                    i,
+                    ms(d),
+                    nan,
                 );
-                continue;
+                if let Some(fd) = fill {
+                    filled.push(ms(fd));
+                    let m = format!("in_process_{mode}_warm_filled");
+                    self.row(guest, mem_mib, &m, i, ms(fd), nan);
+                }
             }
-            warm.push(ms(d));
-            self.row(
-                guest,
-                mem_mib,
-                "in_process_warm",
-                i,
-                ms(d),
-                (f64::NAN, f64::NAN),
-            );
+            let (rmin, rmed) = min_median(&ready);
+            let mut line =
+                format!("in-process {mode} warm: ready min {rmin:.1} / median {rmed:.1} ms");
+            if !filled.is_empty() {
+                let (fmin, fmed) = min_median(&filled);
+                line += &format!(", memory filled min {fmin:.1} / median {fmed:.1} ms");
+            }
+            if std::env::var("SNAPSHOT_BENCH_DROP_CACHES").as_deref() != Ok("0") && drop_caches() {
+                let (d, fill, vm) = restore_in_process(dir, eager);
+                drop(vm);
+                self.row(
+                    guest,
+                    mem_mib,
+                    &format!("in_process_{mode}_cold"),
+                    1,
+                    ms(d),
+                    nan,
+                );
+                line += &format!("; cold: ready {:.1} ms", ms(d));
+                if let Some(fd) = fill {
+                    let m = format!("in_process_{mode}_cold_filled");
+                    self.row(guest, mem_mib, &m, 1, ms(fd), nan);
+                    line += &format!(", filled {:.1} ms", ms(fd));
+                }
+            }
+            summary.push(line);
         }
         let mut mem_only = Vec::new();
         for i in 1..=reps {
             let d = ms(restore_memory_only(dir, store));
             mem_only.push(d);
-            self.row(
-                guest,
-                mem_mib,
-                "memory_only_warm",
-                i,
-                d,
-                (f64::NAN, f64::NAN),
-            );
+            self.row(guest, mem_mib, "memory_only_warm", i, d, nan);
         }
-        let mut cold = f64::NAN;
-        if std::env::var("SNAPSHOT_BENCH_DROP_CACHES").as_deref() != Ok("0") && drop_caches() {
-            let (d, vm) = restore_in_process(dir);
-            drop(vm);
-            cold = ms(d);
-            self.row(
-                guest,
-                mem_mib,
-                "in_process_cold",
-                1,
-                cold,
-                (f64::NAN, f64::NAN),
-            );
-        }
+        let (mmin, mmed) = min_median(&mem_only);
+        summary.push(format!(
+            "memory only (library, eager): min {mmin:.1} / median {mmed:.1} ms"
+        ));
         let sock = dir.with_extension("sock");
-        let (mut logs, mut apis) = (Vec::new(), Vec::new());
-        let mut reported = (f64::NAN, f64::NAN);
-        for i in 1..=reps {
-            match restore_process(dir, &sock) {
-                Ok(r) => {
-                    logs.push(r.log_ms);
-                    apis.push(r.api_ms);
-                    reported = (r.reported_ms, r.reported_mem_ms);
-                    self.row(guest, mem_mib, "process_log", i, r.log_ms, reported);
-                    self.row(guest, mem_mib, "process_api", i, r.api_ms, reported);
+        for (eager, mode) in [(false, "lazy"), (true, "eager")] {
+            let (mut logs, mut apis) = (Vec::new(), Vec::new());
+            let mut reported = nan;
+            for i in 1..=reps {
+                match restore_process(dir, &sock, eager) {
+                    Ok(r) => {
+                        logs.push(r.log_ms);
+                        apis.push(r.api_ms);
+                        reported = (r.reported_ms, r.reported_mem_ms);
+                        let m = format!("process_{mode}_log");
+                        self.row(guest, mem_mib, &m, i, r.log_ms, reported);
+                        let m = format!("process_{mode}_api");
+                        self.row(guest, mem_mib, &m, i, r.api_ms, reported);
+                    }
+                    Err(e) => eprintln!("process restore ({mode}) failed: {e}"),
                 }
-                Err(e) => eprintln!("process restore failed: {e}"),
             }
+            let (lmin, lmed) = min_median(&logs);
+            let (amin, amed) = min_median(&apis);
+            summary.push(format!(
+                "`vmm restore --paused`{}: spawn → log line min {lmin:.1} / median {lmed:.1} ms \
+                 (vmm says {:.1} ms, memory {:.1} ms), spawn → GET /vm min {amin:.1} / median \
+                 {amed:.1} ms",
+                if eager { " --eager-memory" } else { "" },
+                reported.0,
+                reported.1
+            ));
         }
         let _ = fs::remove_file(&sock);
-        let (wmin, wmed) = min_median(&warm);
-        let (mmin, _) = min_median(&mem_only);
-        let (lmin, lmed) = min_median(&logs);
-        let (amin, amed) = min_median(&apis);
-        println!(
-            "  restore {guest} {mem_mib} MiB: in-process warm min {wmin:.1} / median {wmed:.1} ms, \
-             cold {cold:.1} ms, memory only {mmin:.1} ms; process → log min {lmin:.1} / median \
-             {lmed:.1} ms (vmm says {:.1} ms, memory {:.1} ms), process → GET /vm min {amin:.1} / \
-             median {amed:.1} ms",
-            reported.0, reported.1
-        );
+        println!("  restore {guest} {mem_mib} MiB:");
+        for l in summary {
+            println!("    {l}");
+        }
     }
 }
 
@@ -866,6 +941,7 @@ impl Creates {
             f(r.state_ms),
             f(r.memory_ms),
             f(target_ms),
+            f(self.fsync_bw / 1e9),
             f(load1()),
         ]);
     }
@@ -873,9 +949,9 @@ impl Creates {
 
 const CREATE_HEADER: &str = "run,guest,mem_mib,nonzero_pages,pages,nonzero_chunks,chunks_total,\
 chunks_zero,chunks_new,chunks_deduped,bytes_new,bytes_written,dir_bytes,create_ms,state_ms,\
-memory_ms,target_ms,load1";
+memory_ms,target_ms,fsync_gbps,load1";
 
-fn full_snapshots(run: u64, root: &Path, kernel: &Path, creates: &Creates, restores: &Restores) {
+fn full_snapshots(root: &Path, kernel: &Path, creates: &Creates, restores: &Restores) {
     let sizes: Vec<u64> = std::env::var("SNAPSHOT_BENCH_SIZES")
         .unwrap_or_else(|_| "256,1024,4096".into())
         .split(',')
@@ -887,7 +963,7 @@ fn full_snapshots(run: u64, root: &Path, kernel: &Path, creates: &Creates, resto
         let mut vm = boot_tiny(kernel, mib);
         let boot_ms = ms(t.elapsed());
         let t = Instant::now();
-        Pattern::new(run ^ mib).fill(&vm.mem);
+        Pattern::new(0x5eed ^ mib).fill(&vm.mem);
         let fill_ms = ms(t.elapsed());
         let content = scan(&vm.mem);
         println!(
@@ -895,8 +971,13 @@ fn full_snapshots(run: u64, root: &Path, kernel: &Path, creates: &Creates, resto
         );
         let rep = create_snapshot(&mut vm, &dir, None).expect("create_snapshot");
         drop(vm);
-        creates.row("synthetic", mib, &content, &rep, dir_bytes(&dir));
-        restores.measure("synthetic", mib, &dir, &dir, &content);
+        // SNAPSHOT_BENCH_TAG labels a variant (e.g. "tmpfs" for BENCH_DIR=/dev/shm).
+        let guest = match std::env::var("SNAPSHOT_BENCH_TAG") {
+            Ok(t) if !t.is_empty() => format!("synthetic-{t}"),
+            _ => "synthetic".to_string(),
+        };
+        creates.row(&guest, mib, &content, &rep, dir_bytes(&dir));
+        restores.measure(&guest, mib, &dir, &dir, &content);
         let _ = fs::remove_dir_all(&dir);
     }
 }
@@ -910,7 +991,7 @@ fn incremental(run: u64, root: &Path, kernel: &Path) {
     );
     let store = root.join("store");
     let mut vm = boot_tiny(kernel, mib);
-    let mut pat = Pattern::new(run ^ 0xabc);
+    let mut pat = Pattern::new(0x5eed_0abc);
     pat.fill(&vm.mem);
     let content = scan(&vm.mem);
     println!(
@@ -1045,7 +1126,7 @@ fn linux_guest(root: &Path, creates: &Creates, restores: &Restores) {
         },
     };
     // What the guest's memory holds: restore it once and scan.
-    let (_, vm) = restore_in_process(&snap);
+    let (_, _, vm) = restore_in_process(&snap, true);
     let content = scan(&vm.mem);
     drop(vm);
     println!("  `vmm snapshot create` CLI wall time {cli_ms:.1} ms");
@@ -1066,7 +1147,21 @@ fn main() {
     let t0 = Instant::now();
     let root = scratch("snapshot");
     let kernel = tiny_kernel(&root);
-    let limits = host_limits(run, &root);
+    let limits = if std::env::var("SNAPSHOT_BENCH_TAG").is_ok_and(|t| !t.is_empty()) {
+        // A variant run: only the write + fsync bandwidth the target needs.
+        let src = vec![0x5au8; 256 << 20];
+        let t = write_fsync_file(&root.join("fsync-test.bin"), &src);
+        let bw = src.len() as f64 / t.as_secs_f64();
+        println!(
+            "write + fsync to {} ({}): {:.3} GB/s",
+            root.display(),
+            fs_type(&root),
+            bw / 1e9
+        );
+        Limits { fsync_bw: bw }
+    } else {
+        host_limits(run, &root)
+    };
     let creates = Creates {
         run,
         csv: Csv::new("snapshot", CREATE_HEADER),
@@ -1079,8 +1174,10 @@ fn main() {
             "run,guest,mem_mib,method,iter,ms,vmm_reported_ms,vmm_reported_memory_ms,load1",
         ),
     };
-    full_snapshots(run, &root, &kernel, &creates, &restores);
-    incremental(run, &root, &kernel);
+    full_snapshots(&root, &kernel, &creates, &restores);
+    if env_or("SNAPSHOT_BENCH_INCR_MIB", 1024u64) > 0 {
+        incremental(run, &root, &kernel);
+    }
     if std::env::var("SNAPSHOT_BENCH_LINUX").as_deref() != Ok("0") {
         linux_guest(&root, &creates, &restores);
     }

@@ -19,20 +19,22 @@ OUT=docs/bench
 mkdir -p "$OUT" target/bench
 if [ $# -gt 0 ]; then benches=("$@"); else benches=(snapshot snapshot_tmpfs block_request boot guest_disk); fi
 
-# Earlier CSVs are kept aside so that target/bench holds this run only.
-shopt -s nullglob
-old=(target/bench/*.csv)
-if [ ${#old[@]} -gt 0 ]; then
-    mkdir -p target/bench/old
-    stamp=$(date +%s)
-    for f in "${old[@]}"; do mv "$f" "target/bench/old/$stamp-$(basename "$f")"; done
-fi
+# This script's earlier CSVs are kept aside so that target/bench holds this run only
+# (other CSV files there are left alone).
+CSVS=(host snapshot restore incremental boot guest_disk block_request)
+stamp=$(date +%s)
+for n in "${CSVS[@]}"; do
+    if [ -f "target/bench/$n.csv" ]; then
+        mkdir -p target/bench/old
+        mv "target/bench/$n.csv" "target/bench/old/$stamp-$n.csv"
+    fi
+done
 
 {
     echo "date:    $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "host:    $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(awk '/MemTotal/ {printf "%.1f GiB RAM", $2/1048576}' /proc/meminfo)"
     echo "kernel:  $(uname -r)$([ -d /sys/module/kvm_pvm ] && echo ', /dev/kvm from kvm_pvm (nested PVM)')"
-    echo "scratch: ${BENCH_DIR:-target/tmp} ($(stat -f -c %T "${BENCH_DIR:-target}"))"
+    echo "scratch: ${BENCH_DIR:-target/tmp} ($(findmnt -n -o FSTYPE,SOURCE --target "${BENCH_DIR:-target}" | xargs))"
     echo "rustc:   $(rustc --version)"
     echo "before:  $(uptime)"
 } > "$OUT/run.txt"
@@ -80,6 +82,8 @@ if rows:
 EOF
 fi
 
-cp target/bench/*.csv "$OUT/"
+for n in "${CSVS[@]}"; do
+    if [ -f "target/bench/$n.csv" ]; then cp "target/bench/$n.csv" "$OUT/"; fi
+done
 python3 scripts/plot.py "$OUT"
 cat "$OUT/run.txt"

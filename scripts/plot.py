@@ -282,13 +282,13 @@ def main():
     if host:
         names = [
             ("memcpy_warm", "memcpy"),
-            ("memcpy_first_touch", "memcpy to fresh pages"),
-            ("blake3_1thread", "BLAKE3 1 thread"),
-            ("blake3_all_cores", "BLAKE3 all cores"),
-            ("zstd1_compress_text", "zstd-1 compress text"),
-            ("zstd1_decompress_text", "zstd-1 decompress text"),
-            ("write_fsync_seq_bench_dir", "write+fsync seq"),
-            ("write_fsync_chunks_bench_dir", "write+fsync 64 KiB files"),
+            ("memcpy_first_touch", "memcpy to\nfresh pages"),
+            ("blake3_1thread", "BLAKE3\n1 thread"),
+            ("blake3_all_cores", "BLAKE3\nall cores"),
+            ("zstd1_compress_text", "zstd-1 comp.\ntext"),
+            ("zstd1_decompress_text", "zstd-1 dec.\ntext"),
+            ("write_fsync_seq_bench_dir", "write+fsync\nsequential"),
+            ("write_fsync_chunks_bench_dir", "write+fsync\n64 KiB files"),
         ]
         names = [(m, n) for m, n in names if m in host]
         bar_chart(
@@ -301,5 +301,122 @@ def main():
         )
 
 
+def summary(d):
+    """Writes DIR/summary.md: the latest figures of every CSV as Markdown tables."""
+    L = []
+    run = os.path.join(d, "run.txt")
+    if os.path.exists(run):
+        L += ["```", open(run).read().rstrip(), "```", ""]
+    snap = read(os.path.join(d, "snapshot.csv"), lambda r: (r["guest"], r["mem_mib"]))
+    order = {"synthetic": 0, "synthetic-tmpfs": 1, "linux": 2}
+    snap.sort(key=lambda r: (order.get(r["guest"], 3), int(r["mem_mib"])))
+    mib = 1 << 20
+    if snap:
+        L += [
+            "| guest | memory | non-zero pages | non-zero chunks | chunks new / deduped | raw new | stored | create | target | create ÷ target |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in snap:
+            nz = int(r["nonzero_pages"]) * 4096
+            c, t = float(r["create_ms"]), float(r["target_ms"])
+            L.append(
+                f"| {r['guest']} | {r['mem_mib']} MiB | {nz / mib:.1f} MiB ({100 * int(r['nonzero_pages']) / int(r['pages']):.1f} %) "
+                f"| {100 * int(r['nonzero_chunks']) / int(r['chunks_total']):.1f} % | {r['chunks_new']} / {r['chunks_deduped']} "
+                f"| {int(r['bytes_new']) / mib:.1f} MiB | {int(r['bytes_written']) / mib:.2f} MiB | {c:.0f} ms "
+                f"| {t:.1f} ms | {c / t:.1f}× |"
+            )
+        L.append("")
+    rest = read(os.path.join(d, "restore.csv"), lambda r: (r["guest"], r["mem_mib"], r["method"]))
+    if rest:
+        cols = [
+            ("in_process_lazy_warm", "lazy: ready"),
+            ("in_process_lazy_warm_filled", "lazy: filled"),
+            ("in_process_eager_warm", "eager: ready"),
+            ("in_process_lazy_cold", "lazy cold: ready"),
+            ("in_process_lazy_cold_filled", "lazy cold: filled"),
+            ("in_process_eager_cold", "eager cold: ready"),
+            ("memory_only_warm", "memory only (lib)"),
+            ("process_lazy_log", "process lazy → log"),
+            ("process_lazy_api", "process lazy → API"),
+            ("process_eager_log", "process eager → log"),
+            ("process_eager_api", "process eager → API"),
+        ]
+        keys = []
+        for r in rest:
+            k = (r["guest"], r["mem_mib"])
+            if k not in keys:
+                keys.append(k)
+        keys.sort(key=lambda k: (order.get(k[0], 3), int(k[1])))
+        L += [
+            "Restore, milliseconds: median (min) of the warm runs; cold = one run after dropping the page cache.",
+            "",
+            "| guest | memory | " + " | ".join(n for _, n in cols) + " |",
+            "|---|---|" + "---|" * len(cols),
+        ]
+        for g, mb in keys:
+            cells = []
+            for m, _ in cols:
+                xs = [num(r["ms"]) for r in rest if (r["guest"], r["mem_mib"], r["method"]) == (g, mb, m)]
+                xs = [x for x in xs if x is not None]
+                if not xs:
+                    cells.append("–")
+                elif len(xs) == 1:
+                    cells.append(f"{xs[0]:.1f}")
+                else:
+                    cells.append(f"{statistics.median(xs):.1f} ({min(xs):.1f})")
+            L.append(f"| {g} | {mb} MiB | " + " | ".join(cells) + " |")
+        L.append("")
+    incr = read(os.path.join(d, "incremental.csv"), lambda r: ())
+    if incr:
+        L += [
+            f"Incremental ({incr[0]['mem_mib']} MiB, one shared store, each snapshot after dirtying the given share of pages since the previous one):",
+            "",
+            "| dirty | pages dirtied | 64 KiB chunks touched | create | new chunks | raw new | stored bytes added |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in incr:
+            p = "base (full)" if r["dirty_pct"] == "base" else f"{r['dirty_pct']} %"
+            L.append(
+                f"| {p} | {r['pages_dirtied']} | {r['chunks_touched']} | {float(r['create_ms']):.0f} ms | {r['chunks_new']} "
+                f"| {int(r['bytes_new']) / mib:.1f} MiB | {int(r['bytes_written']) / mib:.2f} MiB |"
+            )
+        L.append("")
+    host = read(os.path.join(d, "host.csv"), lambda r: r["metric"])
+    if host:
+        L += ["| host limit | value | how |", "|---|---|---|"]
+        for r in host:
+            L.append(f"| {r['metric']} | {float(r['value']):.3f} {r['unit']} | {r['detail']} |")
+        L.append("")
+    boot = read(os.path.join(d, "boot.csv"), lambda r: ())
+    if boot:
+        L += ["| boot | start → `vmmtest: info` | guest clock at that line | start → exit | exit code | load |", "|---|---|---|---|---|---|"]
+        for r in boot:
+            L.append(
+                f"| {r['iter']} | {float(r['info_s']):.2f} s | {float(r['guest_info_s']):.2f} s | {float(r['exit_s']):.2f} s "
+                f"| {r['exit_code']} | {r['load1_before']} → {r['load1_after']} |"
+            )
+        L.append("")
+    disk = read(os.path.join(d, "guest_disk.csv"), lambda r: ())
+    if disk:
+        L += ["| side | what | bytes | seconds | MB/s | note |", "|---|---|---|---|---|---|"]
+        for r in disk:
+            L.append(
+                f"| {r['side']} | {r['what']} | {int(float(r['bytes']))} | {float(r['seconds']):.4g} | {fmt(float(r['mb_per_s']))} | {r['detail']} |"
+            )
+        L.append("")
+    blk = read(os.path.join(d, "block_request.csv"))
+    if blk:
+        L += ["| criterion bench | median | mean | GB/s (median) |", "|---|---|---|---|"]
+        for r in blk:
+            L.append(
+                f"| process_request/{r['bench']} | {float(r['median_ns']):.0f} ns | {float(r['mean_ns']):.0f} ns | {float(r['gb_per_s_median']):.1f} |"
+            )
+        L.append("")
+    with open(os.path.join(d, "summary.md"), "w") as f:
+        f.write("\n".join(L))
+    print(f"wrote {os.path.join(d, 'summary.md')}")
+
+
 if __name__ == "__main__":
     main()
+    summary(sys.argv[1] if len(sys.argv) > 1 else "docs/bench")

@@ -63,8 +63,18 @@ impl Csv {
         }
     }
 
-    /// Appends one row (fields must not contain commas).
+    /// Appends one row (fields with commas or quotes are quoted, RFC 4180).
     pub fn row(&self, fields: &[String]) {
+        let fields: Vec<String> = fields
+            .iter()
+            .map(|v| {
+                if v.contains([',', '"', '\n']) {
+                    format!("\"{}\"", v.replace('"', "\"\""))
+                } else {
+                    v.clone()
+                }
+            })
+            .collect();
         debug_assert_eq!(
             fields.len(),
             self.header.split(',').count(),
@@ -258,6 +268,7 @@ impl Proc {
     }
 
     /// Waits up to `timeout` for a line containing `pat`; returns its index in `log`.
+    /// Lines containing `vmmtest:` are echoed (with seconds since spawn) as they arrive.
     pub fn wait_for(&mut self, pat: &str, timeout: Duration) -> Option<usize> {
         if let Some(i) = self.log.iter().position(|l| l.text.contains(pat)) {
             return Some(i);
@@ -268,6 +279,13 @@ impl Proc {
             match self.rx.recv_timeout(left) {
                 Ok(l) => {
                     let hit = l.text.contains(pat);
+                    if l.text.contains("vmmtest:") {
+                        println!(
+                            "    +{:7.2} s  {}",
+                            (l.at - self.started).as_secs_f64(),
+                            l.text
+                        );
+                    }
                     self.log.push(l);
                     if hit {
                         return Some(self.log.len() - 1);
