@@ -128,3 +128,86 @@ fn boot_from_remote_root_with_persistent_overlay() {
         "the served archive changed"
     );
 }
+
+/// nginx stopped while the guest reads a remote disk: reads retry, then the guest gets I/O
+/// errors (the test agent's counter prints `error=`), vmm keeps running without a panic,
+/// and reads work again once nginx is back on the same port. 4 KiB image chunks make every
+/// counter tick read a chunk that is not cached yet.
+#[test]
+fn guest_survives_the_web_server_going_away() {
+    let Some(a) = guest_env() else { return };
+    if !nginx_available() {
+        return;
+    }
+    let dir = scratch("remote-fault");
+    let archive = dir.join("archive");
+    let out = Command::new(vmm_bin())
+        .args(["image", "import"])
+        .arg(a.file("disk.img"))
+        .arg(&archive)
+        .args(["--name", "data", "--chunk-kib", "4"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let root = dir.join("rootfs.ext4");
+    std::fs::copy(a.file("rootfs.ext4"), &root).unwrap();
+    let mut nginx = Nginx::start(&archive);
+    let token = format!("f{}", std::process::id());
+    let mut r = Running::spawn(&[
+        "--kernel".into(),
+        kernel_arg(
+            &a,
+            &format!(
+                "init=/idle vmmtest.counter vmmtest.token={token} vmmtest.counter_disk=/dev/vdb"
+            ),
+        ),
+        "--block".into(),
+        format!("path={},root=true", root.display()),
+        "--block".into(),
+        format!(
+            "url={}/images/data,cache={},overlay={}",
+            nginx.url(),
+            dir.join("cache").display(),
+            dir.join("data.overlay").display()
+        ),
+    ]);
+    if r.wait_for(&format!("vmmtest: tick {token} 2 "), BOOT_TIMEOUT)
+        .is_none()
+    {
+        fail(&r, "the counter did not start on the remote disk");
+    }
+    nginx.stop();
+    if r.wait_for(&format!("vmmtest: tick {token} "), Duration::from_secs(5))
+        .is_none()
+    {
+        fail(&r, "no tick after nginx stopped");
+    }
+    let Some(errline) = r.wait_for(" error=", Duration::from_secs(60)) else {
+        fail(&r, "the guest saw no I/O error with nginx down");
+    };
+    println!("with nginx down: {errline}");
+    nginx.restart();
+    // Reads work again: a tick with a checksum and no error, after the restart.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let Some(l) = r.wait_for(&format!("vmmtest: tick {token} "), Duration::from_secs(30))
+        else {
+            fail(&r, "no ticks after nginx came back");
+        };
+        if l.contains(" md5=") && !l.contains("error=") {
+            println!("with nginx back: {l}");
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            fail(&r, "reads did not recover after nginx came back");
+        }
+    }
+    assert!(r.child.try_wait().unwrap().is_none(), "vmm exited");
+    let _ = r.child.kill();
+    let _ = r.wait_exit(Duration::from_secs(10));
+    assert!(!r.output().contains("panicked"), "vmm panicked");
+}
