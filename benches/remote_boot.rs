@@ -171,6 +171,17 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
 
+/// `1000 B`, `47.0 KiB`, `1.00 MiB`.
+fn human(b: u64) -> String {
+    if b < 10 << 10 {
+        format!("{b} B")
+    } else if b < 1 << 20 {
+        format!("{:.1} KiB", b as f64 / 1024.0)
+    } else {
+        format!("{:.2} MiB", mib(b))
+    }
+}
+
 fn write_csv(path: &Path, rows: &[Row], image_bytes: u64) -> std::io::Result<()> {
     let mut s = String::from(
         "mode,iter,seconds_to_root_mounted,seconds_to_exit,bytes_fetched,bytes_read_by_guest,\
@@ -198,7 +209,8 @@ fn write_csv(path: &Path, rows: &[Row], image_bytes: u64) -> std::io::Result<()>
 /// A grouped bar chart: per boot, seconds to root mounted and to exit, annotated with the
 /// bytes fetched.
 fn write_svg(path: &Path, rows: &[Row], image_bytes: u64) -> std::io::Result<()> {
-    let (w, h) = (640.0_f64, 380.0_f64);
+    let w = (110.0 * rows.len() as f64 + 80.0).max(640.0);
+    let h = 380.0_f64;
     let (left, right, top, bottom) = (60.0, 20.0, 50.0, 70.0);
     let max_t = rows.iter().map(|r| r.exit_s).fold(1.0_f64, f64::max) * 1.15;
     let y = |t: f64| top + (h - top - bottom) * (1.0 - t / max_t);
@@ -260,7 +272,7 @@ fn write_svg(path: &Path, rows: &[Row], image_bytes: u64) -> std::io::Result<()>
         }
         let cx = x0 + bar;
         let fetched = match r.fetched {
-            Some(b) => format!("fetched {:.2} MiB", mib(b)),
+            Some(b) => format!("fetched {}", human(b)),
             None => "local file".into(),
         };
         let label = if rows.iter().filter(|o| o.mode == r.mode).count() > 1 {
