@@ -63,7 +63,7 @@ fn malformed_flags() {
     );
     assert_clear_error(
         &["--kernel", "path=/k", "--block", "read_only=true"],
-        "path= is required",
+        "path= (a local image) or url= (a remote image) is required",
     );
     assert_clear_error(&["--kernel", r#"path=/k,cmdline="unterminated"#], "quote");
     assert_clear_error(&["--no-such-flag"], "unexpected argument");
