@@ -102,6 +102,22 @@ pub fn build_from_snapshot(
         ));
     }
 
+    let expected: Vec<(u64, u64)> =
+        crate::arch::x86_64::layout::arch_memory_regions(cfg.mem_mib << 20)
+            .iter()
+            .map(|&(a, l)| (a.0, l as u64))
+            .collect();
+    if state.memory_regions != expected {
+        return Err(snap_err(
+            "snapshot state",
+            cpu_path,
+            format!(
+                "memory layout {:x?} does not match {} MiB of RAM ({expected:x?})",
+                state.memory_regions, cfg.mem_mib
+            ),
+        ));
+    }
+
     let disks = open_disks(&cfg)?;
     let vm = Vm::new()?;
     vm.check_vcpu_count(u32::from(cfg.vcpus))?;
