@@ -148,9 +148,7 @@ pub fn build_from_snapshot(
             .map_err(|e| snap_err_chain("memory", memory_path, &e))?;
         None
     } else {
-        manifest
-            .validate()
-            .map_err(|e| snap_err_chain("memory manifest", memory_path, &e))?;
+        // `MemoryManifest::read_from` above already validated the manifest.
         let mut regions = Vec::new();
         for (r, m) in mem.iter().zip(&manifest.regions) {
             if r.start_addr().0 != m.guest_addr || r.len() != m.size {

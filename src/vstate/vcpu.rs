@@ -210,9 +210,12 @@ impl VcpuHandle {
     /// [`VCPU_STOP_TIMEOUT`] (e.g. blocked on guest memory that can no longer be fetched)
     /// is left behind with a warning rather than hanging the VMM.
     pub fn stop(&mut self) {
+        if self.thread.is_none() {
+            return;
+        }
+        let _ = self.send(VcpuRequest::Exit);
         let Some(t) = self.thread.take() else { return };
         if !t.is_finished() {
-            let _ = self.send_to(&t, VcpuRequest::Exit);
             let deadline = std::time::Instant::now() + VCPU_STOP_TIMEOUT;
             while !t.is_finished() && std::time::Instant::now() < deadline {
                 // Keep kicking: the first signal may have arrived outside KVM_RUN.
@@ -225,12 +228,6 @@ impl VcpuHandle {
             }
         }
         let _ = t.join();
-    }
-
-    fn send_to(&self, t: &JoinHandle<()>, req: VcpuRequest) -> Result<(), VcpuError> {
-        self.tx.send(req).map_err(|_| VcpuError::Gone(self.id))?;
-        let _ = t.kill(kick_signal());
-        Ok(())
     }
 }
 
