@@ -10,6 +10,7 @@ pub mod file;
 pub mod http;
 pub mod mem;
 pub mod overlay;
+pub mod overlay_capture;
 
 use std::path::PathBuf;
 

@@ -154,6 +154,7 @@ pub fn create_snapshot(
             gsi: b.gsi,
             transport,
             device,
+            overlay: None,
         });
     }
 

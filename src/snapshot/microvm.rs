@@ -13,6 +13,7 @@ use crate::arch::x86_64::vm_state::VmState;
 use crate::config::VmConfig;
 use crate::devices::legacy::SerialDeviceState;
 use crate::devices::virtio::block::BlockDeviceState;
+use crate::disk::overlay_capture::OverlayManifest;
 use crate::devices::virtio::mmio::MmioTransportState;
 
 /// File name of the state file inside a snapshot directory.
@@ -31,6 +32,8 @@ pub struct BlockSnapshot {
     pub transport: MmioTransportState,
     /// Device state, including the backend's identity.
     pub device: BlockDeviceState,
+    /// The content of the disk's copy-on-write overlay, if it has one.
+    pub overlay: Option<OverlayManifest>,
 }
 
 /// Everything but guest memory.

@@ -8,6 +8,7 @@ pub mod create;
 pub mod file;
 pub mod manifest;
 pub mod microvm;
+pub mod refs;
 
 pub use file::{FileKind, StateFileError, read_state_file, write_state_file};
 pub use manifest::{
