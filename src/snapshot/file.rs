@@ -358,12 +358,16 @@ mod tests {
         };
         assert_eq!(source.to_string(), "not a vmm snapshot file (bad magic)");
 
-        let mut v2 = encode(&FileKind::STATE, &sample()).unwrap();
-        v2[8..12].copy_from_slice(&2u32.to_le_bytes());
-        let e = decode::<Sample>(&FileKind::STATE, &v2).unwrap_err();
+        let mut other = encode(&FileKind::STATE, &sample()).unwrap();
+        let newer = FileKind::STATE.version + 1;
+        other[8..12].copy_from_slice(&newer.to_le_bytes());
+        let e = decode::<Sample>(&FileKind::STATE, &other).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "vmm snapshot file has format version 2, but this build only reads version 1"
+            format!(
+                "vmm snapshot file has format version {newer}, but this build only reads version {}",
+                FileKind::STATE.version
+            )
         );
 
         let e = read_state_file::<Sample>(dir.path().join("absent")).unwrap_err();
@@ -385,7 +389,7 @@ mod tests {
         // A Vec<u64> claiming 2^60 elements, correctly framed and checksummed.
         let payload = (1u64 << 60).to_le_bytes();
         let mut file = FileKind::STATE.magic.to_vec();
-        file.extend_from_slice(&1u32.to_le_bytes());
+        file.extend_from_slice(&FileKind::STATE.version.to_le_bytes());
         file.extend_from_slice(&(payload.len() as u64).to_le_bytes());
         file.extend_from_slice(&payload);
         file.extend_from_slice(blake3::hash(&payload).as_bytes());
