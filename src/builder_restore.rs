@@ -71,18 +71,43 @@ pub fn snapshot_files(dir: &Path) -> (PathBuf, PathBuf) {
     )
 }
 
-/// Rebuilds a VM from its state file (`cpu_path`) and memory manifest (`memory_path`).
+/// Rebuilds a VM from its state file (`cpu_path`) and memory manifest (`memory_path`),
+/// with memory chunks from the local chunk store the state names.
 pub fn build_from_snapshot(
     cpu_path: &Path,
     memory_path: &Path,
     opts: RestoreOptions,
 ) -> Result<Vmm, BuildError> {
-    let t0 = Instant::now();
     let state: MicrovmState =
         read_state_file(cpu_path).map_err(|e| snap_err_chain("snapshot state", cpu_path, &e))?;
     let manifest = MemoryManifest::read_from(memory_path)
         .map_err(|e| snap_err_chain("memory manifest", memory_path, &e))?;
     let snap_dir = cpu_path.parent().unwrap_or(Path::new("."));
+    let store_dir = state.store_dir(snap_dir);
+    if !store_dir.join("chunks").is_dir() {
+        return Err(snap_err(
+            "chunk store",
+            &store_dir,
+            "missing (no chunks/ directory)",
+        ));
+    }
+    let store = LocalStore::open(&store_dir, LocalStoreOptions::default())
+        .map_err(|e| snap_err_chain("chunk store", &store_dir, &e))?;
+    build_from_parts(state, manifest, Arc::new(store), cpu_path, memory_path, opts)
+}
+
+/// Rebuilds a VM from an already loaded state and (validated) memory manifest, with memory
+/// chunks from `store` (served lazily unless `opts.eager_memory`). `cpu_path` and
+/// `memory_path` only name the parts in messages (they may be URLs).
+pub fn build_from_parts(
+    state: MicrovmState,
+    manifest: MemoryManifest,
+    store: Arc<dyn crate::store::ChunkStore>,
+    cpu_path: &Path,
+    memory_path: &Path,
+    opts: RestoreOptions,
+) -> Result<Vmm, BuildError> {
+    let t0 = Instant::now();
     let mut cfg = state.config.clone();
     if let Some(blocks) = opts.blocks {
         if blocks.len() != state.blocks.len() {
@@ -129,22 +154,12 @@ pub fn build_from_snapshot(
     let mem = memory::create_anonymous(&regions)?;
     vm.register_memory(&mem, 0)?;
 
-    let store_dir = state.store_dir(snap_dir);
-    if !store_dir.join("chunks").is_dir() {
-        return Err(snap_err(
-            "chunk store",
-            &store_dir,
-            "missing (no chunks/ directory)",
-        ));
-    }
-    let store = LocalStore::open(&store_dir, LocalStoreOptions::default())
-        .map_err(|e| snap_err_chain("chunk store", &store_dir, &e))?;
     let t_mem = Instant::now();
     let lazy = if opts.eager_memory {
         // SAFETY: no vCPU exists yet and no device has been created, so nothing else
         // touches guest memory while these slices live.
         let mut views = unsafe { crate::snapshot::create::memory_slices_mut(&mem) };
-        restore_memory(&manifest, &mut views, &store, ZeroChunks::AlreadyZero)
+        restore_memory(&manifest, &mut views, &*store, ZeroChunks::AlreadyZero)
             .map_err(|e| snap_err_chain("memory", memory_path, &e))?;
         None
     } else {
@@ -167,7 +182,6 @@ pub fn build_from_snapshot(
                 "region count differs",
             ));
         }
-        let store: Arc<dyn crate::store::ChunkStore> = Arc::new(store);
         // SAFETY: `mem` was just created by `create_anonymous` (private anonymous
         // mappings), nothing has touched it or holds a reference into it, and the
         // returned LazyMemory is kept in the Vmm next to `mem`, which outlives it.
