@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::FileExt;
 
+use super::overlay_capture::CAPTURE_CHUNK_SIZE;
 use super::{BackendIdentity, BlockBackend, DiskError, check_range};
 use crate::snapshot::file::{self, FileKind, StateFileError};
 
@@ -112,12 +113,13 @@ pub enum OverlayError {
 /// Result type of opening an overlay.
 pub type Result<T> = std::result::Result<T, OverlayError>;
 
+/// Contents of `FILE.map`.
 #[derive(Serialize, Deserialize)]
-struct OverlayMap {
-    size: u64,
-    block_size: u32,
-    base: BackendIdentity,
-    bits: Vec<u64>,
+pub(crate) struct OverlayMap {
+    pub(crate) size: u64,
+    pub(crate) block_size: u32,
+    pub(crate) base: BackendIdentity,
+    pub(crate) bits: Vec<u64>,
 }
 
 /// A persistent copy-on-write overlay (see the module documentation).
@@ -131,6 +133,9 @@ pub struct OverlayBackend {
     block: u64,
     bits: Vec<AtomicU64>,
     dirty: AtomicBool,
+    /// One bit per [`CAPTURE_CHUNK_SIZE`] span written since the last
+    /// [`clear_touched`](OverlayBackend::clear_touched): what an incremental capture re-reads.
+    touched: Vec<AtomicU64>,
     /// Serializes writes (read-modify-write of partial blocks must not interleave).
     write_lock: Mutex<()>,
     /// Serializes flushes so the last map written is the newest.
@@ -282,6 +287,9 @@ impl OverlayBackend {
             block: u64::from(map.block_size),
             bits: map.bits.into_iter().map(AtomicU64::new).collect(),
             dirty: AtomicBool::new(false),
+            touched: (0..size.div_ceil(u64::from(CAPTURE_CHUNK_SIZE)).div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             write_lock: Mutex::new(()),
             flush_lock: Mutex::new(()),
         })
@@ -305,6 +313,38 @@ impl OverlayBackend {
             .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
             .sum();
         (blocks * self.block).min(self.size)
+    }
+
+    /// Copy-on-write block size.
+    pub fn block_size(&self) -> u32 {
+        self.block as u32
+    }
+
+    /// The bitmap of blocks held in the overlay (bit `b % 64` of word `b / 64`).
+    pub fn bitmap(&self) -> Vec<u64> {
+        self.bits.iter().map(|w| w.load(Ordering::Acquire)).collect()
+    }
+
+    /// Reads the overlay's data file (not merged with the base) at `offset`.
+    pub fn read_data(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.data.read_exact_at(buf, offset)
+    }
+
+    /// Bitmap of the [`CAPTURE_CHUNK_SIZE`] spans written since the last
+    /// [`clear_touched`](Self::clear_touched) (or since opening).
+    pub fn touched(&self) -> Vec<u64> {
+        self.touched
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .collect()
+    }
+
+    /// Clears the given bits of [`touched`](Self::touched), once a capture that read
+    /// those spans is durable.
+    pub fn clear_touched(&self, bits: &[u64]) {
+        for (w, b) in self.touched.iter().zip(bits) {
+            w.fetch_and(!b, Ordering::AcqRel);
+        }
     }
 
     fn has(&self, b: u64) -> bool {
@@ -393,6 +433,10 @@ impl BlockBackend for OverlayBackend {
         }
         for b in first..=last {
             self.set(b);
+        }
+        let span = u64::from(CAPTURE_CHUNK_SIZE);
+        for c in first * self.block / span..=(self.block_end(last) - 1) / span {
+            self.touched[(c / 64) as usize].fetch_or(1 << (c % 64), Ordering::AcqRel);
         }
         self.dirty.store(true, Ordering::Release);
         Ok(())
