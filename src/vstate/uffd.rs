@@ -346,20 +346,16 @@ impl LazyMemory {
 
     /// The counters so far.
     pub fn stats(&self) -> LazyStats {
-        let s = &self.shared;
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        LazyStats {
-            faults: get(&s.faults),
-            repeat_faults: get(&s.repeat_faults),
-            chunks_fetched: get(&s.chunks_fetched),
-            chunks_prefetched: get(&s.chunks_prefetched),
-            chunks_zero: get(&s.chunks_zero),
-            bytes_copied: get(&s.bytes_copied),
-            errors: get(&s.errors),
-            data_chunks_total: s.data_chunks_total,
-            data_chunks_remaining: get(&s.data_chunks_remaining),
-            fault_service_ns: get(&s.fault_service_ns),
-        }
+        stats_of(&self.shared)
+    }
+
+    /// A handle that reads the counters and starts the background fill from another
+    /// thread (e.g. once a prefetcher has warmed a local chunk cache).
+    pub fn handle(&self) -> Result<LazyHandle, UffdError> {
+        Ok(LazyHandle {
+            shared: Arc::clone(&self.shared),
+            ctl: self.ctl.try_clone().map_err(UffdError::EventFd)?,
+        })
     }
 
     /// The first fatal error, if any: a chunk that could not be fetched (its fault
@@ -433,6 +429,51 @@ impl LazyMemory {
                 error!("the userfaultfd handler thread panicked");
             }
         }
+    }
+}
+
+/// The counters of `s` so far.
+fn stats_of(s: &Shared) -> LazyStats {
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    LazyStats {
+        faults: get(&s.faults),
+        repeat_faults: get(&s.repeat_faults),
+        chunks_fetched: get(&s.chunks_fetched),
+        chunks_prefetched: get(&s.chunks_prefetched),
+        chunks_zero: get(&s.chunks_zero),
+        bytes_copied: get(&s.bytes_copied),
+        errors: get(&s.errors),
+        data_chunks_total: s.data_chunks_total,
+        data_chunks_remaining: get(&s.data_chunks_remaining),
+        fault_service_ns: get(&s.fault_service_ns),
+    }
+}
+
+/// Reads a [`LazyMemory`]'s counters and starts its background fill from any thread
+/// ([`LazyMemory::handle`]).
+#[derive(Debug)]
+pub struct LazyHandle {
+    shared: Arc<Shared>,
+    ctl: EventFd,
+}
+
+impl LazyHandle {
+    /// The counters so far.
+    pub fn stats(&self) -> LazyStats {
+        stats_of(&self.shared)
+    }
+
+    /// Same as [`LazyMemory::fill_in_background`].
+    pub fn fill_in_background(&self) {
+        self.shared.fill.store(true, Ordering::Release);
+        if let Err(e) = self.ctl.write(1) {
+            error!("cannot wake the userfaultfd handler: {e}");
+        }
+    }
+
+    /// Whether every stored chunk is in guest memory.
+    pub fn is_complete(&self) -> bool {
+        self.shared.data_chunks_remaining.load(Ordering::Acquire) == 0
     }
 }
 
