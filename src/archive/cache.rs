@@ -1,0 +1,420 @@
+//! [`CachedStore`]: a read-through local chunk cache in front of another chunk store
+//! (an archive served over HTTP), shared by every VM resumed on the host.
+//!
+//! The cache is a directory in the [`LocalStore`] layout (`ROOT/chunks/xx/<id>`). Reads
+//! try it first; a chunk found there is verified against its id like any store read
+//! (a damaged cache file is deleted, logged and fetched again). A miss is fetched from
+//! the upstream store (which verifies it too), handed to the caller, then written to
+//! the cache: a temp file named after the process and a counter, renamed into place.
+//! The write is not fsynced — the cache is not the only copy, and a file left damaged
+//! by a crash fails verification and is fetched again — so caching costs the fault path
+//! one page-cache write, not a disk flush. Two processes caching the same chunk at once
+//! write two temp files and rename one over the other, with the same bytes: safe.
+//!
+//! Chunk ids are content hashes, so one cache serves every archive and every VM.
+//! Nothing is ever evicted; delete the directory to reclaim space.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::store::codec::{self, Compression};
+use crate::store::local::{LocalStore, LocalStoreOptions};
+use crate::store::{ChunkId, ChunkStore, PutOutcome, Result, StoreError};
+
+/// Errors of opening a chunk cache.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The cache directory cannot be created or opened.
+    #[error("cannot open the chunk cache {}", path.display())]
+    Open {
+        /// The cache root.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: StoreError,
+    },
+}
+
+/// Why a chunk is being warmed (fetched into the cache ahead of the guest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// From a working-set list, right after resume.
+    Prefetch,
+    /// The rate-limited background fill of the rest.
+    Fill,
+}
+
+/// Counters of a [`CachedStore`], in chunk bytes (uncompressed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CacheStats {
+    /// Reads served from the cache.
+    pub hits: u64,
+    /// Reads that went to the upstream store (guest demand, i.e. page faults, and
+    /// device or eager reads).
+    pub demand_fetches: u64,
+    /// Bytes of those.
+    pub demand_bytes: u64,
+    /// Chunks fetched by the working-set prefetch.
+    pub prefetched: u64,
+    /// Bytes of those.
+    pub prefetch_bytes: u64,
+    /// Chunks fetched by the background fill.
+    pub filled: u64,
+    /// Bytes of those.
+    pub fill_bytes: u64,
+    /// Cache files found damaged (deleted and fetched again).
+    pub corrupt_in_cache: u64,
+    /// Failed cache writes (the chunk was served anyway).
+    pub write_errors: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    demand_fetches: AtomicU64,
+    demand_bytes: AtomicU64,
+    prefetched: AtomicU64,
+    prefetch_bytes: AtomicU64,
+    filled: AtomicU64,
+    fill_bytes: AtomicU64,
+    corrupt_in_cache: AtomicU64,
+    write_errors: AtomicU64,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// A read-only [`ChunkStore`]: a local cache in front of an upstream store (see the
+/// module documentation). With no cache directory it only counts and records.
+pub struct CachedStore {
+    upstream: Arc<dyn ChunkStore>,
+    cache: Option<LocalStore>,
+    seq: AtomicU64,
+    counters: Counters,
+    /// Chunk ids read through [`ChunkStore::get_into`] while recording, in order.
+    recording: Mutex<Option<Vec<ChunkId>>>,
+}
+
+impl std::fmt::Debug for CachedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedStore")
+            .field("cache", &self.cache.as_ref().map(|c| c.root()))
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CachedStore {
+    /// A store reading from `upstream` through the cache rooted at `cache_root` (created
+    /// if needed), or without a cache.
+    pub fn new(
+        upstream: Arc<dyn ChunkStore>,
+        cache_root: Option<&Path>,
+    ) -> std::result::Result<Self, CacheError> {
+        let cache = match cache_root {
+            None => None,
+            Some(root) => Some(
+                LocalStore::open(
+                    root,
+                    LocalStoreOptions {
+                        compression: Compression::None,
+                    },
+                )
+                .map_err(|source| CacheError::Open {
+                    path: root.to_path_buf(),
+                    source,
+                })?,
+            ),
+        };
+        Ok(CachedStore {
+            upstream,
+            cache,
+            seq: AtomicU64::new(0),
+            counters: Counters::default(),
+            recording: Mutex::new(None),
+        })
+    }
+
+    /// The cache root, if there is a cache.
+    pub fn cache_root(&self) -> Option<&Path> {
+        self.cache.as_ref().map(|c| c.root())
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CacheStats {
+            hits: g(&c.hits),
+            demand_fetches: g(&c.demand_fetches),
+            demand_bytes: g(&c.demand_bytes),
+            prefetched: g(&c.prefetched),
+            prefetch_bytes: g(&c.prefetch_bytes),
+            filled: g(&c.filled),
+            fill_bytes: g(&c.fill_bytes),
+            corrupt_in_cache: g(&c.corrupt_in_cache),
+            write_errors: g(&c.write_errors),
+        }
+    }
+
+    /// Starts recording the ids read through [`ChunkStore::get_into`] (what the lazy
+    /// memory handler reads: faults, and the background fill if it runs).
+    pub fn start_recording(&self) {
+        *self
+            .recording
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Vec::new());
+    }
+
+    /// Stops recording and returns the ids read, first read first, each once.
+    pub fn take_recording(&self) -> Vec<ChunkId> {
+        let ids = self
+            .recording
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .unwrap_or_default();
+        let mut seen = std::collections::HashSet::new();
+        ids.into_iter().filter(|id| seen.insert(*id)).collect()
+    }
+
+    fn record(&self, id: &ChunkId) {
+        if let Some(v) = self
+            .recording
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+        {
+            v.push(*id);
+        }
+    }
+
+    /// Whether the cache holds chunk `id` (not verified).
+    pub fn is_cached(&self, id: &ChunkId) -> bool {
+        self.cache
+            .as_ref()
+            .is_some_and(|c| c.contains(id).unwrap_or(false))
+    }
+
+    /// Fetches chunk `id` into the cache unless it is there already; returns whether it
+    /// was fetched. Without a cache, does nothing.
+    pub fn warm(&self, id: &ChunkId, purpose: Purpose) -> Result<bool> {
+        if self.cache.is_none() || self.is_cached(id) {
+            return Ok(false);
+        }
+        let data = self.upstream.get(id)?;
+        let (n, bytes) = match purpose {
+            Purpose::Prefetch => (&self.counters.prefetched, &self.counters.prefetch_bytes),
+            Purpose::Fill => (&self.counters.filled, &self.counters.fill_bytes),
+        };
+        add(n, 1);
+        add(bytes, data.len() as u64);
+        self.cache_put(id, &data);
+        Ok(true)
+    }
+
+    /// Reads `id` from the cache into `buf`; false on a miss (or a damaged file, which
+    /// is removed).
+    fn cache_get_into(&self, id: &ChunkId, buf: &mut [u8]) -> bool {
+        let Some(cache) = &self.cache else {
+            return false;
+        };
+        match cache.get_into(id, buf) {
+            Ok(()) => true,
+            Err(StoreError::NotFound { .. }) => false,
+            Err(e) => {
+                add(&self.counters.corrupt_in_cache, 1);
+                log::warn!(
+                    "chunk cache {}: {}; removing it and fetching the chunk again",
+                    cache.root().display(),
+                    crate::vmm::error_chain(&e)
+                );
+                let _ = fs::remove_file(cache.chunk_path(id));
+                false
+            }
+        }
+    }
+
+    /// Writes a verified chunk into the cache (best effort, see the module docs).
+    fn cache_put(&self, id: &ChunkId, data: &[u8]) {
+        let Some(cache) = &self.cache else {
+            return;
+        };
+        let dest = cache.chunk_path(id);
+        let result = (|| -> io::Result<()> {
+            let dir = dest.parent().unwrap_or(cache.root());
+            fs::create_dir_all(dir)?;
+            let tmp = dir.join(format!(
+                ".{id}.tmp.{}.{}",
+                std::process::id(),
+                self.seq.fetch_add(1, Ordering::Relaxed)
+            ));
+            let enc = codec::encode(id, data, Compression::None).map_err(io::Error::other)?;
+            let written = fs::File::create(&tmp).and_then(|mut f| {
+                f.write_all(&enc.header)?;
+                f.write_all(&enc.body)
+            });
+            if let Err(e) = written.and_then(|()| fs::rename(&tmp, &dest)) {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+            Ok(())
+        })();
+        if let Err(e) = result
+            && self.counters.write_errors.fetch_add(1, Ordering::Relaxed) == 0
+        {
+            log::warn!(
+                "cannot write chunk {id} to the cache {}: {e} (further errors not logged)",
+                cache.root().display()
+            );
+        }
+    }
+
+    fn read_only(&self) -> StoreError {
+        StoreError::Io {
+            op: "write to",
+            path: self.cache_root().map(Path::to_path_buf).unwrap_or_default(),
+            source: io::Error::new(
+                io::ErrorKind::ReadOnlyFilesystem,
+                "an archive chunk cache is read-only",
+            ),
+        }
+    }
+}
+
+impl ChunkStore for CachedStore {
+    /// Always fails: the store is read-only.
+    fn put(&self, _data: &[u8]) -> Result<ChunkId> {
+        Err(self.read_only())
+    }
+
+    /// Always fails: the store is read-only.
+    fn put_hashed(&self, _id: &ChunkId, _data: &[u8]) -> Result<PutOutcome> {
+        Err(self.read_only())
+    }
+
+    fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        if let Some(cache) = &self.cache {
+            match cache.get(id) {
+                Ok(v) => {
+                    add(&self.counters.hits, 1);
+                    return Ok(v);
+                }
+                Err(StoreError::NotFound { .. }) => {}
+                Err(e) => {
+                    add(&self.counters.corrupt_in_cache, 1);
+                    log::warn!(
+                        "chunk cache: {}; fetching it again",
+                        crate::vmm::error_chain(&e)
+                    );
+                    let _ = fs::remove_file(cache.chunk_path(id));
+                }
+            }
+        }
+        let data = self.upstream.get(id)?;
+        add(&self.counters.demand_fetches, 1);
+        add(&self.counters.demand_bytes, data.len() as u64);
+        self.cache_put(id, &data);
+        Ok(data)
+    }
+
+    fn get_into(&self, id: &ChunkId, buf: &mut [u8]) -> Result<()> {
+        self.record(id);
+        if self.cache_get_into(id, buf) {
+            add(&self.counters.hits, 1);
+            return Ok(());
+        }
+        self.upstream.get_into(id, buf)?;
+        add(&self.counters.demand_fetches, 1);
+        add(&self.counters.demand_bytes, buf.len() as u64);
+        self.cache_put(id, buf);
+        Ok(())
+    }
+
+    fn contains(&self, id: &ChunkId) -> Result<bool> {
+        if self.is_cached(id) {
+            return Ok(true);
+        }
+        self.upstream.contains(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testutil::{Rng, TempDir};
+
+    fn chunk(seed: u64) -> Vec<u8> {
+        let mut v = vec![0u8; 64 << 10];
+        Rng::new(seed).fill(&mut v);
+        v
+    }
+
+    #[test]
+    fn reads_through_and_then_hits() {
+        let up_dir = TempDir::new("cache-up");
+        let cache_dir = TempDir::new("cache-c");
+        let up = Arc::new(LocalStore::open(up_dir.path(), LocalStoreOptions::default()).unwrap());
+        let data = chunk(1);
+        let id = up.put(&data).unwrap();
+        let c = CachedStore::new(up.clone(), Some(cache_dir.path())).unwrap();
+        c.start_recording();
+        let mut buf = vec![0u8; data.len()];
+        c.get_into(&id, &mut buf).unwrap();
+        assert_eq!(buf, data);
+        assert!(c.is_cached(&id));
+        // Gone upstream: still served from the cache.
+        fs::remove_file(up.chunk_path(&id)).unwrap();
+        buf.fill(0);
+        c.get_into(&id, &mut buf).unwrap();
+        assert_eq!(buf, data);
+        let s = c.stats();
+        assert_eq!((s.hits, s.demand_fetches, s.demand_bytes), (1, 1, 64 << 10));
+        assert_eq!(c.take_recording(), vec![id]);
+        assert!(c.put(b"x").is_err());
+    }
+
+    #[test]
+    fn damaged_cache_files_are_refetched_and_warm_counts() {
+        let up_dir = TempDir::new("cache-up2");
+        let cache_dir = TempDir::new("cache-c2");
+        let up = Arc::new(LocalStore::open(up_dir.path(), LocalStoreOptions::default()).unwrap());
+        let (a, b) = (chunk(5), chunk(7));
+        let (ia, ib) = (up.put(&a).unwrap(), up.put(&b).unwrap());
+        let c = CachedStore::new(up.clone(), Some(cache_dir.path())).unwrap();
+        assert!(c.warm(&ia, Purpose::Prefetch).unwrap());
+        assert!(!c.warm(&ia, Purpose::Prefetch).unwrap());
+        assert!(c.warm(&ib, Purpose::Fill).unwrap());
+        // Damage the cached copy of `a`: the next read notices, refetches, repairs.
+        let cached = cache_dir.path().join(ia.relative_path());
+        let mut bytes = fs::read(&cached).unwrap();
+        bytes[100] ^= 1;
+        fs::write(&cached, &bytes).unwrap();
+        let mut buf = vec![0u8; a.len()];
+        c.get_into(&ia, &mut buf).unwrap();
+        assert_eq!(buf, a);
+        let s = c.stats();
+        assert_eq!((s.prefetched, s.filled, s.corrupt_in_cache), (1, 1, 1));
+        assert_eq!(s.demand_fetches, 1);
+        assert_eq!(c.get(&ia).unwrap(), a);
+        assert_eq!(c.stats().hits, 1);
+        // A corrupt upstream chunk is an error, and is not cached.
+        let d = chunk(9);
+        let id = up.put(&d).unwrap();
+        let p = up.chunk_path(&id);
+        let mut bytes = fs::read(&p).unwrap();
+        let n = bytes.len();
+        bytes[n - 1] ^= 1;
+        fs::write(&p, &bytes).unwrap();
+        let mut buf = vec![0u8; d.len()];
+        assert!(matches!(
+            c.get_into(&id, &mut buf),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(!c.is_cached(&id));
+    }
+}

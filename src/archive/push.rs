@@ -1,0 +1,463 @@
+//! `vmm archive push SNAPSHOT ARCHIVE --name NAME`: writes a snapshot into an archive.
+//!
+//! 1. Reads the snapshot's state and manifest, and every chunk it needs
+//!    ([`chunk_refs`]: memory and captured overlays).
+//! 2. Copies the chunks the archive lacks into `ARCHIVE/chunks/`, file by file as they
+//!    are (compressed or not), each verified against its id first, through a temp file,
+//!    fsync and rename; then fsyncs the fan-out directories.
+//! 3. Disks: a remote image stays a URL — relative (`../../images/X`) when the same image
+//!    (same image id) is in this archive; a local file is imported as image
+//!    `NAME.diskN` ([`crate::image`]) and referred to relatively. Writable disks get
+//!    [`INSTANCE_OVERLAY`](super::INSTANCE_OVERLAY): each resumed instance gets a fresh
+//!    overlay. The recorded disk identity is rewritten to match.
+//! 4. Writes `vms/NAME/memory`, the working set if the snapshot has one (else removes a
+//!    stale one), and `vms/NAME/state` last, with its store set to `../..`.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use super::{INSTANCE_OVERLAY, STORE_FROM_VM_DIR, VMS_DIR, WORKINGSET_FILE};
+use crate::disk::BackendIdentity;
+use crate::image::{self, ImageError};
+use crate::snapshot::file::{StateFileError, read_state_file, write_state_file};
+use crate::snapshot::manifest::{ManifestError, MemoryManifest};
+use crate::snapshot::microvm::{MEMORY_FILE, MicrovmState, STATE_FILE};
+use crate::snapshot::refs::{RefsError, chunk_refs};
+use crate::store::{ChunkId, StoreError, codec};
+
+/// Errors of `archive push`.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    /// The VM name is unusable.
+    #[error("archive push")]
+    Name(#[source] super::ArchiveError),
+    /// The snapshot's state file.
+    #[error("cannot read the snapshot state {}", path.display())]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: StateFileError,
+    },
+    /// The snapshot's memory manifest.
+    #[error("cannot read the memory manifest {}", path.display())]
+    Manifest {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: ManifestError,
+    },
+    /// The list of chunks the snapshot needs.
+    #[error("cannot list the snapshot's chunks")]
+    Refs(#[source] RefsError),
+    /// A chunk of the snapshot is missing or damaged.
+    #[error("snapshot chunk {}", path.display())]
+    Chunk {
+        /// Its file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: StoreError,
+    },
+    /// A file operation in the archive failed.
+    #[error("cannot {op} {}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Importing a local disk as an image failed.
+    #[error("cannot import disk {index} ({}) into the archive", path.display())]
+    Import {
+        /// Disk index.
+        index: usize,
+        /// The disk file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: ImageError,
+    },
+    /// A disk that cannot be archived.
+    #[error("disk {index}: {reason}")]
+    Disk {
+        /// Disk index.
+        index: usize,
+        /// Why.
+        reason: String,
+    },
+    /// Writing the archived state, manifest or working set failed.
+    #[error("cannot write {}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: StateFileError,
+    },
+}
+
+/// What a push did.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PushReport {
+    /// The archived VM's directory.
+    pub vm_dir: PathBuf,
+    /// Chunks the snapshot needs.
+    pub chunks_total: u64,
+    /// Chunks copied into the archive.
+    pub chunks_copied: u64,
+    /// Bytes of chunk files copied.
+    pub bytes_copied: u64,
+    /// Chunks the archive already had.
+    pub chunks_present: u64,
+    /// Images imported for local disks (their names).
+    pub images_imported: Vec<String>,
+    /// Whether a working set was archived along.
+    pub working_set: bool,
+    /// Wall time.
+    pub elapsed_ms: u64,
+}
+
+impl std::fmt::Display for PushReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pushed {}: {} chunks, {} copied ({} bytes), {} already in the archive",
+            self.vm_dir.display(),
+            self.chunks_total,
+            self.chunks_copied,
+            self.bytes_copied,
+            self.chunks_present
+        )?;
+        if !self.images_imported.is_empty() {
+            write!(f, "; disks imported as {}", self.images_imported.join(", "))?;
+        }
+        write!(f, " in {:.2} s", self.elapsed_ms as f64 / 1e3)
+    }
+}
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PushError {
+    let path = path.to_path_buf();
+    move |source| PushError::Io { op, path, source }
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), PushError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsync directory", dir))
+}
+
+/// Pushes the snapshot in `snapshot_dir` into `archive` as VM `name` (see the module
+/// documentation). Pushing again under the same name replaces the archived VM.
+pub fn push(snapshot_dir: &Path, archive: &Path, name: &str) -> Result<PushReport, PushError> {
+    let t0 = Instant::now();
+    super::check_vm_name(name).map_err(PushError::Name)?;
+    let state_path = snapshot_dir.join(STATE_FILE);
+    let mut state: MicrovmState =
+        read_state_file(&state_path).map_err(|source| PushError::State {
+            path: state_path.clone(),
+            source,
+        })?;
+    let mem_path = snapshot_dir.join(MEMORY_FILE);
+    let manifest = MemoryManifest::read_from(&mem_path).map_err(|source| PushError::Manifest {
+        path: mem_path.clone(),
+        source,
+    })?;
+    let refs = chunk_refs(snapshot_dir).map_err(PushError::Refs)?;
+    let src_store = state.store_dir(snapshot_dir);
+    fs::create_dir_all(archive.join("chunks")).map_err(io("create", archive))?;
+    let (copied, bytes, present) = copy_chunks(&refs, &src_store, archive)?;
+
+    let mut imported = Vec::new();
+    for i in 0..state.blocks.len() {
+        if let Some(img) = archive_disk(&mut state, i, archive, name)? {
+            imported.push(img);
+        }
+    }
+
+    let vm_dir = archive.join(VMS_DIR).join(name);
+    fs::create_dir_all(&vm_dir).map_err(io("create", &vm_dir))?;
+    // The manifest goes as read (same bytes: a working set names its hash).
+    let mem_bytes = fs::read(&mem_path).map_err(io("read", &mem_path))?;
+    let dest = vm_dir.join(MEMORY_FILE);
+    crate::snapshot::file::write_atomic(&dest, &mem_bytes)
+        .map_err(|source| PushError::Write { path: dest, source })?;
+    drop(manifest);
+    let ws_src = snapshot_dir.join(WORKINGSET_FILE);
+    let ws_dest = vm_dir.join(WORKINGSET_FILE);
+    let working_set = ws_src.is_file();
+    if working_set {
+        let ws = super::workingset::WorkingSet::read_from(&ws_src).map_err(|e| match e {
+            super::workingset::WorkingSetError::File(source) => PushError::Write {
+                path: ws_src.clone(),
+                source,
+            },
+        })?;
+        ws.write_to(&ws_dest).map_err(|e| match e {
+            super::workingset::WorkingSetError::File(source) => PushError::Write {
+                path: ws_dest.clone(),
+                source,
+            },
+        })?;
+    } else if ws_dest.exists() {
+        fs::remove_file(&ws_dest).map_err(io("remove the stale", &ws_dest))?;
+    }
+    state.store = Some(PathBuf::from(STORE_FROM_VM_DIR));
+    let dest = vm_dir.join(STATE_FILE);
+    write_state_file(&dest, &state).map_err(|source| PushError::Write { path: dest, source })?;
+    Ok(PushReport {
+        vm_dir,
+        chunks_total: refs.len() as u64,
+        chunks_copied: copied,
+        bytes_copied: bytes,
+        chunks_present: present,
+        images_imported: imported,
+        working_set,
+        elapsed_ms: t0.elapsed().as_millis() as u64,
+    })
+}
+
+/// Copies the chunks of `refs` missing from `archive` out of `src_store`, verified, on a
+/// few threads; returns (copied, bytes copied, already present).
+fn copy_chunks(
+    refs: &BTreeSet<ChunkId>,
+    src_store: &Path,
+    archive: &Path,
+) -> Result<(u64, u64, u64), PushError> {
+    let ids: Vec<&ChunkId> = refs.iter().collect();
+    let next = AtomicU64::new(0);
+    let (copied, bytes, present) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let dirs = Mutex::new(BTreeSet::new());
+    let first_err = Mutex::new(None);
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, 8);
+    std::thread::scope(|sc| {
+        for _ in 0..workers {
+            sc.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some(id) = ids.get(i) else { return };
+                    if first_err.lock().map(|e| e.is_some()).unwrap_or(true) {
+                        return;
+                    }
+                    match copy_one(id, src_store, archive) {
+                        Ok(None) => {
+                            present.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(Some((n, dir))) => {
+                            copied.fetch_add(1, Ordering::Relaxed);
+                            bytes.fetch_add(n, Ordering::Relaxed);
+                            if let Ok(mut d) = dirs.lock() {
+                                d.insert(dir);
+                            }
+                        }
+                        Err(e) => {
+                            if let Ok(mut f) = first_err.lock() {
+                                f.get_or_insert(e);
+                            }
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = first_err.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    let dirs = dirs.into_inner().unwrap_or_default();
+    for d in &dirs {
+        fsync_dir(d)?;
+    }
+    if !dirs.is_empty() {
+        fsync_dir(&archive.join("chunks"))?;
+    }
+    Ok((
+        copied.into_inner(),
+        bytes.into_inner(),
+        present.into_inner(),
+    ))
+}
+
+/// Copies one chunk file unless the archive has it; returns its size and fan-out dir.
+fn copy_one(
+    id: &ChunkId,
+    src_store: &Path,
+    archive: &Path,
+) -> Result<Option<(u64, PathBuf)>, PushError> {
+    let rel = id.relative_path();
+    let dest = archive.join(&rel);
+    if dest.is_file() {
+        return Ok(None);
+    }
+    let src = src_store.join(&rel);
+    let bytes = match fs::read(&src) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(PushError::Chunk {
+                path: src,
+                source: StoreError::NotFound { id: *id },
+            });
+        }
+        Err(e) => return Err(io("read", &src)(e)),
+    };
+    codec::decode(id, &bytes).map_err(|source| PushError::Chunk {
+        path: src.clone(),
+        source,
+    })?;
+    let dir = dest.parent().unwrap_or(archive).to_path_buf();
+    fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        ".{id}.tmp.{}.{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(&bytes)?;
+            f.sync_all()
+        })
+        .and_then(|()| fs::rename(&tmp, &dest));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io("write", &dest)(e));
+    }
+    Ok(Some((bytes.len() as u64, dir)))
+}
+
+/// The image id a remote disk's identity records (`image-id=<hex>`).
+fn recorded_image_id(id: &BackendIdentity) -> Option<String> {
+    let http = if id.kind == "overlay" {
+        id.inner.as_deref()?
+    } else {
+        id
+    };
+    http.stamp
+        .as_deref()?
+        .strip_prefix("image-id=")
+        .map(str::to_string)
+}
+
+/// The disk's GET_ID string as recorded.
+fn disk_id_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+/// Rewrites disk `i` of `state` for the archive; returns the image name imported, if any.
+fn archive_disk(
+    state: &mut MicrovmState,
+    i: usize,
+    archive: &Path,
+    name: &str,
+) -> Result<Option<String>, PushError> {
+    let b = &state.config.blocks[i];
+    let saved = &state.blocks[i].device;
+    let size = saved.identity.size;
+    let disk_id = disk_id_string(&saved.disk_id);
+    let (url, stamp, imported, writable) = match &b.url {
+        Some(url) => {
+            let (_, img) =
+                crate::disk::http::split_image_url(url).map_err(|e| PushError::Disk {
+                    index: i,
+                    reason: crate::vmm::error_chain(&e),
+                })?;
+            let stamp = recorded_image_id(&saved.identity);
+            // Same image in this archive (same content id)? Then refer to it relatively.
+            let local = image::read_index(&image::index_path(archive, &img))
+                .ok()
+                .map(|ix| ix.id().to_string());
+            let url = match (&local, &stamp) {
+                (Some(l), Some(s)) if l == s => format!("{STORE_FROM_VM_DIR}/images/{img}"),
+                _ => url.clone(),
+            };
+            (url, stamp, None, b.overlay.is_some())
+        }
+        None => {
+            if saved.identity.kind != "file" {
+                return Err(PushError::Disk {
+                    index: i,
+                    reason: format!(
+                        "a {} disk cannot be archived (only files and remote images)",
+                        saved.identity.kind
+                    ),
+                });
+            }
+            let img = format!("{name}.disk{i}");
+            let meta = fs::metadata(&b.path).map_err(io("stat", &b.path))?;
+            if meta.len() != size {
+                return Err(PushError::Disk {
+                    index: i,
+                    reason: format!(
+                        "{} is {} bytes now, {size} at snapshot time",
+                        b.path.display(),
+                        meta.len()
+                    ),
+                });
+            }
+            log::info!(
+                "archive push: importing disk {i} ({}) as image {img}; the archive gets the \
+                 file's current content",
+                b.path.display()
+            );
+            let report =
+                image::import_image(&b.path, archive, &img, image::DEFAULT_IMAGE_CHUNK_SIZE)
+                    .map_err(|source| PushError::Import {
+                        index: i,
+                        path: b.path.clone(),
+                        source,
+                    })?;
+            (
+                format!("{STORE_FROM_VM_DIR}/images/{img}"),
+                Some(report.image_id.to_string()),
+                Some(img),
+                !b.read_only,
+            )
+        }
+    };
+    let base = BackendIdentity {
+        kind: "http".into(),
+        location: url.clone(),
+        size,
+        stamp: stamp.map(|s| format!("image-id={s}")),
+        inner: None,
+    };
+    let identity = if writable {
+        BackendIdentity {
+            kind: "overlay".into(),
+            location: INSTANCE_OVERLAY.into(),
+            size,
+            stamp: None,
+            inner: Some(Box::new(base)),
+        }
+    } else {
+        base
+    };
+    let b = &mut state.config.blocks[i];
+    b.path = PathBuf::new();
+    b.url = Some(url);
+    b.id = Some(disk_id);
+    b.cache = None;
+    b.cache_max_mib = None;
+    b.record_prefetch = None;
+    b.prefetch = None;
+    b.direct = false;
+    b.overlay = writable.then(|| PathBuf::from(INSTANCE_OVERLAY));
+    state.blocks[i].device.identity = identity;
+    Ok(imported)
+}
