@@ -521,6 +521,7 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
         api: None,
         lazy: None,
         remote,
+        repo_parent: None,
         state: if opts.start_paused {
             RunState::Paused
         } else {

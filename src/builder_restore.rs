@@ -251,6 +251,7 @@ pub fn build_from_parts(
         api: None,
         lazy,
         remote,
+        repo_parent: None,
     };
     if !opts.start_paused {
         vmm.resume()

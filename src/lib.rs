@@ -11,6 +11,7 @@ pub mod config;
 pub mod devices;
 pub mod disk;
 pub mod image;
+pub mod repo;
 pub mod snapshot;
 pub mod store;
 pub mod vmm;

@@ -79,10 +79,14 @@ struct ApiFlags {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Restore a snapshot directory (written by `PUT /snapshot/create`).
+    /// Restore a snapshot directory (written by `PUT /snapshot/create`), or with --repo a
+    /// repository snapshot by name, id or id prefix.
     Restore {
-        /// Snapshot directory.
+        /// Snapshot directory (with --repo: name, id or id prefix).
         dir: PathBuf,
+        /// Snapshot repository to restore from.
+        #[arg(long)]
+        repo: Option<PathBuf>,
         /// Disks to attach instead of the recorded ones (same count and order).
         #[arg(long)]
         block: Vec<String>,
@@ -125,8 +129,18 @@ enum ImageCmd {
 enum SnapshotCmd {
     /// Pause the VM (if running), write a snapshot, resume it unless --leave-paused.
     Create {
-        /// Snapshot directory to write.
-        path: PathBuf,
+        /// Snapshot directory to write (or --repo).
+        #[arg(required_unless_present = "repo", conflicts_with = "repo")]
+        path: Option<PathBuf>,
+        /// Snapshot repository to create the snapshot in (created if missing).
+        #[arg(long, conflicts_with = "store")]
+        repo: Option<PathBuf>,
+        /// Friendly name of the repository snapshot.
+        #[arg(long, requires = "repo")]
+        name: Option<String>,
+        /// Print the JSON report (the default without --repo).
+        #[arg(long)]
+        json: bool,
         /// Shared chunk store directory (default: inside the snapshot directory).
         #[arg(long)]
         store: Option<PathBuf>,
@@ -136,6 +150,8 @@ enum SnapshotCmd {
         #[command(flatten)]
         api: ApiFlags,
     },
+    #[command(flatten)]
+    Repo(vmm::repo::cli::RepoCmd),
 }
 
 fn build_config(run: &RunArgs) -> Result<VmConfig, config::ConfigError> {
@@ -182,10 +198,21 @@ fn main() -> ExitCode {
         None => run_vm(&cli.run),
         Some(Cmd::Restore {
             dir,
+            repo,
             block,
             restore,
             api,
         }) => {
+            let dir = match repo {
+                None => dir,
+                Some(r) => match vmm::repo::Repo::open(&r).and_then(|repo| {
+                    let id = repo.resolve(&dir.to_string_lossy())?;
+                    Ok(repo.snapshot_dir(&id))
+                }) {
+                    Ok(d) => d,
+                    Err(e) => return fail(2, error_chain(&e)),
+                },
+            };
             let (state, memory) = builder_restore::snapshot_files(&dir);
             restore_vm(&state, &memory, &block, &restore, &api)
         }
@@ -193,11 +220,27 @@ fn main() -> ExitCode {
             cmd:
                 SnapshotCmd::Create {
                     path,
+                    repo,
+                    name,
+                    json,
                     store,
                     leave_paused,
                     api,
                 },
-        }) => snapshot_create(&path, store.as_deref(), leave_paused, &api),
+        }) => snapshot_create(
+            SnapshotTarget {
+                path,
+                repo,
+                name,
+                json,
+            },
+            store.as_deref(),
+            leave_paused,
+            &api,
+        ),
+        Some(Cmd::Snapshot {
+            cmd: SnapshotCmd::Repo(cmd),
+        }) => vmm::repo::cli::run(cmd),
         Some(Cmd::Image {
             cmd:
                 ImageCmd::Import {
@@ -263,6 +306,9 @@ fn restore_vm(
     if let Err(e) = vm.watch_lazy_memory() {
         return fail(1, format!("lazy memory: {e}"));
     }
+    vm.repo_parent = cpu
+        .parent()
+        .and_then(vmm::repo::origin_of_snapshot_dir);
     serve(vm, api)
 }
 
@@ -315,8 +361,16 @@ fn call(t: &ApiTarget, method: &str, path: &str, body: Option<&str>) -> Result<S
     }
 }
 
+/// Where `vmm snapshot create` writes.
+struct SnapshotTarget {
+    path: Option<PathBuf>,
+    repo: Option<PathBuf>,
+    name: Option<String>,
+    json: bool,
+}
+
 fn snapshot_create(
-    path: &Path,
+    target: SnapshotTarget,
     store: Option<&Path>,
     leave_paused: bool,
     api: &ApiFlags,
@@ -332,8 +386,20 @@ fn snapshot_create(
         if was_running {
             call(&t, "PATCH", "/vm", Some(r#"{"state":"Paused"}"#))?;
         }
-        let abs = std::path::absolute(path).map_err(|e| e.to_string())?;
-        let mut body = serde_json::json!({ "path": abs });
+        let mut body = match (&target.path, &target.repo) {
+            (_, Some(r)) => {
+                let abs = std::path::absolute(r).map_err(|e| e.to_string())?;
+                let mut b = serde_json::json!({ "repo": abs });
+                if let Some(n) = &target.name {
+                    b["name"] = serde_json::json!(n);
+                }
+                b
+            }
+            (Some(p), None) => {
+                serde_json::json!({ "path": std::path::absolute(p).map_err(|e| e.to_string())? })
+            }
+            (None, None) => return Err("give a snapshot directory or --repo".into()),
+        };
         if let Some(s) = store {
             body["store"] = serde_json::json!(std::path::absolute(s).map_err(|e| e.to_string())?);
         }
@@ -344,6 +410,13 @@ fn snapshot_create(
         res
     };
     match run() {
+        Ok(report) if target.repo.is_some() && !target.json => {
+            match serde_json::from_str::<serde_json::Value>(&report) {
+                Ok(v) => println!("{}", vmm::repo::cli::describe_create(&v)),
+                Err(_) => println!("{report}"),
+            }
+            ExitCode::SUCCESS
+        }
         Ok(report) => {
             println!("{report}");
             ExitCode::SUCCESS

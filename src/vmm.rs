@@ -73,6 +73,9 @@ pub struct Vmm {
     pub lazy: Option<crate::vstate::uffd::LazyMemory>,
     /// Lazy remote disk images, by disk index (for their fetch statistics).
     pub remote: Vec<(usize, Arc<crate::disk::http::LazyHttpDisk>)>,
+    /// The repository snapshot the VM was last snapshotted into or restored from: the parent
+    /// of its next snapshot in that repository (src/repo/).
+    pub repo_parent: Option<crate::repo::RepoParent>,
 }
 
 impl Vmm {
@@ -144,6 +147,18 @@ impl Vmm {
                         "the VM must be paused to snapshot it (it is {:?})",
                         self.state
                     )));
+                }
+                if let Some(repo) = &r.repo {
+                    let report =
+                        crate::repo::create::create_in_repo(self, repo, r.name.as_deref())
+                            .map_err(|e| match e {
+                                crate::repo::create::RepoCreateError::BadName(_) => {
+                                    ApiError::bad_request(e.to_string())
+                                }
+                                _ => ApiError::internal(error_chain(&e)),
+                            })?;
+                    return serde_json::to_value(report)
+                        .map_err(|e| ApiError::internal(e.to_string()));
                 }
                 let report =
                     crate::snapshot::create::create_snapshot(self, &r.path, r.store.as_deref())

@@ -78,6 +78,8 @@ pub struct VmStatePatch {
 #[serde(deny_unknown_fields)]
 pub struct SnapshotCreateRequest {
     /// Directory the snapshot is written to (relative paths are relative to the VMM's cwd).
+    /// Empty (absent) when `repo` is given.
+    #[serde(default, skip_serializing_if = "crate::api::path_is_empty")]
     pub path: PathBuf,
     /// Optional shared chunk store directory (deduplicated across snapshots).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -85,6 +87,16 @@ pub struct SnapshotCreateRequest {
     /// Optional parent snapshot this one is based on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// Snapshot repository to create the snapshot in (instead of `path`; src/repo/).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<PathBuf>,
+    /// Friendly name of the repository snapshot (with `repo`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+fn path_is_empty(p: &Path) -> bool {
+    p.as_os_str().is_empty()
 }
 
 /// The only action accepted by `PUT /actions`.

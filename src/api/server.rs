@@ -438,8 +438,26 @@ pub(crate) fn parse_request(head: &Head, body: &[u8]) -> Result<ApiRequest, Resp
         )),
         ("/snapshot/create", "PUT") => {
             let req: SnapshotCreateRequest = json_body(head, body)?;
-            if req.path.as_os_str().is_empty() {
-                return Err(Response::error(400, "`path` must not be empty"));
+            match (req.path.as_os_str().is_empty(), &req.repo) {
+                (true, None) => {
+                    return Err(Response::error(400, "`path` must not be empty"));
+                }
+                (false, Some(_)) => {
+                    return Err(Response::error(400, "give `path` or `repo`, not both"));
+                }
+                (true, Some(r)) if r.as_os_str().is_empty() => {
+                    return Err(Response::error(400, "`repo` must not be empty"));
+                }
+                _ => {}
+            }
+            if req.repo.is_some() && req.store.is_some() {
+                return Err(Response::error(
+                    400,
+                    "`store` cannot be used with `repo` (the repository is the store)",
+                ));
+            }
+            if req.name.is_some() && req.repo.is_none() {
+                return Err(Response::error(400, "`name` needs `repo`"));
             }
             if req.store.as_ref().is_some_and(|s| s.as_os_str().is_empty()) {
                 return Err(Response::error(400, "`store` must not be empty"));

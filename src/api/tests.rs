@@ -171,11 +171,15 @@ fn routes_happy_path_over_tcp() {
                 path: "/tmp/snap1".into(),
                 store: Some("/tmp/store".into()),
                 parent: Some("snap0".into()),
+                repo: None,
+                name: None,
             }),
             ApiRequest::CreateSnapshot(SnapshotCreateRequest {
                 path: "s".into(),
                 store: None,
                 parent: None,
+                repo: None,
+                name: None,
             }),
             ApiRequest::Shutdown,
         ]

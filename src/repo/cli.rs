@@ -1,0 +1,593 @@
+//! The `vmm snapshot ls|show|rm|gc|verify|export|import|tag|untag` commands: argument
+//! parsing (clap, flattened into `vmm snapshot`) and human / `--json` output.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+use super::gc::Usage;
+use super::{Repo, RepoError, SnapshotId, SnapshotMeta};
+use crate::vmm::error_chain;
+
+/// Options every repository command takes.
+#[derive(Args, Debug, Clone)]
+pub struct RepoArgs {
+    /// The snapshot repository directory.
+    #[arg(long)]
+    pub repo: PathBuf,
+    /// Print the result as JSON on stdout (for scripts).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Repository subcommands of `vmm snapshot`.
+#[derive(Subcommand, Debug)]
+pub enum RepoCmd {
+    /// List the snapshots of a repository as a tree (children under their parent).
+    Ls {
+        #[command(flatten)]
+        args: RepoArgs,
+    },
+    /// Show one snapshot (by name, id, or unique id prefix).
+    Show {
+        #[command(flatten)]
+        args: RepoArgs,
+        /// Name, id or id prefix.
+        id: String,
+    },
+    /// Remove snapshots from the repository; their chunks are freed by the next `gc`.
+    Rm {
+        #[command(flatten)]
+        args: RepoArgs,
+        /// Names, ids or id prefixes.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Delete every chunk no listed snapshot needs (crash-safe mark and sweep).
+    Gc {
+        #[command(flatten)]
+        args: RepoArgs,
+    },
+    /// Re-read and re-hash every chunk of one or all snapshots; exit 1 on any problem.
+    Verify {
+        #[command(flatten)]
+        args: RepoArgs,
+        /// Name, id or id prefix (default: every snapshot).
+        id: Option<String>,
+    },
+    /// Write one snapshot and exactly the chunks it needs to a single file.
+    Export {
+        #[command(flatten)]
+        args: RepoArgs,
+        /// Name, id or id prefix.
+        id: String,
+        /// The file to write.
+        file: PathBuf,
+    },
+    /// Import a file written by `export` (the repository is created if needed).
+    Import {
+        #[command(flatten)]
+        args: RepoArgs,
+        /// The export file.
+        file: PathBuf,
+        /// Name to give the imported snapshot.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Give a snapshot a friendly name (moving the name if it named another one).
+    Tag {
+        #[command(flatten)]
+        args: RepoArgs,
+        /// Name, id or id prefix of the snapshot.
+        id: String,
+        /// The new name.
+        name: String,
+    },
+    /// Remove a friendly name (the snapshot stays).
+    Untag {
+        #[command(flatten)]
+        args: RepoArgs,
+        /// The name.
+        name: String,
+    },
+}
+
+/// A failure and its exit code: 2 for bad input (unknown or ambiguous id, bad name), 1 for
+/// everything else.
+struct Failure(u8, String);
+
+impl From<RepoError> for Failure {
+    fn from(e: RepoError) -> Self {
+        let code = match e {
+            RepoError::Unknown(_) | RepoError::Ambiguous { .. } | RepoError::BadName(_) => 2,
+            _ => 1,
+        };
+        Failure(code, error_chain(&e))
+    }
+}
+
+impl From<super::export::ExportError> for Failure {
+    fn from(e: super::export::ExportError) -> Self {
+        match e {
+            super::export::ExportError::Repo(r) => r.into(),
+            other => Failure(1, error_chain(&other)),
+        }
+    }
+}
+
+/// Runs a repository subcommand; returns the process exit code.
+pub fn run(cmd: RepoCmd) -> ExitCode {
+    let json = match &cmd {
+        RepoCmd::Ls { args }
+        | RepoCmd::Show { args, .. }
+        | RepoCmd::Rm { args, .. }
+        | RepoCmd::Gc { args }
+        | RepoCmd::Verify { args, .. }
+        | RepoCmd::Export { args, .. }
+        | RepoCmd::Import { args, .. }
+        | RepoCmd::Tag { args, .. }
+        | RepoCmd::Untag { args, .. } => args.json,
+    };
+    match dispatch(cmd) {
+        Ok(code) => ExitCode::from(code),
+        Err(Failure(code, msg)) => {
+            if json {
+                println!("{}", serde_json::json!({ "error": msg }));
+            }
+            eprintln!("vmm: error: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn emit<T: Serialize>(json: bool, value: &T, human: impl FnOnce() -> String) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).expect("report serializes")
+        );
+    } else {
+        print!("{}", human());
+    }
+}
+
+fn dispatch(cmd: RepoCmd) -> Result<u8, Failure> {
+    match cmd {
+        RepoCmd::Ls { args } => {
+            let repo = Repo::open(&args.repo)?;
+            let cat = catalogue(&repo)?;
+            emit(args.json, &cat, || render_tree(&cat));
+            Ok(0)
+        }
+        RepoCmd::Show { args, id } => {
+            let repo = Repo::open(&args.repo)?;
+            let id = repo.resolve(&id)?;
+            let cat = catalogue(&repo)?;
+            let e = cat
+                .snapshots
+                .into_iter()
+                .find(|e| e.id == id)
+                .ok_or_else(|| Failure(1, format!("snapshot {} vanished", id.short())))?;
+            emit(args.json, &e, || render_entry(&e));
+            Ok(0)
+        }
+        RepoCmd::Rm { args, ids } => {
+            let repo = Repo::open(&args.repo)?;
+            let ids = ids
+                .iter()
+                .map(|s| repo.resolve(s))
+                .collect::<Result<Vec<_>, _>>()?;
+            let r = super::gc::rm(&repo, &ids)?;
+            emit(args.json, &r, || {
+                let mut s = String::new();
+                for x in &r.removed {
+                    s += &format!("removed {}", x.id.short());
+                    if !x.names.is_empty() {
+                        s += &format!(" ({})", x.names.join(", "));
+                    }
+                    s += "\n";
+                }
+                s + &format!(
+                    "`vmm snapshot gc` will free {} in {} chunk(s) no remaining snapshot uses\n",
+                    human_bytes(r.bytes_freed),
+                    r.chunks_freed
+                )
+            });
+            Ok(0)
+        }
+        RepoCmd::Gc { args } => {
+            let repo = Repo::open(&args.repo)?;
+            let r = super::gc::gc(&repo, progress(args.json))?;
+            emit(args.json, &r, || {
+                format!(
+                    "gc: {} snapshot(s); kept {} chunk(s); deleted {} chunk(s), {} freed; {} leftover(s) removed\n",
+                    r.snapshots,
+                    r.chunks_kept,
+                    r.chunks_deleted,
+                    human_bytes(r.bytes_freed),
+                    r.leftovers_deleted
+                )
+            });
+            Ok(0)
+        }
+        RepoCmd::Verify { args, id } => {
+            let repo = Repo::open(&args.repo)?;
+            let ids = match id {
+                Some(s) => Some(vec![repo.resolve(&s)?]),
+                None => None,
+            };
+            let r = super::verify::verify(&repo, ids.as_deref(), progress(args.json))?;
+            emit(args.json, &r, || {
+                let mut s = String::new();
+                for c in &r.snapshots {
+                    let id = c.id.map_or("?".into(), |i| i.short());
+                    if c.ok() {
+                        s += &format!("{id}: ok ({} chunks)\n", c.chunks);
+                        continue;
+                    }
+                    s += &format!(
+                        "{id}: DAMAGED: {} missing, {} corrupt chunk(s)\n",
+                        c.missing.len(),
+                        c.corrupt.len()
+                    );
+                    for m in &c.missing {
+                        s += &format!("  missing chunk {m}\n");
+                    }
+                    for (m, why) in &c.corrupt {
+                        s += &format!("  corrupt chunk {m}: {why}\n");
+                    }
+                    for e in &c.errors {
+                        s += &format!("  {e}\n");
+                    }
+                }
+                s + &format!(
+                    "{} chunk(s) checked: {}\n",
+                    r.chunks_checked,
+                    if r.ok { "all intact" } else { "PROBLEMS FOUND" }
+                )
+            });
+            Ok(if r.ok { 0 } else { 1 })
+        }
+        RepoCmd::Export { args, id, file } => {
+            let repo = Repo::open(&args.repo)?;
+            let id = repo.resolve(&id)?;
+            let r = super::export::export(&repo, &id, &file, progress(args.json))?;
+            emit(args.json, &r, || {
+                format!(
+                    "exported {} to {}: {} chunk(s), {}\n",
+                    r.id.short(),
+                    r.file.display(),
+                    r.chunks,
+                    human_bytes(r.file_bytes)
+                )
+            });
+            Ok(0)
+        }
+        RepoCmd::Import { args, file, name } => {
+            let repo = Repo::open_or_init(&args.repo)?;
+            let r = super::export::import(&repo, &file, name.as_deref(), progress(args.json))?;
+            emit(args.json, &r, || {
+                format!(
+                    "imported {} from {}: {} chunk(s), {} new{}\n",
+                    r.id.short(),
+                    r.file.display(),
+                    r.chunks,
+                    r.chunks_new,
+                    if r.new {
+                        ""
+                    } else {
+                        " (the snapshot was already there)"
+                    }
+                )
+            });
+            Ok(0)
+        }
+        RepoCmd::Tag { args, id, name } => {
+            let repo = Repo::open(&args.repo)?;
+            let id = repo.resolve(&id)?;
+            repo.set_name(&name, &id)?;
+            emit(
+                args.json,
+                &serde_json::json!({ "name": name, "id": id }),
+                || format!("{name} -> {}\n", id.short()),
+            );
+            Ok(0)
+        }
+        RepoCmd::Untag { args, name } => {
+            let repo = Repo::open(&args.repo)?;
+            if !repo.remove_name(&name)? {
+                return Err(RepoError::Unknown(name).into());
+            }
+            emit(args.json, &serde_json::json!({ "removed": name }), || {
+                format!("removed name {name}\n")
+            });
+            Ok(0)
+        }
+    }
+}
+
+fn progress(json: bool) -> Option<bool> {
+    // On a terminal only; never mixed into --json output.
+    if json { Some(false) } else { None }
+}
+
+/// One snapshot as `ls`/`show` report it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Entry {
+    /// Full id.
+    pub id: SnapshotId,
+    /// Short id.
+    pub short_id: String,
+    /// Parent, as recorded.
+    pub parent: Option<SnapshotId>,
+    /// Whether the parent is still listed.
+    pub parent_listed: bool,
+    /// Listed snapshots whose parent this is.
+    pub children: Vec<SnapshotId>,
+    /// Friendly names.
+    pub names: Vec<String>,
+    /// Directory.
+    pub path: PathBuf,
+    /// Catalogue entry (absent when unreadable).
+    pub meta: Option<SnapshotMeta>,
+    /// Chunk usage (absent when the snapshot cannot be read).
+    pub usage: Option<Usage>,
+    /// Problems reading it.
+    pub errors: Vec<String>,
+}
+
+/// The whole catalogue.
+#[derive(Clone, Debug, Serialize)]
+pub struct Catalogue {
+    /// The repository.
+    pub repo: PathBuf,
+    /// Snapshots without a listed parent.
+    pub roots: Vec<SnapshotId>,
+    /// Every snapshot, oldest first.
+    pub snapshots: Vec<Entry>,
+}
+
+/// Reads the catalogue: every snapshot, its meta, names, tree links and usage.
+pub fn catalogue(repo: &Repo) -> Result<Catalogue, RepoError> {
+    let ids = repo.list()?;
+    let names = repo.names_by_id()?;
+    let mut refs = BTreeMap::new();
+    let mut entries = Vec::new();
+    for id in &ids {
+        let mut errors = Vec::new();
+        let meta = repo
+            .read_meta(id)
+            .map_err(|e| errors.push(e.to_string()))
+            .ok();
+        match repo.refs(id) {
+            Ok(r) => {
+                refs.insert(*id, r);
+            }
+            Err(e) => errors.push(error_chain(&e)),
+        }
+        entries.push(Entry {
+            id: *id,
+            short_id: id.short(),
+            parent: meta.as_ref().and_then(|m| m.parent),
+            parent_listed: false,
+            children: Vec::new(),
+            names: names.get(id).cloned().unwrap_or_default(),
+            path: repo.snapshot_dir(id),
+            meta,
+            usage: None,
+            errors,
+        });
+    }
+    let usage = super::gc::usage(repo, &refs);
+    entries.sort_by_key(|e| (e.meta.as_ref().map_or(0, |m| m.created_unix), e.id));
+    let mut children: BTreeMap<SnapshotId, Vec<SnapshotId>> = BTreeMap::new();
+    for e in &entries {
+        if let Some(p) = e.parent.filter(|p| ids.binary_search(p).is_ok()) {
+            children.entry(p).or_default().push(e.id);
+        }
+    }
+    let mut roots = Vec::new();
+    for e in &mut entries {
+        e.usage = usage.get(&e.id).copied();
+        e.children = children.remove(&e.id).unwrap_or_default();
+        e.parent_listed = e.parent.is_some_and(|p| ids.binary_search(&p).is_ok());
+        if !e.parent_listed {
+            roots.push(e.id);
+        }
+    }
+    Ok(Catalogue {
+        repo: repo.root().to_path_buf(),
+        roots,
+        snapshots: entries,
+    })
+}
+
+/// Bytes as B / KiB / MiB / GiB with one decimal.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
+/// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS` UTC.
+pub fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+fn one_line(e: &Entry) -> String {
+    let mut s = e.short_id.clone();
+    if let Some(m) = &e.meta {
+        s += &format!(
+            "  {}  {} MiB {} vCPU",
+            utc(m.created_unix),
+            m.vm.mem_mib,
+            m.vm.vcpus
+        );
+    }
+    if let Some(u) = &e.usage {
+        s += &format!(
+            "  unique {} shared {}",
+            human_bytes(u.bytes_unique),
+            human_bytes(u.bytes_shared)
+        );
+        if u.chunks_missing > 0 {
+            s += &format!("  {} CHUNK(S) MISSING", u.chunks_missing);
+        }
+    }
+    if !e.names.is_empty() {
+        s += &format!("  [{}]", e.names.join(", "));
+    }
+    if let (Some(p), false) = (e.parent, e.parent_listed) {
+        s += &format!("  (parent {} removed)", p.short());
+    }
+    if !e.errors.is_empty() {
+        s += &format!("  ERROR: {}", e.errors.join("; "));
+    }
+    s
+}
+
+/// `ls` as text: one line per snapshot, children indented under their parent.
+pub fn render_tree(cat: &Catalogue) -> String {
+    let by_id: BTreeMap<SnapshotId, &Entry> = cat.snapshots.iter().map(|e| (e.id, e)).collect();
+    let mut out = String::new();
+    if cat.snapshots.is_empty() {
+        out += "(no snapshots)\n";
+    }
+    fn walk(
+        id: &SnapshotId,
+        by_id: &BTreeMap<SnapshotId, &Entry>,
+        prefix: &str,
+        last: bool,
+        root: bool,
+        out: &mut String,
+    ) {
+        let Some(e) = by_id.get(id) else { return };
+        let (branch, next) = if root {
+            ("", String::new())
+        } else if last {
+            ("└── ", format!("{prefix}    "))
+        } else {
+            ("├── ", format!("{prefix}│   "))
+        };
+        *out += &format!("{prefix}{branch}{}\n", one_line(e));
+        // A straight line of single children stays at one indentation level.
+        for (i, c) in e.children.iter().enumerate() {
+            walk(c, by_id, &next, i + 1 == e.children.len(), false, out);
+        }
+    }
+    for r in &cat.roots {
+        walk(r, &by_id, "", true, true, &mut out);
+    }
+    out
+}
+
+/// `show` as text.
+pub fn render_entry(e: &Entry) -> String {
+    let mut s = format!("id:       {}\n", e.id);
+    s += &format!("path:     {}\n", e.path.display());
+    if !e.names.is_empty() {
+        s += &format!("names:    {}\n", e.names.join(", "));
+    }
+    match (e.parent, e.parent_listed) {
+        (Some(p), true) => s += &format!("parent:   {}\n", p.short()),
+        (Some(p), false) => s += &format!("parent:   {} (removed)\n", p.short()),
+        (None, _) => s += "parent:   none\n",
+    }
+    if !e.children.is_empty() {
+        let c: Vec<String> = e.children.iter().map(SnapshotId::short).collect();
+        s += &format!("children: {}\n", c.join(", "));
+    }
+    if let Some(m) = &e.meta {
+        s += &format!("created:  {} UTC\n", utc(m.created_unix));
+        s += &format!(
+            "vm:       {} MiB, {} vCPU, kernel {}\n",
+            m.vm.mem_mib, m.vm.vcpus, m.vm.kernel
+        );
+        for d in &m.vm.disks {
+            s += &format!("disk:     {d}\n");
+        }
+        if let Some(a) = &m.added {
+            s += &format!(
+                "added:    {} in {} new chunk(s) ({} reused from the parent)\n",
+                human_bytes(a.bytes_written),
+                a.chunks_new,
+                a.chunks_reused
+            );
+        }
+    }
+    if let Some(u) = &e.usage {
+        s += &format!(
+            "chunks:   {} ({} unique to it, {} shared)\n",
+            u.chunks,
+            human_bytes(u.bytes_unique),
+            human_bytes(u.bytes_shared)
+        );
+        if u.chunks_missing > 0 {
+            s += &format!("MISSING:  {} chunk(s)\n", u.chunks_missing);
+        }
+    }
+    for err in &e.errors {
+        s += &format!("error:    {err}\n");
+    }
+    s
+}
+
+/// A one-line human description of the JSON report of `PUT /snapshot/create` with a repo.
+pub fn describe_create(report: &serde_json::Value) -> String {
+    let short = report["short_id"].as_str().unwrap_or("?");
+    let parent = report["parent"].as_str().map_or("none".to_string(), |p| {
+        p.chars().take(super::SHORT_ID_LEN).collect()
+    });
+    let added = report["memory"]["bytes_written"].as_u64().unwrap_or(0);
+    let name = report["name"]
+        .as_str()
+        .map_or(String::new(), |n| format!(" [{n}]"));
+    format!(
+        "snapshot {short}{name} (parent {parent}): {} added in {:.0} ms",
+        human_bytes(added),
+        report["total_ms"].as_f64().unwrap_or(0.0)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_and_bytes_format() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(utc(1_700_000_000), "2023-11-14 22:13:20");
+        assert_eq!(human_bytes(5), "5 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+}

@@ -1,0 +1,459 @@
+//! `export ID FILE` / `import FILE`: one snapshot with exactly the chunks it needs, as one
+//! self-contained file.
+//!
+//! ```text
+//! "VMMEXPRT"  u32 version (1)
+//! u32 N, N bytes of JSON: {"id": …, "meta": SnapshotMeta}
+//! u64 S, S bytes: the state file as stored
+//! u64 M, M bytes: the memory manifest as stored
+//! u64 C, then C times: 32-byte chunk id, u32 L, L bytes: the chunk file (store format)
+//! "VMMEXEND"  32 bytes: BLAKE3 of every byte before it
+//! ```
+//!
+//! All integers little endian. Export writes a temp file next to FILE, fsyncs and renames
+//! it. Import checks every length against a cap before allocating, decodes and hashes every
+//! chunk, checks the id of the state + manifest and the trailing hash, and lists the
+//! snapshot only after all of that; chunks of an import that fails are unreferenced and go
+//! at the next `gc`.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::progress::Progress;
+use super::{CommitMeta, Repo, RepoError, SnapshotId, SnapshotMeta, fsync_dir, lock::LockMode};
+use crate::snapshot::microvm::{MEMORY_FILE, STATE_FILE};
+use crate::store::{ChunkId, ChunkStore, MAX_CHUNK_LEN, codec};
+
+const MAGIC: &[u8; 8] = b"VMMEXPRT";
+const END: &[u8; 8] = b"VMMEXEND";
+const VERSION: u32 = 1;
+const MAX_HEADER: u32 = 1 << 20;
+const MAX_STATE: u64 = 64 << 20;
+const MAX_MEMORY: u64 = 1 << 30;
+const MAX_CHUNK_FILE: u32 = (MAX_CHUNK_LEN + codec::HEADER_LEN + 1024) as u32;
+
+/// Errors of export and import.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// A repository operation failed.
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    /// Reading or writing the export file failed.
+    #[error("cannot {op} {}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A chunk of the snapshot could not be read from the repository.
+    #[error("snapshot {id} cannot be exported")]
+    Chunk {
+        /// The snapshot.
+        id: String,
+        /// Cause.
+        #[source]
+        source: crate::store::StoreError,
+    },
+    /// The file is not a valid export.
+    #[error("{} is not a valid vmm snapshot export: {reason}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+type Result<T> = std::result::Result<T, ExportError>;
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    id: SnapshotId,
+    meta: Option<SnapshotMeta>,
+}
+
+/// What an export or import moved.
+#[derive(Clone, Debug, Serialize)]
+pub struct TransferReport {
+    /// The snapshot.
+    pub id: SnapshotId,
+    /// The export file.
+    pub file: PathBuf,
+    /// Chunks in the file.
+    pub chunks: u64,
+    /// Bytes of the file.
+    pub file_bytes: u64,
+    /// Import only: chunks the repository did not have yet.
+    pub chunks_new: u64,
+    /// Import only: false when the snapshot was already in the repository.
+    pub new: bool,
+}
+
+struct HashWriter<W: Write> {
+    inner: W,
+    hash: blake3::Hasher,
+    n: u64,
+}
+
+impl<W: Write> Write for HashWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let k = self.inner.write(buf)?;
+        self.hash.update(&buf[..k]);
+        self.n += k as u64;
+        Ok(k)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes snapshot `id` of `repo` to `file`.
+pub fn export(
+    repo: &Repo,
+    id: &SnapshotId,
+    file: &Path,
+    progress: Option<bool>,
+) -> Result<TransferReport> {
+    let dir = repo.snapshot_dir(id);
+    let read = |name: &str| {
+        let p = dir.join(name);
+        fs::read(&p).map_err(|source| ExportError::Io {
+            op: "read",
+            path: p,
+            source,
+        })
+    };
+    let state = read(STATE_FILE)?;
+    let memory = read(MEMORY_FILE)?;
+    if SnapshotId::of_files(&state, &memory) != *id {
+        return Err(ExportError::Repo(RepoError::BadMeta {
+            id: id.short(),
+            reason: "its state and manifest do not hash to its id (run verify)".into(),
+        }));
+    }
+    let refs = repo.refs(id)?;
+    let meta = repo.read_meta(id).ok();
+    let store = repo.store()?;
+
+    let parent = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let fname = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "export".into());
+    let tmp = parent.join(format!(".{fname}.tmp.{}", std::process::id()));
+    let io_tmp = |op| {
+        let path = tmp.clone();
+        move |source| ExportError::Io { op, path, source }
+    };
+    let f = File::create(&tmp).map_err(io_tmp("create"))?;
+    let result = (|| -> Result<u64> {
+        let mut w = HashWriter {
+            inner: BufWriter::with_capacity(1 << 20, f),
+            hash: blake3::Hasher::new(),
+            n: 0,
+        };
+        let header = serde_json::to_vec(&Header { id: *id, meta }).expect("header serializes");
+        let bar = Progress::new("export", refs.len() as u64, progress);
+        (|| -> io::Result<()> {
+            w.write_all(MAGIC)?;
+            w.write_all(&VERSION.to_le_bytes())?;
+            w.write_all(&(header.len() as u32).to_le_bytes())?;
+            w.write_all(&header)?;
+            w.write_all(&(state.len() as u64).to_le_bytes())?;
+            w.write_all(&state)?;
+            w.write_all(&(memory.len() as u64).to_le_bytes())?;
+            w.write_all(&memory)?;
+            w.write_all(&(refs.len() as u64).to_le_bytes())?;
+            Ok(())
+        })()
+        .map_err(io_tmp("write"))?;
+        for c in &refs {
+            let p = store.chunk_path(c);
+            let bytes = fs::read(&p).map_err(|e| ExportError::Chunk {
+                id: id.short(),
+                source: if e.kind() == io::ErrorKind::NotFound {
+                    crate::store::StoreError::NotFound { id: *c }
+                } else {
+                    crate::store::StoreError::Io {
+                        op: "read",
+                        path: p.clone(),
+                        source: e,
+                    }
+                },
+            })?;
+            // Never export damage: the importer would refuse it anyway.
+            codec::decode(c, &bytes).map_err(|source| ExportError::Chunk {
+                id: id.short(),
+                source,
+            })?;
+            (|| -> io::Result<()> {
+                w.write_all(c.as_bytes())?;
+                w.write_all(&(bytes.len() as u32).to_le_bytes())?;
+                w.write_all(&bytes)
+            })()
+            .map_err(io_tmp("write"))?;
+            bar.add(1);
+        }
+        bar.finish();
+        w.write_all(END).map_err(io_tmp("write"))?;
+        let digest = w.hash.finalize();
+        w.inner
+            .write_all(digest.as_bytes())
+            .map_err(io_tmp("write"))?;
+        let n = w.n + 32;
+        let f = w
+            .inner
+            .into_inner()
+            .map_err(|e| io_tmp("write")(e.into_error()))?;
+        f.sync_all().map_err(io_tmp("fsync"))?;
+        Ok(n)
+    })();
+    let n = match result {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    fs::rename(&tmp, file).map_err(|source| {
+        let _ = fs::remove_file(&tmp);
+        ExportError::Io {
+            op: "rename into place",
+            path: file.to_path_buf(),
+            source,
+        }
+    })?;
+    fsync_dir(&parent)?;
+    Ok(TransferReport {
+        id: *id,
+        file: file.to_path_buf(),
+        chunks: refs.len() as u64,
+        file_bytes: n,
+        chunks_new: 0,
+        new: false,
+    })
+}
+
+struct HashReader<R: Read> {
+    inner: R,
+    hash: blake3::Hasher,
+    n: u64,
+}
+
+impl<R: Read> HashReader<R> {
+    fn exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read_exact(buf)?;
+        self.hash.update(buf);
+        self.n += buf.len() as u64;
+        Ok(())
+    }
+
+    fn u32(&mut self) -> io::Result<u32> {
+        let mut b = [0u8; 4];
+        self.exact(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn u64(&mut self) -> io::Result<u64> {
+        let mut b = [0u8; 8];
+        self.exact(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn vec(&mut self, len: usize) -> io::Result<Vec<u8>> {
+        let mut v = vec![0u8; len];
+        self.exact(&mut v)?;
+        Ok(v)
+    }
+}
+
+/// Imports the export `file` into `repo` (which may be freshly created). `name`, if given,
+/// is pointed at the imported snapshot.
+pub fn import(
+    repo: &Repo,
+    file: &Path,
+    name: Option<&str>,
+    progress: Option<bool>,
+) -> Result<TransferReport> {
+    if let Some(n) = name
+        && !super::valid_name(n)
+    {
+        return Err(RepoError::BadName(n.into()).into());
+    }
+    let invalid = |reason: String| ExportError::Invalid {
+        path: file.to_path_buf(),
+        reason,
+    };
+    let trunc = |e: io::Error| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            invalid("truncated".into())
+        } else {
+            ExportError::Io {
+                op: "read",
+                path: file.to_path_buf(),
+                source: e,
+            }
+        }
+    };
+    let f = File::open(file).map_err(|source| ExportError::Io {
+        op: "open",
+        path: file.to_path_buf(),
+        source,
+    })?;
+    let file_len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut r = HashReader {
+        inner: BufReader::with_capacity(1 << 20, f),
+        hash: blake3::Hasher::new(),
+        n: 0,
+    };
+    let mut magic = [0u8; 8];
+    r.exact(&mut magic).map_err(trunc)?;
+    if &magic != MAGIC {
+        return Err(invalid("bad magic".into()));
+    }
+    let version = r.u32().map_err(trunc)?;
+    if version != VERSION {
+        return Err(invalid(format!(
+            "format version {version}, this build reads {VERSION}"
+        )));
+    }
+    let hlen = r.u32().map_err(trunc)?;
+    if hlen > MAX_HEADER {
+        return Err(invalid(format!("header of {hlen} bytes")));
+    }
+    let header: Header = serde_json::from_slice(&r.vec(hlen as usize).map_err(trunc)?)
+        .map_err(|e| invalid(format!("bad header: {e}")))?;
+    let slen = r.u64().map_err(trunc)?;
+    if slen > MAX_STATE || slen > file_len {
+        return Err(invalid(format!("state of {slen} bytes")));
+    }
+    let state = r.vec(slen as usize).map_err(trunc)?;
+    let mlen = r.u64().map_err(trunc)?;
+    if mlen > MAX_MEMORY || mlen > file_len {
+        return Err(invalid(format!("memory manifest of {mlen} bytes")));
+    }
+    let memory = r.vec(mlen as usize).map_err(trunc)?;
+    let id = SnapshotId::of_files(&state, &memory);
+    if id != header.id {
+        return Err(invalid(format!(
+            "its state and manifest hash to {}, the header says {}",
+            id.short(),
+            header.id.short()
+        )));
+    }
+    let count = r.u64().map_err(trunc)?;
+    if count > file_len / 36 {
+        return Err(invalid(format!("{count} chunks announced")));
+    }
+
+    let _lock = repo.lock(LockMode::Shared, "snapshot import")?;
+    let store = repo.store()?;
+    let bar = Progress::new("import", count, progress);
+    let mut seen = BTreeSet::new();
+    let mut chunks_new = 0;
+    for _ in 0..count {
+        let mut idb = [0u8; 32];
+        r.exact(&mut idb).map_err(trunc)?;
+        let cid = ChunkId::from_bytes(idb);
+        let len = r.u32().map_err(trunc)?;
+        if len > MAX_CHUNK_FILE {
+            return Err(invalid(format!("chunk {cid} of {len} bytes")));
+        }
+        let bytes = r.vec(len as usize).map_err(trunc)?;
+        let data = codec::decode(&cid, &bytes).map_err(|e| invalid(e.to_string()))?;
+        if let crate::store::PutOutcome::Written { .. } =
+            store
+                .put_hashed(&cid, &data)
+                .map_err(|source| ExportError::Chunk {
+                    id: id.short(),
+                    source,
+                })?
+        {
+            chunks_new += 1;
+        }
+        seen.insert(cid);
+        bar.add(1);
+    }
+    bar.finish();
+    let mut end = [0u8; 8];
+    r.exact(&mut end).map_err(trunc)?;
+    if &end != END {
+        return Err(invalid("bad end marker".into()));
+    }
+    let digest = r.hash.finalize();
+    let mut want = [0u8; 32];
+    r.inner.read_exact(&mut want).map_err(trunc)?;
+    if digest.as_bytes() != &want {
+        return Err(invalid("checksum mismatch".into()));
+    }
+    let mut extra = [0u8; 1];
+    if r.inner.read(&mut extra).map_err(trunc)? != 0 {
+        return Err(invalid("unexpected data after the checksum".into()));
+    }
+    store.sync().map_err(|source| ExportError::Chunk {
+        id: id.short(),
+        source,
+    })?;
+
+    let work = repo.new_work_dir("import")?;
+    let result = (|| -> Result<(SnapshotId, bool)> {
+        for (n, bytes) in [(STATE_FILE, &state), (MEMORY_FILE, &memory)] {
+            let p = work.join(n);
+            crate::snapshot::file::write_atomic(&p, bytes).map_err(|source| RepoError::Write {
+                path: p,
+                source: Box::new(source),
+            })?;
+        }
+        let refs =
+            crate::snapshot::refs::chunk_refs(&work).map_err(|source| RepoError::Snapshot {
+                id: id.short(),
+                source: Box::new(source),
+            })?;
+        if let Some(c) = refs.iter().find(|c| !seen.contains(c)) {
+            return Err(invalid(format!(
+                "chunk {c} the snapshot needs is not in the file"
+            )));
+        }
+        let meta = header.meta.as_ref();
+        Ok(repo.commit(
+            &work,
+            CommitMeta {
+                parent: meta.and_then(|m| m.parent),
+                name: name
+                    .map(str::to_string)
+                    .or_else(|| meta.and_then(|m| m.name.clone())),
+                added: None,
+            },
+        )?)
+    })();
+    let (id, new) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&work);
+            return Err(e);
+        }
+    };
+    if let Some(n) = name {
+        repo.set_name(n, &id)?;
+    }
+    Ok(TransferReport {
+        id,
+        file: file.to_path_buf(),
+        chunks: count,
+        file_bytes: r.n + 32,
+        chunks_new,
+        new,
+    })
+}

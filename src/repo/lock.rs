@@ -1,0 +1,149 @@
+//! The repository lock: an `flock(2)` on `REPO/lock`.
+//!
+//! Writers that add chunks and snapshots (create, import, rm) hold it shared; `gc` holds it
+//! exclusive, so a sweep never runs while a snapshot whose chunks are not yet listed is being
+//! written. The kernel drops the lock when its holder dies (even by SIGKILL), so a crashed
+//! process never leaves the repository locked.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Errors of taking the repository lock.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// The lock file could not be opened.
+    #[error("cannot open the repository lock file {}", path.display())]
+    Open {
+        /// The lock file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `flock` failed for another reason than contention.
+    #[error("cannot lock {}", path.display())]
+    Flock {
+        /// The lock file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another process held the lock for longer than the caller wanted to wait.
+    #[error(
+        "the repository is busy ({what} waited {waited:?} for {}; another vmm is running gc, create, import or rm)",
+        path.display()
+    )]
+    Busy {
+        /// What waited.
+        what: &'static str,
+        /// The lock file.
+        path: PathBuf,
+        /// How long it waited.
+        waited: Duration,
+    },
+}
+
+/// How the lock is held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockMode {
+    /// Many holders at once (adding snapshots and chunks, removing snapshots).
+    Shared,
+    /// One holder, nobody else (garbage collection).
+    Exclusive,
+}
+
+/// A held lock; released when dropped (the file is closed).
+#[derive(Debug)]
+pub struct RepoLock {
+    _file: File,
+    mode: LockMode,
+}
+
+impl RepoLock {
+    /// How the lock is held.
+    pub fn mode(&self) -> LockMode {
+        self.mode
+    }
+}
+
+/// Takes the lock on `path` in `mode`, waiting up to `timeout` for other holders.
+pub fn acquire(
+    path: &Path,
+    mode: LockMode,
+    timeout: Duration,
+    what: &'static str,
+) -> Result<RepoLock, LockError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|source| LockError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let op = match mode {
+        LockMode::Shared => libc::LOCK_SH,
+        LockMode::Exclusive => libc::LOCK_EX,
+    } | libc::LOCK_NB;
+    let start = Instant::now();
+    let mut told = false;
+    loop {
+        // SAFETY: flock only operates on the open descriptor owned by `file`.
+        let r = unsafe { libc::flock(file.as_raw_fd(), op) };
+        if r == 0 {
+            return Ok(RepoLock { _file: file, mode });
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => {}
+            Some(libc::EINTR) => continue,
+            _ => {
+                return Err(LockError::Flock {
+                    path: path.to_path_buf(),
+                    source: e,
+                });
+            }
+        }
+        let waited = start.elapsed();
+        if waited >= timeout {
+            return Err(LockError::Busy {
+                what,
+                path: path.to_path_buf(),
+                waited,
+            });
+        }
+        if !told && waited > Duration::from_millis(500) {
+            log::info!("{what}: waiting for the repository lock {}", path.display());
+            told = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testutil::TempDir;
+
+    #[test]
+    fn shared_locks_coexist_and_exclusive_waits() {
+        let d = TempDir::new("repo-lock");
+        let p = d.path().join("lock");
+        let a = acquire(&p, LockMode::Shared, Duration::ZERO, "test").unwrap();
+        let b = acquire(&p, LockMode::Shared, Duration::ZERO, "test").unwrap();
+        assert_eq!(a.mode(), LockMode::Shared);
+        let e = acquire(&p, LockMode::Exclusive, Duration::from_millis(50), "gc").unwrap_err();
+        assert!(matches!(e, LockError::Busy { what: "gc", .. }), "{e}");
+        drop(a);
+        drop(b);
+        let x = acquire(&p, LockMode::Exclusive, Duration::ZERO, "gc").unwrap();
+        assert!(acquire(&p, LockMode::Shared, Duration::from_millis(30), "create").is_err());
+        drop(x);
+        acquire(&p, LockMode::Shared, Duration::ZERO, "create").unwrap();
+    }
+}
