@@ -1124,6 +1124,13 @@ fn linux_guest(root: &Path, creates: &Creates, restores: &Restores) {
                 bytes_written: g("bytes_written"),
             }
         },
+        dirty_method: if rep["dirty_method"] == "kvm-log" {
+            vmm::vstate::dirty::DirtyMethod::KvmLog
+        } else {
+            vmm::vstate::dirty::DirtyMethod::Rehash
+        },
+        incremental: rep["incremental"].as_bool().unwrap_or(false),
+        overlays: Vec::new(),
     };
     // What the guest's memory holds: restore it once and scan.
     let (_, _, vm) = restore_in_process(&snap, true);

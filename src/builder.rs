@@ -27,6 +27,7 @@ use crate::devices::{Bus, IrqLine, SharedDevice};
 use crate::disk::BlockBackend;
 use crate::disk::file::FileBackend;
 use crate::disk::http::{LazyHttpDisk, LazyHttpOptions, open_remote_disk};
+use crate::disk::overlay::OverlayBackend;
 use crate::snapshot::Persist;
 use crate::store::http::HttpStoreOptions;
 use crate::vmm::{ExitWaker, StdinInput, Subscriber, Vmm};
@@ -179,6 +180,8 @@ pub struct OpenedDisks {
     pub backends: Vec<Arc<dyn BlockBackend>>,
     /// (disk index, remote image) for each `url=` disk.
     pub remote: Vec<(usize, Arc<LazyHttpDisk>)>,
+    /// The copy-on-write overlay of each disk that has one, by disk index.
+    pub overlays: Vec<Option<Arc<OverlayBackend>>>,
 }
 
 /// Opens every configured disk (clear errors: missing, a directory, a size that is not a
@@ -188,6 +191,7 @@ pub fn open_disks(cfg: &VmConfig) -> Result<OpenedDisks, BuildError> {
     let mut out = OpenedDisks {
         backends: Vec::new(),
         remote: Vec::new(),
+        overlays: Vec::new(),
     };
     for (i, b) in cfg.blocks.iter().enumerate() {
         let err = |message: String| BuildError::File {
@@ -211,15 +215,45 @@ pub fn open_disks(cfg: &VmConfig) -> Result<OpenedDisks, BuildError> {
                     record_prefetch: b.record_prefetch.clone(),
                     prefetch: b.prefetch.clone(),
                 };
-                let (remote, top) = open_remote_disk(url, opts, b.overlay.as_deref())
+                let (remote, top) = open_remote_disk(url, opts, None)
                     .map_err(|e| err(crate::vmm::error_chain(&e)))?;
-                out.remote.push((i, remote));
-                top
+                out.remote.push((i, remote.clone()));
+                match &b.overlay {
+                    Some(path) => {
+                        let ov = Arc::new(
+                            OverlayBackend::open(path, remote as Arc<dyn BlockBackend>).map_err(
+                                |e| err(format!("overlay: {}", crate::vmm::error_chain(&e))),
+                            )?,
+                        );
+                        out.overlays.push(Some(ov.clone()));
+                        out.backends.push(ov);
+                        continue;
+                    }
+                    None => top,
+                }
             }
         };
         out.backends.push(backend);
+        out.overlays.push(None);
     }
     Ok(out)
+}
+
+/// Turns on KVM dirty page logging on every memory slot, for incremental snapshots;
+/// `Off` (and a warning) if KVM refuses. Whether the log is then trusted is decided by
+/// the first full snapshot (see [`crate::vstate::dirty`]).
+pub fn enable_dirty_log(vm: &Vm, mem: &GuestMemory) -> crate::vstate::dirty::LogState {
+    use crate::vstate::dirty::LogState;
+    match crate::vstate::dirty::enable_kvm_log(vm.fd(), mem) {
+        Ok(()) => LogState::Unverified { since_start: true },
+        Err(e) => {
+            log::warn!(
+                "dirty page logging unavailable, snapshots will re-hash memory: {}",
+                crate::vmm::error_chain(&e)
+            );
+            LogState::Off
+        }
+    }
 }
 
 /// Creates a virtio-block device and transport for each opened disk, wires its irqfd and
@@ -451,6 +485,7 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
     vm.check_vcpu_count(u32::from(cfg.vcpus))?;
     let mem = memory::create_anonymous(&arch::layout::arch_memory_regions(cfg.mem_mib << 20))?;
     vm.register_memory(&mem, 0)?;
+    let dirty_log = enable_dirty_log(&vm, &mem);
 
     let loaded = arch::boot::load_kernel(&mem, &mut kernel).map_err(|e| BuildError::File {
         what: "kernel",
@@ -488,6 +523,7 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
     }
 
     let remote = disks.remote;
+    let overlays = disks.overlays;
     let (blocks, device_params) =
         attach_blocks(&vm, &mem, cfg, disks.backends, &mut mmio, &mut events)?;
     let mut fds = Vec::new();
@@ -521,6 +557,9 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
         api: None,
         lazy: None,
         remote,
+        overlays,
+        snapshot_base: None,
+        dirty_log,
         repo_parent: None,
         state: if opts.start_paused {
             RunState::Paused

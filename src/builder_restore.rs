@@ -13,6 +13,7 @@ use crate::builder::{
 };
 use crate::config::BlockConfig;
 use crate::devices::bus::lock;
+use crate::snapshot::create::SnapshotBase;
 use crate::snapshot::file::read_state_file;
 use crate::snapshot::manifest::{MemoryManifest, ZeroChunks, restore_memory};
 use crate::snapshot::microvm::MicrovmState;
@@ -93,7 +94,56 @@ pub fn build_from_snapshot(
     }
     let store = LocalStore::open(&store_dir, LocalStoreOptions::default())
         .map_err(|e| snap_err_chain("chunk store", &store_dir, &e))?;
-    build_from_parts(state, manifest, Arc::new(store), cpu_path, memory_path, opts)
+    let base = SnapshotBase {
+        store: std::fs::canonicalize(&store_dir).unwrap_or(store_dir),
+        memory: manifest.clone(),
+        overlays: state.blocks.iter().map(|b| b.overlay.clone()).collect(),
+    };
+    let mut vmm = build_from_parts(
+        state,
+        manifest,
+        Arc::new(store),
+        cpu_path,
+        memory_path,
+        opts,
+    )?;
+    // The restored memory and overlays are exactly the snapshot's, and dirty tracking
+    // starts now: the next snapshot into the same store can be incremental.
+    vmm.snapshot_base = Some(base);
+    if let crate::vstate::dirty::LogState::Unverified { .. } = vmm.dirty_log {
+        vmm.dirty_log = crate::vstate::dirty::LogState::Unverified { since_start: true };
+    }
+    Ok(vmm)
+}
+
+/// Makes each disk overlay named by the configuration hold the content captured in the
+/// snapshot (see [`crate::disk::overlay_capture::prepare`]).
+fn prepare_overlays(
+    state: &MicrovmState,
+    cfg: &crate::config::VmConfig,
+    store: &dyn crate::store::ChunkStore,
+) -> Result<(), BuildError> {
+    for (i, (saved, b)) in state.blocks.iter().zip(&cfg.blocks).enumerate() {
+        let Some(m) = &saved.overlay else { continue };
+        let Some(path) = &b.overlay else {
+            log::warn!("disk {i}: no overlay= given; the snapshot's overlay content is not used");
+            continue;
+        };
+        let Some(base) = saved.device.identity.inner.as_deref() else {
+            return Err(BuildError::Device(format!(
+                "disk {i}: the snapshot has overlay content but no base disk identity"
+            )));
+        };
+        let done = crate::disk::overlay_capture::prepare(path, base, m, store).map_err(|e| {
+            BuildError::Device(format!(
+                "disk {i}: restoring overlay {}: {}",
+                path.display(),
+                crate::vmm::error_chain(&e)
+            ))
+        })?;
+        log::info!("disk {i}: overlay {}: {done:?}", path.display());
+    }
+    Ok(())
 }
 
 /// Rebuilds a VM from an already loaded state and (validated) memory manifest, with memory
@@ -143,6 +193,7 @@ pub fn build_from_parts(
         ));
     }
 
+    prepare_overlays(&state, &cfg, store.as_ref())?;
     let disks = open_disks(&cfg)?;
     let vm = Vm::new()?;
     vm.check_vcpu_count(u32::from(cfg.vcpus))?;
@@ -153,6 +204,15 @@ pub fn build_from_parts(
         .collect();
     let mem = memory::create_anonymous(&regions)?;
     vm.register_memory(&mem, 0)?;
+    // Memory does not start from zeros: only a caller that knows what it starts from
+    // (`build_from_snapshot` sets the snapshot base) may let the first snapshot check
+    // the log.
+    let dirty_log = match crate::builder::enable_dirty_log(&vm, &mem) {
+        crate::vstate::dirty::LogState::Unverified { .. } => {
+            crate::vstate::dirty::LogState::Unverified { since_start: false }
+        }
+        other => other,
+    };
 
     let t_mem = Instant::now();
     let lazy = if opts.eager_memory {
@@ -203,6 +263,7 @@ pub fn build_from_parts(
     } = setup_platform(&vm, opts.console, Some(&state.serial))?;
 
     let remote = disks.remote;
+    let overlays = disks.overlays;
     let (blocks, _params) = attach_blocks(&vm, &mem, &cfg, disks.backends, &mut mmio, &mut events)?;
     for (i, (b, saved)) in blocks.iter().zip(&state.blocks).enumerate() {
         if b.base != saved.base || b.gsi != saved.gsi {
@@ -251,6 +312,9 @@ pub fn build_from_parts(
         api: None,
         lazy,
         remote,
+        overlays,
+        snapshot_base: None,
+        dirty_log,
         repo_parent: None,
     };
     if !opts.start_paused {

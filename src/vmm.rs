@@ -73,6 +73,12 @@ pub struct Vmm {
     pub lazy: Option<crate::vstate::uffd::LazyMemory>,
     /// Lazy remote disk images, by disk index (for their fetch statistics).
     pub remote: Vec<(usize, Arc<crate::disk::http::LazyHttpDisk>)>,
+    /// Copy-on-write overlays by disk index (captured into snapshots).
+    pub overlays: Vec<Option<Arc<crate::disk::overlay::OverlayBackend>>>,
+    /// What the next snapshot can be incremental against.
+    pub snapshot_base: Option<crate::snapshot::create::SnapshotBase>,
+    /// Where the KVM dirty log stands (see [`crate::vstate::dirty`]).
+    pub dirty_log: crate::vstate::dirty::LogState,
     /// The repository snapshot the VM was last snapshotted into or restored from: the parent
     /// of its next snapshot in that repository (src/repo/).
     pub repo_parent: Option<crate::repo::RepoParent>,
@@ -149,14 +155,13 @@ impl Vmm {
                     )));
                 }
                 if let Some(repo) = &r.repo {
-                    let report =
-                        crate::repo::create::create_in_repo(self, repo, r.name.as_deref())
-                            .map_err(|e| match e {
-                                crate::repo::create::RepoCreateError::BadName(_) => {
-                                    ApiError::bad_request(e.to_string())
-                                }
-                                _ => ApiError::internal(error_chain(&e)),
-                            })?;
+                    let report = crate::repo::create::create_in_repo(self, repo, r.name.as_deref())
+                        .map_err(|e| match e {
+                            crate::repo::create::RepoCreateError::BadName(_) => {
+                                ApiError::bad_request(e.to_string())
+                            }
+                            _ => ApiError::internal(error_chain(&e)),
+                        })?;
                     return serde_json::to_value(report)
                         .map_err(|e| ApiError::internal(e.to_string()));
                 }

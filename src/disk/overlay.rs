@@ -322,7 +322,10 @@ impl OverlayBackend {
 
     /// The bitmap of blocks held in the overlay (bit `b % 64` of word `b / 64`).
     pub fn bitmap(&self) -> Vec<u64> {
-        self.bits.iter().map(|w| w.load(Ordering::Acquire)).collect()
+        self.bits
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .collect()
     }
 
     /// Reads the overlay's data file (not merged with the base) at `offset`.

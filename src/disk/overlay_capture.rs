@@ -248,8 +248,7 @@ pub fn capture(
 
 /// Whether the overlay files at `path` hold exactly `want` (same bitmap, same bytes).
 fn holds(path: &Path, map: &OverlayMap, want: &OverlayManifest) -> Result<bool> {
-    if map.size != want.disk_size || map.block_size != want.block_size || map.bits != want.bitmap
-    {
+    if map.size != want.disk_size || map.block_size != want.block_size || map.bits != want.bitmap {
         return Ok(false);
     }
     let data = match std::fs::File::open(path) {
@@ -369,14 +368,16 @@ pub fn prepare(
         .truncate(true)
         .open(&tmp)
         .map_err(io_at("create", &tmp))?;
-    data.set_len(want.disk_size).map_err(io_at("resize", &tmp))?;
+    data.set_len(want.disk_size)
+        .map_err(io_at("resize", &tmp))?;
     let chunk = u64::from(want.chunk_size);
     let mut buf = Vec::new();
     for (c, id) in &want.chunks {
         let start = c * chunk;
         buf.resize(((start + chunk).min(want.disk_size) - start) as usize, 0);
         store.get_into(id, &mut buf).map_err(CaptureError::Store)?;
-        data.write_all_at(&buf, start).map_err(io_at("write", &tmp))?;
+        data.write_all_at(&buf, start)
+            .map_err(io_at("write", &tmp))?;
     }
     data.sync_all().map_err(io_at("fsync", &tmp))?;
     drop(data);

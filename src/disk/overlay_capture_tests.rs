@@ -11,7 +11,11 @@ const DISK: usize = 1 << 20;
 fn base() -> Arc<dyn BlockBackend> {
     let mut data = vec![0u8; DISK];
     Rng::new(7).fill(&mut data);
-    Arc::new(MemBackend::from_vec(data).with_read_only(true).with_name("base"))
+    Arc::new(
+        MemBackend::from_vec(data)
+            .with_read_only(true)
+            .with_name("base"),
+    )
 }
 
 fn disk_bytes(b: &dyn BlockBackend) -> Vec<u8> {

@@ -8,11 +8,13 @@ use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
 
 use crate::arch::x86_64::{msrs, vcpu_state, vm_state};
 use crate::devices::bus::lock;
+use crate::disk::overlay_capture::{self, CaptureStats, OverlayManifest};
 use crate::snapshot::manifest::{self, DEFAULT_CHUNK_SIZE, SaveStats};
 use crate::snapshot::microvm::{BlockSnapshot, MEMORY_FILE, MicrovmState, STATE_FILE};
 use crate::snapshot::{Persist, file};
 use crate::store::local::{LocalStore, LocalStoreOptions};
 use crate::vmm::Vmm;
+use crate::vstate::dirty::{self, DirtyMethod, LogState};
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::vcpu::RunState;
 
@@ -67,6 +69,31 @@ pub enum CreateError {
     /// Writing the state file failed.
     #[error("writing the state file")]
     StateFile(#[source] file::StateFileError),
+    /// Reading the dirty page log failed.
+    #[error("reading the dirty page log")]
+    Dirty(#[source] crate::vstate::dirty::DirtyError),
+    /// Capturing a disk overlay failed.
+    #[error("capturing the overlay of disk {index}")]
+    Overlay {
+        /// Disk index.
+        index: usize,
+        /// Cause.
+        #[source]
+        source: crate::disk::overlay_capture::CaptureError,
+    },
+}
+
+/// What the next snapshot of a VM can be incremental against: the content of its
+/// memory and overlays as of its last snapshot (or the snapshot it was restored from),
+/// from which the dirty tracking counts.
+#[derive(Clone, Debug)]
+pub struct SnapshotBase {
+    /// Canonical path of the chunk store holding the base's chunks.
+    pub store: PathBuf,
+    /// The memory manifest.
+    pub memory: manifest::MemoryManifest,
+    /// Captured overlays, by disk index.
+    pub overlays: Vec<Option<OverlayManifest>>,
 }
 
 /// What a snapshot cost, reported to the caller.
@@ -84,6 +111,78 @@ pub struct SnapshotReport {
     pub total_ms: f64,
     /// Memory statistics.
     pub memory: SaveStats,
+    /// How changed memory was found: `kvm-dirty-log` or `rehash`.
+    pub dirty_method: DirtyMethod,
+    /// Whether unchanged chunks were taken from the previous snapshot unread.
+    pub incremental: bool,
+    /// Disk overlay captures, by disk index (`null` for disks without an overlay).
+    pub overlays: Vec<Option<CaptureStats>>,
+}
+
+/// Chunks of a full save that differ from `reference` (zeros if `None`) but have no
+/// page in the dirty log.
+fn check_log(
+    saved: &manifest::MemoryManifest,
+    reference: Option<&manifest::MemoryManifest>,
+    dirty: &dyn Fn(usize, usize) -> bool,
+) -> usize {
+    let mut missed = 0;
+    for (r, m) in saved.regions.iter().enumerate() {
+        for (c, e) in m.chunks.iter().enumerate() {
+            let before = reference
+                .and_then(|b| b.regions.get(r))
+                .and_then(|b| b.chunks.get(c))
+                .copied()
+                .unwrap_or(manifest::ChunkEntry::Zero);
+            if *e != before && !dirty(r, c) {
+                missed += 1;
+            }
+        }
+    }
+    missed
+}
+
+/// Spot check of the KVM dirty log: up to this many chunks it calls clean are
+/// re-hashed and compared with the parent's ids.
+const LOG_SPOT_CHECKS: usize = 64;
+
+/// Chunk (region, index) pairs the log calls clean but whose content differs from the
+/// parent's, among a sample.
+fn spot_check_log(
+    regions: &[(u64, &[u8])],
+    parent: &manifest::MemoryManifest,
+    dirty: &dyn Fn(usize, usize) -> bool,
+) -> usize {
+    let chunk = parent.chunk_size as usize;
+    let clean: Vec<(usize, usize)> = parent
+        .regions
+        .iter()
+        .enumerate()
+        .flat_map(|(r, m)| (0..m.chunks.len()).map(move |c| (r, c)))
+        .filter(|&(r, c)| !dirty(r, c))
+        .collect();
+    if clean.is_empty() {
+        return 0;
+    }
+    let step = clean.len().div_ceil(LOG_SPOT_CHECKS).max(1);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as usize)
+        .unwrap_or(0);
+    clean
+        .iter()
+        .skip(seed % step)
+        .step_by(step)
+        .filter(|&&(r, c)| {
+            let data = regions[r].1.chunks(chunk).nth(c).unwrap_or(&[]);
+            let now = if data.iter().all(|&b| b == 0) {
+                manifest::ChunkEntry::Zero
+            } else {
+                manifest::ChunkEntry::Chunk(crate::store::ChunkId::of(data))
+            };
+            now != parent.regions[r].chunks[c]
+        })
+        .count()
 }
 
 /// Host views of every guest memory region, as (guest address, bytes).
@@ -185,13 +284,100 @@ pub fn create_snapshot(
                 source,
             }
         })?;
+    let store_canon = std::fs::canonicalize(&store_dir).unwrap_or_else(|_| store_dir.clone());
+    // Whatever happens below, the base is consumed: the dirty log is read (and reset)
+    // now, so after a failure the next snapshot must be a full one.
+    let base = vmm.snapshot_base.take().filter(|b| b.store == store_canon);
+    let log_state = vmm.dirty_log;
+    let pages = match log_state {
+        LogState::Unverified { .. } | LogState::Trusted => {
+            // From here on the log restarts: until this snapshot completes, nothing
+            // may be checked against it or build on it.
+            vmm.dirty_log = match log_state {
+                LogState::Trusted => LogState::Trusted,
+                _ => LogState::Unverified { since_start: false },
+            };
+            Some(dirty::take_dirty_pages(vmm.vm.fd(), &vmm.mem).map_err(CreateError::Dirty)?)
+        }
+        LogState::Off | LogState::Broken => None,
+    };
     // SAFETY: the VM is paused (checked above) and devices run on this thread.
     let regions = unsafe { memory_slices(&vmm.mem) };
-    let (manifest, stats) = manifest::save_memory(&regions, DEFAULT_CHUNK_SIZE, &chunk_store)
-        .map_err(CreateError::Memory)?;
+    let chunk = base
+        .as_ref()
+        .map_or(DEFAULT_CHUNK_SIZE, |b| b.memory.chunk_size as usize);
+    let is_dirty = |r: usize, c: usize| {
+        pages
+            .as_ref()
+            .and_then(|p| p.get(r))
+            .is_none_or(|p| dirty::chunk_dirty(p, c, chunk))
+    };
+    let mut incremental = false;
+    let mut new_log_state = log_state;
+    let (manifest, stats) = match (&base, log_state) {
+        (Some(b), LogState::Trusted) => {
+            let wrong = spot_check_log(&regions, &b.memory, &is_dirty);
+            if wrong > 0 {
+                log::error!(
+                    "the KVM dirty log missed writes to {wrong} sampled chunks: no longer \
+                     trusting it for this VM; re-hashing all memory"
+                );
+                new_log_state = LogState::Broken;
+                manifest::save_memory(&regions, chunk, &chunk_store)
+            } else {
+                incremental = true;
+                manifest::save_memory_incremental(&regions, &chunk_store, &b.memory, &is_dirty)
+            }
+        }
+        _ => manifest::save_memory(&regions, chunk, &chunk_store),
+    }
+    .map_err(CreateError::Memory)?;
+    if let LogState::Unverified { since_start: true } = log_state {
+        // A full save saw every chunk: each that differs from what memory started with
+        // (the base, or zeros after boot) must be in the log.
+        let missed = check_log(&manifest, base.as_ref().map(|b| &b.memory), &is_dirty);
+        new_log_state = if missed == 0 && dirty::selftest_passed(vmm.vm.kvm()) {
+            log::info!(
+                "dirty tracking: the KVM dirty log saw every change; next snapshots are incremental"
+            );
+            LogState::Trusted
+        } else {
+            log::info!(
+                "dirty tracking: re-hashing memory (the KVM dirty log missed {missed} changed \
+                 chunks on this host)"
+            );
+            LogState::Broken
+        };
+    }
+    let method = if incremental {
+        DirtyMethod::KvmLog
+    } else {
+        DirtyMethod::Rehash
+    };
     manifest
         .write_to(dir.join(MEMORY_FILE))
         .map_err(CreateError::Memory)?;
+    let mut overlay_stats = Vec::new();
+    let mut overlay_manifests = Vec::new();
+    let mut touched = Vec::new();
+    for (index, ov) in vmm.overlays.iter().enumerate() {
+        let Some(ov) = ov else {
+            overlay_stats.push(None);
+            overlay_manifests.push(None);
+            continue;
+        };
+        let parent = base
+            .as_ref()
+            .and_then(|b| b.overlays.get(index).cloned().flatten());
+        let (m, t, st) = overlay_capture::capture(ov, &chunk_store, parent.as_ref())
+            .map_err(|source| CreateError::Overlay { index, source })?;
+        overlay_stats.push(Some(st));
+        overlay_manifests.push(Some(m));
+        touched.push((index, t));
+    }
+    for (b, m) in blocks.iter_mut().zip(&overlay_manifests) {
+        b.overlay = m.clone();
+    }
     let memory_ms = t1.elapsed().as_secs_f64() * 1e3;
 
     let state = MicrovmState {
@@ -209,6 +395,20 @@ pub fn create_snapshot(
             .unwrap_or(0),
     };
     file::write_state_file(dir.join(STATE_FILE), &state).map_err(CreateError::StateFile)?;
+    for (index, t) in touched {
+        if let Some(ov) = &vmm.overlays[index] {
+            ov.clear_touched(&t);
+        }
+    }
+    vmm.dirty_log = match new_log_state {
+        LogState::Unverified { .. } => LogState::Unverified { since_start: true },
+        other => other,
+    };
+    vmm.snapshot_base = Some(SnapshotBase {
+        store: store_canon,
+        memory: manifest,
+        overlays: overlay_manifests,
+    });
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
     log::info!(
         "snapshot {}: state {state_ms:.1} ms, memory {memory_ms:.1} ms ({} chunks, {} zero, {} new, {} bytes written), total {total_ms:.1} ms",
@@ -225,5 +425,8 @@ pub fn create_snapshot(
         memory_ms,
         total_ms,
         memory: stats,
+        dirty_method: method,
+        incremental,
+        overlays: overlay_stats,
     })
 }

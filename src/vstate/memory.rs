@@ -1,5 +1,6 @@
 //! Guest memory: anonymous mappings laid out by the arch module.
 
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 /// Errors of the memory module.
@@ -17,7 +18,7 @@ pub enum MemoryError {
 }
 
 /// Guest memory type used across the VMM.
-pub type GuestMemory = GuestMemoryMmap<()>;
+pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
 
 /// Maps anonymous private memory for `regions` (guest address, length).
 pub fn create_anonymous(regions: &[(GuestAddress, usize)]) -> Result<GuestMemory, MemoryError> {

@@ -32,7 +32,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::IrqLine;
@@ -44,7 +43,7 @@ pub use mmio::{
 };
 
 /// Guest memory as the virtio devices see it.
-pub type GuestMem = GuestMemoryMmap<()>;
+pub type GuestMem = crate::vstate::memory::GuestMemory;
 
 /// Feature bit: the device conforms to virtio 1.x (mandatory for virtio-mmio version 2).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;

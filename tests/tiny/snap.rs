@@ -1,0 +1,46 @@
+//! Snapshot helpers for tiny-guest tests: manifests, the `SnapDirty` guest's write
+//! command.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vmm::snapshot::MemoryManifest;
+
+use super::{TinyVm, guest};
+
+/// Guest addresses of the chunks whose entries differ between `a` and `b`.
+pub fn changed_chunks(a: &MemoryManifest, b: &MemoryManifest) -> Vec<u64> {
+    let mut out = Vec::new();
+    for (ra, rb) in a.regions.iter().zip(&b.regions) {
+        for (i, (ca, cb)) in ra.chunks.iter().zip(&rb.chunks).enumerate() {
+            if ca != cb {
+                out.push(ra.guest_addr + i as u64 * a.chunk_size);
+            }
+        }
+    }
+    out
+}
+
+/// The memory manifest of the snapshot in `dir`.
+pub fn manifest(dir: &Path) -> Result<MemoryManifest, String> {
+    MemoryManifest::read_from(dir.join("memory")).map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+/// Has the `SnapDirty` guest write `seq << 32 | addr` at each of `addrs`, then pauses it
+/// again.
+pub fn dirty(vm: &mut TinyVm, seq: u32, addrs: &[u64]) -> Result<(), String> {
+    for (i, &a) in addrs.iter().enumerate() {
+        vm.write(guest::MB_CMD_LIST + 8 * i as u64, a)?;
+    }
+    vm.write(guest::MB_CMD_COUNT, addrs.len() as u32)?;
+    vm.write(guest::MB_CMD_SEQ, seq)?;
+    vm.resume()?;
+    let end = Instant::now() + Duration::from_secs(30);
+    while vm.read_u32(guest::MB_CMD_ACK)? != seq {
+        if Instant::now() >= end {
+            return Err(format!("the guest did not do command {seq}"));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    vm.pause()
+}
