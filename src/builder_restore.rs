@@ -106,6 +106,7 @@ pub fn build_from_snapshot(
         cpu_path,
         memory_path,
         opts,
+        true,
     )?;
     // The restored memory and overlays are exactly the snapshot's, and dirty tracking
     // starts now: the next snapshot into the same store can be incremental.
@@ -148,7 +149,9 @@ fn prepare_overlays(
 
 /// Rebuilds a VM from an already loaded state and (validated) memory manifest, with memory
 /// chunks from `store` (served lazily unless `opts.eager_memory`). `cpu_path` and
-/// `memory_path` only name the parts in messages (they may be URLs).
+/// `memory_path` only name the parts in messages (they may be URLs). With
+/// `background_fill`, lazily served memory is also filled in the background at once
+/// (otherwise the caller may start it later through [`LazyMemory::handle`]).
 pub fn build_from_parts(
     state: MicrovmState,
     manifest: MemoryManifest,
@@ -156,6 +159,7 @@ pub fn build_from_parts(
     cpu_path: &Path,
     memory_path: &Path,
     opts: RestoreOptions,
+    background_fill: bool,
 ) -> Result<Vmm, BuildError> {
     let t0 = Instant::now();
     let mut cfg = state.config.clone();
@@ -249,7 +253,9 @@ pub fn build_from_parts(
             .map_err(|e| {
                 BuildError::Device(format!("lazy memory: {}", crate::vmm::error_chain(&e)))
             })?;
-        lazy.fill_in_background();
+        if background_fill {
+            lazy.fill_in_background();
+        }
         Some(lazy)
     };
     let mem_ms = t_mem.elapsed().as_secs_f64() * 1e3;

@@ -4,6 +4,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod api;
+pub mod archive;
 pub mod arch;
 pub mod builder;
 pub mod builder_restore;

@@ -94,6 +94,13 @@ enum Cmd {
         restore: RestoreFlags,
         #[command(flatten)]
         api: ApiFlags,
+        #[command(flatten)]
+        archive: vmm::archive::cli::ArchiveRestoreFlags,
+    },
+    /// VM archives: push snapshots, record working sets (docs/ARCHIVE.md).
+    Archive {
+        #[command(subcommand)]
+        cmd: vmm::archive::cli::ArchiveCmd,
     },
     /// Snapshot operations on a running `vmm`.
     Snapshot {
@@ -202,7 +209,12 @@ fn main() -> ExitCode {
             block,
             restore,
             api,
+            archive,
         }) => {
+            let src = dir.to_string_lossy();
+            if repo.is_none() && vmm::archive::is_archive_source(&src) {
+                return restore_archive(&src, &block, &restore, &archive, &api);
+            }
             let dir = match repo {
                 None => dir,
                 Some(r) => match vmm::repo::Repo::open(&r).and_then(|repo| {
@@ -241,6 +253,7 @@ fn main() -> ExitCode {
         Some(Cmd::Snapshot {
             cmd: SnapshotCmd::Repo(cmd),
         }) => vmm::repo::cli::run(cmd),
+        Some(Cmd::Archive { cmd }) => vmm::archive::cli::run(cmd),
         Some(Cmd::Image {
             cmd:
                 ImageCmd::Import {
@@ -310,6 +323,36 @@ fn restore_vm(
         .parent()
         .and_then(vmm::repo::origin_of_snapshot_dir);
     serve(vm, api)
+}
+
+/// `vmm restore http://HOST/…/vms/NAME` (or a local `ARCHIVE/vms/NAME`): docs/ARCHIVE.md.
+fn restore_archive(
+    src: &str,
+    blocks: &[String],
+    flags: &RestoreFlags,
+    archive: &vmm::archive::cli::ArchiveRestoreFlags,
+    api: &ApiFlags,
+) -> ExitCode {
+    let started = std::time::Instant::now();
+    if !blocks.is_empty() {
+        return fail(2, "--block cannot replace the disks of an archived VM".into());
+    }
+    let _term = vmm::vmm::TerminalGuard::new();
+    let common = vmm::archive::cli::CommonRestore {
+        force: flags.force,
+        paused: flags.paused,
+        eager_memory: flags.eager_memory,
+    };
+    let (mut vm, session) = match vmm::archive::cli::restore_cli(src, archive, common, started) {
+        Ok(v) => v,
+        Err(e) => return fail(1, e),
+    };
+    if let Err(e) = vm.watch_lazy_memory() {
+        return fail(1, format!("lazy memory: {e}"));
+    }
+    let code = serve(vm, api);
+    session.log_totals();
+    code
 }
 
 /// Starts the API server if asked, then runs the VM to its end.

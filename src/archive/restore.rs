@@ -9,7 +9,7 @@
 //! 3. Disks: their URLs are resolved against the VM's directory and opened by the
 //!    remote-disk backend; writable disks get a fresh overlay in a per-instance directory
 //!    (removed when the session ends unless the caller named the directory), filled with
-//!    the overlay content captured in the snapshot if any. The image ids must be the
+//!    the overlay content captured in the snapshot if any (by the builder). The image ids must be the
 //!    recorded ones.
 //! 4. Resume; then prefetch the working set and fill the rest in the background
 //!    ([`Prefetcher`]). Bytes fetched before the first guest instruction and during its
@@ -519,14 +519,14 @@ fn base_identity(id: &mut BackendIdentity) -> &mut BackendIdentity {
 }
 
 /// Points disk `i` at the archive (resolved URL, cache, fresh overlay) and patches the
-/// recorded identity accordingly; materialises captured overlay content.
+/// recorded identity accordingly. (The builder then fills a fresh overlay with the
+/// overlay content captured in the snapshot, if any.)
 fn prepare_disk(
     state: &mut MicrovmState,
     i: usize,
     vm_url: Option<&str>,
     cache_root: &Path,
     overlay_dir: &mut dyn FnMut() -> Result<PathBuf, RestoreError>,
-    store: &dyn ChunkStore,
 ) -> Result<(), RestoreError> {
     let derr = |reason: String| RestoreError::Disk { index: i, reason };
     let b = &mut state.config.blocks[i];
@@ -568,24 +568,7 @@ fn prepare_disk(
     {
         identity.location = p.display().to_string();
     }
-    let base = base_identity(identity);
-    base.location = abs;
-    let base = base.clone();
-    match (&overlay, &state.blocks[i].overlay) {
-        (Some(p), Some(captured)) => {
-            crate::disk::overlay_capture::prepare(p, &base, captured, store).map_err(|e| {
-                derr(format!(
-                    "cannot write the captured overlay: {}",
-                    error_chain(&e)
-                ))
-            })?;
-        }
-        (None, Some(_)) => log::warn!(
-            "disk {i}: the snapshot captured overlay content but the disk has no overlay; \
-             the content is ignored"
-        ),
-        _ => {}
-    }
+    base_identity(identity).location = abs;
     Ok(())
 }
 
@@ -644,7 +627,6 @@ pub fn restore(
             loaded.vm_url.as_deref(),
             &cache_root,
             &mut overlay_dir,
-            &*store,
         )?;
     }
     let recorded: Vec<BackendIdentity> = loaded
@@ -703,6 +685,9 @@ pub fn restore(
         Path::new(&loaded.state_name),
         Path::new(&loaded.memory_name),
         ropts,
+        // Over HTTP the prefetcher starts the fill once the cache is warm; from a local
+        // archive the handler's own fill reads local files, unless there is none.
+        !remote_chunks && !opts.record && opts.fill != FillRate::Off,
     )
     .map_err(RestoreError::Build)?;
     // The images must be the archived ones.
@@ -782,13 +767,6 @@ pub fn restore(
     if let Some(plan) = plan {
         let lazy = vmm.lazy.as_ref().and_then(|l| l.handle().ok());
         session.prefetcher = Some(Prefetcher::start(store, plan, lazy));
-    } else if !opts.record
-        && !opts.eager_memory
-        && opts.fill != FillRate::Off
-        && let Some(l) = &vmm.lazy
-    {
-        // Local archive: the lazy handler's own fill reads the local files.
-        l.fill_in_background();
     }
     Ok((vmm, session))
 }
