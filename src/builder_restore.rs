@@ -118,13 +118,15 @@ pub fn build_from_snapshot(
 }
 
 /// Makes each disk overlay named by the configuration hold the content captured in the
-/// snapshot (see [`crate::disk::overlay_capture::prepare`]).
+/// snapshot (see [`crate::disk::overlay_capture::prepare`]). Since the overlay then holds
+/// the snapshot's content wherever it lives, its path may differ from the snapshot's
+/// (a clone gets its own): the saved identity is updated to the path used.
 fn prepare_overlays(
-    state: &MicrovmState,
+    state: &mut MicrovmState,
     cfg: &crate::config::VmConfig,
     store: &dyn crate::store::ChunkStore,
 ) -> Result<(), BuildError> {
-    for (i, (saved, b)) in state.blocks.iter().zip(&cfg.blocks).enumerate() {
+    for (i, (saved, b)) in state.blocks.iter_mut().zip(&cfg.blocks).enumerate() {
         let Some(m) = &saved.overlay else { continue };
         let Some(path) = &b.overlay else {
             log::warn!("disk {i}: no overlay= given; the snapshot's overlay content is not used");
@@ -143,6 +145,12 @@ fn prepare_overlays(
             ))
         })?;
         log::info!("disk {i}: overlay {}: {done:?}", path.display());
+        if saved.device.identity.kind == "overlay" {
+            saved.device.identity.location = std::fs::canonicalize(path)
+                .unwrap_or_else(|_| path.clone())
+                .display()
+                .to_string();
+        }
     }
     Ok(())
 }
@@ -197,7 +205,17 @@ pub fn build_from_parts(
         ));
     }
 
-    prepare_overlays(&state, &cfg, store.as_ref())?;
+    let mut state = state;
+    prepare_overlays(&mut state, &cfg, store.as_ref())?;
+    // The serial number the guest read (GET_ID) is guest-visible state: keep it, even
+    // when the disk is now reached through another path (a clone's own overlay).
+    for (b, saved) in cfg.blocks.iter_mut().zip(&state.blocks) {
+        if b.id.is_none() {
+            let id = &saved.device.disk_id;
+            let len = id.iter().position(|&c| c == 0).unwrap_or(id.len());
+            b.id = Some(String::from_utf8_lossy(&id[..len]).into_owned());
+        }
+    }
     let disks = open_disks(&cfg)?;
     let vm = Vm::new()?;
     vm.check_vcpu_count(u32::from(cfg.vcpus))?;
