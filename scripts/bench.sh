@@ -21,7 +21,7 @@ if [ $# -gt 0 ]; then benches=("$@"); else benches=(snapshot snapshot_tmpfs bloc
 
 # This script's earlier CSVs are kept aside so that target/bench holds this run only
 # (other CSV files there are left alone).
-CSVS=(host snapshot restore incremental boot guest_disk block_request)
+CSVS=(host snapshot restore incremental idle_series boot guest_disk block_request)
 stamp=$(date +%s)
 for n in "${CSVS[@]}"; do
     if [ -f "target/bench/$n.csv" ]; then

@@ -254,28 +254,45 @@ def main():
             )
 
     if incr:
-        cats_i, ms_i, mb_i, touched = [], [], [], []
+        # One bar group per dirty fraction, one series per dirty-tracking method.
+        methods = []
+        for r in incr:
+            m = r.get("method", "rehash")
+            if m not in methods:
+                methods.append(m)
+        cats_i = []
         for r in incr:
             p = r["dirty_pct"]
-            cats_i.append("base (full)" if p == "base" else f"{p} % dirty")
-            ms_i.append(num(r["create_ms"]))
-            mb_i.append(int(r["bytes_written"]) / (1 << 20))
-            touched.append(int(r["chunks_touched"]) * 64 / 1024)
+            c = "base (full)" if p == "base" else f"{p} % dirty"
+            if c not in cats_i:
+                cats_i.append(c)
+
+        def series(key, scale=1.0):
+            out = []
+            for m in methods:
+                vals = {}
+                for r in incr:
+                    if r.get("method", "rehash") == m:
+                        p = r["dirty_pct"]
+                        vals["base (full)" if p == "base" else f"{p} % dirty"] = num(r[key]) * scale
+                out.append((m, [vals.get(c, 0.0) for c in cats_i]))
+            return out
+
         size = int(incr[0]["mem_mib"])
         bar_chart(
             os.path.join(d, "incremental_time.svg"),
             f"Incremental snapshot create time vs dirty fraction ({size} MiB, shared store)",
             cats_i,
-            [("create (ms)", ms_i)],
+            [(f"{m} (ms)", v) for m, v in series("create_ms")],
             "milliseconds",
             log=True,
-            note="each snapshot after dirtying the given fraction of pages (uniformly random) since the previous one",
+            note="kvm-log: only chunks with a dirty page re-read; rehash: every chunk re-hashed, changed ones stored",
         )
         bar_chart(
             os.path.join(d, "incremental_bytes.svg"),
             f"Incremental snapshot: bytes added vs dirty fraction ({size} MiB)",
             cats_i,
-            [("stored bytes added (MiB, zstd-1)", mb_i), ("64 KiB chunks touched (MiB raw)", touched)],
+            [(f"{m}: stored MiB added", v) for m, v in series("bytes_written", 1 / (1 << 20))],
             "MiB",
             log=True,
         )
@@ -369,16 +386,31 @@ def summary(d):
     incr = read(os.path.join(d, "incremental.csv"), lambda r: ())
     if incr:
         L += [
-            f"Incremental ({incr[0]['mem_mib']} MiB, one shared store, each snapshot after dirtying the given share of pages since the previous one):",
+            f"Incremental ({incr[0]['mem_mib']} MiB, one shared store per method, each snapshot after dirtying the given share of pages since the previous one):",
             "",
-            "| dirty | pages dirtied | 64 KiB chunks touched | create | new chunks | raw new | stored bytes added |",
-            "|---|---|---|---|---|---|---|",
+            "| method | dirty | pages dirtied | 64 KiB chunks touched | create | chunks reused unread | new chunks | raw new | stored bytes added |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in incr:
             p = "base (full)" if r["dirty_pct"] == "base" else f"{r['dirty_pct']} %"
             L.append(
-                f"| {p} | {r['pages_dirtied']} | {r['chunks_touched']} | {float(r['create_ms']):.0f} ms | {r['chunks_new']} "
+                f"| {r.get('method', 'rehash')} | {p} | {r['pages_dirtied']} | {r['chunks_touched']} | {float(r['create_ms']):.0f} ms "
+                f"| {r.get('chunks_reused', '–')} | {r['chunks_new']} "
                 f"| {int(r['bytes_new']) / mib:.1f} MiB | {int(r['bytes_written']) / mib:.2f} MiB |"
+            )
+        L.append("")
+    idle = read(os.path.join(d, "idle_series.csv"), lambda r: ())
+    if idle:
+        L += [
+            f"Ten snapshots of one {idle[0]['mem_mib']} MiB guest into one store, the guest running 200 ms between them:",
+            "",
+            "| snapshot | create | bytes added | store | × first |",
+            "|---|---|---|---|---|",
+        ]
+        for r in idle:
+            L.append(
+                f"| {r['snapshot']} | {float(r['create_ms']):.0f} ms | {int(r['bytes_written'])} "
+                f"| {int(r['store_bytes']) / mib:.2f} MiB | {float(r['ratio_to_first']):.4f} |"
             )
         L.append("")
     host = read(os.path.join(d, "host.csv"), lambda r: r["metric"])
