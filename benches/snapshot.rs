@@ -1080,13 +1080,14 @@ fn incremental(run: u64, root: &Path, kernel: &Path) {
     idle_series(run, root, kernel, mib);
 }
 
+/// Columns of `idle_series.csv`.
+const IDLE_HEADER: &str =
+    "run,guest,mem_mib,snapshot,create_ms,bytes_written,store_bytes,ratio_to_first";
+
 /// Ten snapshots of the tiny guest (filled with [`Pattern`]) resumed for 200 ms between
 /// them, into one store: total storage against the first snapshot alone.
 fn idle_series(run: u64, root: &Path, kernel: &Path, mib: u64) {
-    let csv = Csv::new(
-        "idle_series",
-        "run,mem_mib,snapshot,create_ms,bytes_written,store_bytes,ratio_to_first",
-    );
+    let csv = Csv::new("idle_series", IDLE_HEADER);
     let store = root.join("store-idle");
     let mut vm = boot_tiny(kernel, mib);
     Pattern::new(0x1d1e).fill(&vm.mem);
@@ -1113,6 +1114,7 @@ fn idle_series(run: u64, root: &Path, kernel: &Path, mib: u64) {
         );
         csv.row(&[
             run.to_string(),
+            "tiny".into(),
             mib.to_string(),
             i.to_string(),
             f(r.total_ms),
@@ -1122,6 +1124,94 @@ fn idle_series(run: u64, root: &Path, kernel: &Path, mib: u64) {
         ]);
     }
     drop(vm);
+    let _ = fs::remove_dir_all(&store);
+}
+
+/// The project's Linux guest, idle at 1 GiB: ten `vmm snapshot create --store` 2 s apart
+/// into one store (the VM runs on between them); storage against the first snapshot.
+fn linux_idle_series(run: u64, root: &Path) {
+    let Some(art) = artifacts() else {
+        println!("linux idle series: skipped (no guest artifacts)");
+        return;
+    };
+    let mib: u64 = env_or("SNAPSHOT_BENCH_LINUX_IDLE_MIB", 1024);
+    let rootfs = root.join("idle-rootfs.ext4");
+    fs::copy(art.join("rootfs.ext4"), &rootfs).expect("copy rootfs");
+    let sock = root.join("idle.sock");
+    let store = root.join("idle-linux-store");
+    let cmdline = format!("{BASE_CMDLINE} init=/idle vmmtest.info");
+    let mut p = Proc::spawn(
+        Command::new(vmm_bin())
+            .arg("--kernel")
+            .arg(format!(
+                "path={},cmdline=\"{cmdline}\"",
+                art.join("vmlinux").display()
+            ))
+            .arg("--memory")
+            .arg(format!("size_mib={mib}"))
+            .arg("--block")
+            .arg(format!("path={},root=true", rootfs.display()))
+            .arg("--api-sock")
+            .arg(&sock),
+    )
+    .expect("spawn vmm");
+    if p.wait_for("vmmtest: info", Duration::from_secs(420))
+        .is_none()
+    {
+        println!(
+            "linux idle series: no `vmmtest: info` line; skipped\n{}",
+            p.output()
+        );
+        return;
+    }
+    let csv = Csv::new("idle_series", IDLE_HEADER);
+    println!("linux idle series, {mib} MiB, 10 snapshots 2 s apart into one store:");
+    let mut first = 0u64;
+    for i in 1..=10 {
+        std::thread::sleep(Duration::from_secs(2));
+        let out = Command::new(vmm_bin())
+            .args(["snapshot", "create", "--api-sock"])
+            .arg(&sock)
+            .arg("--store")
+            .arg(&store)
+            .arg(root.join(format!("idle-linux-{i}")))
+            .output()
+            .expect("vmm snapshot create");
+        if !out.status.success() {
+            println!(
+                "  snapshot {i} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            break;
+        }
+        let rep: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+        let sb = dir_bytes(&store);
+        if i == 1 {
+            first = sb;
+        }
+        let ratio = sb as f64 / first as f64;
+        println!(
+            "  snapshot {i:>2}: {:.1} ms ({}), +{} bytes, store {:.2} MiB ({ratio:.4}x the first)",
+            rep["total_ms"].as_f64().unwrap_or(f64::NAN),
+            rep["dirty_method"].as_str().unwrap_or("?"),
+            rep["memory"]["bytes_written"],
+            sb as f64 / 1048576.0
+        );
+        csv.row(&[
+            run.to_string(),
+            "linux".into(),
+            mib.to_string(),
+            i.to_string(),
+            f(rep["total_ms"].as_f64().unwrap_or(f64::NAN)),
+            rep["memory"]["bytes_written"]
+                .as_u64()
+                .unwrap_or(0)
+                .to_string(),
+            sb.to_string(),
+            format!("{ratio:.4}"),
+        ]);
+    }
+    p.kill();
     let _ = fs::remove_dir_all(&store);
 }
 
@@ -1266,6 +1356,7 @@ fn main() {
     }
     if std::env::var("SNAPSHOT_BENCH_LINUX").as_deref() != Ok("0") {
         linux_guest(&root, &creates, &restores);
+        linux_idle_series(run, &root);
     }
     let _ = fs::remove_dir_all(&root);
     println!(

@@ -402,14 +402,15 @@ def summary(d):
     idle = read(os.path.join(d, "idle_series.csv"), lambda r: ())
     if idle:
         L += [
-            f"Ten snapshots of one {idle[0]['mem_mib']} MiB guest into one store, the guest running 200 ms between them:",
+            "Ten snapshots of one guest into one store (tiny guest: running 200 ms between them; "
+            "Linux: idle, 2 s apart, through `vmm snapshot create --store`):",
             "",
-            "| snapshot | create | bytes added | store | × first |",
-            "|---|---|---|---|---|",
+            "| guest | memory | snapshot | create | bytes added | store | × first |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in idle:
             L.append(
-                f"| {r['snapshot']} | {float(r['create_ms']):.0f} ms | {int(r['bytes_written'])} "
+                f"| {r.get('guest', 'tiny')} | {r['mem_mib']} MiB | {r['snapshot']} | {float(r['create_ms']):.0f} ms | {int(r['bytes_written'])} "
                 f"| {int(r['store_bytes']) / mib:.2f} MiB | {float(r['ratio_to_first']):.4f} |"
             )
         L.append("")
