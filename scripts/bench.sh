@@ -4,11 +4,13 @@
 #
 #   scripts/bench.sh                      # all: snapshot snapshot_tmpfs block_request boot guest_disk
 #   scripts/bench.sh snapshot boot        # some of them
+#   scripts/bench.sh archive              # resume from an HTTP archive (not in the default set)
 #
 # Environment knobs (see the benches' headers): SNAPSHOT_BENCH_SIZES (MiB list, default
 # 256,1024,4096), SNAPSHOT_BENCH_INCR_MIB (1024), SNAPSHOT_BENCH_REPS (3),
 # SNAPSHOT_BENCH_LINUX (1), SNAPSHOT_BENCH_DROP_CACHES (1), BOOT_BENCH_RUNS (3),
-# GUEST_DISK_MIB (2), BENCH_DIR (scratch directory; default target/tmp).
+# GUEST_DISK_MIB (2), BENCH_DIR (scratch directory; default target/tmp),
+# ARCHIVE_BENCH_SIZES (MiB list, default 256,1024,4096), ARCHIVE_BENCH_REPS (2).
 # Needs /dev/kvm, the guest artifacts (resources/build-guest.sh) for boot, guest_disk and
 # the Linux part of snapshot, and root for dropping the page cache (else that is skipped).
 # About 8–10 minutes on the 2-core PVM host.
@@ -21,7 +23,7 @@ if [ $# -gt 0 ]; then benches=("$@"); else benches=(snapshot snapshot_tmpfs bloc
 
 # This script's earlier CSVs are kept aside so that target/bench holds this run only
 # (other CSV files there are left alone).
-CSVS=(host snapshot restore incremental idle_series boot guest_disk block_request)
+CSVS=(host snapshot restore incremental idle_series boot guest_disk block_request archive_create archive_restore archive_storage archive_timeline)
 stamp=$(date +%s)
 for n in "${CSVS[@]}"; do
     if [ -f "target/bench/$n.csv" ]; then
@@ -55,7 +57,7 @@ for b in "${benches[@]}"; do
             BENCH_DIR=/dev/shm SNAPSHOT_BENCH_TAG=tmpfs SNAPSHOT_BENCH_SIZES=256,1024 \
                 SNAPSHOT_BENCH_INCR_MIB=0 SNAPSHOT_BENCH_LINUX=0 SNAPSHOT_BENCH_DROP_CACHES=0 \
                 cargo bench --bench snapshot -- --bench 2>&1 | tee "$OUT/$b.log" ;;
-        snapshot|boot|guest_disk)
+        snapshot|boot|guest_disk|archive)
             cargo bench --bench "$b" -- --bench 2>&1 | tee "$OUT/$b.log" ;;
         *) echo "unknown bench $b" >&2; exit 2 ;;
     esac
@@ -86,4 +88,5 @@ for n in "${CSVS[@]}"; do
     if [ -f "target/bench/$n.csv" ]; then cp "target/bench/$n.csv" "$OUT/"; fi
 done
 python3 scripts/plot.py "$OUT"
+python3 scripts/plot_archive.py "$OUT"
 cat "$OUT/run.txt"
