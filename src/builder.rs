@@ -245,7 +245,7 @@ pub fn open_disks(cfg: &VmConfig) -> Result<OpenedDisks, BuildError> {
 pub fn enable_dirty_log(vm: &Vm, mem: &GuestMemory) -> crate::vstate::dirty::LogState {
     use crate::vstate::dirty::LogState;
     match crate::vstate::dirty::enable_kvm_log(vm.fd(), mem) {
-        Ok(()) => LogState::Unverified { since_start: true },
+        Ok(()) => LogState::fresh(),
         Err(e) => {
             log::warn!(
                 "dirty page logging unavailable, snapshots will re-hash memory: {}",

@@ -112,7 +112,7 @@ pub fn build_from_snapshot(
     // starts now: the next snapshot into the same store can be incremental.
     vmm.snapshot_base = Some(base);
     if let crate::vstate::dirty::LogState::Unverified { .. } = vmm.dirty_log {
-        vmm.dirty_log = crate::vstate::dirty::LogState::Unverified { since_start: true };
+        vmm.dirty_log = crate::vstate::dirty::LogState::fresh();
     }
     Ok(vmm)
 }
@@ -231,7 +231,10 @@ pub fn build_from_parts(
     // the log.
     let dirty_log = match crate::builder::enable_dirty_log(&vm, &mem) {
         crate::vstate::dirty::LogState::Unverified { .. } => {
-            crate::vstate::dirty::LogState::Unverified { since_start: false }
+            crate::vstate::dirty::LogState::Unverified {
+                since_start: false,
+                passes: 0,
+            }
         }
         other => other,
     };

@@ -400,6 +400,7 @@ pub fn import_image_with(
         archive_dir,
         LocalStoreOptions {
             compression: Compression::None,
+            ..Default::default()
         },
     )
     .map_err(ImageError::Store)?;

@@ -96,6 +96,7 @@ fn incremental_snapshots_equal_full_saves_and_restore() {
             let a: Vec<u64> = addrs.iter().map(|a| a + u64::from(seq) * 0x1000).collect();
             dirty(&mut vm, seq, &a)?;
             let dir = tmp.join(format!("s{}", seq + 1));
+            let trusted = vm.vmm.dirty_log == LogState::Trusted;
             let r = snap(&mut vm, &dir, &store)?;
             let m = manifest(&dir)?;
             let full = full_manifest(&vm, &tmp.join("scratch"), m.chunk_size as usize)?;
@@ -118,7 +119,7 @@ fn incremental_snapshots_equal_full_saves_and_restore() {
                     changed.len()
                 )
             })?;
-            if vm.vmm.dirty_log == LogState::Trusted {
+            if trusted {
                 ensure(
                     r.incremental && r.dirty_method == DirtyMethod::KvmLog,
                     || format!("trusted log but a non-incremental snapshot: {r:?}"),

@@ -122,6 +122,7 @@ impl CachedStore {
                     root,
                     LocalStoreOptions {
                         compression: Compression::None,
+                        ..Default::default()
                     },
                 )
                 .map_err(|source| CacheError::Open {

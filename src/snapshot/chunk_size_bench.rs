@@ -130,7 +130,14 @@ fn chunk_size_bench() {
     for compression in [Compression::Zstd { level: 1 }, Compression::None] {
         for chunk_size in [4 << 10, 16 << 10, 64 << 10, 256 << 10] {
             let dir = TempDir::new("chunk-bench");
-            let store = LocalStore::open(dir.path(), LocalStoreOptions { compression }).unwrap();
+            let store = LocalStore::open(
+                dir.path(),
+                LocalStoreOptions {
+                    compression,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
             let t = Instant::now();
             let (m, st) = save_memory(&[(0, &original)], chunk_size, &store).unwrap();
             store.sync().unwrap();

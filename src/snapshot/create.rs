@@ -119,6 +119,44 @@ pub struct SnapshotReport {
     pub overlays: Vec<Option<CaptureStats>>,
 }
 
+/// `VMM_DIRTY_AUDIT=1`: every incremental snapshot is compared with a full hash of the
+/// same memory (a debugging aid for hosts whose dirty log is in doubt; costs a rehash).
+fn audit_enabled() -> bool {
+    std::env::var("VMM_DIRTY_AUDIT").as_deref() == Ok("1")
+}
+
+/// Entries that differ between two manifests of the same layout.
+fn audit_mismatches(a: &manifest::MemoryManifest, b: &manifest::MemoryManifest) -> usize {
+    a.regions
+        .iter()
+        .zip(&b.regions)
+        .map(|(x, y)| {
+            x.chunks
+                .iter()
+                .zip(&y.chunks)
+                .filter(|(p, q)| p != q)
+                .count()
+        })
+        .sum()
+}
+
+/// A chunk "store" that only hashes: for comparing manifests without writing.
+struct HashOnly;
+
+impl crate::store::ChunkStore for HashOnly {
+    fn put(&self, data: &[u8]) -> crate::store::Result<crate::store::ChunkId> {
+        Ok(crate::store::ChunkId::of(data))
+    }
+
+    fn get(&self, id: &crate::store::ChunkId) -> crate::store::Result<Vec<u8>> {
+        Err(crate::store::StoreError::NotFound { id: *id })
+    }
+
+    fn contains(&self, _id: &crate::store::ChunkId) -> crate::store::Result<bool> {
+        Ok(false)
+    }
+}
+
 /// Chunks of a full save that differ from `reference` (zeros if `None`) but have no
 /// page in the dirty log.
 fn check_log(
@@ -277,12 +315,16 @@ pub fn create_snapshot(
 
     let t1 = Instant::now();
     let store_dir = store.unwrap_or(dir).to_path_buf();
+    // One file-system flush for all new chunks instead of one fsync each; nothing
+    // refers to them before `sync` (called by the memory and overlay saves) returns.
+    let options = LocalStoreOptions {
+        batch_durability: true,
+        ..Default::default()
+    };
     let chunk_store =
-        LocalStore::open(&store_dir, LocalStoreOptions::default()).map_err(|source| {
-            CreateError::Store {
-                path: store_dir.clone(),
-                source,
-            }
+        LocalStore::open(&store_dir, options).map_err(|source| CreateError::Store {
+            path: store_dir.clone(),
+            source,
         })?;
     let store_canon = std::fs::canonicalize(&store_dir).unwrap_or_else(|_| store_dir.clone());
     // Whatever happens below, the base is consumed: the dirty log is read (and reset)
@@ -295,7 +337,11 @@ pub fn create_snapshot(
             // may be checked against it or build on it.
             vmm.dirty_log = match log_state {
                 LogState::Trusted => LogState::Trusted,
-                _ => LogState::Unverified { since_start: false },
+                LogState::Unverified { passes, .. } => LogState::Unverified {
+                    since_start: false,
+                    passes,
+                },
+                other => other,
             };
             Some(dirty::take_dirty_pages(vmm.vm.fd(), &vmm.mem).map_err(CreateError::Dirty)?)
         }
@@ -326,21 +372,57 @@ pub fn create_snapshot(
                 manifest::save_memory(&regions, chunk, &chunk_store)
             } else {
                 incremental = true;
-                manifest::save_memory_incremental(&regions, &chunk_store, &b.memory, &is_dirty)
+                let saved =
+                    manifest::save_memory_incremental(&regions, &chunk_store, &b.memory, &is_dirty);
+                match saved {
+                    Ok(saved) if audit_enabled() => {
+                        // Debugging aid: compare with a full hash of the same memory.
+                        let full = manifest::save_memory(&regions, chunk, &HashOnly)
+                            .map_err(CreateError::Memory)?
+                            .0;
+                        let wrong = audit_mismatches(&saved.0, &full);
+                        if wrong > 0 {
+                            log::error!(
+                                "dirty-log audit: the incremental snapshot differs from a full \
+                                 hash in {wrong} chunks; no longer trusting the log; re-hashing"
+                            );
+                            new_log_state = LogState::Broken;
+                            incremental = false;
+                            manifest::save_memory(&regions, chunk, &chunk_store)
+                        } else {
+                            log::info!("dirty-log audit: incremental snapshot matches a full hash");
+                            Ok(saved)
+                        }
+                    }
+                    other => other,
+                }
             }
         }
         _ => manifest::save_memory(&regions, chunk, &chunk_store),
     }
     .map_err(CreateError::Memory)?;
-    if let LogState::Unverified { since_start: true } = log_state {
-        // A full save saw every chunk: each that differs from what memory started with
+    if let LogState::Unverified {
+        since_start: true,
+        passes,
+    } = log_state
+    {
+        // A full save saw every chunk: each that differs from what memory held before
         // (the base, or zeros after boot) must be in the log.
         let missed = check_log(&manifest, base.as_ref().map(|b| &b.memory), &is_dirty);
         new_log_state = if missed == 0 && dirty::selftest_passed(vmm.vm.kvm()) {
-            log::info!(
-                "dirty tracking: the KVM dirty log saw every change; next snapshots are incremental"
-            );
-            LogState::Trusted
+            if passes + 1 >= dirty::REQUIRED_PASSES {
+                log::info!(
+                    "dirty tracking: the KVM dirty log saw every change {} times; next \
+                     snapshots are incremental",
+                    passes + 1
+                );
+                LogState::Trusted
+            } else {
+                LogState::Unverified {
+                    since_start: true,
+                    passes: passes + 1,
+                }
+            }
         } else {
             log::info!(
                 "dirty tracking: re-hashing memory (the KVM dirty log missed {missed} changed \
@@ -401,7 +483,10 @@ pub fn create_snapshot(
         }
     }
     vmm.dirty_log = match new_log_state {
-        LogState::Unverified { .. } => LogState::Unverified { since_start: true },
+        LogState::Unverified { passes, .. } => LogState::Unverified {
+            since_start: true,
+            passes,
+        },
         other => other,
     };
     vmm.snapshot_base = Some(SnapshotBase {

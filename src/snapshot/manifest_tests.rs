@@ -12,7 +12,14 @@ pub(super) static WORKERS_OVERRIDE: std::sync::atomic::AtomicUsize =
     std::sync::atomic::AtomicUsize::new(0);
 
 fn store(dir: &TempDir, name: &str, compression: Compression) -> LocalStore {
-    LocalStore::open(dir.path().join(name), LocalStoreOptions { compression }).unwrap()
+    LocalStore::open(
+        dir.path().join(name),
+        LocalStoreOptions {
+            compression,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 /// Two regions: 8 chunks of mixed content, and 2.25 chunks (short tail).

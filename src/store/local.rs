@@ -14,10 +14,13 @@
 //! renamed into place, so a chunk file is either absent or complete. Directory
 //! fsyncs are batched: call [`LocalStore::sync`] once after a whole snapshot.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::codec::{self, ChunkHeader, Compression, Encoding, HEADER_LEN};
 use super::{ChunkId, ChunkStore, MAX_CHUNK_LEN, PutOutcome, Result, StoreError, verify};
@@ -28,6 +31,13 @@ pub struct LocalStoreOptions {
     /// Compression of newly written chunks. Reading handles both encodings whatever
     /// this says.
     pub compression: Compression,
+    /// Make chunks durable in one batch at [`ChunkStore::sync`] instead of one fsync
+    /// per chunk: `put` writes a temp file and returns; `sync` flushes the file system
+    /// once (`syncfs`), then renames every temp file to its chunk name and fsyncs the
+    /// directories. Until `sync`, new chunks are visible to this store instance only
+    /// (through their temp files), and a store dropped without `sync` deletes them.
+    /// For writers that end with `sync` anyway (snapshot creation).
+    pub batch_durability: bool,
 }
 
 impl Default for LocalStoreOptions {
@@ -36,6 +46,7 @@ impl Default for LocalStoreOptions {
     fn default() -> Self {
         LocalStoreOptions {
             compression: Compression::Zstd { level: 1 },
+            batch_durability: false,
         }
     }
 }
@@ -67,6 +78,8 @@ pub struct LocalStore {
     /// `chunks/` has new fan-out directories not yet fsynced.
     chunks_dir_dirty: AtomicBool,
     tmp_seq: AtomicU64,
+    /// With `batch_durability`: chunks written to temp files, not yet renamed.
+    pending: Mutex<HashMap<ChunkId, Pending>>,
     chunks_written: AtomicU64,
     chunks_deduped: AtomicU64,
     bytes_written: AtomicU64,
@@ -76,6 +89,35 @@ pub struct LocalStore {
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
     let path = path.to_path_buf();
     move |source| StoreError::Io { op, path, source }
+}
+
+/// A chunk written to a temp file, renamed at the next `sync` (`batch_durability`).
+#[derive(Clone, Debug)]
+struct Pending {
+    tmp: PathBuf,
+    dest: PathBuf,
+    idx: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Drop for LocalStore {
+    /// Deletes pending chunks never synced: nothing durable refers to them.
+    fn drop(&mut self) {
+        let pending = std::mem::take(&mut *lock(&self.pending));
+        if !pending.is_empty() {
+            log::warn!(
+                "chunk store {}: {} chunks written but never synced are discarded",
+                self.root.display(),
+                pending.len()
+            );
+        }
+        for p in pending.values() {
+            let _ = fs::remove_file(&p.tmp);
+        }
+    }
 }
 
 fn fsync_dir(path: &Path) -> Result<()> {
@@ -105,6 +147,7 @@ impl LocalStore {
             dirty: std::array::from_fn(|_| AtomicBool::new(false)),
             chunks_dir_dirty: AtomicBool::new(false),
             tmp_seq: AtomicU64::new(0),
+            pending: Mutex::new(HashMap::new()),
             chunks_written: AtomicU64::new(0),
             chunks_deduped: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
@@ -138,8 +181,34 @@ impl LocalStore {
     }
 
     /// Fsyncs every directory that received new entries since the last call, making
-    /// the chunks written so far durable. Call once after a whole snapshot.
+    /// the chunks written so far durable. Call once after a whole snapshot. With
+    /// `batch_durability`, first flushes the file system and renames the pending chunks.
     pub fn sync(&self) -> Result<()> {
+        let pending: Vec<(ChunkId, Pending)> = lock(&self.pending).drain().collect();
+        if !pending.is_empty() {
+            let flushed = File::open(&self.chunks_dir).and_then(|d| {
+                // SAFETY: syncfs on a valid, open file descriptor; no memory is passed.
+                if unsafe { libc::syncfs(d.as_raw_fd()) } == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            });
+            if let Err(e) = flushed {
+                lock(&self.pending).extend(pending);
+                return Err(io_err("syncfs", &self.chunks_dir)(e));
+            }
+            let mut iter = pending.into_iter();
+            while let Some((id, p)) = iter.next() {
+                if let Err(e) = fs::rename(&p.tmp, &p.dest) {
+                    let mut left = lock(&self.pending);
+                    left.insert(id, p.clone());
+                    left.extend(iter);
+                    return Err(io_err("rename temp file to", &p.dest)(e));
+                }
+                self.dirty[p.idx].store(true, Ordering::Release);
+            }
+        }
         for idx in 0..256 {
             if self.dirty[idx].swap(false, Ordering::AcqRel)
                 && let Err(e) = fsync_dir(&self.fanout_dir(idx))
@@ -175,8 +244,16 @@ impl LocalStore {
     }
 
     /// Writes `header` + `body` to a temp file in `dir`, fsyncs it and renames it to
-    /// `dest`.
-    fn write_file(&self, dir: &Path, dest: &Path, header: &[u8], body: &[u8]) -> Result<()> {
+    /// `dest` — or, with `batch_durability`, leaves it pending for [`sync`](Self::sync).
+    fn write_file(
+        &self,
+        id: &ChunkId,
+        idx: usize,
+        dir: &Path,
+        dest: &Path,
+        header: &[u8],
+        body: &[u8],
+    ) -> Result<()> {
         let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("chunk");
         let tmp = dir.join(format!(
             ".{name}.tmp.{}.{}",
@@ -191,8 +268,21 @@ impl LocalStore {
                 .map_err(io_err("create", &tmp))?;
             f.write_all(header).map_err(io_err("write", &tmp))?;
             f.write_all(body).map_err(io_err("write", &tmp))?;
+            if self.options.batch_durability {
+                lock(&self.pending).insert(
+                    *id,
+                    Pending {
+                        tmp: tmp.clone(),
+                        dest: dest.to_path_buf(),
+                        idx,
+                    },
+                );
+                return Ok(());
+            }
             f.sync_all().map_err(io_err("fsync", &tmp))?;
-            fs::rename(&tmp, dest).map_err(io_err("rename temp file to", dest))
+            fs::rename(&tmp, dest).map_err(io_err("rename temp file to", dest))?;
+            self.dirty[idx].store(true, Ordering::Release);
+            Ok(())
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -204,7 +294,15 @@ impl LocalStore {
         let path = self.chunk_path(id);
         match File::open(&path) {
             Ok(f) => Ok((f, path)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::NotFound { id: *id }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let tmp = lock(&self.pending).get(id).map(|p| p.tmp.clone());
+                match tmp {
+                    Some(tmp) => File::open(&tmp)
+                        .map(|f| (f, tmp.clone()))
+                        .map_err(io_err("open", &tmp)),
+                    None => Err(StoreError::NotFound { id: *id }),
+                }
+            }
             Err(e) => Err(io_err("open", &path)(e)),
         }
     }
@@ -248,8 +346,7 @@ impl ChunkStore for LocalStore {
         let dir = self.ensure_fanout_dir(idx)?;
         let encoded = codec::encode(id, data, self.options.compression)?;
         let dest = self.chunk_path(id);
-        self.write_file(&dir, &dest, &encoded.header, &encoded.body)?;
-        self.dirty[idx].store(true, Ordering::Release);
+        self.write_file(id, idx, &dir, &dest, &encoded.header, &encoded.body)?;
         let stored_bytes = encoded.file_len() as u64;
         self.chunks_written.fetch_add(1, Ordering::Relaxed);
         self.bytes_written
@@ -307,6 +404,9 @@ impl ChunkStore for LocalStore {
     }
 
     fn contains(&self, id: &ChunkId) -> Result<bool> {
+        if lock(&self.pending).contains_key(id) {
+            return Ok(true);
+        }
         let path = self.chunk_path(id);
         match fs::symlink_metadata(&path) {
             Ok(m) => Ok(m.is_file()),
@@ -336,7 +436,14 @@ mod tests {
     use crate::store::testutil::{Rng, TempDir};
 
     fn open(dir: &TempDir, compression: Compression) -> LocalStore {
-        LocalStore::open(dir.path().join("store"), LocalStoreOptions { compression }).unwrap()
+        LocalStore::open(
+            dir.path().join("store"),
+            LocalStoreOptions {
+                compression,
+                ..Default::default()
+            },
+        )
+        .unwrap()
     }
 
     fn samples() -> Vec<Vec<u8>> {
@@ -502,5 +609,45 @@ mod tests {
         assert_eq!(store.get(&ChunkId::of(&data)).unwrap(), data);
         let st = store.stats();
         assert_eq!(st.chunks_written + st.chunks_deduped, 80);
+    }
+
+    #[test]
+    fn batch_durability_renames_at_sync_and_discards_unsynced_chunks() {
+        let dir = TempDir::new("store-batch");
+        let opts = LocalStoreOptions {
+            batch_durability: true,
+            ..Default::default()
+        };
+        let mut data = vec![0u8; 65536];
+        Rng::new(5).fill(&mut data);
+        let store = LocalStore::open(dir.path().join("s"), opts).unwrap();
+        let id = store.put(&data).unwrap();
+        // Pending: visible to this instance through its temp file, not under its name.
+        assert!(store.contains(&id).unwrap());
+        assert_eq!(store.get(&id).unwrap(), data);
+        assert!(!store.chunk_path(&id).exists());
+        assert_eq!(
+            store.put_hashed(&id, &data).unwrap(),
+            PutOutcome::Present,
+            "a pending chunk is not written twice"
+        );
+        store.sync().unwrap();
+        assert!(store.chunk_path(&id).is_file());
+        let other = LocalStore::open(dir.path().join("s"), LocalStoreOptions::default()).unwrap();
+        assert_eq!(other.get(&id).unwrap(), data);
+
+        // Dropped without sync: the chunk and its temp file are gone.
+        data[0] ^= 1;
+        let store = LocalStore::open(dir.path().join("s"), opts).unwrap();
+        let id2 = store.put(&data).unwrap();
+        let fanout = store.chunk_path(&id2).parent().unwrap().to_path_buf();
+        drop(store);
+        assert!(!other.contains(&id2).unwrap());
+        let leftovers: Vec<_> = std::fs::read_dir(&fanout)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
+            .collect();
+        assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
     }
 }

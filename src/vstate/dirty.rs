@@ -16,12 +16,11 @@
 //! 1. [`kvm_dirty_log_selftest`] (once per process): a throw-away VM runs a few bytes of
 //!    64-bit code that write 64 known pages, twice, and every write must show up in
 //!    the log both times;
-//! 2. the VM's first full snapshot ([`LogState::Unverified`]): every chunk that differs
-//!    from what memory started with (zeros after boot, the snapshot after a restore)
-//!    must contain a page of the log. On PVM hosts (see `docs/PVM_HOSTS.md`) check 1
-//!    passes, because the self-test guest's code is emulated and emulated writes are
-//!    logged, but a Linux guest's own writes are not: check 2 catches that, and the VM
-//!    re-hashes from then on ([`LogState::Broken`]);
+//! 2. the VM's first [`REQUIRED_PASSES`] snapshots are full ([`LogState::Unverified`]),
+//!    and each checks that every chunk that differs from what memory held before (zeros
+//!    after boot, the snapshot after a restore, the previous snapshot) contains a page of
+//!    the log — the second check covers pages written again after the log was read. A
+//!    log that misses writes is not used for that VM again ([`LogState::Broken`]);
 //! 3. every incremental snapshot re-hashes a sample of 64 chunks the log calls clean;
 //!    a mismatch turns the log off for the VM and that snapshot re-hashes everything.
 //!
@@ -188,18 +187,37 @@ pub fn kvm_dirty_log_selftest(kvm: &Kvm) -> Result<bool, DirtyError> {
 pub enum LogState {
     /// Slots do not log dirty pages.
     Off,
-    /// Logging, not yet checked against this guest's real writes. `since_start`: the log
-    /// (with the VMM's own bitmap) has covered every write since guest memory held its
-    /// reference content (zeros at boot, the snapshot base after a restore), so the
-    /// next full snapshot can check it.
+    /// Logging, not yet trusted: full snapshots check it against this guest's real
+    /// writes until [`REQUIRED_PASSES`] checks in a row found every changed chunk in it.
     Unverified {
-        /// See above.
+        /// The log (with the VMM's own bitmap) has covered every write since guest
+        /// memory held its reference content (zeros at boot, the snapshot base after a
+        /// restore or a snapshot), so the next full snapshot can check it.
         since_start: bool,
+        /// Checks passed so far.
+        passes: u8,
     },
-    /// A full snapshot found every changed chunk in the log: incremental snapshots use it.
+    /// [`REQUIRED_PASSES`] full snapshots found every changed chunk in the log:
+    /// incremental snapshots use it.
     Trusted,
     /// The log missed writes: this VM re-hashes memory.
     Broken,
+}
+
+/// Full-snapshot checks the log must pass before incremental snapshots use it: the
+/// first sees writes to pages touched for the first time, the second writes to pages
+/// written before the log was last read (a different path in KVM, and the one nested
+/// hosts get wrong).
+pub const REQUIRED_PASSES: u8 = 2;
+
+impl LogState {
+    /// A log just turned on over memory whose content is known.
+    pub fn fresh() -> Self {
+        LogState::Unverified {
+            since_start: true,
+            passes: 0,
+        }
+    }
 }
 
 /// Whether this host's KVM dirty log passes [`kvm_dirty_log_selftest`] (run once per

@@ -121,7 +121,16 @@ struct Fixture {
 
 fn fixture(sizes: &[usize], compression: Compression, seed: u64) -> Fixture {
     let dir = TempDir::new("uffd");
-    let store = Arc::new(LocalStore::open(dir.path(), LocalStoreOptions { compression }).unwrap());
+    let store = Arc::new(
+        LocalStore::open(
+            dir.path(),
+            LocalStoreOptions {
+                compression,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
     let src = source(sizes.iter().sum(), seed);
     let mut regions = Vec::new();
     let mut off = 0;
@@ -501,8 +510,16 @@ fn fault_latency_raw_and_zstd() {
     let size = 8 << 20;
     for compression in [Compression::None, Compression::Zstd { level: 1 }] {
         let dir = TempDir::new("uffd-lat");
-        let store =
-            Arc::new(LocalStore::open(dir.path(), LocalStoreOptions { compression }).unwrap());
+        let store = Arc::new(
+            LocalStore::open(
+                dir.path(),
+                LocalStoreOptions {
+                    compression,
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        );
         let mut src = vec![0u8; size];
         let mut rng = Rng::new(37);
         compressible(&mut src, &mut rng);
