@@ -640,3 +640,28 @@ fn restore_from_a_repo_then_snapshot_creates_a_branch() {
         Ok(())
     });
 }
+
+#[test]
+fn snapshot_after_its_parent_was_removed_and_collected() {
+    check("parent_removed_and_collected", || {
+        let tmp = TempDir::new("repo-parent-gone");
+        let repo = tmp.join("repo");
+        let mut g = Changing::boot()?;
+        let (a, _, _) = g.snapshot(&repo, 1 << 20, None)?;
+        // Remove the VM's parent and collect its chunks: the next snapshot cannot reuse them.
+        repo_json("rm", &repo, &[&a.to_string()])?;
+        repo_json("gc", &repo, &[])?;
+        ensure(chunk_files(&repo).is_empty(), || "gc left chunks".into())?;
+        let (b, expect, rep) = g.snapshot(&repo, 1 << 20, None)?;
+        ensure(rep.parent == Some(a), || format!("parent {:?}", rep.parent))?;
+        drop(g);
+        let v = repo_json("verify", &repo, &[])?;
+        ensure(v["ok"] == true, || format!("verify: {v}"))?;
+        let ls = repo_json("ls", &repo, &[])?;
+        ensure(ls["snapshots"][0]["parent_listed"] == false, || {
+            format!("{ls}")
+        })?;
+        drop(restore_and_check(&repo, &b, &expect)?);
+        Ok(())
+    });
+}

@@ -481,30 +481,35 @@ pub fn render_tree(cat: &Catalogue) -> String {
     if cat.snapshots.is_empty() {
         out += "(no snapshots)\n";
     }
+    /// Prints `id` after `head`, its subtree under `cont`. A single child continues in the
+    /// same column (a linear history stays flat); several children branch out.
     fn walk(
         id: &SnapshotId,
         by_id: &BTreeMap<SnapshotId, &Entry>,
-        prefix: &str,
-        last: bool,
-        root: bool,
+        head: &str,
+        cont: &str,
         out: &mut String,
     ) {
         let Some(e) = by_id.get(id) else { return };
-        let (branch, next) = if root {
-            ("", String::new())
-        } else if last {
-            ("└── ", format!("{prefix}    "))
-        } else {
-            ("├── ", format!("{prefix}│   "))
-        };
-        *out += &format!("{prefix}{branch}{}\n", one_line(e));
-        // A straight line of single children stays at one indentation level.
+        *out += &format!("{head}{}\n", one_line(e));
+        if let [only] = e.children.as_slice() {
+            walk(only, by_id, cont, cont, out);
+            return;
+        }
         for (i, c) in e.children.iter().enumerate() {
-            walk(c, by_id, &next, i + 1 == e.children.len(), false, out);
+            let (h, n) = if i + 1 == e.children.len() {
+                ("└── ", "    ")
+            } else {
+                ("├── ", "│   ")
+            };
+            walk(c, by_id, &format!("{cont}{h}"), &format!("{cont}{n}"), out);
         }
     }
-    for r in &cat.roots {
-        walk(r, &by_id, "", true, true, &mut out);
+    for (i, r) in cat.roots.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        walk(r, &by_id, "", "", &mut out);
     }
     out
 }
@@ -580,6 +585,53 @@ pub fn describe_create(report: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(n: u8, parent: Option<u8>, children: &[u8]) -> Entry {
+        let id = |n: u8| SnapshotId::from_bytes([n; 32]);
+        Entry {
+            id: id(n),
+            short_id: id(n).short(),
+            parent: parent.map(id),
+            parent_listed: parent.is_some(),
+            children: children.iter().map(|c| id(*c)).collect(),
+            names: Vec::new(),
+            path: PathBuf::new(),
+            meta: None,
+            usage: None,
+            errors: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn tree_is_flat_for_a_line_and_branches_for_siblings() {
+        // 1 -> 2 -> {3 -> 5, 4}; 6 is another root.
+        let cat = Catalogue {
+            repo: PathBuf::new(),
+            roots: vec![
+                SnapshotId::from_bytes([1; 32]),
+                SnapshotId::from_bytes([6; 32]),
+            ],
+            snapshots: vec![
+                entry(1, None, &[2]),
+                entry(2, Some(1), &[3, 4]),
+                entry(3, Some(2), &[5]),
+                entry(4, Some(2), &[]),
+                entry(5, Some(3), &[]),
+                entry(6, None, &[]),
+            ],
+        };
+        let s = |n: u8| format!("{n:02x}").repeat(6);
+        let want = format!(
+            "{}\n{}\n├── {}\n│   {}\n└── {}\n\n{}\n",
+            s(1),
+            s(2),
+            s(3),
+            s(5),
+            s(4),
+            s(6)
+        );
+        assert_eq!(render_tree(&cat), want);
+    }
 
     #[test]
     fn utc_and_bytes_format() {

@@ -81,9 +81,28 @@ pub fn create_in_repo(
         .lock(LockMode::Shared, "snapshot create")
         .map_err(repo_err)?;
     let work = repo.new_work_dir("create").map_err(repo_err)?;
-    let result = create_into(vmm, &repo, &work, name);
+    let mut result = create_into(vmm, &repo, &work, name);
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&work);
+    }
+    // An incremental snapshot reuses its base's chunk ids without reading them; if the base
+    // was removed and garbage-collected since, they are gone. Take a full one instead.
+    if let Err(RepoCreateError::Repo {
+        source: RepoError::MissingChunks { count, .. },
+        ..
+    }) = &result
+        && vmm.snapshot_base.is_some()
+    {
+        log::warn!(
+            "{count} chunk(s) of the incremental base are gone from {} (removed and collected?); taking a full snapshot",
+            repo.root().display()
+        );
+        vmm.snapshot_base = None;
+        let work = repo.new_work_dir("create").map_err(repo_err)?;
+        result = create_into(vmm, &repo, &work, name);
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&work);
+        }
     }
     result
 }
