@@ -440,7 +440,16 @@ pub(crate) fn parse_request(head: &Head, body: &[u8]) -> Result<ApiRequest, Resp
             let req: SnapshotCreateRequest = json_body(head, body)?;
             match (req.path.as_os_str().is_empty(), &req.repo) {
                 (true, None) => {
-                    return Err(Response::error(400, "`path` must not be empty"));
+                    let given = serde_json::from_slice::<serde_json::Value>(body)
+                        .is_ok_and(|v| v.get("path").is_some());
+                    return Err(Response::error(
+                        400,
+                        if given {
+                            "`path` must not be empty"
+                        } else {
+                            "invalid request body: missing field `path` (or `repo`)"
+                        },
+                    ));
                 }
                 (false, Some(_)) => {
                     return Err(Response::error(400, "give `path` or `repo`, not both"));

@@ -239,6 +239,27 @@ fn server_side_errors_never_reach_the_vmm() {
             400,
             "must not be empty",
         ),
+        (
+            "PUT",
+            "/snapshot/create",
+            Some(r#"{"path":"p","repo":"r"}"#),
+            400,
+            "not both",
+        ),
+        (
+            "PUT",
+            "/snapshot/create",
+            Some(r#"{"repo":"r","store":"s"}"#),
+            400,
+            "cannot be used with `repo`",
+        ),
+        (
+            "PUT",
+            "/snapshot/create",
+            Some(r#"{"path":"p","name":"n"}"#),
+            400,
+            "`name` needs `repo`",
+        ),
         ("PUT", "/snapshot/create", Some(&big), 413, "exceeds"),
         (
             "PUT",
