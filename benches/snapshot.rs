@@ -1127,20 +1127,14 @@ fn idle_series(run: u64, root: &Path, kernel: &Path, mib: u64) {
     let _ = fs::remove_dir_all(&store);
 }
 
-/// The project's Linux guest, idle at 1 GiB: ten `vmm snapshot create --store` 2 s apart
-/// into one store (the VM runs on between them); storage against the first snapshot.
-fn linux_idle_series(run: u64, root: &Path) {
-    let Some(art) = artifacts() else {
-        println!("linux idle series: skipped (no guest artifacts)");
-        return;
-    };
-    let mib: u64 = env_or("SNAPSHOT_BENCH_LINUX_IDLE_MIB", 1024);
-    let rootfs = root.join("idle-rootfs.ext4");
+/// Starts the project's Linux guest (idle, `vmmtest.info`) on a copy of its root
+/// filesystem, with the API on `ROOT/NAME.sock`.
+fn spawn_linux(art: &Path, root: &Path, name: &str, mib: u64) -> (Proc, PathBuf) {
+    let rootfs = root.join(format!("{name}-rootfs.ext4"));
     fs::copy(art.join("rootfs.ext4"), &rootfs).expect("copy rootfs");
-    let sock = root.join("idle.sock");
-    let store = root.join("idle-linux-store");
+    let sock = root.join(format!("{name}.sock"));
     let cmdline = format!("{BASE_CMDLINE} init=/idle vmmtest.info");
-    let mut p = Proc::spawn(
+    let p = Proc::spawn(
         Command::new(vmm_bin())
             .arg("--kernel")
             .arg(format!(
@@ -1155,6 +1149,19 @@ fn linux_idle_series(run: u64, root: &Path) {
             .arg(&sock),
     )
     .expect("spawn vmm");
+    (p, sock)
+}
+
+/// The project's Linux guest, idle at 1 GiB: ten `vmm snapshot create --store` 2 s apart
+/// into one store (the VM runs on between them); storage against the first snapshot.
+fn linux_idle_series(run: u64, root: &Path) {
+    let Some(art) = artifacts() else {
+        println!("linux idle series: skipped (no guest artifacts)");
+        return;
+    };
+    let mib: u64 = env_or("SNAPSHOT_BENCH_LINUX_IDLE_MIB", 1024);
+    let store = root.join("idle-linux-store");
+    let (mut p, sock) = spawn_linux(&art, root, "idle", mib);
     if p.wait_for("vmmtest: info", Duration::from_secs(420))
         .is_none()
     {
@@ -1223,26 +1230,8 @@ fn linux_guest(root: &Path, creates: &Creates, restores: &Restores) {
         return;
     };
     let mib = 256;
-    let rootfs = root.join("rootfs.ext4");
-    fs::copy(art.join("rootfs.ext4"), &rootfs).expect("copy rootfs");
-    let sock = root.join("linux.sock");
     let snap = root.join("linux-snap");
-    let cmdline = format!("{BASE_CMDLINE} init=/idle vmmtest.info");
-    let mut p = Proc::spawn(
-        Command::new(vmm_bin())
-            .arg("--kernel")
-            .arg(format!(
-                "path={},cmdline=\"{cmdline}\"",
-                art.join("vmlinux").display()
-            ))
-            .arg("--memory")
-            .arg(format!("size_mib={mib}"))
-            .arg("--block")
-            .arg(format!("path={},root=true", rootfs.display()))
-            .arg("--api-sock")
-            .arg(&sock),
-    )
-    .expect("spawn vmm");
+    let (mut p, sock) = spawn_linux(&art, root, "linux", mib);
     let Some(i) = p.wait_for("vmmtest: info", Duration::from_secs(420)) else {
         println!(
             "linux guest: no `vmmtest: info` line; skipped\n{}",

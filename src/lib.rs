@@ -4,8 +4,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod api;
-pub mod archive;
 pub mod arch;
+pub mod archive;
 pub mod builder;
 pub mod builder_restore;
 pub mod config;

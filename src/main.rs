@@ -319,9 +319,7 @@ fn restore_vm(
     if let Err(e) = vm.watch_lazy_memory() {
         return fail(1, format!("lazy memory: {e}"));
     }
-    vm.repo_parent = cpu
-        .parent()
-        .and_then(vmm::repo::origin_of_snapshot_dir);
+    vm.repo_parent = cpu.parent().and_then(vmm::repo::origin_of_snapshot_dir);
     serve(vm, api)
 }
 
@@ -335,7 +333,10 @@ fn restore_archive(
 ) -> ExitCode {
     let started = std::time::Instant::now();
     if !blocks.is_empty() {
-        return fail(2, "--block cannot replace the disks of an archived VM".into());
+        return fail(
+            2,
+            "--block cannot replace the disks of an archived VM".into(),
+        );
     }
     let _term = vmm::vmm::TerminalGuard::new();
     let common = vmm::archive::cli::CommonRestore {

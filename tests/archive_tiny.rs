@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use remote::{Nginx, nginx_available};
+use tiny::harness::{check_ticks, deadline, ensure};
 use tiny::{Capture, Scenario, Spec, TempDir, TinyVm, Variant, guest};
 use vmm::archive::Source;
 use vmm::archive::restore::{ArchiveRestoreOptions, ArchiveSession, restore};
@@ -28,47 +29,13 @@ const PAT_BASE: u64 = 16 << 20;
 const PAT_LEN: u64 = 16 << 20;
 const PAT_XOR: u64 = 0x5eed_f00d_0bad_cafe;
 
-fn deadline() -> Instant {
-    Instant::now() + Duration::from_secs(30)
-}
-
-fn ensure(cond: bool, msg: impl FnOnce() -> String) -> Result<(), String> {
-    if cond { Ok(()) } else { Err(msg()) }
-}
-
+/// [`tiny::harness::check`], also skipped without nginx, with the VMM's logs shown.
 fn check(name: &str, body: impl FnOnce() -> Result<(), String>) {
-    if !tiny::have_kvm() || !nginx_available() {
+    if !nginx_available() {
         return;
     }
     let _ = env_logger::builder().is_test(true).try_init();
-    let t = Instant::now();
-    let res = body();
-    eprintln!("{name}: {:?}", t.elapsed());
-    if let Err(e) = res {
-        panic!("{name} failed: {e}");
-    }
-}
-
-/// The tick scenario's console: "serial set", then "tick 1", "tick 2", … without gap or
-/// repeat (a trailing partial line is ignored). Returns the last tick.
-fn check_ticks(stream: &str) -> Result<u32, String> {
-    let rest = stream
-        .strip_prefix("serial set\n")
-        .ok_or_else(|| format!("the stream does not start with \"serial set\": {stream:?}"))?;
-    let mut last = 0;
-    let mut lines = rest.split('\n').collect::<Vec<_>>();
-    lines.pop();
-    for line in lines {
-        let n: u32 = line
-            .strip_prefix("tick ")
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| format!("unexpected line {line:?} after tick {last}"))?;
-        if n != last + 1 {
-            return Err(format!("tick {n} follows tick {last}"));
-        }
-        last = n;
-    }
-    Ok(last)
+    tiny::harness::check(name, body);
 }
 
 /// A VM archived at `archive/vms/NAME`, and what it looked like at the snapshot.

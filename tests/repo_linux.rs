@@ -14,20 +14,6 @@ use std::time::Duration;
 
 use vmm::api::{ApiTarget, request};
 
-/// Checks that the ticks in `console` count 0, 1, 2, … with no gap and no repeat and
-/// returns the last one.
-fn check_consecutive(console: &str, token: &str, what: &str) -> u64 {
-    let t = ticks(console, token);
-    assert!(!t.is_empty(), "{what}: no ticks\n{console}");
-    for (i, n) in t.iter().enumerate() {
-        assert_eq!(
-            *n, i as u64,
-            "{what}: tick sequence broken at index {i}: {t:?}\n{console}"
-        );
-    }
-    *t.last().unwrap()
-}
-
 /// Waits until the counter prints a tick of at least `n`; returns it.
 fn wait_tick(r: &mut Running, token: &str, n: u64, timeout: Duration) -> Option<u64> {
     let deadline = std::time::Instant::now() + timeout;

@@ -14,12 +14,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress};
 use vmm::repo::{Repo, SnapshotId};
 use vmm::store::ChunkId;
 
+use tiny::harness::{check, deadline, ensure};
 use tiny::{Scenario, Spec, TempDir, TinyVm};
 
 /// Guest memory the tests overwrite while the guest is paused (the tiny guest does not use
@@ -29,26 +30,6 @@ const HOT_LEN: usize = 1 << 20;
 const AREAS: u64 = 18 << 20;
 /// Guest RAM of the tests' VMs.
 const MEM_MIB: u64 = 64;
-
-fn deadline() -> Instant {
-    Instant::now() + Duration::from_secs(30)
-}
-
-fn check(name: &str, body: impl FnOnce() -> Result<(), String>) {
-    if !tiny::have_kvm() {
-        return;
-    }
-    let t = Instant::now();
-    let res = body();
-    eprintln!("{name}: {:?}", t.elapsed());
-    if let Err(e) = res {
-        panic!("{name} failed: {e}");
-    }
-}
-
-fn ensure(cond: bool, msg: impl FnOnce() -> String) -> Result<(), String> {
-    if cond { Ok(()) } else { Err(msg()) }
-}
 
 /// xorshift64* bytes.
 fn random(seed: u64, len: usize) -> Vec<u8> {

@@ -9,20 +9,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-/// Checks that the ticks in `console` count 0, 1, 2, … with no gap and no repeat and
-/// returns the last one.
-fn check_consecutive(console: &str, token: &str, what: &str) -> u64 {
-    let t = ticks(console, token);
-    assert!(!t.is_empty(), "{what}: no ticks\n{console}");
-    for (i, n) in t.iter().enumerate() {
-        assert_eq!(
-            *n, i as u64,
-            "{what}: tick sequence broken at index {i}: {t:?}\n{console}"
-        );
-    }
-    *t.last().unwrap()
-}
-
 fn restore_and_check(dir: &Path, before: &str, token: &str, last_before: u64, what: &str) {
     let mut r = Running::spawn(&["restore".into(), dir.display().to_string()]);
     let want = format!("vmmtest: tick {token} {}", last_before + 4);

@@ -23,7 +23,9 @@ fn open(url: &str, cache: &Path, overlay: &Path) -> std::sync::Arc<dyn BlockBack
         cache_dir: Some(cache.to_path_buf()),
         ..Default::default()
     };
-    open_remote_disk(url, opts, Some(overlay)).expect("open remote disk").1
+    open_remote_disk(url, opts, Some(overlay))
+        .expect("open remote disk")
+        .1
 }
 
 fn contents(url: &str, cache: &Path, overlay: &Path) -> Vec<u8> {
@@ -105,13 +107,24 @@ fn snapshot_of_a_vm_on_a_remote_disk_restores_with_its_overlay() {
             n.starts_with("a.overlay.pre-restore-") && !n.ends_with(".map")
         })
         .collect();
-    assert_eq!(aside.len(), 1, "expected one moved-aside overlay: {aside:?}");
-    assert_eq!(contents(&url, &cache, &aside[0]), after, "the newer overlay was not kept");
+    assert_eq!(
+        aside.len(),
+        1,
+        "expected one moved-aside overlay: {aside:?}"
+    );
+    assert_eq!(
+        contents(&url, &cache, &aside[0]),
+        after,
+        "the newer overlay was not kept"
+    );
 
     // A clone on a fresh overlay path sees the snapshot's disk; the base is unchanged.
     let r = tiny::restore(&snap, Some(vec![disk("clone.overlay")]), true)
         .expect("restore onto a fresh overlay");
     drop(r);
-    assert_eq!(contents(&url, &cache, &tmp.join("clone.overlay")), at_snapshot);
+    assert_eq!(
+        contents(&url, &cache, &tmp.join("clone.overlay")),
+        at_snapshot
+    );
     assert_eq!(std::fs::read(&src).unwrap(), base);
 }

@@ -2,7 +2,8 @@
 //! memory, timers and the serial port across a snapshot/restore (and a second restore of the
 //! same snapshot), exact console output and serial input across chains of snapshots taken in
 //! the middle of port I/O, a virtio-blk request in flight at snapshot time, corrupt
-//! snapshots, and chunk deduplication in a shared store.
+//! snapshots, lazy restore of a corrupt chunk, disk identity on restore. (Deduplication and
+//! incremental snapshots: `tests/tiny_incremental.rs`.)
 //!
 //! The tests drive the VMs on the test thread (`tiny::boot` / `tiny::restore`); every wait
 //! has a deadline. Each test skips, printing `SKIP:`, only when /dev/kvm cannot be opened.
@@ -15,61 +16,15 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vm_memory::Bytes;
 use vmm::config::BlockConfig;
 use vmm::devices::bus::lock;
-use vmm::snapshot::ChunkEntry;
 use vmm::vstate::exit::ExitReason;
 
-use tiny::snap::{changed_chunks, dirty, manifest};
+use tiny::harness::{check, check_ticks, deadline, ensure};
 use tiny::{Scenario, Spec, TempDir, TinyVm, Variant, guest};
-
-/// Every wait of a test ends by then.
-fn deadline() -> Instant {
-    Instant::now() + Duration::from_secs(30)
-}
-
-/// Runs a test body; a failure panics with its message (which carries console output).
-fn check(name: &str, body: impl FnOnce() -> Result<(), String>) {
-    if !tiny::have_kvm() {
-        return;
-    }
-    let t = Instant::now();
-    let res = body();
-    eprintln!("{name}: {:?}", t.elapsed());
-    if let Err(e) = res {
-        panic!("{name} failed: {e}");
-    }
-}
-
-fn ensure(cond: bool, msg: impl FnOnce() -> String) -> Result<(), String> {
-    if cond { Ok(()) } else { Err(msg()) }
-}
 
 // ---------------------------------------------------------------------------------------
 // 1 + 2: registers, memory, timer and serial state across snapshot/restore.
-
-/// Checks the tick scenario's console stream: "serial set", then "tick 1", "tick 2", ...
-/// without gap or repeat (a trailing partial line is ignored). Returns the last tick.
-fn check_ticks(stream: &str) -> Result<u32, String> {
-    let rest = stream
-        .strip_prefix("serial set\n")
-        .ok_or_else(|| format!("the stream does not start with \"serial set\": {stream:?}"))?;
-    let mut last = 0;
-    let mut lines = rest.split('\n').collect::<Vec<_>>();
-    lines.pop(); // after the last '\n': partial or empty
-    for line in lines {
-        let n: u32 = line
-            .strip_prefix("tick ")
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| format!("unexpected line {line:?} after tick {last}"))?;
-        if n != last + 1 {
-            return Err(format!("tick {n} follows tick {last}"));
-        }
-        last = n;
-    }
-    Ok(last)
-}
 
 /// Waits until `pre` + the console of `vm` holds at least `target` ticks, then checks the
 /// whole stream. Returns the last tick.
@@ -710,192 +665,6 @@ fn corrupt_snapshots_are_rejected_with_clear_errors() {
         }
         ensure(failures.is_empty(), || failures.join("\n"))
     });
-}
-
-// ---------------------------------------------------------------------------------------
-// 5: chunk deduplication in a shared store.
-
-/// Guest addresses of the manifest entries that differ between `a` and `b`.
-/// Two snapshots of the same paused VM into one store: the second adds nothing. After the
-/// guest writes to three 64 KiB chunks (and the host to the mailbox chunk), a snapshot adds
-/// exactly those four chunks (plus, the first time, the page-table chunk whose accessed and
-/// dirty bits the CPU set); after a mailbox-only change, one.
-#[test]
-fn snapshots_in_a_shared_store_dedup_unchanged_chunks() {
-    check("snapshots_in_a_shared_store_dedup_unchanged_chunks", || {
-        let tmp = TempDir::new("dedup");
-        let store = tmp.join("store");
-        let mut vm = tiny::boot(Spec::new(Scenario::SnapDirty), Vec::new())?;
-        vm.wait_for(deadline(), "dirty: ready\n")?;
-        vm.pause()?;
-        let s1 = vm.snapshot(&tmp.join("s1"), Some(&store))?.memory;
-        let s2 = vm.snapshot(&tmp.join("s2"), Some(&store))?.memory;
-        eprintln!("  s1 {s1:?}\n  s2 {s2:?}");
-        ensure(s1.chunks_new > 0 && s1.bytes_written > 0, || {
-            format!("the first snapshot stored nothing: {s1:?}")
-        })?;
-        ensure(
-            s2.chunks_new == 0
-                && s2.bytes_written == 0
-                // Unchanged chunks are re-hashed and found in the store (deduped), or
-                // taken from s1 unread when the dirty log is trusted (reused).
-                && s2.chunks_deduped + s2.chunks_reused + s2.chunks_zero == s1.chunks_total,
-            || format!("the second snapshot of the unchanged VM: {s2:?} (first {s1:?})"),
-        )?;
-        let (m1, m2) = (manifest(&tmp.join("s1"))?, manifest(&tmp.join("s2"))?);
-        ensure(m1 == m2, || "the manifests of s1 and s2 differ".into())?;
-
-        let chunk = m1.chunk_size;
-        let mailbox = guest::MAILBOX / chunk * chunk;
-        let addrs = [0x50_0000, 0x50_0ff8, 0x5a_0000, 0x1f0_0000];
-        let mut expected = vec![0x50_0000, 0x5a_0000, 0x1f0_0000, mailbox];
-        expected.sort();
-        // First touch of these 2 MiB pages: the CPU also sets the accessed and dirty bits
-        // of their page-directory entries, in the identity page tables in chunk 0.
-        dirty(&mut vm, 1, &addrs)?;
-        let s3 = vm.snapshot(&tmp.join("s3"), Some(&store))?.memory;
-        let m3 = manifest(&tmp.join("s3"))?;
-        let changed = changed_chunks(&m1, &m3);
-        eprintln!("  s3 {s3:?}, changed {changed:x?}");
-        let with_pt = [vec![0], expected.clone()].concat();
-        ensure(changed == expected || changed == with_pt, || {
-            format!(
-                "chunks changed by the guest's first writes: {changed:x?}, expected {expected:x?} (and maybe 0)"
-            )
-        })?;
-        ensure(s3.chunks_new == changed.len() as u64, || {
-            format!(
-                "s3 added {} chunks, {} changed: {s3:?}",
-                s3.chunks_new,
-                changed.len()
-            )
-        })?;
-
-        // The same pages again, new values: exactly the three data chunks and the mailbox.
-        dirty(&mut vm, 2, &addrs)?;
-        let s4 = vm.snapshot(&tmp.join("s4"), Some(&store))?.memory;
-        let m4 = manifest(&tmp.join("s4"))?;
-        let changed = changed_chunks(&m3, &m4);
-        eprintln!("  s4 {s4:?}, changed {changed:x?}");
-        ensure(changed == expected, || {
-            format!("chunks changed by the guest: {changed:x?}, expected {expected:x?}")
-        })?;
-        ensure(s4.chunks_new == expected.len() as u64, || {
-            format!(
-                "s4 added {} chunks, expected {}: {s4:?}",
-                s4.chunks_new,
-                expected.len()
-            )
-        })?;
-
-        // A command that writes nothing: only the mailbox chunk changes.
-        dirty(&mut vm, 3, &[])?;
-        let s5 = vm.snapshot(&tmp.join("s5"), Some(&store))?.memory;
-        let changed = changed_chunks(&m4, &manifest(&tmp.join("s5"))?);
-        ensure(s5.chunks_new == 1 && changed == vec![mailbox], || {
-            format!("s5 (mailbox only): {s5:?}, changed {changed:x?}")
-        })?;
-        drop(vm);
-
-        // s4 restores from the shared store with the guest's writes.
-        let r = tiny::restore(&tmp.join("s4"), None, true)?;
-        for &a in &addrs {
-            let got = vm_memory::Bytes::read_obj::<u64>(&r.vmm.mem, vm_memory::GuestAddress(a))
-                .map_err(|e| e.to_string())?;
-            ensure(got == 2 << 32 | a, || {
-                format!(
-                    "restored s4 has {got:#x} at {a:#x}, expected {:#x}",
-                    2u64 << 32 | a
-                )
-            })?;
-        }
-        let zero_chunks = m3.regions[0]
-            .chunks
-            .iter()
-            .filter(|c| **c == ChunkEntry::Zero)
-            .count() as u64;
-        // An incremental save copies clean entries (zero ones included) unread: those
-        // count as reused, not as zero.
-        let zero_ok = if s3.chunks_reused == 0 {
-            zero_chunks == s3.chunks_zero
-        } else {
-            s3.chunks_zero <= zero_chunks
-        };
-        ensure(zero_ok, || {
-            format!(
-                "{zero_chunks} zero entries in the s3 manifest, stats say {} ({} reused)",
-                s3.chunks_zero, s3.chunks_reused
-            )
-        })?;
-        Ok(())
-    });
-}
-
-// ---------------------------------------------------------------------------------------
-// An idle 1 GiB guest: the snapshot stores no more than the guest's non-zero memory.
-
-#[test]
-fn idle_1gib_snapshot_stores_at_most_the_nonzero_memory() {
-    check(
-        "idle_1gib_snapshot_stores_at_most_the_nonzero_memory",
-        || {
-            let tmp = TempDir::new("idle1g");
-            let mut spec = Spec::new(Scenario::SnapDirty);
-            spec.mem_mib = 1024;
-            let mut vm = tiny::boot(spec, Vec::new())?;
-            vm.wait_for(deadline(), "dirty: ready\n")?;
-            vm.pause()?;
-            // Count the guest's non-zero bytes, 4 KiB page by page, from the host.
-            let mut nonzero_pages = 0u64;
-            let mut page = vec![0u8; 4096];
-            let mut addr = 0u64;
-            while addr < 1024 << 20 {
-                vm.vmm
-                    .mem
-                    .read_slice(&mut page, vm_memory::GuestAddress(addr))
-                    .map_err(|e| format!("read {addr:#x}: {e}"))?;
-                if page.iter().any(|&b| b != 0) {
-                    nonzero_pages += 1;
-                }
-                addr += 4096;
-            }
-            let nonzero = nonzero_pages * 4096;
-            let s = vm.snapshot(&tmp.join("s"), None)?.memory;
-            let stored: u64 = walk_size(&tmp.join("s").join("chunks"));
-            eprintln!("  nonzero {nonzero} bytes, stored {stored} bytes on disk, {s:?}");
-            ensure(nonzero > 0, || "the guest has no non-zero memory?".into())?;
-            ensure(
-                s.bytes_written <= nonzero && stored <= nonzero + 4096 * s.chunks_new,
-                || {
-                    format!(
-                        "stored {} bytes ({stored} on disk) for {nonzero} non-zero bytes",
-                        s.bytes_written
-                    )
-                },
-            )?;
-            ensure(
-                s.chunks_zero + s.chunks_new + s.chunks_deduped == s.chunks_total,
-                || format!("chunk counts do not add up: {s:?}"),
-            )?;
-            Ok(())
-        },
-    );
-}
-
-/// Sum of the sizes of the regular files under `dir`.
-fn walk_size(dir: &Path) -> u64 {
-    let mut total = 0;
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                total += walk_size(&p);
-            } else if let Ok(m) = e.metadata() {
-                total += m.len();
-            }
-        }
-    }
-    total
 }
 
 /// A lazily restored VM whose snapshot has a corrupt chunk starts (memory is fetched on

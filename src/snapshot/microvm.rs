@@ -13,8 +13,8 @@ use crate::arch::x86_64::vm_state::VmState;
 use crate::config::VmConfig;
 use crate::devices::legacy::SerialDeviceState;
 use crate::devices::virtio::block::BlockDeviceState;
-use crate::disk::overlay_capture::OverlayManifest;
 use crate::devices::virtio::mmio::MmioTransportState;
+use crate::disk::overlay_capture::OverlayManifest;
 
 /// File name of the state file inside a snapshot directory.
 pub const STATE_FILE: &str = "state";

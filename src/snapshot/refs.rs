@@ -36,11 +36,10 @@ pub enum RefsError {
 /// the chunks of captured disk overlays. Zero chunks are not listed (never stored).
 pub fn chunk_refs(dir: &Path) -> Result<BTreeSet<ChunkId>, RefsError> {
     let state_path = dir.join(STATE_FILE);
-    let state: MicrovmState =
-        read_state_file(&state_path).map_err(|source| RefsError::State {
-            path: state_path.clone(),
-            source,
-        })?;
+    let state: MicrovmState = read_state_file(&state_path).map_err(|source| RefsError::State {
+        path: state_path.clone(),
+        source,
+    })?;
     let mem_path = dir.join(MEMORY_FILE);
     let manifest = MemoryManifest::read_from(&mem_path).map_err(|source| RefsError::Memory {
         path: mem_path.clone(),

@@ -8,14 +8,18 @@
 //! put the page's whole chunk in place:
 //!
 //! - a [`ChunkEntry::Zero`] chunk is mapped to the zero page (`UFFDIO_ZEROPAGE`);
-//! - a stored chunk is read with [`ChunkStore::get_into`] (which checks its hash) into
-//!   a buffer owned by the handler, then copied in atomically (`UFFDIO_COPY`).
+//! - a stored chunk is handed to one of a few fetch workers (`uffd-fetch-<i>`,
+//!   [`LazyOptions::fetch_threads`]), which reads it with [`ChunkStore::get_into`]
+//!   (which checks its hash) into its own buffer, then copies it in atomically
+//!   (`UFFDIO_COPY`, which wakes every thread waiting on it). Several faults, on
+//!   different chunks, are thus served at once; faults on a chunk being fetched just
+//!   wait for its copy.
 //!
 //! So restore costs time proportional to the number of regions, not memory size, and
 //! only the chunks the guest touches are ever read. The handler thread never touches
 //! guest memory itself (it would fault on it and wait for itself): all its writes go
 //! through the userfaultfd ioctls. [`LazyMemory::fill_in_background`] optionally
-//! fetches every remaining chunk while no fault is pending.
+//! fetches every remaining chunk, with at most half the workers, so faults find a free one.
 //!
 //! # When a chunk cannot be fetched
 //!
@@ -39,6 +43,7 @@
 //!   read as zeros. Stop only once the guest and devices will not touch the memory
 //!   again, or after [`LazyMemory::wait_complete`].
 
+mod fetch;
 mod sys;
 #[cfg(test)]
 mod tests;
@@ -55,7 +60,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use self::sys::{Uffd, UffdMsg};
 use crate::snapshot::manifest::{ChunkEntry, RegionManifest};
-use crate::store::{ChunkId, ChunkStore, MAX_CHUNK_LEN, StoreError};
+use crate::store::{ChunkStore, MAX_CHUNK_LEN};
 
 /// Page size the ranges and chunks are aligned to.
 const PAGE_SIZE: usize = 4096;
@@ -140,6 +145,8 @@ pub struct LazyOptions {
     pub fetch_attempts: u32,
     /// Wait before the second try; doubled before each further one.
     pub retry_backoff: Duration,
+    /// Chunks fetched and placed at once (worker threads); at least 1.
+    pub fetch_threads: usize,
 }
 
 impl Default for LazyOptions {
@@ -149,6 +156,7 @@ impl Default for LazyOptions {
         LazyOptions {
             fetch_attempts: 4,
             retry_backoff: Duration::from_millis(20),
+            fetch_threads: 4,
         }
     }
 }
@@ -321,15 +329,25 @@ impl LazyMemory {
             fill: AtomicBool::new(false),
         });
         let ctl = new_evt()?;
+        let uffd = Arc::new(uffd);
+        let pool = fetch::Pool::start(
+            options.fetch_threads,
+            Arc::clone(&uffd),
+            store,
+            Arc::clone(&shared),
+            options,
+            chunk_size,
+        )
+        .map_err(UffdError::Spawn)?;
         let handler = Handler {
             uffd: Some(uffd),
             ctl: ctl.try_clone().map_err(UffdError::EventFd)?,
             regions,
             chunk_size,
-            store,
-            buf: vec![0; chunk_size],
+            pool,
             shared: Arc::clone(&shared),
-            options,
+            fill_limit: options.fetch_threads.div_ceil(2).max(1),
+            fills_in_flight: 0,
             fill_cursor: (0, 0),
             fill_exhausted: false,
         };
@@ -375,8 +393,8 @@ impl LazyMemory {
         &self.shared.fatal_evt
     }
 
-    /// Asks the handler to fetch every stored chunk not yet placed, one at a time
-    /// whenever no fault is pending (faults keep priority). Zero chunks need no
+    /// Asks the handler to fetch every stored chunk not yet placed, with at most half
+    /// the fetch workers (faults keep the others). Zero chunks need no
     /// filling: once every stored chunk is placed, the memory reads correctly even
     /// without the handler.
     pub fn fill_in_background(&self) {
@@ -488,6 +506,8 @@ impl Drop for LazyMemory {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum ChunkState {
     Pending,
+    /// Handed to a fetch worker; its copy will wake whoever faults on it meanwhile.
+    Fetching,
     Placed,
     Failed,
 }
@@ -572,16 +592,18 @@ enum Origin {
 
 /// The handler thread's state.
 struct Handler {
-    /// `None` only once leaked or closed in `Drop`.
-    uffd: Option<Uffd>,
+    /// `None` only once leaked or closed in `Drop`. Shared with the fetch workers.
+    uffd: Option<Arc<Uffd>>,
     ctl: EventFd,
     regions: Vec<Region>,
     chunk_size: usize,
-    store: Arc<dyn ChunkStore>,
-    /// Chunk fetch buffer: the handler never writes guest memory directly.
-    buf: Vec<u8>,
+    /// Fetch workers: the handler never writes guest memory itself.
+    pool: fetch::Pool,
     shared: Arc<Shared>,
-    options: LazyOptions,
+    /// Background-fill chunks allowed in the workers at once (the rest of the workers
+    /// stay free for faults).
+    fill_limit: usize,
+    fills_in_flight: usize,
     /// Next (region, chunk) the background fill looks at.
     fill_cursor: (usize, usize),
     fill_exhausted: bool,
@@ -595,10 +617,17 @@ impl Drop for Handler {
             self.shared
                 .set_fatal("the userfaultfd handler thread panicked".into());
         }
+        // The workers finish first: none may still copy into guest memory.
+        self.pool.shutdown();
         if let Some(uffd) = self.uffd.take()
             && self.shared.is_fatal()
         {
-            uffd.leak();
+            // Never closed: the registrations stay. The workers are gone, so this
+            // is the only reference.
+            match Arc::try_unwrap(uffd) {
+                Ok(uffd) => uffd.leak(),
+                Err(shared) => std::mem::forget(shared),
+            }
         }
     }
 }
@@ -625,12 +654,18 @@ impl Handler {
     fn run(mut self) {
         let mut msgs = [UffdMsg::default(); MSGS_PER_READ];
         while !self.shared.stop.load(Ordering::Acquire) {
-            let filling = !self.fill_exhausted && self.shared.fill.load(Ordering::Acquire);
+            let filling = !self.fill_exhausted
+                && self.fills_in_flight < self.fill_limit
+                && self.shared.fill.load(Ordering::Acquire);
             let ready = sys::poll_readable(
-                [self.uffd().raw_fd(), self.ctl.as_raw_fd()],
+                [
+                    self.uffd().raw_fd(),
+                    self.ctl.as_raw_fd(),
+                    fetch::done_fd(&self.pool),
+                ],
                 if filling { 0 } else { -1 },
             );
-            let [faults, ctl] = match ready {
+            let [faults, ctl, done] = match ready {
                 Ok(r) => r,
                 Err(e) => {
                     self.shared
@@ -641,6 +676,10 @@ impl Handler {
             if ctl {
                 // Only a wake-up: the flags in `shared` say what to do.
                 let _ = self.ctl.read();
+            }
+            if done {
+                let _ = self.pool.done_evt.read();
+                self.finish_jobs();
             }
             if faults {
                 if let Err(e) = self.drain(&mut msgs) {
@@ -691,6 +730,7 @@ impl Handler {
         };
         match self.regions[ri].state[ci] {
             ChunkState::Pending => self.place_chunk(ri, ci, Origin::Fault),
+            ChunkState::Fetching => Shared::add(&self.shared.repeat_faults, 1),
             ChunkState::Placed => {
                 // Usually the page is there and the faulting thread only needs a
                 // wake-up; if it was discarded since, the zero page is right.
@@ -708,49 +748,54 @@ impl Handler {
         Shared::add(&self.shared.fault_service_ns, ns);
     }
 
-    /// Puts chunk `ci` of region `ri` in place.
+    /// Puts chunk `ci` of region `ri` in place: a zero chunk here and now, a stored
+    /// one through a fetch worker.
     fn place_chunk(&mut self, ri: usize, ci: usize, origin: Origin) {
         let r = &self.regions[ri];
         let off = ci * self.chunk_size;
         let len = self.chunk_size.min(r.len - off);
         let dst = r.host + off;
         let gpa = r.gpa + off as u64;
-        // Counters are updated before the ioctl that wakes the faulting thread, so
-        // that thread sees them.
-        let s = &self.shared;
-        let placed = match r.chunks[ci] {
+        match r.chunks[ci] {
             ChunkEntry::Zero => {
-                Shared::add(&s.chunks_zero, 1);
-                self.uffd().place(dst, len, None)
+                Shared::add(&self.shared.chunks_zero, 1);
+                match self.uffd().place(dst, len, None) {
+                    Ok(_) => self.regions[ri].state[ci] = ChunkState::Placed,
+                    Err(e) => self.io_error(e, dst, ri, ci),
+                }
             }
             ChunkEntry::Chunk(id) => {
-                if let Err(e) = self.fetch(&id, len) {
-                    self.regions[ri].state[ci] = ChunkState::Failed;
-                    self.shared.set_fatal(format!(
-                        "cannot fetch chunk {id} for guest address {gpa:#x} \
-                         (host {dst:#x}): {}",
-                        chain(&e)
-                    ));
-                    return;
-                }
-                let s = &self.shared;
-                Shared::add(&s.chunks_fetched, 1);
+                self.regions[ri].state[ci] = ChunkState::Fetching;
                 if origin == Origin::Fill {
-                    Shared::add(&s.chunks_prefetched, 1);
+                    self.fills_in_flight += 1;
                 }
-                s.data_chunks_remaining.fetch_sub(1, Ordering::AcqRel);
-                Shared::add(&s.bytes_copied, len as u64);
-                let placed = self.uffd().place(dst, len, Some(&self.buf[..len]));
-                let bytes = *placed.as_ref().unwrap_or(&0);
-                // Pages found already present were not copied.
-                s.bytes_copied
-                    .fetch_sub((len - bytes) as u64, Ordering::Relaxed);
-                placed
+                self.pool.submit(fetch::Job {
+                    ri,
+                    ci,
+                    id,
+                    dst,
+                    len,
+                    gpa,
+                    origin,
+                });
             }
-        };
-        match placed {
-            Ok(_) => self.regions[ri].state[ci] = ChunkState::Placed,
-            Err(e) => self.io_error(e, dst, ri, ci),
+        }
+    }
+
+    /// Records the chunks the workers have finished.
+    fn finish_jobs(&mut self) {
+        while let Some(done) = self.pool.try_done() {
+            if done.origin == Origin::Fill {
+                self.fills_in_flight = self.fills_in_flight.saturating_sub(1);
+            }
+            match done.result {
+                Ok(()) => self.regions[done.ri].state[done.ci] = ChunkState::Placed,
+                Err(fetch::Failure::Fetch(msg)) => {
+                    self.regions[done.ri].state[done.ci] = ChunkState::Failed;
+                    self.shared.set_fatal(msg);
+                }
+                Err(fetch::Failure::Place(e)) => self.io_error(e, done.dst, done.ri, done.ci),
+            }
         }
     }
 
@@ -769,32 +814,6 @@ impl Handler {
             "cannot place guest memory at host address {dst:#x} (guest {:#x}): {e}",
             self.regions[ri].gpa + (dst - self.regions[ri].host) as u64
         ));
-    }
-
-    /// Reads chunk `id` of `len` bytes into `buf`, retrying with backoff.
-    fn fetch(&mut self, id: &ChunkId, len: usize) -> Result<(), StoreError> {
-        let attempts = self.options.fetch_attempts.max(1);
-        let mut delay = self.options.retry_backoff;
-        let mut attempt = 1;
-        loop {
-            match self.store.get_into(id, &mut self.buf[..len]) {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    Shared::add(&self.shared.errors, 1);
-                    warn!("fetching chunk {id} failed (try {attempt}/{attempts}): {e}");
-                    if attempt >= attempts || self.shared.stop.load(Ordering::Acquire) {
-                        return Err(e);
-                    }
-                }
-            }
-            // Sleep, but wake up early to stop.
-            let ms = delay.as_millis().min(i32::MAX as u128) as i32;
-            if let Ok([true]) = sys::poll_readable([self.ctl.as_raw_fd()], ms) {
-                let _ = self.ctl.read();
-            }
-            delay = delay.saturating_mul(2);
-            attempt += 1;
-        }
     }
 
     /// Places the next stored chunk not yet placed, if any.

@@ -268,3 +268,17 @@ pub fn ticks(console: &str, token: &str) -> Vec<u64> {
         })
         .collect()
 }
+
+/// Checks that the ticks in `console` count 0, 1, 2, … with no gap and no repeat and
+/// returns the last one.
+pub fn check_consecutive(console: &str, token: &str, what: &str) -> u64 {
+    let t = ticks(console, token);
+    assert!(!t.is_empty(), "{what}: no ticks\n{console}");
+    for (i, n) in t.iter().enumerate() {
+        assert_eq!(
+            *n, i as u64,
+            "{what}: tick sequence broken at index {i}: {t:?}\n{console}"
+        );
+    }
+    *t.last().unwrap()
+}

@@ -23,6 +23,7 @@ use vmm::vstate::exit::ExitReason;
 const GUEST_SRC: &str = include_str!("guest.s");
 const LINKER_SCRIPT: &str = include_str!("link.ld");
 
+pub mod harness;
 pub mod snap;
 
 /// Constants shared with `guest.s` (keep in sync).

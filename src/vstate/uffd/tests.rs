@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::snapshot::manifest::{MemoryManifest, save_memory};
+use crate::store::ChunkId;
 use crate::store::codec::Compression;
 use crate::store::local::{LocalStore, LocalStoreOptions};
 use crate::store::testutil::{Rng, TempDir};
@@ -343,6 +344,7 @@ fn check_unfetchable_chunk(damage: impl FnOnce(&std::path::Path), expect: &str) 
     let options = LazyOptions {
         fetch_attempts: 3,
         retry_backoff: Duration::from_millis(5),
+        ..Default::default()
     };
     let (maps, lazy) = start(&f, options);
     let base = maps[0].addr;
@@ -555,4 +557,91 @@ fn fault_latency_raw_and_zstd() {
         assert_eq!(st.chunks_fetched, (size / CHUNK) as u64);
         assert!(read_at(addr, size) == src);
     }
+}
+
+/// A store whose reads wait until `want` of them are in progress at once (or 2 s
+/// pass), recording the most seen together.
+struct GateStore {
+    inner: Arc<LocalStore>,
+    want: usize,
+    now: std::sync::Mutex<usize>,
+    cv: std::sync::Condvar,
+    max: std::sync::atomic::AtomicUsize,
+}
+
+impl ChunkStore for GateStore {
+    fn put(&self, data: &[u8]) -> crate::store::Result<crate::store::ChunkId> {
+        self.inner.put(data)
+    }
+
+    fn get(&self, id: &crate::store::ChunkId) -> crate::store::Result<Vec<u8>> {
+        {
+            let mut n = self.now.lock().unwrap();
+            *n += 1;
+            self.max.fetch_max(*n, Ordering::SeqCst);
+            self.cv.notify_all();
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while *n < self.want && Instant::now() < deadline {
+                n = self
+                    .cv
+                    .wait_timeout(n, Duration::from_millis(10))
+                    .unwrap()
+                    .0;
+            }
+        }
+        let r = self.inner.get(id);
+        *self.now.lock().unwrap() -= 1;
+        r
+    }
+
+    fn contains(&self, id: &crate::store::ChunkId) -> crate::store::Result<bool> {
+        self.inner.contains(id)
+    }
+}
+
+#[test]
+fn faults_on_different_chunks_are_fetched_at_once() {
+    let f = fixture(&[1 << 20], Compression::None, 31);
+    let gate = Arc::new(GateStore {
+        inner: f.store.clone(),
+        want: 3,
+        now: std::sync::Mutex::new(0),
+        cv: std::sync::Condvar::new(),
+        max: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let map = Mapping::new(1 << 20);
+    let regions = vec![(map.addr, map.len, f.manifest.regions[0].clone())];
+    // SAFETY: a fresh private anonymous mapping owned by the test, alive until the
+    // LazyMemory is stopped, accessed only through raw pointers.
+    let lazy = unsafe {
+        LazyMemory::start_with_options(regions, CHUNK, gate.clone(), LazyOptions::default())
+    }
+    .expect("start lazy memory");
+    let stored: Vec<usize> = f.manifest.regions[0]
+        .chunks
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| matches!(c, ChunkEntry::Chunk(_)))
+        .map(|(i, _)| i)
+        .take(3)
+        .collect();
+    assert_eq!(stored.len(), 3, "the fixture has stored chunks");
+    let readers: Vec<_> = stored
+        .iter()
+        .map(|&c| {
+            let addr = map.addr + c * CHUNK;
+            std::thread::spawn(move || (c, read_at(addr, CHUNK)))
+        })
+        .collect();
+    for t in readers {
+        let (c, got) = t.join().unwrap();
+        assert_eq!(got, f.src[c * CHUNK..(c + 1) * CHUNK], "chunk {c}");
+    }
+    let stats = lazy.stop();
+    assert_eq!(stats.chunks_fetched, 3);
+    assert!(
+        gate.max.load(Ordering::SeqCst) >= 3,
+        "three faults on three chunks were fetched one after another (at most {} at once)",
+        gate.max.load(Ordering::SeqCst)
+    );
 }
