@@ -296,6 +296,36 @@ def main():
             "MiB",
             log=True,
         )
+    idle = read(os.path.join(d, "idle_series.csv"), lambda r: r.get("guest", "tiny"))
+    if idle:
+        # Store size after each of the ten snapshots, relative to the first one.
+        guests = []
+        for r in idle:
+            g = r.get("guest", "tiny")
+            if g not in guests:
+                guests.append(g)
+        snaps = sorted({int(r["snapshot"]) for r in idle})
+        names = {"tiny": "tiny guest (synthetic memory)", "linux": "Linux, idle"}
+        series = []
+        for g in guests:
+            rows = {int(r["snapshot"]): r for r in idle if r.get("guest", "tiny") == g}
+            mem = int(next(iter(rows.values()))["mem_mib"])
+            first = int(rows[min(rows)]["store_bytes"]) / (1 << 20)
+            series.append(
+                (
+                    f"{names.get(g, g)}, {mem} MiB (first: {first:.2f} MiB)",
+                    [num(rows[i]["ratio_to_first"]) if i in rows else None for i in snaps],
+                )
+            )
+        bar_chart(
+            os.path.join(d, "idle_series.svg"),
+            "Ten snapshots into one store: store size ÷ the first snapshot's",
+            [str(i) for i in snaps],
+            series,
+            "× first snapshot (chunk store only)",
+            hlines=[(1.1, "target ≤ 1.1× after 10")],
+            note="snapshot number; tiny: resumed 200 ms between snapshots; Linux: idle, 2 s apart (vmm snapshot create --store)",
+        )
     if host:
         names = [
             ("memcpy_warm", "memcpy"),
@@ -318,17 +348,37 @@ def main():
         )
 
 
+def started(rows):
+    """'Run started …' line for a table, from the CSV's `run` column (unix seconds)."""
+    import datetime
+
+    ids = [int(r["run"]) for r in rows if r.get("run", "").isdigit()]
+    if not ids:
+        return []
+    ts = sorted({datetime.datetime.fromtimestamp(i, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M") for i in ids})
+    return [f"*Run started {' and '.join(ts)} UTC.*", ""]
+
+
 def summary(d):
     """Writes DIR/summary.md: the latest figures of every CSV as Markdown tables."""
     L = []
     run = os.path.join(d, "run.txt")
     if os.path.exists(run):
-        L += ["```", open(run).read().rstrip(), "```", ""]
+        L += [
+            "`run.txt` (the last `scripts/bench.sh` call; benches it did not run keep their "
+            "earlier CSV, and each table says when its run started):",
+            "",
+            "```",
+            open(run).read().rstrip(),
+            "```",
+            "",
+        ]
     snap = read(os.path.join(d, "snapshot.csv"), lambda r: (r["guest"], r["mem_mib"]))
     order = {"synthetic": 0, "synthetic-tmpfs": 1, "linux": 2}
     snap.sort(key=lambda r: (order.get(r["guest"], 3), int(r["mem_mib"])))
     mib = 1 << 20
     if snap:
+        L += started(snap)
         L += [
             "| guest | memory | non-zero pages | non-zero chunks | chunks new / deduped | raw new | stored | create | target | create ÷ target |",
             "|---|---|---|---|---|---|---|---|---|---|",
@@ -364,6 +414,7 @@ def summary(d):
             if k not in keys:
                 keys.append(k)
         keys.sort(key=lambda k: (order.get(k[0], 3), int(k[1])))
+        L += started(rest)
         L += [
             "Restore, milliseconds: median (min) of the warm runs; cold = one run after dropping the page cache.",
             "",
@@ -385,6 +436,7 @@ def summary(d):
         L.append("")
     incr = read(os.path.join(d, "incremental.csv"), lambda r: ())
     if incr:
+        L += started(incr)
         L += [
             f"Incremental ({incr[0]['mem_mib']} MiB, one shared store per method, each snapshot after dirtying the given share of pages since the previous one):",
             "",
@@ -401,6 +453,7 @@ def summary(d):
         L.append("")
     idle = read(os.path.join(d, "idle_series.csv"), lambda r: ())
     if idle:
+        L += started(idle)
         L += [
             "Ten snapshots of one guest into one store (tiny guest: running 200 ms between them; "
             "Linux: idle, 2 s apart, through `vmm snapshot create --store`):",
@@ -416,12 +469,14 @@ def summary(d):
         L.append("")
     host = read(os.path.join(d, "host.csv"), lambda r: r["metric"])
     if host:
+        L += started(host)
         L += ["| host limit | value | how |", "|---|---|---|"]
         for r in host:
             L.append(f"| {r['metric']} | {float(r['value']):.3f} {r['unit']} | {r['detail']} |")
         L.append("")
     boot = read(os.path.join(d, "boot.csv"), lambda r: ())
     if boot:
+        L += started(boot)
         L += ["| boot | start → `vmmtest: info` | guest clock at that line | start → exit | exit code | load |", "|---|---|---|---|---|---|"]
         for r in boot:
             L.append(
@@ -431,6 +486,7 @@ def summary(d):
         L.append("")
     disk = read(os.path.join(d, "guest_disk.csv"), lambda r: ())
     if disk:
+        L += started(disk)
         L += ["| side | what | bytes | seconds | MB/s | note |", "|---|---|---|---|---|---|"]
         for r in disk:
             L.append(
@@ -439,6 +495,7 @@ def summary(d):
         L.append("")
     blk = read(os.path.join(d, "block_request.csv"))
     if blk:
+        L += ["*(`block_request.csv` has no run time: from the last `scripts/bench.sh` call that ran `block_request`.)*", ""]
         L += ["| criterion bench | median | mean | GB/s (median) |", "|---|---|---|---|"]
         for r in blk:
             L.append(
