@@ -145,7 +145,9 @@ impl Vmm {
             ApiRequest::CreateSnapshot(r) => {
                 if r.parent.is_some() {
                     return Err(ApiError::bad_request(
-                        "\"parent\": incremental snapshots are not supported by this version",
+                        "\"parent\" is not accepted: a snapshot is incremental against the VM's \
+                         previous snapshot (or the one it was restored from) in the same chunk \
+                         store, automatically",
                     ));
                 }
                 if self.state != RunState::Paused {
