@@ -1003,7 +1003,14 @@ fn incremental(run: u64, root: &Path, kernel: &Path) {
         "run,mem_mib,method,dirty_pct,pages_dirtied,chunks_touched,create_ms,memory_ms,\
          chunks_reused,chunks_new,bytes_new,bytes_written,store_bytes,load1",
     );
-    for method in ["kvm-log", "rehash"] {
+    // Both methods, in the order given (SNAPSHOT_BENCH_INCR_METHODS, default
+    // "kvm-log,rehash"): run them both ways round to see what order costs.
+    let methods =
+        std::env::var("SNAPSHOT_BENCH_INCR_METHODS").unwrap_or_else(|_| "kvm-log,rehash".into());
+    for method in methods
+        .split(',')
+        .filter(|m| matches!(*m, "kvm-log" | "rehash"))
+    {
         let store = root.join(format!("store-{method}"));
         let mut vm = boot_tiny(kernel, mib);
         let mut pat = Pattern::new(0x5eed_0abc);
