@@ -560,6 +560,7 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
         overlays,
         snapshot_base: None,
         dirty_log,
+        status_extras: Vec::new(),
         repo_parent: None,
         state: if opts.start_paused {
             RunState::Paused

@@ -342,6 +342,7 @@ pub fn build_from_parts(
         overlays,
         snapshot_base: None,
         dirty_log,
+        status_extras: Vec::new(),
         repo_parent: None,
     };
     if !opts.start_paused {

@@ -351,6 +351,10 @@ fn restore_archive(
     if let Err(e) = vm.watch_lazy_memory() {
         return fail(1, format!("lazy memory: {e}"));
     }
+    let session = std::sync::Arc::new(session);
+    let report = std::sync::Arc::clone(&session);
+    vm.status_extras
+        .push(("archive", Box::new(move || report.report())));
     let code = serve(vm, api);
     session.log_totals();
     code

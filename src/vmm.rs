@@ -40,6 +40,9 @@ pub enum VmmError {
 /// The event-manager subscriber type used by the VMM.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
+/// A section of `GET /vm` computed on request.
+pub type StatusFn = Box<dyn Fn() -> serde_json::Value + Send>;
+
 /// A running VM and everything attached to it.
 pub struct Vmm {
     /// VM configuration.
@@ -79,6 +82,9 @@ pub struct Vmm {
     pub snapshot_base: Option<crate::snapshot::create::SnapshotBase>,
     /// Where the KVM dirty log stands (see [`crate::vstate::dirty`]).
     pub dirty_log: crate::vstate::dirty::LogState,
+    /// Extra sections of `GET /vm`, by key (e.g. `archive`: the fetch report of a VM
+    /// resumed from an archive), computed when asked.
+    pub status_extras: Vec<(&'static str, StatusFn)>,
     /// The repository snapshot the VM was last snapshotted into or restored from: the parent
     /// of its next snapshot in that repository (src/repo/).
     pub repo_parent: Option<crate::repo::RepoParent>,
@@ -128,12 +134,19 @@ impl Vmm {
     /// Serves one control API request.
     pub fn handle_api_request(&mut self, req: ApiRequest) -> ApiReply {
         match req {
-            ApiRequest::GetVm => Ok(serde_json::json!({
-                "state": self.state,
-                "config": self.config,
-                "cmdline": self.cmdline,
-                "remote_disks": self.remote_disk_report(),
-            })),
+            ApiRequest::GetVm => {
+                let mut v = serde_json::json!({
+                    "state": self.state,
+                    "config": self.config,
+                    "cmdline": self.cmdline,
+                    "remote_disks": self.remote_disk_report(),
+                    "dirty_log": self.dirty_log,
+                });
+                for (key, f) in &self.status_extras {
+                    v[*key] = f();
+                }
+                Ok(v)
+            }
             ApiRequest::SetState(VmStateRequest::Paused) => {
                 self.pause().map_err(api_error)?;
                 Ok(serde_json::Value::Null)

@@ -290,14 +290,20 @@ fn server_down_and_altered_chunk_stop_the_vm_cleanly() {
 }
 
 fn spawn_clone(url: &str, cache: &Path, fill: &str) -> common::Running {
-    common::Running::spawn(&[
+    spawn_clone_with(url, cache, fill, &[])
+}
+
+fn spawn_clone_with(url: &str, cache: &Path, fill: &str, extra: &[String]) -> common::Running {
+    let mut args: Vec<String> = vec![
         "restore".into(),
         url.into(),
         "--cache".into(),
         cache.display().to_string(),
         "--fill-rate".into(),
         fill.into(),
-    ])
+    ];
+    args.extend_from_slice(extra);
+    common::Running::spawn(&args)
 }
 
 fn wait_tick(r: &mut common::Running, pre: &str, target: u32) -> Result<u32, String> {
@@ -334,8 +340,23 @@ fn two_clones_at_once_share_the_cache() {
         eprintln!("  clone 1 at tick {n1}, clone 2 at tick {n2}");
         c1.wait_for("background fill cached all", Duration::from_secs(30))
             .ok_or_else(|| format!("clone 1 did not finish its fill:\n{}", c1.output()))?;
-        let mut c3 = spawn_clone(&url, &cache, "off");
+        let sock = tmp.join("c3.sock");
+        let mut c3 = spawn_clone_with(
+            &url,
+            &cache,
+            "off",
+            &["--api-sock".into(), sock.display().to_string()],
+        );
         wait_tick(&mut c3, &a.pre, pre_last + 2)?;
+        // The fetch report is in GET /vm too.
+        let (status, body) =
+            vmm::api::request(&vmm::api::ApiTarget::Unix(sock), "GET", "/vm", None)
+                .map_err(|e| format!("GET /vm: {e}"))?;
+        let vm: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+        ensure(
+            status == 200 && vm["archive"]["before_first_instruction"].is_object(),
+            || format!("GET /vm has no archive fetch report: {status} {body}"),
+        )?;
         let line = c3
             .wait_for("first second", Duration::from_secs(10))
             .ok_or_else(|| format!("no first-second report:\n{}", c3.output()))?;
