@@ -371,3 +371,53 @@ fn two_clones_at_once_share_the_cache() {
         Ok(())
     });
 }
+
+/// A VM with a local disk, pushed (the disk becomes an image in the archive) and resumed
+/// from the archive *directory*: the image is read from there (`file://`), the disk reads
+/// as at push time, and the instance gets its own writable overlay.
+#[test]
+fn a_local_archive_with_a_disk_resumes_from_the_directory() {
+    check(
+        "a_local_archive_with_a_disk_resumes_from_the_directory",
+        || {
+            use vmm::disk::BlockBackend as _;
+            let tmp = TempDir::new("archive-local-disk");
+            let disk = tmp.join("disk.img");
+            let content = remote::random_bytes(1 << 20, 99);
+            std::fs::write(&disk, &content).map_err(|e| e.to_string())?;
+            let cfg = vmm::config::BlockConfig {
+                path: disk.clone(),
+                ..Default::default()
+            };
+            let mut vm = tiny::boot(Spec::new(Scenario::SnapDirty), vec![cfg])?;
+            vm.wait_for(deadline(), "dirty: ready\n")?;
+            vm.pause()?;
+            let snap = tmp.join("snap");
+            vm.snapshot(&snap, None)?;
+            drop(vm);
+            let archive = tmp.join("archive");
+            vmm::archive::push::push(&snap, &archive, "withdisk").map_err(|e| error_chain(&e))?;
+            std::fs::remove_file(&disk).map_err(|e| e.to_string())?;
+
+            let vm_dir = archive.join("vms/withdisk");
+            let (vm, _s) = resume(
+                &vm_dir.display().to_string(),
+                &tmp.join("cache"),
+                FillRate::Unlimited,
+                quick_http(),
+            )?;
+            ensure(vm.vmm.remote.len() == 1, || {
+                format!("{} remote disks attached, expected 1", vm.vmm.remote.len())
+            })?;
+            let mut got = vec![0u8; content.len()];
+            vm.vmm.remote[0]
+                .1
+                .read_at(&mut got, 0)
+                .map_err(|e| error_chain(&e))?;
+            ensure(got == content, || {
+                "the archived disk reads differently".into()
+            })?;
+            Ok(())
+        },
+    );
+}

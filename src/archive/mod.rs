@@ -143,7 +143,7 @@ pub fn resolve_url(dir_url: &str, rel: &str) -> Result<String, ArchiveError> {
     let host_end = dir_url[scheme_end..]
         .find('/')
         .map_or(dir_url.len(), |i| scheme_end + i);
-    if host_end == scheme_end {
+    if host_end == scheme_end && !dir_url.starts_with("file://") {
         return Err(bad("no host"));
     }
     if rel.starts_with('/') {

@@ -490,7 +490,14 @@ fn load(source: &Source, http: &HttpStoreOptions) -> Result<Loaded, RestoreError
                 upstream: Arc::new(store),
                 meta_http: None,
                 chunks_http: None,
-                vm_url: None,
+                // Disk images relative to the archive are read from the directory
+                // through the remote-disk backend's `file://` support.
+                vm_url: Some(format!(
+                    "file://{}",
+                    std::fs::canonicalize(vm_dir)
+                        .unwrap_or_else(|_| vm_dir.to_path_buf())
+                        .display()
+                )),
                 state_name: name(STATE_FILE),
                 memory_name: name(MEMORY_FILE),
             })

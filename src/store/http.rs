@@ -289,8 +289,23 @@ pub fn normalize_base(url: &str) -> std::result::Result<String, HttpError> {
             "https is not supported by this build (serve the archive over plain http)",
         ));
     }
+    if let Some(path) = url.strip_prefix("file://") {
+        // A local archive directory, read like a server (see `get_once`).
+        if !path.starts_with('/') {
+            return Err(invalid("a file:// URL needs an absolute path"));
+        }
+        if url.contains(['?', '#']) || url.chars().any(|c| c.is_control()) {
+            return Err(invalid("must not contain a query or a fragment"));
+        }
+        let trimmed = url.trim_end_matches('/');
+        return Ok(if trimmed == "file://" {
+            "file:///".into()
+        } else {
+            trimmed.into()
+        });
+    }
     let Some(rest) = url.strip_prefix("http://") else {
-        return Err(invalid("must start with http://"));
+        return Err(invalid("must start with http:// (or file:///)"));
     };
     if rest.is_empty() || rest.starts_with('/') {
         return Err(invalid("no host"));
@@ -356,6 +371,9 @@ impl HttpStore {
 
     /// One GET of `url`, refusing bodies longer than `max_len`.
     fn get_once(&self, url: &str, max_len: u64) -> std::result::Result<Vec<u8>, HttpError> {
+        if let Some(path) = url.strip_prefix("file://") {
+            return self.read_local(url, path, max_len);
+        }
         let transport = |e: ureq::Error| HttpError::Transport {
             url: url.into(),
             source: Arc::new(e),
@@ -386,6 +404,44 @@ impl HttpStore {
                 ureq::Error::BodyExceedsLimit(_) => too_large(),
                 e => transport(e),
             })?;
+        self.counters
+            .bytes_fetched
+            .fetch_add(body.len() as u64, Ordering::Relaxed);
+        Ok(body)
+    }
+
+    /// `get_once` for a `file://` URL: the file's bytes, with a missing file answered like
+    /// a 404 and other failures final (not retried).
+    fn read_local(
+        &self,
+        url: &str,
+        path: &str,
+        max_len: u64,
+    ) -> std::result::Result<Vec<u8>, HttpError> {
+        use std::io::Read as _;
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let failed = |e: std::io::Error| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                HttpError::Status {
+                    url: url.into(),
+                    status: 404,
+                }
+            } else {
+                HttpError::Invalid {
+                    url: url.into(),
+                    reason: format!("cannot read: {e}"),
+                }
+            }
+        };
+        let f = std::fs::File::open(path).map_err(failed)?;
+        let mut body = Vec::new();
+        f.take(max_len + 1).read_to_end(&mut body).map_err(failed)?;
+        if body.len() as u64 > max_len {
+            return Err(HttpError::TooLarge {
+                url: url.into(),
+                limit: max_len,
+            });
+        }
         self.counters
             .bytes_fetched
             .fetch_add(body.len() as u64, Ordering::Relaxed);
@@ -660,6 +716,27 @@ mod tests {
         }
         let e = HttpStore::new("https://h", HttpStoreOptions::default()).unwrap_err();
         assert!(e.to_string().contains("https"), "{e}");
+    }
+
+    #[test]
+    fn a_file_url_reads_a_local_archive_directory() {
+        assert_eq!(normalize_base("file:///srv/a/").unwrap(), "file:///srv/a");
+        assert!(normalize_base("file://srv/a").is_err(), "relative file URL");
+        let dir = crate::store::testutil::TempDir::new("http-file");
+        std::fs::write(dir.path().join("x"), b"hello").unwrap();
+        let base = format!("file://{}", dir.path().display());
+        let store = HttpStore::new(&base, HttpStoreOptions::default()).unwrap();
+        assert_eq!(store.fetch("x", 16).unwrap(), b"hello");
+        assert!(store.fetch("missing", 16).unwrap_err().is_not_found());
+        assert!(matches!(
+            store.fetch("x", 3),
+            Err(HttpError::TooLarge { limit: 3, .. })
+        ));
+        let data = vec![7u8; 4096];
+        let id = ChunkId::of(&data);
+        let local = crate::store::local::LocalStore::open(dir.path(), Default::default()).unwrap();
+        crate::store::ChunkStore::put(&local, &data).unwrap();
+        assert_eq!(*store.fetch_chunk(&id, Some(4096)).unwrap(), data);
     }
 
     #[test]
