@@ -329,7 +329,10 @@ pub fn create_snapshot(
     let store_canon = std::fs::canonicalize(&store_dir).unwrap_or_else(|_| store_dir.clone());
     // Whatever happens below, the base is consumed: the dirty log is read (and reset)
     // now, so after a failure the next snapshot must be a full one.
-    let base = vmm.snapshot_base.take().filter(|b| b.store == store_canon);
+    // What memory held when the log last restarted (the dirty log's reference, whatever
+    // store it is in), and the same as a base to copy entries from (same store only).
+    let reference = vmm.snapshot_base.take();
+    let base = reference.as_ref().filter(|b| b.store == store_canon);
     let log_state = vmm.dirty_log;
     let pages = match log_state {
         LogState::Unverified { .. } | LogState::Trusted => {
@@ -349,9 +352,7 @@ pub fn create_snapshot(
     };
     // SAFETY: the VM is paused (checked above) and devices run on this thread.
     let regions = unsafe { memory_slices(&vmm.mem) };
-    let chunk = base
-        .as_ref()
-        .map_or(DEFAULT_CHUNK_SIZE, |b| b.memory.chunk_size as usize);
+    let chunk = base.map_or(DEFAULT_CHUNK_SIZE, |b| b.memory.chunk_size as usize);
     let is_dirty = |r: usize, c: usize| {
         pages
             .as_ref()
@@ -360,7 +361,7 @@ pub fn create_snapshot(
     };
     let mut incremental = false;
     let mut new_log_state = log_state;
-    let (manifest, stats) = match (&base, log_state) {
+    let (manifest, stats) = match (base, log_state) {
         (Some(b), LogState::Trusted) => {
             let wrong = spot_check_log(&regions, &b.memory, &is_dirty);
             if wrong > 0 {
@@ -401,14 +402,20 @@ pub fn create_snapshot(
         _ => manifest::save_memory(&regions, chunk, &chunk_store),
     }
     .map_err(CreateError::Memory)?;
-    if let LogState::Unverified {
-        since_start: true,
-        passes,
-    } = log_state
+    let comparable = reference
+        .as_ref()
+        .is_none_or(|r| r.memory.chunk_size == manifest.chunk_size);
+    if let (
+        LogState::Unverified {
+            since_start: true,
+            passes,
+        },
+        true,
+    ) = (log_state, comparable)
     {
         // A full save saw every chunk: each that differs from what memory held before
         // (the base, or zeros after boot) must be in the log.
-        let missed = check_log(&manifest, base.as_ref().map(|b| &b.memory), &is_dirty);
+        let missed = check_log(&manifest, reference.as_ref().map(|b| &b.memory), &is_dirty);
         new_log_state = if missed == 0 && dirty::selftest_passed(vmm.vm.kvm()) {
             if passes + 1 >= dirty::REQUIRED_PASSES {
                 log::info!(
