@@ -3,8 +3,9 @@
 //! 1. Reads the snapshot's state and manifest, and every chunk it needs
 //!    ([`chunk_refs`]: memory and captured overlays).
 //! 2. Copies the chunks the archive lacks into `ARCHIVE/chunks/`, file by file as they
-//!    are (compressed or not), each verified against its id first, through a temp file,
-//!    fsync and rename; then fsyncs the fan-out directories.
+//!    are (compressed or not), each verified against its id first, to temp files; then
+//!    one `syncfs`, the renames, and fsyncs of the fan-out directories (a crash before
+//!    the renames leaves only temp files, never a chunk name with partial content).
 //! 3. Disks: a remote image stays a URL — relative (`../../images/X`) when the same image
 //!    (same image id) is in this archive; a local file is imported as image
 //!    `NAME.diskN` ([`crate::image`]) and referred to relatively. Writable disks get
@@ -238,6 +239,9 @@ fn copy_chunks(
     let next = AtomicU64::new(0);
     let (copied, bytes, present) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
     let dirs = Mutex::new(BTreeSet::new());
+    // Chunk files written to temp names; renamed once all are durable (one `syncfs`
+    // instead of one fsync per chunk).
+    let pending: Mutex<Vec<Written>> = Mutex::new(Vec::new());
     let first_err = Mutex::new(None);
     let workers = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
@@ -255,11 +259,14 @@ fn copy_chunks(
                         Ok(None) => {
                             present.fetch_add(1, Ordering::Relaxed);
                         }
-                        Ok(Some((n, dir))) => {
+                        Ok(Some(w)) => {
                             copied.fetch_add(1, Ordering::Relaxed);
-                            bytes.fetch_add(n, Ordering::Relaxed);
+                            bytes.fetch_add(w.len, Ordering::Relaxed);
                             if let Ok(mut d) = dirs.lock() {
-                                d.insert(dir);
+                                d.insert(w.dir.clone());
+                            }
+                            if let Ok(mut p) = pending.lock() {
+                                p.push(w);
                             }
                         }
                         Err(e) => {
@@ -273,8 +280,36 @@ fn copy_chunks(
             });
         }
     });
+    let pending = pending.into_inner().unwrap_or_default();
+    let discard = |pending: &[Written]| {
+        for w in pending {
+            let _ = fs::remove_file(&w.tmp);
+        }
+    };
     if let Some(e) = first_err.into_inner().ok().flatten() {
+        discard(&pending);
         return Err(e);
+    }
+    if !pending.is_empty() {
+        let chunks = archive.join("chunks");
+        let flushed = File::open(&chunks).and_then(|d| {
+            // SAFETY: syncfs on a valid, open file descriptor; no memory is passed.
+            if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)) } == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+        if let Err(e) = flushed {
+            discard(&pending);
+            return Err(io("syncfs", &chunks)(e));
+        }
+        for (i, w) in pending.iter().enumerate() {
+            if let Err(e) = fs::rename(&w.tmp, &w.dest) {
+                discard(&pending[i..]);
+                return Err(io("rename", &w.dest)(e));
+            }
+        }
     }
     let dirs = dirs.into_inner().unwrap_or_default();
     for d in &dirs {
@@ -290,12 +325,17 @@ fn copy_chunks(
     ))
 }
 
-/// Copies one chunk file unless the archive has it; returns its size and fan-out dir.
-fn copy_one(
-    id: &ChunkId,
-    src_store: &Path,
-    archive: &Path,
-) -> Result<Option<(u64, PathBuf)>, PushError> {
+/// A chunk file written under a temp name, to be renamed to `dest` once durable.
+struct Written {
+    len: u64,
+    dir: PathBuf,
+    tmp: PathBuf,
+    dest: PathBuf,
+}
+
+/// Writes one chunk file (verified) to a temp name in its fan-out directory unless the
+/// archive has it.
+fn copy_one(id: &ChunkId, src_store: &Path, archive: &Path) -> Result<Option<Written>, PushError> {
     let rel = id.relative_path();
     let dest = archive.join(&rel);
     if dest.is_file() {
@@ -328,16 +368,17 @@ fn copy_one(
         .write(true)
         .create_new(true)
         .open(&tmp)
-        .and_then(|mut f| {
-            f.write_all(&bytes)?;
-            f.sync_all()
-        })
-        .and_then(|()| fs::rename(&tmp, &dest));
+        .and_then(|mut f| f.write_all(&bytes));
     if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
         return Err(io("write", &dest)(e));
     }
-    Ok(Some((bytes.len() as u64, dir)))
+    Ok(Some(Written {
+        len: bytes.len() as u64,
+        dir,
+        tmp,
+        dest,
+    }))
 }
 
 /// The image id a remote disk's identity records (`image-id=<hex>`).
