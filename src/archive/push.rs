@@ -292,15 +292,7 @@ fn copy_chunks(
     }
     if !pending.is_empty() {
         let chunks = archive.join("chunks");
-        let flushed = File::open(&chunks).and_then(|d| {
-            // SAFETY: syncfs on a valid, open file descriptor; no memory is passed.
-            if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)) } == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-        if let Err(e) = flushed {
+        if let Err(e) = crate::store::local::syncfs(&chunks) {
             discard(&pending);
             return Err(io("syncfs", &chunks)(e));
         }

@@ -120,6 +120,18 @@ impl Drop for LocalStore {
     }
 }
 
+/// Flushes the file system holding `path` (`syncfs`): what batched writers call once
+/// before renaming their temp files into place.
+pub(crate) fn syncfs(path: &Path) -> io::Result<()> {
+    let d = File::open(path)?;
+    // SAFETY: syncfs on a valid, open file descriptor; no memory is passed.
+    if unsafe { libc::syncfs(d.as_raw_fd()) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 fn fsync_dir(path: &Path) -> Result<()> {
     File::open(path)
         .and_then(|d| d.sync_all())
@@ -186,15 +198,7 @@ impl LocalStore {
     pub fn sync(&self) -> Result<()> {
         let pending: Vec<(ChunkId, Pending)> = lock(&self.pending).drain().collect();
         if !pending.is_empty() {
-            let flushed = File::open(&self.chunks_dir).and_then(|d| {
-                // SAFETY: syncfs on a valid, open file descriptor; no memory is passed.
-                if unsafe { libc::syncfs(d.as_raw_fd()) } == 0 {
-                    Ok(())
-                } else {
-                    Err(io::Error::last_os_error())
-                }
-            });
-            if let Err(e) = flushed {
+            if let Err(e) = syncfs(&self.chunks_dir) {
                 lock(&self.pending).extend(pending);
                 return Err(io_err("syncfs", &self.chunks_dir)(e));
             }
