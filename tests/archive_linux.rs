@@ -60,18 +60,7 @@ fn linux_counter_resumes_from_an_http_archive() {
     {
         fail(&r, "counter did not reach 3");
     }
-    let out = Command::new(vmm_bin())
-        .args(["snapshot", "create", "--leave-paused", "--api-sock"])
-        .arg(&sock)
-        .arg(&snap)
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        fail(
-            &r,
-            &format!("snapshot create: {}", String::from_utf8_lossy(&out.stderr)),
-        );
-    }
+    snapshot_leave_paused(&r, &sock, &snap);
     std::thread::sleep(Duration::from_millis(500));
     let _ = r.child.kill();
     let _ = r.wait_exit(Duration::from_secs(10));

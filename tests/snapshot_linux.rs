@@ -6,7 +6,6 @@ mod common;
 
 use common::*;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 fn restore_and_check(dir: &Path, before: &str, token: &str, last_before: u64, what: &str) {
@@ -75,22 +74,7 @@ fn counter_continues_after_restore_twice() {
     {
         fail(&r, "counter did not reach 3");
     }
-    let out = Command::new(vmm_bin())
-        .args(["snapshot", "create", "--leave-paused", "--api-sock"])
-        .arg(&sock)
-        .arg(&snap)
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        fail(
-            &r,
-            &format!(
-                "snapshot create failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        );
-    }
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let report = snapshot_leave_paused(&r, &sock, &snap);
     assert!(report["memory"]["chunks_total"].as_u64().unwrap() > 0);
     // The VM stays paused until killed, so its console ends exactly at the snapshot.
     std::thread::sleep(Duration::from_millis(500));

@@ -282,3 +282,24 @@ pub fn check_consecutive(console: &str, token: &str, what: &str) -> u64 {
     }
     *t.last().unwrap()
 }
+
+/// `vmm snapshot create --leave-paused` of the VM `r` (API on `sock`) into `snap`; fails
+/// the test (with the VM's output) if it does not succeed. Returns the JSON report.
+pub fn snapshot_leave_paused(r: &Running, sock: &Path, snap: &Path) -> serde_json::Value {
+    let out = Command::new(vmm_bin())
+        .args(["snapshot", "create", "--leave-paused", "--api-sock"])
+        .arg(sock)
+        .arg(snap)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        fail(
+            r,
+            &format!(
+                "snapshot create failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        );
+    }
+    serde_json::from_slice(&out.stdout).expect("JSON report")
+}
