@@ -233,49 +233,153 @@ pub fn read_state_file<T: DeserializeOwned>(path: impl AsRef<Path>) -> Result<T>
     read_file(path.as_ref(), &FileKind::STATE)
 }
 
-/// Replaces `path` with `bytes` atomically: writes a temp file in the same
-/// directory, fsyncs it, renames it over `path` and fsyncs the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let io = |op, p: &Path| {
-        let path = p.to_path_buf();
-        move |source| StateFileError::Io { op, path, source }
-    };
-    let dir = match path.parent() {
+/// A file written under a temp name in its destination's directory and made durable, not
+/// yet renamed into place ([`stage`]); the temp file is removed if it is dropped
+/// uncommitted.
+#[derive(Debug)]
+pub struct Staged {
+    tmp: PathBuf,
+    dest: PathBuf,
+    committed: bool,
+}
+
+fn io_err(op: &'static str, p: &Path) -> impl FnOnce(io::Error) -> StateFileError {
+    let path = p.to_path_buf();
+    move |source| StateFileError::Io { op, path, source }
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
-    };
+    }
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync directory", dir))
+}
+
+/// Writes `bytes` to a temp file next to `path` and fsyncs it; [`Staged::commit`] renames
+/// it over `path`.
+pub fn stage(path: &Path, bytes: &[u8]) -> Result<Staged> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
     let name = path
         .file_name()
         .ok_or_else(|| {
-            io("write", path)(io::Error::new(
+            io_err("write", path)(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "path has no file name",
             ))
         })?
         .to_string_lossy();
-    let tmp = dir.join(format!(
+    let tmp = parent_dir(path).join(format!(
         ".{name}.tmp.{}.{}",
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(io("create", &tmp))?;
-        f.write_all(bytes).map_err(io("write", &tmp))?;
-        f.sync_all().map_err(io("fsync", &tmp))?;
-        std::fs::rename(&tmp, path).map_err(io("rename temp file to", path))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-        return result;
+    let mut staged = Staged {
+        tmp,
+        dest: path.to_path_buf(),
+        committed: true,
+    };
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&staged.tmp)
+        .map_err(io_err("create", &staged.tmp))?;
+    // From here on the temp file exists: remove it on any failure.
+    staged.committed = false;
+    f.write_all(bytes).map_err(io_err("write", &staged.tmp))?;
+    f.sync_all().map_err(io_err("fsync", &staged.tmp))?;
+    Ok(staged)
+}
+
+impl Staged {
+    /// Renames the temp file over the destination (the directory is not fsynced).
+    pub fn commit(mut self) -> Result<()> {
+        std::fs::rename(&self.tmp, &self.dest)
+            .map_err(io_err("rename temp file to", &self.dest))?;
+        self.committed = true;
+        Ok(())
     }
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("fsync directory", dir))
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Replaces `path` with `bytes` atomically: writes a temp file in the same
+/// directory, fsyncs it, renames it over `path` and fsyncs the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    stage(path, bytes)?.commit()?;
+    fsync_dir(parent_dir(path))
+}
+
+/// Moves `path` aside to `.NAME.prev` in its directory; None if it does not exist.
+fn move_aside(path: &Path) -> Result<Option<(PathBuf, PathBuf)>> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let aside = parent_dir(path).join(format!(".{name}.prev"));
+    match std::fs::rename(path, &aside) {
+        Ok(()) => Ok(Some((aside, path.to_path_buf()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err("move aside", path)(e)),
+    }
+}
+
+/// Renames files moved aside by [`move_aside`] back (best effort: this runs on an error
+/// path).
+fn move_back(moved: &[Option<(PathBuf, PathBuf)>]) {
+    for (aside, path) in moved.iter().flatten() {
+        if let Err(e) = std::fs::rename(aside, path) {
+            log::error!(
+                "cannot move {} back to {}: {e}",
+                aside.display(),
+                path.display()
+            );
+        }
+    }
+}
+
+/// Replaces two files of one directory that belong together — `first` (e.g. a memory
+/// manifest) and `last` (the state file whose presence marks the pair complete) — so that
+/// neither a failure nor a crash leaves the new `first` beside the old `last`:
+///
+/// 1. both are written and made durable under temp names (a failure here, e.g. a full
+///    disk, leaves the old pair untouched);
+/// 2. the old `last`, then the old `first`, are moved aside (`.NAME.prev`), durably;
+/// 3. the new `first`, then the new `last`, are renamed into place, the directory is
+///    fsynced and the old files are deleted.
+///
+/// A failure in steps 2–3 moves the old pair back. A crash there leaves the directory
+/// without `last`: incomplete, never mixed.
+pub fn replace_pair(first: (&Path, &[u8]), last: (&Path, &[u8])) -> Result<()> {
+    let dir = parent_dir(last.0);
+    let a = stage(first.0, first.1)?;
+    let b = stage(last.0, last.1)?;
+    let mut moved = vec![move_aside(last.0)?];
+    let swap = (|| {
+        moved.push(move_aside(first.0)?);
+        fsync_dir(dir)?;
+        a.commit()?;
+        b.commit()?;
+        fsync_dir(dir)
+    })();
+    if let Err(e) = swap {
+        // Whatever got into place is replaced by the old files again.
+        move_back(&moved);
+        let _ = fsync_dir(dir);
+        return Err(e);
+    }
+    for (aside, _) in moved.iter().flatten() {
+        let _ = std::fs::remove_file(aside);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
