@@ -177,7 +177,7 @@ fn remote_disk_rejects_a_lying_servers_bytes() {
             format!("the guest accepted the read: {console}")
         })?;
         ensure(
-            exit == ExitReason::Panic && console.contains("virtio: FAIL"),
+            exit == ExitReason::GuestPanic && console.contains("virtio: FAIL"),
             || format!("expected the guest to see a failed read, got {exit:?}:\n{console}"),
         )?;
         ensure(proxy.injected().iter().any(|(p, _)| *p == victim), || {

@@ -157,6 +157,20 @@ pub fn encode<T: Serialize + ?Sized>(kind: &FileKind, value: &T) -> Result<Vec<u
 
 /// Checks and decodes a complete file of the given kind.
 pub fn decode<T: DeserializeOwned>(kind: &FileKind, bytes: &[u8]) -> Result<T> {
+    let payload = checked_payload(kind, bytes)?;
+    options(payload.len() as u64)
+        .deserialize(payload)
+        .map_err(StateFileError::Decode)
+}
+
+/// Checks the container of a file of the given kind (magic, version, length, checksum)
+/// without decoding its payload: whether the bytes arrived whole.
+pub fn check_container(kind: &FileKind, bytes: &[u8]) -> Result<()> {
+    checked_payload(kind, bytes).map(|_| ())
+}
+
+/// The payload of a complete file of the given kind, once the container checks out.
+fn checked_payload<'a>(kind: &FileKind, bytes: &'a [u8]) -> Result<&'a [u8]> {
     let actual = bytes.len() as u64;
     if bytes.len() < 8 || bytes[..8] != kind.magic {
         return Err(StateFileError::BadMagic { name: kind.name });
@@ -195,9 +209,7 @@ pub fn decode<T: DeserializeOwned>(kind: &FileKind, bytes: &[u8]) -> Result<T> {
     if blake3::hash(payload).as_bytes()[..] != *hash {
         return Err(StateFileError::ChecksumMismatch);
     }
-    options(len)
-        .deserialize(payload)
-        .map_err(StateFileError::Decode)
+    Ok(payload)
 }
 
 /// Writes `value` to `path` as a file of the given kind, atomically and durably.

@@ -2,7 +2,6 @@
 //! every fault test ends with: stored snapshots verify and restore with the right memory,
 //! archives hold every chunk their VMs and images name.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use vm_memory::{Bytes, GuestAddress};
@@ -34,19 +33,22 @@ pub fn random(seed: u64, len: usize) -> Vec<u8> {
 /// What a snapshot must hold: (guest address, bytes).
 pub type Expect = Vec<(u64, Vec<u8>)>;
 
-/// A running tick guest whose memory the host changes before each snapshot.
+/// A running tick guest whose memory the host changes before each snapshot: the same
+/// area gets fresh random bytes each time, so every snapshot stores about the same amount
+/// whether the one before failed or not.
 pub struct Changing {
     /// The VM.
     pub vm: TinyVm,
     seq: u64,
-    written: BTreeMap<u64, Vec<u8>>,
+    /// What guest memory holds now at the area.
+    current: Vec<u8>,
+    /// What the last successful snapshot holds there.
+    stored: Vec<u8>,
     area_len: usize,
-    /// The last area changed and what it held before.
-    last_change: Option<(u64, Vec<u8>)>,
 }
 
 impl Changing {
-    /// Boots the tick guest; each snapshot adds `area_len` fresh random bytes.
+    /// Boots the tick guest; each snapshot rewrites `area_len` bytes.
     pub fn boot(area_len: usize) -> Result<Self, String> {
         let mut spec = Spec::new(Scenario::SnapTicks);
         spec.mem_mib = MEM_MIB;
@@ -55,43 +57,35 @@ impl Changing {
         Ok(Self {
             vm,
             seq: 0,
-            written: BTreeMap::new(),
+            current: vec![0; area_len],
+            stored: vec![0; area_len],
             area_len,
-            last_change: None,
         })
     }
 
-    /// Pauses the VM and writes the next fresh area (wrapping inside guest RAM); returns
-    /// what a snapshot taken now must hold.
+    /// Pauses the VM and rewrites the area; returns what a snapshot taken now must hold.
     pub fn pause_and_change(&mut self) -> Result<Expect, String> {
         self.seq += 1;
         self.vm.pause()?;
-        let areas = ((MEM_MIB << 20) - AREAS) / self.area_len as u64;
-        let addr = AREAS + (self.seq % areas) * self.area_len as u64;
-        let data = random(self.seq, self.area_len);
-        let before = self
-            .written
-            .get(&addr)
-            .cloned()
-            .unwrap_or_else(|| vec![0; self.area_len]);
-        self.last_change = Some((addr, before));
+        self.current = random(self.seq, self.area_len);
         self.vm
             .vmm
             .mem
-            .write_slice(&data, GuestAddress(addr))
+            .write_slice(&self.current, GuestAddress(AREAS))
             .map_err(|e| format!("write guest memory: {e}"))?;
-        self.written.insert(addr, data);
-        Ok(self.written.iter().map(|(a, b)| (*a, b.clone())).collect())
+        Ok(vec![(AREAS, self.current.clone())])
     }
 
-    /// What the snapshot taken before the last change must still hold there: a failed
-    /// snapshot must leave the previous one exactly as it was.
-    pub fn before_last_change(&self, mut previous: Expect) -> Expect {
-        if let Some((addr, bytes)) = &self.last_change {
-            previous.retain(|(a, _)| a != addr);
-            previous.push((*addr, bytes.clone()));
+    /// What the last successful snapshot holds: after a failed one, the snapshot before it
+    /// must still read exactly so (never the failed attempt's memory).
+    pub fn stored(&self) -> Expect {
+        vec![(AREAS, self.stored.clone())]
+    }
+
+    fn outcome<T>(&mut self, r: &Result<T, String>) {
+        if r.is_ok() {
+            self.stored = self.current.clone();
         }
-        previous
     }
 
     /// Resumes the VM and waits for a new tick: it keeps running.
@@ -114,6 +108,7 @@ impl Changing {
         let r = vmm::repo::create::create_in_repo(&mut self.vm.vmm, repo, None)
             .map(|rep| (rep.id, expect))
             .map_err(|e| vmm::vmm::error_chain(&e));
+        self.outcome(&r);
         self.resume_and_tick()?;
         Ok(r)
     }
@@ -124,6 +119,7 @@ impl Changing {
         let r = vmm::snapshot::create::create_snapshot(&mut self.vm.vmm, dir, None)
             .map(|_| expect)
             .map_err(|e| vmm::vmm::error_chain(&e));
+        self.outcome(&r);
         self.resume_and_tick()?;
         Ok(r)
     }

@@ -1,0 +1,384 @@
+//! SIGKILL at random points (docs/FAULTS.md) of snapshot create — the `vmm` process that
+//! runs the VM, and the `vmm snapshot create` client — `archive push`, `image import`, and
+//! repository export and import, with the tiny guest. (gc: tests/repo_tiny.rs,
+//! `gc_killed_at_random_points_leaves_every_snapshot_restorable`.) After every kill:
+//! every snapshot, VM or image stored before verifies and restores; nothing half-written
+//! is listed or complete; the next run of the same command succeeds.
+//!
+//! Kill points are uniform over the time an undisturbed run takes (measured first), with
+//! a seed printed for replay (`FAULTS_SEED`). Skips, printing `SKIP:`, without /dev/kvm.
+
+mod common;
+mod faults;
+mod tiny;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use faults::vm::{Changing, Expect, check_archive, restore_and_check, verify_repo};
+use faults::{Killed, Rng, run_and_kill, time_ok, vmm_ok};
+use tiny::TempDir;
+use tiny::harness::{check, ensure};
+
+/// Rounds of kill-and-check per operation.
+const ROUNDS: usize = 8;
+/// Bytes of random guest memory in the big snapshot (768 incompressible chunks).
+const BIG: usize = 48 << 20;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A snapshot directory with [`BIG`] bytes of random memory, and a small one.
+fn snapshots(tmp: &TempDir) -> Result<((PathBuf, Expect), (PathBuf, Expect)), String> {
+    let mut small = Changing::boot(64 << 10)?;
+    let sdir = tmp.join("small");
+    let se = small.dir_snapshot(&sdir)??;
+    drop(small);
+    let mut big = Changing::boot(BIG)?;
+    let bdir = tmp.join("big");
+    let be = big.dir_snapshot(&bdir)??;
+    Ok(((bdir, be), (sdir, se)))
+}
+
+fn kill_points(rng: &mut Rng, full: Duration) -> Vec<Duration> {
+    (0..ROUNDS).map(|_| rng.below(full)).collect()
+}
+
+fn report(what: &str, outcomes: &[Killed]) -> Result<(), String> {
+    let kills = outcomes.iter().filter(|k| **k == Killed::Yes).count();
+    eprintln!("  {what}: {kills} of {} runs killed", outcomes.len());
+    ensure(kills * 2 >= outcomes.len(), || {
+        format!("{what}: only {kills} kills landed: {outcomes:?}")
+    })
+}
+
+/// `vmm archive push` killed: the archive's earlier VM stays whole, the pushed VM is
+/// either complete or has no state file, and pushing again succeeds and resumes.
+#[test]
+fn archive_push_killed_at_random_points() {
+    check("archive_push_killed", || {
+        let tmp = TempDir::new("kill-push");
+        let ((big, big_e), (small, _)) = snapshots(&tmp)?;
+        let archive = tmp.join("archive");
+        let push = |snap: &Path, name: &str| {
+            vec![
+                "archive".to_string(),
+                "push".into(),
+                s(snap).into(),
+                s(&archive).into(),
+                "--name".into(),
+                name.into(),
+            ]
+        };
+        let args = push(&big, "new");
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let fresh = || -> Result<(), String> {
+            let _ = std::fs::remove_dir_all(&archive);
+            let a = push(&small, "old");
+            vmm_ok(&a.iter().map(String::as_str).collect::<Vec<_>>())?;
+            Ok(())
+        };
+        fresh()?;
+        let full = time_ok(&argv)?;
+        eprintln!("  an undisturbed push takes {full:?}");
+        let mut rng = Rng::new("archive push");
+        let mut outcomes = Vec::new();
+        for at in kill_points(&mut rng, full) {
+            fresh()?;
+            outcomes.push(run_and_kill(&argv, at));
+            let (vms, _) = check_archive(&archive).map_err(|e| format!("kill at {at:?}: {e}"))?;
+            ensure(vms.contains(&"old".to_string()), || {
+                format!("kill at {at:?}: the earlier VM is gone: {vms:?}")
+            })?;
+            vmm_ok(&argv).map_err(|e| format!("push after a kill at {at:?}: {e}"))?;
+            let (vms, _) = check_archive(&archive)?;
+            ensure(vms.contains(&"new".to_string()), || format!("{vms:?}"))?;
+        }
+        report("archive push", &outcomes)?;
+        restore_and_check(&archive.join("vms/new"), &big_e)
+    });
+}
+
+/// `vmm image import` killed: the archive's earlier image stays whole, the new image's
+/// index is absent or names only chunks that are there, and importing again succeeds and
+/// reads back exactly.
+#[test]
+fn image_import_killed_at_random_points() {
+    check("image_import_killed", || {
+        let tmp = TempDir::new("kill-import");
+        let old_src = tmp.join("old.img");
+        let new_src = tmp.join("new.img");
+        std::fs::write(&old_src, faults::vm::random(1, 1 << 20)).map_err(|e| e.to_string())?;
+        let data = faults::vm::random(2, 48 << 20);
+        std::fs::write(&new_src, &data).map_err(|e| e.to_string())?;
+        let archive = tmp.join("archive");
+        let argv = ["image", "import", s(&new_src), s(&archive), "--name", "new"];
+        let fresh = || -> Result<(), String> {
+            let _ = std::fs::remove_dir_all(&archive);
+            vmm_ok(&["image", "import", s(&old_src), s(&archive), "--name", "old"])?;
+            Ok(())
+        };
+        fresh()?;
+        let full = time_ok(&argv)?;
+        eprintln!("  an undisturbed import takes {full:?}");
+        let mut rng = Rng::new("image import");
+        let mut outcomes = Vec::new();
+        for at in kill_points(&mut rng, full) {
+            fresh()?;
+            outcomes.push(run_and_kill(&argv, at));
+            let (_, images) =
+                check_archive(&archive).map_err(|e| format!("kill at {at:?}: {e}"))?;
+            ensure(images.contains(&"old".to_string()), || {
+                format!("kill at {at:?}: the earlier image is gone: {images:?}")
+            })?;
+            vmm_ok(&argv).map_err(|e| format!("import after a kill at {at:?}: {e}"))?;
+        }
+        report("image import", &outcomes)?;
+        let (_, images) = check_archive(&archive)?;
+        ensure(images.contains(&"new".to_string()), || {
+            format!("{images:?}")
+        })?;
+        let url = format!("file://{}/images/new", archive.display());
+        let opts = vmm::disk::http::LazyHttpOptions {
+            cache_dir: Some(tmp.join("cache")),
+            ..Default::default()
+        };
+        let (_, disk) = vmm::disk::http::open_remote_disk(&url, opts, None)
+            .map_err(|e| vmm::vmm::error_chain(&e))?;
+        let mut got = vec![0u8; data.len()];
+        disk.read_at(&mut got, 0)
+            .map_err(|e| vmm::vmm::error_chain(&e))?;
+        ensure(got == data, || {
+            "the imported image reads differently".into()
+        })
+    });
+}
+
+/// `vmm snapshot export` killed: no export file, or a complete one; `vmm snapshot import`
+/// killed: the repository verifies, its earlier snapshot is listed, the imported one is
+/// listed whole or not at all; both succeed when run again.
+#[test]
+fn export_and_import_killed_at_random_points() {
+    check("export_import_killed", || {
+        let tmp = TempDir::new("kill-export");
+        let ((big, big_e), (small, _)) = snapshots(&tmp)?;
+        // Repositories from the two snapshot directories, through export files.
+        let src = tmp.join("src-repo");
+        let file = tmp.join("big.vmmsnap");
+        let small_file = tmp.join("small.vmmsnap");
+        let import_dir = |dir: &Path, repo: &Path| -> Result<String, String> {
+            // A plain snapshot directory becomes a repository snapshot via a VM restore
+            // and a repository snapshot; simpler: restore in-process and create_in_repo.
+            let mut vm = tiny::restore_eager(dir, None, true)?;
+            let rep = vmm::repo::create::create_in_repo(&mut vm.vmm, repo, None)
+                .map_err(|e| vmm::vmm::error_chain(&e))?;
+            Ok(rep.id.to_string())
+        };
+        let big_id = import_dir(&big, &src)?;
+        let small_id = import_dir(&small, &src)?;
+        vmm_ok(&[
+            "snapshot",
+            "export",
+            "--repo",
+            s(&src),
+            &small_id,
+            s(&small_file),
+        ])?;
+        let export = ["snapshot", "export", "--repo", s(&src), &big_id, s(&file)];
+        let full = time_ok(&export)?;
+        eprintln!("  an undisturbed export takes {full:?}");
+        let mut rng = Rng::new("export");
+        let mut outcomes = Vec::new();
+        for at in kill_points(&mut rng, full) {
+            let _ = std::fs::remove_file(&file);
+            outcomes.push(run_and_kill(&export, at));
+            if file.exists() {
+                // Complete, or it would not be there: it imports.
+                let probe = tmp.join("probe");
+                let _ = std::fs::remove_dir_all(&probe);
+                vmm_ok(&["snapshot", "import", "--repo", s(&probe), s(&file)])
+                    .map_err(|e| format!("export killed at {at:?} left a bad file: {e}"))?;
+            }
+            vmm_ok(&export).map_err(|e| format!("export after a kill at {at:?}: {e}"))?;
+        }
+        report("export", &outcomes)?;
+
+        let repo = tmp.join("repo");
+        let import = ["snapshot", "import", "--repo", s(&repo), s(&file)];
+        let fresh = || -> Result<(), String> {
+            let _ = std::fs::remove_dir_all(&repo);
+            vmm_ok(&["snapshot", "import", "--repo", s(&repo), s(&small_file)])?;
+            Ok(())
+        };
+        fresh()?;
+        let full = time_ok(&import)?;
+        eprintln!("  an undisturbed import takes {full:?}");
+        let mut outcomes = Vec::new();
+        for at in kill_points(&mut rng, full) {
+            fresh()?;
+            outcomes.push(run_and_kill(&import, at));
+            let listed = verify_repo(&repo).map_err(|e| format!("import killed at {at:?}: {e}"))?;
+            ensure(listed.contains(&small_id), || {
+                format!("import killed at {at:?}: the earlier snapshot is gone: {listed:?}")
+            })?;
+            vmm_ok(&import).map_err(|e| format!("import after a kill at {at:?}: {e}"))?;
+            let listed = verify_repo(&repo)?;
+            ensure(listed.contains(&big_id), || format!("{listed:?}"))?;
+            // Leftovers of the killed run go with the next gc.
+            vmm_ok(&["snapshot", "gc", "--repo", s(&repo)])?;
+            ensure(faults::temp_files(&repo).is_empty(), || {
+                format!("gc left temp files: {:?}", faults::temp_files(&repo))
+            })?;
+        }
+        report("import", &outcomes)?;
+        restore_and_check(&repo.join("snapshots").join(&big_id), &big_e)
+    });
+}
+
+/// A `vmm restore` process of the big snapshot with an API socket, ticking.
+fn vm_process(snap: &Path, sock: &Path) -> Result<common::Running, String> {
+    let _ = std::fs::remove_file(sock);
+    let mut r = common::Running::spawn(&[
+        "restore".into(),
+        s(snap).into(),
+        "--api-sock".into(),
+        s(sock).into(),
+    ]);
+    if r.wait_for("tick ", Duration::from_secs(60)).is_none() {
+        return Err(format!("the restored VM does not tick:\n{}", r.output()));
+    }
+    Ok(r)
+}
+
+fn api(sock: &Path, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String), String> {
+    vmm::api::request(
+        &vmm::api::ApiTarget::Unix(sock.to_path_buf()),
+        method,
+        path,
+        body,
+    )
+    .map_err(|e| format!("{method} {path}: {e}"))
+}
+
+/// Snapshot create killed both ways: the `vmm` process running the VM (SIGKILL while it
+/// writes the repository snapshot), and the `vmm snapshot create` client. After a VM kill
+/// the repository verifies with only complete snapshots listed and a new VM process
+/// snapshots into it fine; after a client kill the VM process keeps running (resumed if
+/// the client left it paused) and its next snapshot succeeds.
+#[test]
+fn snapshot_create_killed_at_random_points() {
+    check("snapshot_create_killed", || {
+        let tmp = TempDir::new("kill-create");
+        let ((big, big_e), _) = snapshots(&tmp)?;
+        let repo = tmp.join("repo");
+        let sock = tmp.join("api.sock");
+        let create = [
+            "snapshot",
+            "create",
+            "--repo",
+            s(&repo),
+            "--api-sock",
+            s(&sock),
+        ];
+        // An undisturbed snapshot of a freshly restored VM (all memory is new to the repo).
+        let mut vm = vm_process(&big, &sock)?;
+        let full = time_ok(&create)?;
+        drop(vm);
+        eprintln!("  an undisturbed snapshot takes {full:?}");
+        let listed = verify_repo(&repo)?;
+        ensure(listed.len() == 1, || format!("{listed:?}"))?;
+        let mut rng = Rng::new("snapshot create");
+
+        // Kill the VM process while it writes.
+        let first_file = export_first(&tmp, &listed[0])?;
+        let mut outcomes = Vec::new();
+        for at in kill_points(&mut rng, full) {
+            let _ = std::fs::remove_dir_all(&repo);
+            vmm_ok(&["snapshot", "import", "--repo", s(&repo), &first_file])?;
+            vm = vm_process(&big, &sock)?;
+            let mut client = std::process::Command::new(common::vmm_bin())
+                .args(create)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| e.to_string())?;
+            std::thread::sleep(at);
+            let done = client.try_wait().map_err(|e| e.to_string())?.is_some();
+            let _ = vm.child.kill();
+            let _ = vm.child.wait();
+            let _ = client.wait();
+            outcomes.push(if done {
+                Killed::Finished(0)
+            } else {
+                Killed::Yes
+            });
+            let now = verify_repo(&repo).map_err(|e| format!("VM killed at {at:?}: {e}"))?;
+            ensure(now.contains(&listed[0]) && now.len() <= 2, || {
+                format!("VM killed at {at:?}: listed {now:?}")
+            })?;
+            // The next run of the same command succeeds.
+            vm = vm_process(&big, &sock)?;
+            vmm_ok(&create).map_err(|e| format!("snapshot after a kill at {at:?}: {e}"))?;
+            drop(vm);
+            verify_repo(&repo)?;
+        }
+        report("VM process", &outcomes)?;
+
+        // Kill the client.
+        let mut outcomes = Vec::new();
+        vm = vm_process(&big, &sock)?;
+        for at in kill_points(&mut rng, full) {
+            outcomes.push(run_and_kill(&create, at));
+            // The VM process is alive and answers (once a snapshot in progress is done).
+            let (code, body) = api(&sock, "GET", "/vm", None)?;
+            ensure(code == 200, || format!("GET /vm: {code} {body}"))?;
+            if body.contains("\"Paused\"") {
+                let (code, body) = api(&sock, "PATCH", "/vm", Some(r#"{"state":"Resumed"}"#))?;
+                ensure(code == 204, || format!("resume: {code} {body}"))?;
+            }
+            let ticks = vm.console().matches("tick ").count();
+            let end = std::time::Instant::now() + Duration::from_secs(30);
+            while vm.console().matches("tick ").count() <= ticks {
+                ensure(std::time::Instant::now() < end, || {
+                    format!(
+                        "client killed at {at:?}: the VM stopped ticking\n{}",
+                        vm.output()
+                    )
+                })?;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            verify_repo(&repo).map_err(|e| format!("client killed at {at:?}: {e}"))?;
+            vmm_ok(&create).map_err(|e| format!("snapshot after a client kill: {e}"))?;
+        }
+        report("client", &outcomes)?;
+        ensure(
+            vm.child.try_wait().map_err(|e| e.to_string())?.is_none(),
+            || format!("the VM process died:\n{}", vm.output()),
+        )?;
+        drop(vm);
+        let listed = verify_repo(&repo)?;
+        eprintln!("  {} snapshots listed", listed.len());
+        // Every snapshot is of the big VM: each holds its memory and carries on.
+        for id in [listed.first(), listed.last()].into_iter().flatten() {
+            restore_and_check(&repo.join("snapshots").join(id), &big_e)?;
+        }
+        Ok(())
+    });
+}
+
+/// Exports snapshot `id` of `tmp/repo` to a file (once) and returns its path.
+fn export_first(tmp: &TempDir, id: &str) -> Result<String, String> {
+    let f = tmp.join("first.vmmsnap");
+    if !f.exists() {
+        vmm_ok(&[
+            "snapshot",
+            "export",
+            "--repo",
+            s(&tmp.join("repo")),
+            id,
+            s(&f),
+        ])?;
+    }
+    Ok(s(&f).to_string())
+}
