@@ -15,6 +15,7 @@ mod remote;
 mod tiny;
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use faults::proxy::{Fault, Proxy};
@@ -55,6 +56,26 @@ const STALL: Duration = Duration::from_secs(10);
 
 fn is_chunk(path: &str) -> bool {
     path.contains("/chunks/")
+}
+
+/// `fault` on the first request for every path; a stall only on the first two chunk
+/// requests (each costs 10 s).
+fn first_request_policy(fault: Fault) -> impl Fn(&str, u64) -> Fault + Send + Sync + 'static {
+    let stalls = std::sync::atomic::AtomicUsize::new(0);
+    move |path, n| {
+        if n != 1 {
+            return Fault::Pass;
+        }
+        if matches!(fault, Fault::Stall(_)) {
+            let k = stalls.fetch_add(usize::from(is_chunk(path)), Ordering::Relaxed);
+            return if is_chunk(path) && k < 2 {
+                fault.clone()
+            } else {
+                Fault::Pass
+            };
+        }
+        fault.clone()
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -122,15 +143,7 @@ fn remote_disk_rides_out_transient_http_faults() {
         let mut faults = transient();
         faults.push(Fault::Stall(STALL));
         for (k, fault) in faults.into_iter().enumerate() {
-            let f = fault.clone();
-            proxy.set_policy(move |path, n| {
-                let stall_only_chunks = matches!(f, Fault::Stall(_)) && !is_chunk(path);
-                if n == 1 && !stall_only_chunks {
-                    f.clone()
-                } else {
-                    Fault::Pass
-                }
-            });
+            proxy.set_policy(first_request_policy(fault.clone()));
             proxy.clear_log();
             let (exit, console) = virtio_run(&proxy, &tmp.join(format!("run{k}")))?;
             let injected = proxy.injected();
@@ -277,15 +290,7 @@ fn lazy_memory_rides_out_transient_http_faults() {
         let mut faults = transient();
         faults.push(Fault::Stall(STALL));
         for (k, fault) in faults.into_iter().enumerate() {
-            let f = fault.clone();
-            proxy.set_policy(move |path, n| {
-                let stall_only_chunks = matches!(f, Fault::Stall(_)) && !is_chunk(path);
-                if n == 1 && !stall_only_chunks {
-                    f.clone()
-                } else {
-                    Fault::Pass
-                }
-            });
+            proxy.set_policy(first_request_policy(fault.clone()));
             proxy.clear_log();
             let vm = resume(&url, &tmp.join(format!("cache{k}")), FillRate::Off)?;
             let addr = PAT_BASE + (k as u64 * 3 + 1) * (64 << 10) + 8 * 4096;

@@ -41,6 +41,10 @@ fn snapshots(tmp: &TempDir) -> Result<((PathBuf, Expect), (PathBuf, Expect)), St
     Ok(((bdir, be), (sdir, se)))
 }
 
+fn argv(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
 fn kill_points(rng: &mut Rng, full: Duration) -> Vec<Duration> {
     (0..ROUNDS).map(|_| rng.below(full)).collect()
 }
@@ -79,8 +83,7 @@ fn archive_push_killed_at_random_points() {
             vmm_ok(&a.iter().map(String::as_str).collect::<Vec<_>>())?;
             Ok(())
         };
-        fresh()?;
-        let full = time_ok(&argv)?;
+        let full = time_ok(&argv, fresh)?;
         eprintln!("  an undisturbed push takes {full:?}");
         let mut rng = Rng::new("archive push");
         let mut outcomes = Vec::new();
@@ -119,8 +122,7 @@ fn image_import_killed_at_random_points() {
             vmm_ok(&["image", "import", s(&old_src), s(&archive), "--name", "old"])?;
             Ok(())
         };
-        fresh()?;
-        let full = time_ok(&argv)?;
+        let full = time_ok(&argv, fresh)?;
         eprintln!("  an undisturbed import takes {full:?}");
         let mut rng = Rng::new("image import");
         let mut outcomes = Vec::new();
@@ -186,7 +188,10 @@ fn export_and_import_killed_at_random_points() {
             s(&small_file),
         ])?;
         let export = ["snapshot", "export", "--repo", s(&src), &big_id, s(&file)];
-        let full = time_ok(&export)?;
+        let full = time_ok(&export, || {
+            let _ = std::fs::remove_file(&file);
+            Ok(())
+        })?;
         eprintln!("  an undisturbed export takes {full:?}");
         let mut rng = Rng::new("export");
         let mut outcomes = Vec::new();
@@ -211,8 +216,7 @@ fn export_and_import_killed_at_random_points() {
             vmm_ok(&["snapshot", "import", "--repo", s(&repo), s(&small_file)])?;
             Ok(())
         };
-        fresh()?;
-        let full = time_ok(&import)?;
+        let full = time_ok(&import, fresh)?;
         eprintln!("  an undisturbed import takes {full:?}");
         let mut outcomes = Vec::new();
         for at in kill_points(&mut rng, full) {
@@ -248,6 +252,14 @@ fn vm_process(snap: &Path, sock: &Path) -> Result<common::Running, String> {
     if r.wait_for("tick ", Duration::from_secs(60)).is_none() {
         return Err(format!("the restored VM does not tick:\n{}", r.output()));
     }
+    // The guest may tick before the API socket is bound.
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        ensure(std::time::Instant::now() < end, || {
+            format!("no API socket:\n{}", r.output())
+        })?;
+        std::thread::sleep(Duration::from_millis(10));
+    }
     Ok(r)
 }
 
@@ -270,35 +282,59 @@ fn api(sock: &Path, method: &str, path: &str, body: Option<&str>) -> Result<(u16
 fn snapshot_create_killed_at_random_points() {
     check("snapshot_create_killed", || {
         let tmp = TempDir::new("kill-create");
-        let ((big, big_e), _) = snapshots(&tmp)?;
-        let repo = tmp.join("repo");
-        let sock = tmp.join("api.sock");
-        let create = [
-            "snapshot",
-            "create",
-            "--repo",
-            s(&repo),
-            "--api-sock",
-            s(&sock),
-        ];
-        // An undisturbed snapshot of a freshly restored VM (all memory is new to the repo).
-        let mut vm = vm_process(&big, &sock)?;
-        let full = time_ok(&create)?;
+        let ((big, big_e), (small, _)) = snapshots(&tmp)?;
+        // Each round snapshots the big VM into its own repository holding only a small
+        // snapshot, so that every snapshot writes all of the big VM's memory.
+        let seed = tmp.join("seed");
+        let mut vm = tiny::restore_eager(&small, None, true)?;
+        let small_id = vmm::repo::create::create_in_repo(&mut vm.vmm, &seed, None)
+            .map_err(|e| vmm::vmm::error_chain(&e))?
+            .id
+            .to_string();
         drop(vm);
-        eprintln!("  an undisturbed snapshot takes {full:?}");
-        let listed = verify_repo(&repo)?;
-        ensure(listed.len() == 1, || format!("{listed:?}"))?;
+        let seed_file = tmp.join("seed.vmmsnap");
+        vmm_ok(&[
+            "snapshot",
+            "export",
+            "--repo",
+            s(&seed),
+            &small_id,
+            s(&seed_file),
+        ])?;
+        let sock = tmp.join("api.sock");
+        let round = std::cell::Cell::new(0);
+        let repo = || tmp.join(format!("repo{}", round.get()));
+        let fresh = || -> Result<PathBuf, String> {
+            round.set(round.get() + 1);
+            let r = repo();
+            vmm_ok(&["snapshot", "import", "--repo", s(&r), s(&seed_file)])?;
+            Ok(r)
+        };
+        let create = |r: &Path| -> Vec<String> {
+            ["snapshot", "create", "--repo", s(r), "--api-sock", s(&sock)]
+                .map(String::from)
+                .to_vec()
+        };
+        let mut vm = vm_process(&big, &sock)?;
+        let mut best = Duration::MAX;
+        for _ in 0..2 {
+            let r = fresh()?;
+            let t = std::time::Instant::now();
+            vmm_ok(&argv(&create(&r)))?;
+            best = best.min(t.elapsed());
+        }
+        drop(vm);
+        let full = best * 9 / 10;
+        eprintln!("  an undisturbed snapshot takes {best:?}");
         let mut rng = Rng::new("snapshot create");
 
         // Kill the VM process while it writes.
-        let first_file = export_first(&tmp, &listed[0])?;
         let mut outcomes = Vec::new();
         for at in kill_points(&mut rng, full) {
-            let _ = std::fs::remove_dir_all(&repo);
-            vmm_ok(&["snapshot", "import", "--repo", s(&repo), &first_file])?;
+            let r = fresh()?;
             vm = vm_process(&big, &sock)?;
             let mut client = std::process::Command::new(common::vmm_bin())
-                .args(create)
+                .args(create(&r))
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()
@@ -313,15 +349,24 @@ fn snapshot_create_killed_at_random_points() {
             } else {
                 Killed::Yes
             });
-            let now = verify_repo(&repo).map_err(|e| format!("VM killed at {at:?}: {e}"))?;
-            ensure(now.contains(&listed[0]) && now.len() <= 2, || {
+            let now = verify_repo(&r).map_err(|e| format!("VM killed at {at:?}: {e}"))?;
+            ensure(now.contains(&small_id) && now.len() <= 2, || {
                 format!("VM killed at {at:?}: listed {now:?}")
             })?;
             // The next run of the same command succeeds.
             vm = vm_process(&big, &sock)?;
-            vmm_ok(&create).map_err(|e| format!("snapshot after a kill at {at:?}: {e}"))?;
+            vmm_ok(&argv(&create(&r))).map_err(|e| {
+                format!(
+                    "snapshot after a kill at {at:?}: {e}\nVM process: {}",
+                    vm.output()
+                )
+            })?;
             drop(vm);
-            verify_repo(&repo)?;
+            let now = verify_repo(&r)?;
+            // The killed run's snapshot is listed (complete) or not; the retry's is.
+            ensure((2..=3).contains(&now.len()), || {
+                format!("after the retry: {now:?}")
+            })?;
         }
         report("VM process", &outcomes)?;
 
@@ -329,7 +374,8 @@ fn snapshot_create_killed_at_random_points() {
         let mut outcomes = Vec::new();
         vm = vm_process(&big, &sock)?;
         for at in kill_points(&mut rng, full) {
-            outcomes.push(run_and_kill(&create, at));
+            let r = fresh()?;
+            outcomes.push(run_and_kill(&argv(&create(&r)), at));
             // The VM process is alive and answers (once a snapshot in progress is done).
             let (code, body) = api(&sock, "GET", "/vm", None)?;
             ensure(code == 200, || format!("GET /vm: {code} {body}"))?;
@@ -348,8 +394,8 @@ fn snapshot_create_killed_at_random_points() {
                 })?;
                 std::thread::sleep(Duration::from_millis(20));
             }
-            verify_repo(&repo).map_err(|e| format!("client killed at {at:?}: {e}"))?;
-            vmm_ok(&create).map_err(|e| format!("snapshot after a client kill: {e}"))?;
+            verify_repo(&r).map_err(|e| format!("client killed at {at:?}: {e}"))?;
+            vmm_ok(&argv(&create(&r))).map_err(|e| format!("snapshot after a client kill: {e}"))?;
         }
         report("client", &outcomes)?;
         ensure(
@@ -357,28 +403,13 @@ fn snapshot_create_killed_at_random_points() {
             || format!("the VM process died:\n{}", vm.output()),
         )?;
         drop(vm);
-        let listed = verify_repo(&repo)?;
-        eprintln!("  {} snapshots listed", listed.len());
-        // Every snapshot is of the big VM: each holds its memory and carries on.
-        for id in [listed.first(), listed.last()].into_iter().flatten() {
-            restore_and_check(&repo.join("snapshots").join(id), &big_e)?;
+        // The last repository's snapshots of the big VM hold its memory and carry on.
+        let r = repo();
+        for id in verify_repo(&r)? {
+            if id != small_id {
+                restore_and_check(&r.join("snapshots").join(&id), &big_e)?;
+            }
         }
         Ok(())
     });
-}
-
-/// Exports snapshot `id` of `tmp/repo` to a file (once) and returns its path.
-fn export_first(tmp: &TempDir, id: &str) -> Result<String, String> {
-    let f = tmp.join("first.vmmsnap");
-    if !f.exists() {
-        vmm_ok(&[
-            "snapshot",
-            "export",
-            "--repo",
-            s(&tmp.join("repo")),
-            id,
-            s(&f),
-        ])?;
-    }
-    Ok(s(&f).to_string())
 }
