@@ -29,8 +29,11 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// A snapshot directory and what it holds.
+type Snap = (PathBuf, Expect);
+
 /// A snapshot directory with [`BIG`] bytes of random memory, and a small one.
-fn snapshots(tmp: &TempDir) -> Result<((PathBuf, Expect), (PathBuf, Expect)), String> {
+fn snapshots(tmp: &TempDir) -> Result<(Snap, Snap), String> {
     let mut small = Changing::boot(64 << 10)?;
     let sdir = tmp.join("small");
     let se = small.dir_snapshot(&sdir)??;

@@ -181,11 +181,7 @@ fn serve(mut c: TcpStream, s: &Shared) {
         let policy = lock(&s.policy).clone();
         let fault = policy(&path, n);
         lock(&s.log).push((path.clone(), fault.clone()));
-        let keep = match answer(&mut c, s, &path, &fault) {
-            Ok(k) => k,
-            Err(_) => false,
-        };
-        if !keep {
+        if !answer(&mut c, s, &path, &fault).unwrap_or_default() {
             return;
         }
     }
