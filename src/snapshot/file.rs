@@ -437,6 +437,40 @@ mod tests {
     }
 
     #[test]
+    fn replace_pair_replaces_both_and_leaves_nothing_behind() {
+        let dir = TempDir::new("statefile-pair");
+        let (a, b) = (dir.path().join("memory"), dir.path().join("state"));
+        replace_pair((&a, b"m1"), (&b, b"s1")).unwrap();
+        replace_pair((&a, b"m2"), (&b, b"s2")).unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), b"m2");
+        assert_eq!(std::fs::read(&b).unwrap(), b"s2");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        // A failure before anything is replaced (here: `last` cannot be staged because
+        // its directory is missing) leaves the old pair and no temp file.
+        let gone = dir.path().join("missing/state");
+        assert!(replace_pair((&a, b"m3"), (&gone, b"s3")).is_err());
+        assert_eq!(std::fs::read(&a).unwrap(), b"m2");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn the_container_check_needs_the_whole_file() {
+        let good = encode(&FileKind::STATE, &sample()).unwrap();
+        check_container(&FileKind::STATE, &good).unwrap();
+        assert!(check_container(&FileKind::STATE, &good[..good.len() - 1]).is_err());
+        assert!(check_container(&MANIFEST_LIKE, &good).is_err());
+    }
+
+    const MANIFEST_LIKE: FileKind = FileKind {
+        magic: *b"VMMOTHR\0",
+        ..FileKind::STATE
+    };
+
+    #[test]
     fn every_flipped_byte_is_an_error() {
         let good = encode(&FileKind::STATE, &sample()).unwrap();
         for i in 0..good.len() {
