@@ -48,16 +48,44 @@ fn argv(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-fn kill_points(rng: &mut Rng, full: Duration) -> Vec<Duration> {
-    (0..ROUNDS).map(|_| rng.below(full)).collect()
+/// Kill points: uniform in a window that starts as long as an undisturbed run and
+/// shrinks by a third each time a run finished before its kill (the machine got faster),
+/// until [`ROUNDS`] kills landed (at most `3 * ROUNDS` runs).
+struct Window {
+    full: Duration,
+    outcomes: Vec<Killed>,
 }
 
-fn report(what: &str, outcomes: &[Killed]) -> Result<(), String> {
-    let kills = outcomes.iter().filter(|k| **k == Killed::Yes).count();
-    eprintln!("  {what}: {kills} of {} runs killed", outcomes.len());
-    ensure(kills * 2 >= outcomes.len(), || {
-        format!("{what}: only {kills} kills landed: {outcomes:?}")
-    })
+impl Window {
+    fn new(full: Duration) -> Self {
+        Self {
+            full,
+            outcomes: Vec::new(),
+        }
+    }
+
+    fn kills(&self) -> usize {
+        self.outcomes.iter().filter(|k| **k == Killed::Yes).count()
+    }
+
+    fn next(&mut self, rng: &mut Rng) -> Option<Duration> {
+        (self.kills() < ROUNDS && self.outcomes.len() < 3 * ROUNDS).then(|| rng.below(self.full))
+    }
+
+    fn record(&mut self, k: Killed) {
+        if k != Killed::Yes {
+            self.full = self.full * 2 / 3;
+        }
+        self.outcomes.push(k);
+    }
+
+    fn report(&self, what: &str) -> Result<(), String> {
+        let kills = self.kills();
+        eprintln!("  {what}: {kills} of {} runs killed", self.outcomes.len());
+        ensure(kills * 2 >= ROUNDS, || {
+            format!("{what}: only {kills} kills landed: {:?}", self.outcomes)
+        })
+    }
 }
 
 /// `vmm archive push` killed: the archive's earlier VM stays whole, the pushed VM is
@@ -89,10 +117,10 @@ fn archive_push_killed_at_random_points() {
         let full = time_ok(&argv, fresh)?;
         eprintln!("  an undisturbed push takes {full:?}");
         let mut rng = Rng::new("archive push");
-        let mut outcomes = Vec::new();
-        for at in kill_points(&mut rng, full) {
+        let mut w = Window::new(full);
+        while let Some(at) = w.next(&mut rng) {
             fresh()?;
-            outcomes.push(run_and_kill(&argv, at));
+            w.record(run_and_kill(&argv, at));
             let (vms, _) = check_archive(&archive).map_err(|e| format!("kill at {at:?}: {e}"))?;
             ensure(vms.contains(&"old".to_string()), || {
                 format!("kill at {at:?}: the earlier VM is gone: {vms:?}")
@@ -101,7 +129,7 @@ fn archive_push_killed_at_random_points() {
             let (vms, _) = check_archive(&archive)?;
             ensure(vms.contains(&"new".to_string()), || format!("{vms:?}"))?;
         }
-        report("archive push", &outcomes)?;
+        w.report("archive push")?;
         restore_and_check(&archive.join("vms/new"), &big_e)
     });
 }
@@ -128,10 +156,10 @@ fn image_import_killed_at_random_points() {
         let full = time_ok(&argv, fresh)?;
         eprintln!("  an undisturbed import takes {full:?}");
         let mut rng = Rng::new("image import");
-        let mut outcomes = Vec::new();
-        for at in kill_points(&mut rng, full) {
+        let mut w = Window::new(full);
+        while let Some(at) = w.next(&mut rng) {
             fresh()?;
-            outcomes.push(run_and_kill(&argv, at));
+            w.record(run_and_kill(&argv, at));
             let (_, images) =
                 check_archive(&archive).map_err(|e| format!("kill at {at:?}: {e}"))?;
             ensure(images.contains(&"old".to_string()), || {
@@ -139,7 +167,7 @@ fn image_import_killed_at_random_points() {
             })?;
             vmm_ok(&argv).map_err(|e| format!("import after a kill at {at:?}: {e}"))?;
         }
-        report("image import", &outcomes)?;
+        w.report("image import")?;
         let (_, images) = check_archive(&archive)?;
         ensure(images.contains(&"new".to_string()), || {
             format!("{images:?}")
@@ -197,10 +225,10 @@ fn export_and_import_killed_at_random_points() {
         })?;
         eprintln!("  an undisturbed export takes {full:?}");
         let mut rng = Rng::new("export");
-        let mut outcomes = Vec::new();
-        for at in kill_points(&mut rng, full) {
+        let mut w = Window::new(full);
+        while let Some(at) = w.next(&mut rng) {
             let _ = std::fs::remove_file(&file);
-            outcomes.push(run_and_kill(&export, at));
+            w.record(run_and_kill(&export, at));
             if file.exists() {
                 // Complete, or it would not be there: it imports.
                 let probe = tmp.join("probe");
@@ -210,7 +238,7 @@ fn export_and_import_killed_at_random_points() {
             }
             vmm_ok(&export).map_err(|e| format!("export after a kill at {at:?}: {e}"))?;
         }
-        report("export", &outcomes)?;
+        w.report("export")?;
 
         let repo = tmp.join("repo");
         let import = ["snapshot", "import", "--repo", s(&repo), s(&file)];
@@ -221,10 +249,10 @@ fn export_and_import_killed_at_random_points() {
         };
         let full = time_ok(&import, fresh)?;
         eprintln!("  an undisturbed import takes {full:?}");
-        let mut outcomes = Vec::new();
-        for at in kill_points(&mut rng, full) {
+        let mut w = Window::new(full);
+        while let Some(at) = w.next(&mut rng) {
             fresh()?;
-            outcomes.push(run_and_kill(&import, at));
+            w.record(run_and_kill(&import, at));
             let listed = verify_repo(&repo).map_err(|e| format!("import killed at {at:?}: {e}"))?;
             ensure(listed.contains(&small_id), || {
                 format!("import killed at {at:?}: the earlier snapshot is gone: {listed:?}")
@@ -238,7 +266,7 @@ fn export_and_import_killed_at_random_points() {
                 format!("gc left temp files: {:?}", faults::temp_files(&repo))
             })?;
         }
-        report("import", &outcomes)?;
+        w.report("import")?;
         restore_and_check(&repo.join("snapshots").join(&big_id), &big_e)
     });
 }
@@ -332,8 +360,8 @@ fn snapshot_create_killed_at_random_points() {
         let mut rng = Rng::new("snapshot create");
 
         // Kill the VM process while it writes.
-        let mut outcomes = Vec::new();
-        for at in kill_points(&mut rng, full) {
+        let mut w = Window::new(full);
+        while let Some(at) = w.next(&mut rng) {
             let r = fresh()?;
             vm = vm_process(&big, &sock)?;
             let mut client = std::process::Command::new(common::vmm_bin())
@@ -347,7 +375,7 @@ fn snapshot_create_killed_at_random_points() {
             let _ = vm.child.kill();
             let _ = vm.child.wait();
             let _ = client.wait();
-            outcomes.push(if done {
+            w.record(if done {
                 Killed::Finished(0)
             } else {
                 Killed::Yes
@@ -371,14 +399,14 @@ fn snapshot_create_killed_at_random_points() {
                 format!("after the retry: {now:?}")
             })?;
         }
-        report("VM process", &outcomes)?;
+        w.report("VM process")?;
 
         // Kill the client.
-        let mut outcomes = Vec::new();
+        let mut w = Window::new(full);
         vm = vm_process(&big, &sock)?;
-        for at in kill_points(&mut rng, full) {
+        while let Some(at) = w.next(&mut rng) {
             let r = fresh()?;
-            outcomes.push(run_and_kill(&argv(&create(&r)), at));
+            w.record(run_and_kill(&argv(&create(&r)), at));
             // The VM process is alive and answers (once a snapshot in progress is done).
             let (code, body) = api(&sock, "GET", "/vm", None)?;
             ensure(code == 200, || format!("GET /vm: {code} {body}"))?;
@@ -400,7 +428,7 @@ fn snapshot_create_killed_at_random_points() {
             verify_repo(&r).map_err(|e| format!("client killed at {at:?}: {e}"))?;
             vmm_ok(&argv(&create(&r))).map_err(|e| format!("snapshot after a client kill: {e}"))?;
         }
-        report("client", &outcomes)?;
+        w.report("client")?;
         ensure(
             vm.child.try_wait().map_err(|e| e.to_string())?.is_none(),
             || format!("the VM process died:\n{}", vm.output()),
