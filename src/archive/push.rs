@@ -25,7 +25,7 @@ use std::time::Instant;
 use super::{INSTANCE_OVERLAY, STORE_FROM_VM_DIR, VMS_DIR, WORKINGSET_FILE};
 use crate::disk::BackendIdentity;
 use crate::image::{self, ImageError};
-use crate::snapshot::file::{StateFileError, read_state_file, write_state_file};
+use crate::snapshot::file::{self, FileKind, StateFileError, read_state_file};
 use crate::snapshot::manifest::{ManifestError, MemoryManifest};
 use crate::snapshot::microvm::{MEMORY_FILE, MicrovmState, STATE_FILE};
 use crate::snapshot::refs::{RefsError, chunk_refs};
@@ -190,9 +190,6 @@ pub fn push(snapshot_dir: &Path, archive: &Path, name: &str) -> Result<PushRepor
     fs::create_dir_all(&vm_dir).map_err(io("create", &vm_dir))?;
     // The manifest goes as read (same bytes: a working set names its hash).
     let mem_bytes = fs::read(&mem_path).map_err(io("read", &mem_path))?;
-    let dest = vm_dir.join(MEMORY_FILE);
-    crate::snapshot::file::write_atomic(&dest, &mem_bytes)
-        .map_err(|source| PushError::Write { path: dest, source })?;
     drop(manifest);
     let ws_src = snapshot_dir.join(WORKINGSET_FILE);
     let ws_dest = vm_dir.join(WORKINGSET_FILE);
@@ -215,7 +212,18 @@ pub fn push(snapshot_dir: &Path, archive: &Path, name: &str) -> Result<PushRepor
     }
     state.store = Some(PathBuf::from(STORE_FROM_VM_DIR));
     let dest = vm_dir.join(STATE_FILE);
-    write_state_file(&dest, &state).map_err(|source| PushError::Write { path: dest, source })?;
+    let state_bytes =
+        file::encode(&FileKind::STATE, &state).map_err(|source| PushError::Write {
+            path: dest.clone(),
+            source,
+        })?;
+    // Pushing over an archived VM: never its old state beside the new manifest (a working
+    // set written above names the manifest it was recorded for, so a stale one is ignored).
+    file::replace_pair(
+        (&vm_dir.join(MEMORY_FILE), &mem_bytes),
+        (&dest, &state_bytes),
+    )
+    .map_err(|source| PushError::Write { path: dest, source })?;
     Ok(PushReport {
         vm_dir,
         chunks_total: refs.len() as u64,

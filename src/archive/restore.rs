@@ -380,8 +380,17 @@ fn load(source: &Source, http: &HttpStoreOptions) -> Result<Loaded, RestoreError
                 }
             })?);
             let url = |f: &str| format!("{vm_url}/{f}");
+            // The container (length, checksum) is checked inside the fetch, so an answer
+            // damaged on the way is asked for again; what it holds is decoded below.
             let fetch = |f: &str, kind: &FileKind| {
-                meta.fetch(f, cap(kind)).map_err(|source| {
+                let whole = |u: &str, body: Vec<u8>| match file::check_container(kind, &body) {
+                    Ok(()) => Ok(body),
+                    Err(e) => Err(HttpError::Invalid {
+                        url: u.into(),
+                        reason: error_chain(&e),
+                    }),
+                };
+                meta.fetch_with(f, cap(kind), whole).map_err(|source| {
                     if source.is_not_found() && f == STATE_FILE {
                         RestoreError::NotFound {
                             url: vm_url.clone(),

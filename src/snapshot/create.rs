@@ -66,9 +66,13 @@ pub enum CreateError {
     /// Saving memory failed.
     #[error("saving guest memory")]
     Memory(#[source] manifest::ManifestError),
-    /// Writing the state file failed.
-    #[error("writing the state file")]
+    /// Encoding the state file failed.
+    #[error("encoding the state file")]
     StateFile(#[source] file::StateFileError),
+    /// Writing the memory manifest and state file failed (an earlier snapshot in the
+    /// directory is left as it was).
+    #[error("writing the memory manifest and state file")]
+    Files(#[source] file::StateFileError),
     /// Reading the dirty page log failed.
     #[error("reading the dirty page log")]
     Dirty(#[source] crate::vstate::dirty::DirtyError),
@@ -443,9 +447,7 @@ pub fn create_snapshot(
     } else {
         DirtyMethod::Rehash
     };
-    manifest
-        .write_to(dir.join(MEMORY_FILE))
-        .map_err(CreateError::Memory)?;
+    let manifest_bytes = manifest.encode().map_err(CreateError::Memory)?;
     let mut overlay_stats = Vec::new();
     let mut overlay_manifests = Vec::new();
     let mut touched = Vec::new();
@@ -483,7 +485,14 @@ pub fn create_snapshot(
             .map(|d| d.as_secs())
             .unwrap_or(0),
     };
-    file::write_state_file(dir.join(STATE_FILE), &state).map_err(CreateError::StateFile)?;
+    let state_bytes =
+        file::encode(&file::FileKind::STATE, &state).map_err(CreateError::StateFile)?;
+    // Over an existing snapshot, never the new manifest beside the old state.
+    file::replace_pair(
+        (&dir.join(MEMORY_FILE), &manifest_bytes),
+        (&dir.join(STATE_FILE), &state_bytes),
+    )
+    .map_err(CreateError::Files)?;
     for (index, t) in touched {
         if let Some(ov) = &vmm.overlays[index] {
             ov.clear_touched(&t);

@@ -157,6 +157,20 @@ pub fn encode<T: Serialize + ?Sized>(kind: &FileKind, value: &T) -> Result<Vec<u
 
 /// Checks and decodes a complete file of the given kind.
 pub fn decode<T: DeserializeOwned>(kind: &FileKind, bytes: &[u8]) -> Result<T> {
+    let payload = checked_payload(kind, bytes)?;
+    options(payload.len() as u64)
+        .deserialize(payload)
+        .map_err(StateFileError::Decode)
+}
+
+/// Checks the container of a file of the given kind (magic, version, length, checksum)
+/// without decoding its payload: whether the bytes arrived whole.
+pub fn check_container(kind: &FileKind, bytes: &[u8]) -> Result<()> {
+    checked_payload(kind, bytes).map(|_| ())
+}
+
+/// The payload of a complete file of the given kind, once the container checks out.
+fn checked_payload<'a>(kind: &FileKind, bytes: &'a [u8]) -> Result<&'a [u8]> {
     let actual = bytes.len() as u64;
     if bytes.len() < 8 || bytes[..8] != kind.magic {
         return Err(StateFileError::BadMagic { name: kind.name });
@@ -195,9 +209,7 @@ pub fn decode<T: DeserializeOwned>(kind: &FileKind, bytes: &[u8]) -> Result<T> {
     if blake3::hash(payload).as_bytes()[..] != *hash {
         return Err(StateFileError::ChecksumMismatch);
     }
-    options(len)
-        .deserialize(payload)
-        .map_err(StateFileError::Decode)
+    Ok(payload)
 }
 
 /// Writes `value` to `path` as a file of the given kind, atomically and durably.
@@ -233,49 +245,153 @@ pub fn read_state_file<T: DeserializeOwned>(path: impl AsRef<Path>) -> Result<T>
     read_file(path.as_ref(), &FileKind::STATE)
 }
 
-/// Replaces `path` with `bytes` atomically: writes a temp file in the same
-/// directory, fsyncs it, renames it over `path` and fsyncs the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let io = |op, p: &Path| {
-        let path = p.to_path_buf();
-        move |source| StateFileError::Io { op, path, source }
-    };
-    let dir = match path.parent() {
+/// A file written under a temp name in its destination's directory and made durable, not
+/// yet renamed into place ([`stage`]); the temp file is removed if it is dropped
+/// uncommitted.
+#[derive(Debug)]
+pub struct Staged {
+    tmp: PathBuf,
+    dest: PathBuf,
+    committed: bool,
+}
+
+fn io_err(op: &'static str, p: &Path) -> impl FnOnce(io::Error) -> StateFileError {
+    let path = p.to_path_buf();
+    move |source| StateFileError::Io { op, path, source }
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
-    };
+    }
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync directory", dir))
+}
+
+/// Writes `bytes` to a temp file next to `path` and fsyncs it; [`Staged::commit`] renames
+/// it over `path`.
+pub fn stage(path: &Path, bytes: &[u8]) -> Result<Staged> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
     let name = path
         .file_name()
         .ok_or_else(|| {
-            io("write", path)(io::Error::new(
+            io_err("write", path)(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "path has no file name",
             ))
         })?
         .to_string_lossy();
-    let tmp = dir.join(format!(
+    let tmp = parent_dir(path).join(format!(
         ".{name}.tmp.{}.{}",
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(io("create", &tmp))?;
-        f.write_all(bytes).map_err(io("write", &tmp))?;
-        f.sync_all().map_err(io("fsync", &tmp))?;
-        std::fs::rename(&tmp, path).map_err(io("rename temp file to", path))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-        return result;
+    let mut staged = Staged {
+        tmp,
+        dest: path.to_path_buf(),
+        committed: true,
+    };
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&staged.tmp)
+        .map_err(io_err("create", &staged.tmp))?;
+    // From here on the temp file exists: remove it on any failure.
+    staged.committed = false;
+    f.write_all(bytes).map_err(io_err("write", &staged.tmp))?;
+    f.sync_all().map_err(io_err("fsync", &staged.tmp))?;
+    Ok(staged)
+}
+
+impl Staged {
+    /// Renames the temp file over the destination (the directory is not fsynced).
+    pub fn commit(mut self) -> Result<()> {
+        std::fs::rename(&self.tmp, &self.dest)
+            .map_err(io_err("rename temp file to", &self.dest))?;
+        self.committed = true;
+        Ok(())
     }
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("fsync directory", dir))
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Replaces `path` with `bytes` atomically: writes a temp file in the same
+/// directory, fsyncs it, renames it over `path` and fsyncs the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    stage(path, bytes)?.commit()?;
+    fsync_dir(parent_dir(path))
+}
+
+/// Moves `path` aside to `.NAME.prev` in its directory; None if it does not exist.
+fn move_aside(path: &Path) -> Result<Option<(PathBuf, PathBuf)>> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let aside = parent_dir(path).join(format!(".{name}.prev"));
+    match std::fs::rename(path, &aside) {
+        Ok(()) => Ok(Some((aside, path.to_path_buf()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err("move aside", path)(e)),
+    }
+}
+
+/// Renames files moved aside by [`move_aside`] back (best effort: this runs on an error
+/// path).
+fn move_back(moved: &[Option<(PathBuf, PathBuf)>]) {
+    for (aside, path) in moved.iter().flatten() {
+        if let Err(e) = std::fs::rename(aside, path) {
+            log::error!(
+                "cannot move {} back to {}: {e}",
+                aside.display(),
+                path.display()
+            );
+        }
+    }
+}
+
+/// Replaces two files of one directory that belong together — `first` (e.g. a memory
+/// manifest) and `last` (the state file whose presence marks the pair complete) — so that
+/// neither a failure nor a crash leaves the new `first` beside the old `last`:
+///
+/// 1. both are written and made durable under temp names (a failure here, e.g. a full
+///    disk, leaves the old pair untouched);
+/// 2. the old `last`, then the old `first`, are moved aside (`.NAME.prev`), durably;
+/// 3. the new `first`, then the new `last`, are renamed into place, the directory is
+///    fsynced and the old files are deleted.
+///
+/// A failure in steps 2–3 moves the old pair back. A crash there leaves the directory
+/// without `last`: incomplete, never mixed.
+pub fn replace_pair(first: (&Path, &[u8]), last: (&Path, &[u8])) -> Result<()> {
+    let dir = parent_dir(last.0);
+    let a = stage(first.0, first.1)?;
+    let b = stage(last.0, last.1)?;
+    let mut moved = vec![move_aside(last.0)?];
+    let swap = (|| {
+        moved.push(move_aside(first.0)?);
+        fsync_dir(dir)?;
+        a.commit()?;
+        b.commit()?;
+        fsync_dir(dir)
+    })();
+    if let Err(e) = swap {
+        // Whatever got into place is replaced by the old files again.
+        move_back(&moved);
+        let _ = fsync_dir(dir);
+        return Err(e);
+    }
+    for (aside, _) in moved.iter().flatten() {
+        let _ = std::fs::remove_file(aside);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -319,6 +435,40 @@ mod tests {
         assert_eq!(&bytes[..8], b"VMMSNAP\0");
         assert_eq!(decode::<Sample>(&FileKind::STATE, &bytes).unwrap(), other);
     }
+
+    #[test]
+    fn replace_pair_replaces_both_and_leaves_nothing_behind() {
+        let dir = TempDir::new("statefile-pair");
+        let (a, b) = (dir.path().join("memory"), dir.path().join("state"));
+        replace_pair((&a, b"m1"), (&b, b"s1")).unwrap();
+        replace_pair((&a, b"m2"), (&b, b"s2")).unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), b"m2");
+        assert_eq!(std::fs::read(&b).unwrap(), b"s2");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        // A failure before anything is replaced (here: `last` cannot be staged because
+        // its directory is missing) leaves the old pair and no temp file.
+        let gone = dir.path().join("missing/state");
+        assert!(replace_pair((&a, b"m3"), (&gone, b"s3")).is_err());
+        assert_eq!(std::fs::read(&a).unwrap(), b"m2");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn the_container_check_needs_the_whole_file() {
+        let good = encode(&FileKind::STATE, &sample()).unwrap();
+        check_container(&FileKind::STATE, &good).unwrap();
+        assert!(check_container(&FileKind::STATE, &good[..good.len() - 1]).is_err());
+        assert!(check_container(&MANIFEST_LIKE, &good).is_err());
+    }
+
+    const MANIFEST_LIKE: FileKind = FileKind {
+        magic: *b"VMMOTHR\0",
+        ..FileKind::STATE
+    };
 
     #[test]
     fn every_flipped_byte_is_an_error() {

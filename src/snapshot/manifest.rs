@@ -210,7 +210,12 @@ impl MemoryManifest {
         self.regions.iter().map(|r| r.size).sum()
     }
 
-    /// Writes the manifest to `path` (checksummed, atomically, durably).
+    /// The manifest as a complete (checksummed) file.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        file::encode(&MANIFEST_KIND, self).map_err(ManifestError::File)
+    }
+
+    /// Writes the manifest to `path` atomically and durably.
     pub fn write_to(&self, path: impl AsRef<Path>) -> Result<()> {
         file::write_file(path.as_ref(), &MANIFEST_KIND, self).map_err(ManifestError::File)
     }

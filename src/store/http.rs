@@ -6,11 +6,15 @@
 //!
 //! * **Keep-alive pool**: one `ureq` agent keeps idle connections; at most
 //!   [`HttpStoreOptions::max_connections`] requests are in flight at once.
-//! * **Retries**: transport errors, timeouts and 5xx/408/429 answers are retried with
-//!   exponential backoff, at most [`HttpStoreOptions::attempts`] rounds and within
+//! * **Retries**: transport errors (connection refused or reset, a body cut short),
+//!   timeouts (no response head within [`HttpStoreOptions::response_timeout`], or the whole
+//!   request over [`HttpStoreOptions::request_timeout`]), 5xx/408/429 answers, and answers
+//!   that fail verification (a hash mismatch, a wrong length, an oversized or malformed
+//!   body: a proxy or the network may have damaged them) are retried with exponential
+//!   backoff, at most [`HttpStoreOptions::attempts`] rounds and within
 //!   [`HttpStoreOptions::budget`]; then the fetch fails (a guest sees an I/O error, never
-//!   an endless hang). A 404, a hash mismatch or an oversized answer is final for that
-//!   server.
+//!   an endless hang, never unverified bytes). A 404 (or another 4xx) is final for that
+//!   server, and so is any failure to read a `file://` archive.
 //! * **Mirrors**: further base URLs, tried in turn in each round.
 //! * **Coalescing**: concurrent fetches of one chunk make one request; the others wait
 //!   for its result.
@@ -112,11 +116,15 @@ pub enum HttpError {
 }
 
 impl HttpError {
-    /// Whether trying the same server again may succeed.
+    /// Whether asking the same server again may succeed.
     fn is_transient(&self) -> bool {
         match self {
             HttpError::Status { status, .. } => *status >= 500 || matches!(status, 408 | 429),
             HttpError::Transport { .. } => true,
+            // Damaged on the way (or by a confused proxy): the next answer is verified too.
+            HttpError::TooLarge { url, .. }
+            | HttpError::Corrupt { url, .. }
+            | HttpError::Invalid { url, .. } => !url.starts_with("file://"),
             _ => false,
         }
     }
@@ -137,6 +145,17 @@ impl HttpError {
                 id,
                 reason: format!("{reason} (fetched from {url})"),
             },
+            HttpError::GaveUp { attempts, last, .. }
+                if matches!(*last, HttpError::Corrupt { .. }) =>
+            {
+                let HttpError::Corrupt { id, url, reason } = *last else {
+                    unreachable!("matched above")
+                };
+                StoreError::Corrupt {
+                    id,
+                    reason: format!("{reason} (fetched from {url}; {attempts} attempts)"),
+                }
+            }
             e if e.is_not_found() => StoreError::NotFound { id: *id },
             e => {
                 let url = match &e {
@@ -171,13 +190,17 @@ pub struct HttpStoreOptions {
     pub budget: Duration,
     /// Limit for establishing a connection.
     pub connect_timeout: Duration,
+    /// Limit for the response head to arrive once the request is sent: a stalled server
+    /// is given up on and asked again (within the budget) instead of waiting out
+    /// `request_timeout`.
+    pub response_timeout: Duration,
     /// Limit for one whole request, body included.
     pub request_timeout: Duration,
 }
 
 impl Default for HttpStoreOptions {
     /// 4 connections; 5 rounds with backoff 0.2, 0.4, 0.8, 1.6 s within a 4 s budget;
-    /// 2 s to connect, 10 s per request.
+    /// 2 s to connect, 3 s for the response head, 10 s per request.
     fn default() -> Self {
         HttpStoreOptions {
             mirrors: Vec::new(),
@@ -186,6 +209,7 @@ impl Default for HttpStoreOptions {
             first_backoff: Duration::from_millis(200),
             budget: Duration::from_secs(4),
             connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(10),
         }
     }
@@ -333,6 +357,7 @@ impl HttpStore {
             .max_idle_connections(conns * bases.len())
             .max_idle_connections_per_host(conns)
             .timeout_connect(Some(opts.connect_timeout))
+            .timeout_recv_response(Some(opts.response_timeout))
             .timeout_global(Some(opts.request_timeout))
             .user_agent(concat!("vmm/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -450,7 +475,7 @@ impl HttpStore {
 
     /// Fetches `BASE/rel` (trying mirrors and retrying as described in the module
     /// documentation), refusing bodies over `max_len` bytes, and hands each body to `check`
-    /// — a rejection by `check` is final for that server.
+    /// — a rejection by `check` is retried like a damaged answer.
     pub fn fetch_with<T>(
         &self,
         rel: &str,
