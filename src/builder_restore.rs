@@ -14,7 +14,6 @@ use crate::builder::{
 use crate::config::BlockConfig;
 use crate::devices::bus::lock;
 use crate::snapshot::create::SnapshotBase;
-use crate::snapshot::file::read_state_file;
 use crate::snapshot::manifest::{MemoryManifest, ZeroChunks, restore_memory};
 use crate::snapshot::microvm::MicrovmState;
 use crate::store::local::{LocalStore, LocalStoreOptions};
@@ -79,8 +78,8 @@ pub fn build_from_snapshot(
     memory_path: &Path,
     opts: RestoreOptions,
 ) -> Result<Vmm, BuildError> {
-    let state: MicrovmState =
-        read_state_file(cpu_path).map_err(|e| snap_err_chain("snapshot state", cpu_path, &e))?;
+    let state =
+        MicrovmState::read(cpu_path).map_err(|e| snap_err_chain("snapshot state", cpu_path, &e))?;
     let manifest = MemoryManifest::read_from(memory_path)
         .map_err(|e| snap_err_chain("memory manifest", memory_path, &e))?;
     let snap_dir = cpu_path.parent().unwrap_or(Path::new("."));

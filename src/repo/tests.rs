@@ -348,8 +348,7 @@ fn origin_of_snapshot_dir_finds_the_repo() {
     let moved = t.path().join("moved");
     fs::rename(r.root(), &moved).unwrap();
     let r = Repo::open(&moved).unwrap();
-    let st: MicrovmState =
-        crate::snapshot::read_state_file(r.snapshot_dir(&a).join(STATE_FILE)).unwrap();
+    let st = MicrovmState::read(&r.snapshot_dir(&a).join(STATE_FILE)).unwrap();
     assert_eq!(
         fs::canonicalize(st.store_dir(&r.snapshot_dir(&a))).unwrap(),
         r.root()
