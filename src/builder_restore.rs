@@ -154,6 +154,21 @@ fn prepare_overlays(
     Ok(())
 }
 
+/// Refuses (unless `force`, then warns) to restore a guest that was given CPU features this
+/// host cannot give.
+fn check_cpu(state: &MicrovmState, vm: &Vm, force: bool) -> Result<(), BuildError> {
+    use crate::arch::x86_64::cpu_template::{HostCpu, check_restore};
+    let host = HostCpu::probe(vm.kvm(), crate::config::pvm_host())?;
+    match check_restore(&state.cpu, state.config.cpu_template, &host) {
+        Ok(()) => Ok(()),
+        Err(e) if force => {
+            log::warn!("--force: {}", e.forced());
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Rebuilds a VM from an already loaded state and (validated) memory manifest, with memory
 /// chunks from `store` (served lazily unless `opts.eager_memory`). `cpu_path` and
 /// `memory_path` only name the parts in messages (they may be URLs). With
@@ -218,6 +233,7 @@ pub fn build_from_parts(
     let disks = open_disks(&cfg)?;
     let vm = Vm::new()?;
     vm.check_vcpu_count(u32::from(cfg.vcpus))?;
+    check_cpu(&state, &vm, opts.force)?;
     let regions: Vec<(GuestAddress, usize)> = state
         .memory_regions
         .iter()
@@ -323,6 +339,7 @@ pub fn build_from_parts(
 
     let (pio, mmio, vcpus) = start_vcpus(fds, pio, mmio, &exit, true)?;
     let mut vmm = Vmm {
+        cpu: state.cpu.clone(),
         config: cfg,
         cmdline: state.cmdline.clone(),
         vm,

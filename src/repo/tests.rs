@@ -21,6 +21,7 @@ pub(crate) fn fake_state(created_unix: u64) -> MicrovmState {
             vcpus: 1,
             blocks: Vec::new(),
             host_quirks: false,
+            cpu_template: Default::default(),
         },
         cmdline: String::new(),
         memory_regions: Vec::new(),
@@ -47,6 +48,10 @@ pub(crate) fn fake_state(created_unix: u64) -> MicrovmState {
         blocks: Vec::new(),
         store: Some(STORE_FROM_SNAPSHOT.into()),
         created_unix,
+        cpu: crate::arch::x86_64::cpu_template::CpuRecord {
+            features: Default::default(),
+            host: "test".into(),
+        },
     }
 }
 

@@ -482,6 +482,7 @@ pub fn create_snapshot(
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        cpu: vmm.cpu.clone(),
     };
     file::write_state_file(dir.join(STATE_FILE), &state).map_err(CreateError::StateFile)?;
     for (index, t) in touched {

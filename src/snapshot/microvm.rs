@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::arch::x86_64::cpu_template::CpuRecord;
 use crate::arch::x86_64::vcpu_state::VcpuState;
 use crate::arch::x86_64::vm_state::VmState;
 use crate::config::VmConfig;
@@ -61,14 +62,18 @@ pub struct MicrovmState {
     pub store: Option<PathBuf>,
     /// Creation time (seconds since the Unix epoch).
     pub created_unix: u64,
+    /// The CPU features the guest was given, and where (state version 3).
+    pub cpu: CpuRecord,
 }
 
 impl MicrovmState {
     /// Checks and decodes a state file's bytes, of any version this build reads.
     pub fn decode(bytes: &[u8]) -> Result<Self, StateFileError> {
-        let (_version, payload) =
-            file::decode_frame(&FileKind::STATE, bytes, OLDEST_STATE_VERSION)?;
-        file::decode_payload(payload)
+        let (version, payload) = file::decode_frame(&FileKind::STATE, bytes, OLDEST_STATE_VERSION)?;
+        match version {
+            2 => Ok(file::decode_payload::<super::legacy::StateV2>(payload)?.into()),
+            _ => file::decode_payload(payload),
+        }
     }
 
     /// Reads the state file at `path`, of any version this build reads.
