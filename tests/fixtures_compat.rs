@@ -140,6 +140,29 @@ fn image_bytes() -> Vec<u8> {
 // ---------------------------------------------------------------------------------------
 // Reading every fixture set.
 
+/// Every set was written with versions this build reads, of formats it knows (the state
+/// format moved from 2 to 3 between v1 and v2, so v1 exercises the version 2 reader).
+#[test]
+fn fixture_sets_use_readable_versions() {
+    let all = vmm::formats::all();
+    for set in fixture_sets() {
+        let f = formats(&set);
+        let map = f["formats"].as_object().expect("formats");
+        for (name, v) in map {
+            let fmt = all.iter().find(|x| x.name == name);
+            let fmt = fmt.unwrap_or_else(|| panic!("{}: unknown format {name}", set.display()));
+            let v = v.as_u64().expect("a version") as u32;
+            assert!(
+                (fmt.oldest..=fmt.version).contains(&v),
+                "{}: {name} version {v} is not read by this build ({}..={})",
+                set.display(),
+                fmt.oldest,
+                fmt.version
+            );
+        }
+    }
+}
+
 /// The plain snapshot directory restores and its guest continues.
 #[test]
 fn snapshot_fixtures_restore() {
