@@ -322,6 +322,10 @@ fn mask_cpuid_clears_feature_bits_and_xstate_leaves() {
 fn pvm_clearcpuid_fits_and_leaves_out_what_linux_clears_anyway() {
     let quirks = pvm_quirk_features(crate::config::PVM_CLEARCPUID);
     let today = pvm_clearcpuid(&quirks, &CpuFeatures::default());
+    eprintln!(
+        "host quirks: clearcpuid={today} ({} characters)",
+        today.len()
+    );
     let tokens: BTreeSet<&str> = today.split(',').collect();
     assert!(
         today.len() <= LINUX_CLEARCPUID_MAX,
