@@ -389,7 +389,7 @@ impl Repo {
             }
             Err(MarkerError::Invalid { reason, .. }) => return Err(bad(reason)),
             Err(MarkerError::Version { source, .. }) => return Err(bad(source.to_string())),
-            Err(e @ MarkerError::Write { .. }) => return Err(bad(crate::vmm::error_chain(&e))),
+            Err(e) => return Err(bad(crate::vmm::error_chain(&e))),
         }
         let root = fs::canonicalize(path).map_err(io_err("resolve", path))?;
         Ok(Self { root })

@@ -240,7 +240,9 @@ pub fn write_state_file<T: Serialize + ?Sized>(path: impl AsRef<Path>, value: &T
     write_file(path.as_ref(), &FileKind::STATE, value)
 }
 
-/// Reads a snapshot state file ([`FileKind::STATE`]) written by [`write_state_file`].
+/// Reads a snapshot state file ([`FileKind::STATE`]) of the current version, written by
+/// [`write_state_file`]. A snapshot's `MicrovmState` is read with
+/// `snapshot::microvm::MicrovmState::read`, which also reads older versions.
 pub fn read_state_file<T: DeserializeOwned>(path: impl AsRef<Path>) -> Result<T> {
     read_file(path.as_ref(), &FileKind::STATE)
 }
