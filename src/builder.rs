@@ -88,7 +88,9 @@ impl BuildError {
     /// The process exit code for this error: 2 when the host cannot give the guest the CPU
     /// features it asks for (like bad input), 1 otherwise.
     pub fn exit_code(&self) -> u8 {
+        use arch::cpu_template::CpuTemplateError as E;
         match self {
+            BuildError::Cpu(E::Supported(_)) => 1,
             BuildError::Cpu(_) => 2,
             _ => 1,
         }
