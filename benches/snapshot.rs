@@ -642,6 +642,7 @@ fn boot_tiny(kernel: &Path, mem_mib: u64) -> Vmm {
         vcpus: 1,
         blocks: Vec::new(),
         host_quirks: false,
+        cpu_template: Default::default(),
     };
     let opts = BootOptions {
         console: Console::Writer(Box::new(std::io::sink())),

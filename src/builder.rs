@@ -7,7 +7,6 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, SubscriberOps};
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -59,6 +58,10 @@ pub enum BuildError {
     /// Architecture setup failed.
     #[error("{0}")]
     Arch(String),
+    /// The CPU template cannot be given on this host, or a snapshot's guest was given CPU
+    /// features this host lacks.
+    #[error(transparent)]
+    Cpu(#[from] arch::cpu_template::CpuTemplateError),
     /// A device could not be set up.
     #[error("device setup: {0}")]
     Device(String),
@@ -79,6 +82,19 @@ pub enum BuildError {
     /// The event loop could not be created.
     #[error("event loop: {0:?}")]
     EventLoop(event_manager::Error),
+}
+
+impl BuildError {
+    /// The process exit code for this error: 2 when the host cannot give the guest the CPU
+    /// features it asks for (like bad input), 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        use arch::cpu_template::CpuTemplateError as E;
+        match self {
+            BuildError::Cpu(E::Supported(_)) => 1,
+            BuildError::Cpu(_) => 2,
+            _ => 1,
+        }
+    }
 }
 
 fn open_input(what: &'static str, path: &Path) -> Result<File, BuildError> {
@@ -379,8 +395,15 @@ pub fn start_vcpus(
     Ok((pio, mmio, vcpus))
 }
 
-/// The guest command line: the user's, then device parameters, then host quirks.
-pub fn compose_cmdline(cfg: &VmConfig, device_params: &[String], tsc_khz: Option<u32>) -> String {
+/// The guest command line: the user's, then device parameters, then host quirks (whose
+/// `clearcpuid=` also hides the features `cpu` masks: on PVM hosts the guest's CPUID
+/// instruction sees the host's).
+pub fn compose_cmdline(
+    cfg: &VmConfig,
+    device_params: &[String],
+    tsc_khz: Option<u32>,
+    cpu: &arch::cpu_template::CpuPlan,
+) -> String {
     let mut parts = vec![cfg.kernel.cmdline.trim().to_string()];
     parts.extend(device_params.iter().cloned());
     if let Some(i) = cfg.blocks.iter().position(|b| b.root) {
@@ -396,15 +419,19 @@ pub fn compose_cmdline(cfg: &VmConfig, device_params: &[String], tsc_khz: Option
         log::info!(
             "PVM-style nested KVM host detected: appending guest command-line workarounds (disable with --no-host-quirks)"
         );
-        parts.push(config::pvm_quirks(tsc_khz));
+        let quirks = arch::cpu_template::pvm_quirk_features(config::PVM_CLEARCPUID);
+        let clear = arch::cpu_template::pvm_clearcpuid(&quirks, &cpu.hidden);
+        parts.push(config::pvm_quirks(tsc_khz, &clear));
     }
     parts.retain(|p| !p.is_empty());
     parts.join(" ")
 }
 
-/// Configures vCPU `id` for a 64-bit Linux boot at `entry` with boot params at `boot_params`.
+/// Configures vCPU `id` for a 64-bit Linux boot at `entry` with boot params at `boot_params`:
+/// its CPUID is the host's supported one with the template's mask applied, normalized.
 fn configure_boot_vcpu(
-    vm: &Vm,
+    host: &arch::cpu_template::HostCpu,
+    cpu: &arch::cpu_template::CpuPlan,
     mem: &GuestMemory,
     fd: &kvm_ioctls::VcpuFd,
     id: u8,
@@ -412,10 +439,10 @@ fn configure_boot_vcpu(
     entry: GuestAddress,
 ) -> Result<(), BuildError> {
     let step = |what: &'static str| move |source| BuildError::VcpuSetup { id, what, source };
-    let mut cpuid = vm
-        .kvm()
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(step("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut cpuid = host.supported.clone();
+    if let Some(keep) = &cpu.keep {
+        arch::cpu_features::CpuFeatures::mask_cpuid(keep, &mut cpuid);
+    }
     arch::cpuid::normalize_cpuid(&mut cpuid, id, count)
         .map_err(|e| BuildError::Arch(format!("vcpu{id}: cpuid: {e}")))?;
     fd.set_cpuid2(&cpuid).map_err(step("KVM_SET_CPUID2"))?;
@@ -483,6 +510,8 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
     let disks = open_disks(cfg)?;
     let vm = Vm::new()?;
     vm.check_vcpu_count(u32::from(cfg.vcpus))?;
+    let host = arch::cpu_template::HostCpu::probe(vm.kvm(), config::pvm_host())?;
+    let cpu = arch::cpu_template::plan(cfg.cpu_template, &host)?;
     let mem = memory::create_anonymous(&arch::layout::arch_memory_regions(cfg.mem_mib << 20))?;
     vm.register_memory(&mem, 0)?;
     let dirty_log = enable_dirty_log(&vm, &mem);
@@ -531,18 +560,26 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
         fds.push(vm.create_vcpu(id)?);
     }
     let tsc_khz = fds.first().and_then(|f| f.get_tsc_khz().ok());
-    let cmdline = compose_cmdline(cfg, &device_params, tsc_khz);
+    let cmdline = compose_cmdline(cfg, &device_params, tsc_khz, &cpu);
     arch::mptable::setup_mptable(&mem, cfg.vcpus, arch::mptable::MAX_LEGACY_IRQ)
         .map_err(|e| BuildError::Arch(format!("mptable: {e}")))?;
     arch::boot::configure_system(&mem, &cmdline, initrd_region, loaded.setup_header)
         .map_err(|e| BuildError::Arch(format!("boot params: {e}")))?;
     for (id, fd) in fds.iter().enumerate() {
-        configure_boot_vcpu(&vm, &mem, fd, id as u8, cfg.vcpus, loaded.entry)?;
+        configure_boot_vcpu(&host, &cpu, &mem, fd, id as u8, cfg.vcpus, loaded.entry)?;
     }
 
     let (pio, mmio, vcpus) = start_vcpus(fds, pio, mmio, &exit, opts.start_paused)?;
     log::info!("guest command line: {cmdline}");
+    if cfg.cpu_template != config::CpuTemplate::None {
+        log::info!(
+            "CPU template {}: the guest gets {}",
+            cfg.cpu_template,
+            cpu.record.features.names().join(" ")
+        );
+    }
     Ok(Vmm {
+        cpu: cpu.record,
         config: cfg.clone(),
         cmdline,
         vm,

@@ -14,7 +14,6 @@ use crate::builder::{
 use crate::config::BlockConfig;
 use crate::devices::bus::lock;
 use crate::snapshot::create::SnapshotBase;
-use crate::snapshot::file::read_state_file;
 use crate::snapshot::manifest::{MemoryManifest, ZeroChunks, restore_memory};
 use crate::snapshot::microvm::MicrovmState;
 use crate::store::local::{LocalStore, LocalStoreOptions};
@@ -79,8 +78,8 @@ pub fn build_from_snapshot(
     memory_path: &Path,
     opts: RestoreOptions,
 ) -> Result<Vmm, BuildError> {
-    let state: MicrovmState =
-        read_state_file(cpu_path).map_err(|e| snap_err_chain("snapshot state", cpu_path, &e))?;
+    let state =
+        MicrovmState::read(cpu_path).map_err(|e| snap_err_chain("snapshot state", cpu_path, &e))?;
     let manifest = MemoryManifest::read_from(memory_path)
         .map_err(|e| snap_err_chain("memory manifest", memory_path, &e))?;
     let snap_dir = cpu_path.parent().unwrap_or(Path::new("."));
@@ -155,6 +154,21 @@ fn prepare_overlays(
     Ok(())
 }
 
+/// Refuses (unless `force`, then warns) to restore a guest that was given CPU features this
+/// host cannot give.
+fn check_cpu(state: &MicrovmState, vm: &Vm, force: bool) -> Result<(), BuildError> {
+    use crate::arch::x86_64::cpu_template::{HostCpu, check_restore};
+    let host = HostCpu::probe(vm.kvm(), crate::config::pvm_host())?;
+    match check_restore(&state.cpu, state.config.cpu_template, &host) {
+        Ok(()) => Ok(()),
+        Err(e) if force => {
+            log::warn!("--force: {}", e.forced());
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Rebuilds a VM from an already loaded state and (validated) memory manifest, with memory
 /// chunks from `store` (served lazily unless `opts.eager_memory`). `cpu_path` and
 /// `memory_path` only name the parts in messages (they may be URLs). With
@@ -219,6 +233,7 @@ pub fn build_from_parts(
     let disks = open_disks(&cfg)?;
     let vm = Vm::new()?;
     vm.check_vcpu_count(u32::from(cfg.vcpus))?;
+    check_cpu(&state, &vm, opts.force)?;
     let regions: Vec<(GuestAddress, usize)> = state
         .memory_regions
         .iter()
@@ -324,6 +339,7 @@ pub fn build_from_parts(
 
     let (pio, mmio, vcpus) = start_vcpus(fds, pio, mmio, &exit, true)?;
     let mut vmm = Vmm {
+        cpu: state.cpu.clone(),
         config: cfg,
         cmdline: state.cmdline.clone(),
         vm,

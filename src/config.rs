@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::arch::x86_64::cpu_template::CpuTemplate;
+
 /// Errors of configuration parsing and validation.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -101,6 +103,8 @@ pub struct VmConfig {
     pub blocks: Vec<BlockConfig>,
     /// Append the PVM-host command-line workarounds when such a host is detected.
     pub host_quirks: bool,
+    /// The CPU features the guest is given (docs/KEEPING_SNAPSHOTS.md, "Hosts").
+    pub cpu_template: CpuTemplate,
 }
 
 /// Splits `a=1,b="x,y",c=z` on commas outside double quotes into (key, value) pairs,
@@ -337,16 +341,20 @@ pub fn pvm_host() -> bool {
 }
 
 /// The clearcpuid list for PVM hosts: features the guest sees in CPUID but whose
-/// instructions KVM's emulator cannot run (see docs/PVM_HOSTS.md).
+/// instructions KVM's emulator cannot run (see docs/PVM_HOSTS.md). The value passed is
+/// this list with a CPU template's masked features added, and the features Linux clears
+/// anyway because of `noxsave` left out (`cpu_template::pvm_clearcpuid`): the whole list
+/// would exceed the 127 characters Linux 6.1 reads.
 pub const PVM_CLEARCPUID: &str = "smap,smep,umip,pku,popcnt,bmi1,bmi2,movbe,avx,avx2,fsgsbase,rdpid,erms,fsrm,xsaveopt,xsavec,xsaves,rdrand,rdseed,adx,sha_ni,avx512f,clflushopt,clwb";
 
-/// Command-line workarounds for PVM hosts. `tsc_khz` (KVM_GET_TSC_KHZ) is passed as
+/// Command-line workarounds for PVM hosts, with `clearcpuid` the features the guest
+/// kernel must ignore (see [`PVM_CLEARCPUID`]). `tsc_khz` (KVM_GET_TSC_KHZ) is passed as
 /// `tsc_early_khz` because the guest's PIT calibration runs emulated and fails (the TSC would
 /// be marked unstable and every `udelay` would become an emulated busy loop), and as a
 /// loops-per-jiffy value so delay-loop calibration is skipped; lpj assumes HZ=100, which makes
 /// delays on a higher-HZ kernel longer, never shorter.
-pub fn pvm_quirks(tsc_khz: Option<u32>) -> String {
-    let mut s = format!("nopv noxsave clearcpuid={PVM_CLEARCPUID} tsc=reliable");
+pub fn pvm_quirks(tsc_khz: Option<u32>, clearcpuid: &str) -> String {
+    let mut s = format!("nopv noxsave clearcpuid={clearcpuid} tsc=reliable");
     if let Some(khz) = tsc_khz.filter(|k| *k > 0) {
         s.push_str(&format!(" tsc_early_khz={khz} lpj={}", u64::from(khz) * 10));
     }
@@ -400,9 +408,9 @@ mod tests {
 
     #[test]
     fn quirks() {
-        let q = pvm_quirks(Some(2_596_128));
-        assert!(q.starts_with("nopv noxsave clearcpuid="));
+        let q = pvm_quirks(Some(2_596_128), "smap,smep");
+        assert!(q.starts_with("nopv noxsave clearcpuid=smap,smep tsc=reliable"));
         assert!(q.ends_with("tsc_early_khz=2596128 lpj=25961280"));
-        assert!(!pvm_quirks(None).contains("lpj"));
+        assert!(!pvm_quirks(None, "smap").contains("lpj"));
     }
 }

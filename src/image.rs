@@ -55,6 +55,9 @@ pub type ImageId = ChunkId;
 /// Errors of image import and index handling.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
+    /// The archive's layout is one this build does not write.
+    #[error("archive")]
+    Archive(#[source] crate::formats::MarkerError),
     /// The image name is not usable as a single URL-safe file name.
     #[error(
         "invalid image name {name:?}: use 1-128 characters of A-Z a-z 0-9 . _ - not starting with '.'"
@@ -377,6 +380,7 @@ pub fn import_image_with(
     let start = Instant::now();
     check_name(name)?;
     check_chunk_size(u64::from(opts.chunk_size))?;
+    crate::archive::prepare_archive(archive_dir).map_err(ImageError::Archive)?;
     let io = |op, path: &Path| {
         let path = path.to_path_buf();
         move |source| ImageError::Io { op, path, source }

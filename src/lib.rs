@@ -11,6 +11,7 @@ pub mod builder_restore;
 pub mod config;
 pub mod devices;
 pub mod disk;
+pub mod formats;
 pub mod image;
 pub mod repo;
 pub mod snapshot;

@@ -41,6 +41,10 @@ struct RunArgs {
     /// Do not append the command-line workarounds for PVM-style nested KVM hosts.
     #[arg(long)]
     no_host_quirks: bool,
+    /// CPU features given to the guest: none (everything this host can give), x86-64-v2 or
+    /// x86-64-v3 (a fixed baseline that older hosts can restore; docs/KEEPING_SNAPSHOTS.md).
+    #[arg(long, value_name = "NAME", default_value = "none")]
+    cpu_template: config::CpuTemplate,
     /// Restore: the snapshot's memory manifest (with --cpu_path).
     #[arg(long = "memory_path", requires = "cpu_path")]
     memory_path: Option<PathBuf>,
@@ -55,7 +59,8 @@ struct RunArgs {
 
 #[derive(Args, Debug, Clone)]
 struct RestoreFlags {
-    /// Restore even if a disk differs from the one recorded in the snapshot.
+    /// Restore even if a disk differs from the one recorded in the snapshot, or this host
+    /// lacks CPU features the snapshot's guest was given (with a warning).
     #[arg(long)]
     force: bool,
     /// Leave the restored VM paused (resume it through the API).
@@ -184,6 +189,7 @@ fn build_config(run: &RunArgs) -> Result<VmConfig, config::ConfigError> {
         },
         blocks: parse_blocks(&run.block)?,
         host_quirks: !run.no_host_quirks,
+        cpu_template: run.cpu_template,
     })
 }
 
@@ -287,7 +293,7 @@ fn run_vm(run: &RunArgs) -> ExitCode {
     let _term = vmm::vmm::TerminalGuard::new();
     let vm = match builder::build_for_boot(&cfg, BootOptions::stdio()) {
         Ok(v) => v,
-        Err(e) => return fail(1, error_chain(&e)),
+        Err(e) => return fail(e.exit_code(), error_chain(&e)),
     };
     serve(vm, &run.api)
 }
@@ -314,7 +320,7 @@ fn restore_vm(
     };
     let mut vm = match builder_restore::build_from_snapshot(cpu, memory, opts) {
         Ok(v) => v,
-        Err(e) => return fail(1, error_chain(&e)),
+        Err(e) => return fail(e.exit_code(), error_chain(&e)),
     };
     if let Err(e) = vm.watch_lazy_memory() {
         return fail(1, format!("lazy memory: {e}"));
@@ -346,7 +352,7 @@ fn restore_archive(
     };
     let (mut vm, session) = match vmm::archive::cli::restore_cli(src, archive, common, started) {
         Ok(v) => v,
-        Err(e) => return fail(1, e),
+        Err((code, e)) => return fail(code, e),
     };
     if let Err(e) = vm.watch_lazy_memory() {
         return fail(1, format!("lazy memory: {e}"));

@@ -47,6 +47,8 @@ pub type StatusFn = Box<dyn Fn() -> serde_json::Value + Send>;
 pub struct Vmm {
     /// VM configuration.
     pub config: VmConfig,
+    /// The CPU features the guest was given at boot (kept across restores).
+    pub cpu: crate::arch::x86_64::cpu_template::CpuRecord,
     /// The final kernel command line given to the guest.
     pub cmdline: String,
     /// The KVM VM.
@@ -139,6 +141,11 @@ impl Vmm {
                     "state": self.state,
                     "config": self.config,
                     "cmdline": self.cmdline,
+                    "cpu": {
+                        "template": self.config.cpu_template,
+                        "features": self.cpu.features.names(),
+                        "host": self.cpu.host,
+                    },
                     "remote_disks": self.remote_disk_report(),
                     "dirty_log": self.dirty_log,
                 });

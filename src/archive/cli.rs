@@ -136,15 +136,23 @@ fn options(
     Ok(o)
 }
 
-/// `vmm restore SOURCE` for an archived VM: resumes it with the console on stdio.
+/// `vmm restore SOURCE` for an archived VM: resumes it with the console on stdio. An error
+/// comes with the process exit code (2: this host lacks CPU features the guest was given;
+/// 1: anything else).
 pub fn restore_cli(
     source: &str,
     flags: &ArchiveRestoreFlags,
     common: CommonRestore,
     started: Instant,
-) -> Result<(Vmm, ArchiveSession), String> {
-    let opts = options(flags, common, Console::Stdio, started)?;
-    restore(&Source::parse(source), opts).map_err(|e| error_chain(&e))
+) -> Result<(Vmm, ArchiveSession), (u8, String)> {
+    let opts = options(flags, common, Console::Stdio, started).map_err(|e| (1, e))?;
+    restore(&Source::parse(source), opts).map_err(|e| {
+        let code = match &e {
+            super::restore::RestoreError::Build(b) => b.exit_code(),
+            _ => 1,
+        };
+        (code, error_chain(&e))
+    })
 }
 
 fn record_working_set(

@@ -25,7 +25,7 @@ use std::time::Instant;
 use super::{INSTANCE_OVERLAY, STORE_FROM_VM_DIR, VMS_DIR, WORKINGSET_FILE};
 use crate::disk::BackendIdentity;
 use crate::image::{self, ImageError};
-use crate::snapshot::file::{self, FileKind, StateFileError, read_state_file};
+use crate::snapshot::file::{self, FileKind, StateFileError};
 use crate::snapshot::manifest::{ManifestError, MemoryManifest};
 use crate::snapshot::microvm::{MEMORY_FILE, MicrovmState, STATE_FILE};
 use crate::snapshot::refs::{RefsError, chunk_refs};
@@ -37,6 +37,9 @@ pub enum PushError {
     /// The VM name is unusable.
     #[error("archive push")]
     Name(#[source] super::ArchiveError),
+    /// The archive's layout is one this build does not write.
+    #[error("archive")]
+    Archive(#[source] crate::formats::MarkerError),
     /// The snapshot's state file.
     #[error("cannot read the snapshot state {}", path.display())]
     State {
@@ -163,12 +166,12 @@ fn fsync_dir(dir: &Path) -> Result<(), PushError> {
 pub fn push(snapshot_dir: &Path, archive: &Path, name: &str) -> Result<PushReport, PushError> {
     let t0 = Instant::now();
     super::check_vm_name(name).map_err(PushError::Name)?;
+    super::prepare_archive(archive).map_err(PushError::Archive)?;
     let state_path = snapshot_dir.join(STATE_FILE);
-    let mut state: MicrovmState =
-        read_state_file(&state_path).map_err(|source| PushError::State {
-            path: state_path.clone(),
-            source,
-        })?;
+    let mut state = MicrovmState::read(&state_path).map_err(|source| PushError::State {
+        path: state_path.clone(),
+        source,
+    })?;
     let mem_path = snapshot_dir.join(MEMORY_FILE);
     let manifest = MemoryManifest::read_from(&mem_path).map_err(|source| PushError::Manifest {
         path: mem_path.clone(),

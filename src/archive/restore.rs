@@ -38,6 +38,9 @@ use crate::vstate::uffd::LazyHandle;
 /// Errors of resuming an archived VM.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
+    /// The local archive's layout is one this build does not read.
+    #[error("archive")]
+    Archive(#[source] crate::formats::MarkerError),
     /// A URL could not be resolved.
     #[error("archive URL")]
     Url(#[source] ArchiveError),
@@ -404,12 +407,10 @@ fn load(source: &Source, http: &HttpStoreOptions) -> Result<Loaded, RestoreError
                 })
             };
             let state_bytes = fetch(STATE_FILE, &FileKind::STATE)?;
-            let state: MicrovmState =
-                file::decode(&FileKind::STATE, &state_bytes).map_err(|source| {
-                    RestoreError::State {
-                        url: url(STATE_FILE),
-                        source,
-                    }
+            let state =
+                MicrovmState::decode(&state_bytes).map_err(|source| RestoreError::State {
+                    url: url(STATE_FILE),
+                    source,
                 })?;
             let mem_bytes = fetch(MEMORY_FILE, &MANIFEST_KIND)?;
             let manifest = decode_manifest(&mem_bytes, &url(MEMORY_FILE))?;
@@ -467,12 +468,10 @@ fn load(source: &Source, http: &HttpStoreOptions) -> Result<Loaded, RestoreError
             };
             let name = |f: &str| vm_dir.join(f).display().to_string();
             let state_bytes = read(STATE_FILE)?;
-            let state: MicrovmState =
-                file::decode(&FileKind::STATE, &state_bytes).map_err(|source| {
-                    RestoreError::State {
-                        url: name(STATE_FILE),
-                        source,
-                    }
+            let state =
+                MicrovmState::decode(&state_bytes).map_err(|source| RestoreError::State {
+                    url: name(STATE_FILE),
+                    source,
                 })?;
             let mem_bytes = read(MEMORY_FILE)?;
             let manifest = decode_manifest(&mem_bytes, &name(MEMORY_FILE))?;
@@ -488,6 +487,7 @@ fn load(source: &Source, http: &HttpStoreOptions) -> Result<Loaded, RestoreError
                 })
                 .flatten();
             let store_dir = state.store_dir(vm_dir);
+            super::check_archive(&store_dir).map_err(RestoreError::Archive)?;
             let store = LocalStore::open(&store_dir, LocalStoreOptions::default())
                 .map_err(RestoreError::Store)?;
             Ok(Loaded {

@@ -121,10 +121,9 @@ fn create_into(
         create_snapshot(vmm, work, Some(repo.root())).map_err(RepoCreateError::Create)?;
     // The state records an absolute store; make it relative so the repository can move.
     let state_path = work.join(STATE_FILE);
-    let mut state: MicrovmState =
-        crate::snapshot::read_state_file(&state_path).map_err(RepoCreateError::State)?;
+    let mut state = MicrovmState::read(&state_path).map_err(RepoCreateError::State)?;
     state.store = Some(PathBuf::from(STORE_FROM_SNAPSHOT));
-    crate::snapshot::write_state_file(&state_path, &state).map_err(RepoCreateError::State)?;
+    state.write(&state_path).map_err(RepoCreateError::State)?;
 
     let parent = vmm
         .repo_parent

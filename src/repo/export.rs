@@ -30,7 +30,8 @@ use crate::store::{ChunkId, ChunkStore, MAX_CHUNK_LEN, codec};
 
 const MAGIC: &[u8; 8] = b"VMMEXPRT";
 const END: &[u8; 8] = b"VMMEXEND";
-const VERSION: u32 = 1;
+/// The export file format version written and read.
+pub const VERSION: u32 = 1;
 const MAX_HEADER: u32 = 1 << 20;
 const MAX_STATE: u64 = 64 << 20;
 const MAX_MEMORY: u64 = 1 << 30;
@@ -61,6 +62,15 @@ pub enum ExportError {
         /// Cause.
         #[source]
         source: crate::store::StoreError,
+    },
+    /// The export has a format version this build does not read.
+    #[error("{}", path.display())]
+    Version {
+        /// The file.
+        path: PathBuf,
+        /// The version problem.
+        #[source]
+        source: crate::formats::VersionError,
     },
     /// The file is not a valid export.
     #[error("{} is not a valid vmm snapshot export: {reason}", path.display())]
@@ -324,11 +334,12 @@ pub fn import(
         return Err(invalid("bad magic".into()));
     }
     let version = r.u32().map_err(trunc)?;
-    if version != VERSION {
-        return Err(invalid(format!(
-            "format version {version}, this build reads {VERSION}"
-        )));
-    }
+    crate::formats::check_version("vmm snapshot export", version, VERSION, VERSION).map_err(
+        |source| ExportError::Version {
+            path: file.to_path_buf(),
+            source,
+        },
+    )?;
     let hlen = r.u32().map_err(trunc)?;
     if hlen > MAX_HEADER {
         return Err(invalid(format!("header of {hlen} bytes")));

@@ -340,12 +340,6 @@ pub fn origin_of_snapshot_dir(dir: &Path) -> Option<RepoParent> {
     })
 }
 
-#[derive(Serialize, Deserialize)]
-struct Marker {
-    format: String,
-    version: u32,
-}
-
 /// Whether `name` can be a friendly name.
 pub fn valid_name(name: &str) -> bool {
     let b = name.as_bytes();
@@ -366,10 +360,21 @@ pub struct Repo {
 impl Repo {
     /// Opens an existing repository.
     pub fn open(path: &Path) -> Result<Self> {
+        use crate::formats::{MarkerError, read_marker};
         let marker = path.join(MARKER_FILE);
-        let bytes = match fs::read(&marker) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        let bad = |reason: String| RepoError::BadMarker {
+            path: marker.clone(),
+            reason,
+        };
+        match read_marker(
+            &marker,
+            REPO_FORMAT,
+            "vmm snapshot repository",
+            REPO_VERSION,
+            REPO_VERSION,
+        ) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
                 return Err(RepoError::NotARepo {
                     path: path.to_path_buf(),
                     hint: if path.exists() {
@@ -379,20 +384,12 @@ impl Repo {
                     },
                 });
             }
-            Err(e) => return Err(io_err("read", &marker)(e)),
-        };
-        let m: Marker = serde_json::from_slice(&bytes).map_err(|e| RepoError::BadMarker {
-            path: marker.clone(),
-            reason: e.to_string(),
-        })?;
-        if m.format != REPO_FORMAT || m.version != REPO_VERSION {
-            return Err(RepoError::BadMarker {
-                path: marker,
-                reason: format!(
-                    "format {:?} version {}, this build reads {REPO_FORMAT:?} version {REPO_VERSION}",
-                    m.format, m.version
-                ),
-            });
+            Err(MarkerError::Io { op, path, source }) => {
+                return Err(RepoError::Io { op, path, source });
+            }
+            Err(MarkerError::Invalid { reason, .. }) => return Err(bad(reason)),
+            Err(MarkerError::Version { source, .. }) => return Err(bad(source.to_string())),
+            Err(e) => return Err(bad(crate::vmm::error_chain(&e))),
         }
         let root = fs::canonicalize(path).map_err(io_err("resolve", path))?;
         Ok(Self { root })
@@ -421,14 +418,9 @@ impl Repo {
             fs::create_dir_all(&p).map_err(io_err("create directory", &p))?;
         }
         LocalStore::open(path, LocalStoreOptions::default()).map_err(RepoError::Store)?;
-        let marker = serde_json::to_vec_pretty(&Marker {
-            format: REPO_FORMAT.into(),
-            version: REPO_VERSION,
-        })
-        .expect("marker serializes");
         // The marker last: its presence means the layout exists.
         let mpath = path.join(MARKER_FILE);
-        crate::snapshot::file::write_atomic(&mpath, &marker).map_err(|source| {
+        crate::formats::write_marker(&mpath, REPO_FORMAT, REPO_VERSION).map_err(|source| {
             RepoError::Write {
                 path: mpath,
                 source: Box::new(source),
@@ -667,15 +659,13 @@ impl Repo {
                 first: **first,
             });
         }
-        let state: MicrovmState =
-            crate::snapshot::read_state_file(work.join(STATE_FILE)).map_err(|source| {
-                RepoError::Snapshot {
-                    id: id.short(),
-                    source: Box::new(crate::snapshot::refs::RefsError::State {
-                        path: work.join(STATE_FILE),
-                        source,
-                    }),
-                }
+        let state =
+            MicrovmState::read(&work.join(STATE_FILE)).map_err(|source| RepoError::Snapshot {
+                id: id.short(),
+                source: Box::new(crate::snapshot::refs::RefsError::State {
+                    path: work.join(STATE_FILE),
+                    source,
+                }),
             })?;
         let meta = SnapshotMeta {
             id,

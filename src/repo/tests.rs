@@ -21,6 +21,7 @@ pub(crate) fn fake_state(created_unix: u64) -> MicrovmState {
             vcpus: 1,
             blocks: Vec::new(),
             host_quirks: false,
+            cpu_template: Default::default(),
         },
         cmdline: String::new(),
         memory_regions: Vec::new(),
@@ -47,6 +48,10 @@ pub(crate) fn fake_state(created_unix: u64) -> MicrovmState {
         blocks: Vec::new(),
         store: Some(STORE_FROM_SNAPSHOT.into()),
         created_unix,
+        cpu: crate::arch::x86_64::cpu_template::CpuRecord {
+            features: Default::default(),
+            host: "test".into(),
+        },
     }
 }
 
@@ -348,8 +353,7 @@ fn origin_of_snapshot_dir_finds_the_repo() {
     let moved = t.path().join("moved");
     fs::rename(r.root(), &moved).unwrap();
     let r = Repo::open(&moved).unwrap();
-    let st: MicrovmState =
-        crate::snapshot::read_state_file(r.snapshot_dir(&a).join(STATE_FILE)).unwrap();
+    let st = MicrovmState::read(&r.snapshot_dir(&a).join(STATE_FILE)).unwrap();
     assert_eq!(
         fs::canonicalize(st.store_dir(&r.snapshot_dir(&a))).unwrap(),
         r.root()

@@ -484,6 +484,7 @@ pub fn create_snapshot(
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        cpu: vmm.cpu.clone(),
     };
     let state_bytes =
         file::encode(&file::FileKind::STATE, &state).map_err(CreateError::StateFile)?;

@@ -41,15 +41,8 @@ pub enum StateFileError {
         name: &'static str,
     },
     /// The file has a format version this build does not read.
-    #[error("{name} has format version {found}, but this build only reads version {supported}")]
-    UnsupportedVersion {
-        /// Description of the kind.
-        name: &'static str,
-        /// Version in the file.
-        found: u32,
-        /// Version this build reads.
-        supported: u32,
-    },
+    #[error(transparent)]
+    UnsupportedVersion(#[from] crate::formats::VersionError),
     /// The recorded payload length is above the kind's cap.
     #[error("payload length {len} exceeds the limit of {max} bytes")]
     TooLarge {
@@ -113,7 +106,8 @@ pub type Result<T> = std::result::Result<T, StateFileError>;
 pub struct FileKind {
     /// The 8 magic bytes at the start of the file.
     pub magic: [u8; 8],
-    /// The format version written, and the only one read.
+    /// The format version written, and the newest one read (older ones only through
+    /// [`decode_frame`] by readers that know them).
     pub version: u32,
     /// Largest payload accepted when reading.
     pub max_payload: u64,
@@ -125,7 +119,7 @@ impl FileKind {
     /// Device and vCPU state of a snapshot (`write_state_file`/`read_state_file`).
     pub const STATE: FileKind = FileKind {
         magic: *b"VMMSNAP\0",
-        version: 2,
+        version: 3,
         max_payload: 64 << 20,
         name: "vmm snapshot file",
     };
@@ -155,22 +149,23 @@ pub fn encode<T: Serialize + ?Sized>(kind: &FileKind, value: &T) -> Result<Vec<u
     Ok(out)
 }
 
-/// Checks and decodes a complete file of the given kind.
+/// Checks and decodes a complete file of the given kind (of its current version only).
 pub fn decode<T: DeserializeOwned>(kind: &FileKind, bytes: &[u8]) -> Result<T> {
-    let payload = checked_payload(kind, bytes)?;
-    options(payload.len() as u64)
-        .deserialize(payload)
-        .map_err(StateFileError::Decode)
+    let (_, payload) = decode_frame(kind, bytes, kind.version)?;
+    decode_payload(payload)
 }
 
 /// Checks the container of a file of the given kind (magic, version, length, checksum)
-/// without decoding its payload: whether the bytes arrived whole.
+/// without decoding its payload: whether the bytes arrived whole. Any version up to this
+/// build's is accepted here; the reader decides which versions it decodes.
 pub fn check_container(kind: &FileKind, bytes: &[u8]) -> Result<()> {
-    checked_payload(kind, bytes).map(|_| ())
+    decode_frame(kind, bytes, 1).map(|_| ())
 }
 
-/// The payload of a complete file of the given kind, once the container checks out.
-fn checked_payload<'a>(kind: &FileKind, bytes: &'a [u8]) -> Result<&'a [u8]> {
+/// Checks a complete file of the given kind whose version is from `oldest` to
+/// `kind.version` and returns that version and the payload, for a reader that decodes
+/// older payloads itself (see `snapshot::microvm`).
+pub fn decode_frame<'a>(kind: &FileKind, bytes: &'a [u8], oldest: u32) -> Result<(u32, &'a [u8])> {
     let actual = bytes.len() as u64;
     if bytes.len() < 8 || bytes[..8] != kind.magic {
         return Err(StateFileError::BadMagic { name: kind.name });
@@ -182,13 +177,7 @@ fn checked_payload<'a>(kind: &FileKind, bytes: &'a [u8]) -> Result<&'a [u8]> {
         });
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    if version != kind.version {
-        return Err(StateFileError::UnsupportedVersion {
-            name: kind.name,
-            found: version,
-            supported: kind.version,
-        });
-    }
+    crate::formats::check_version(kind.name, version, oldest, kind.version)?;
     let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
     if len > kind.max_payload {
         return Err(StateFileError::TooLarge {
@@ -209,7 +198,15 @@ fn checked_payload<'a>(kind: &FileKind, bytes: &'a [u8]) -> Result<&'a [u8]> {
     if blake3::hash(payload).as_bytes()[..] != *hash {
         return Err(StateFileError::ChecksumMismatch);
     }
-    Ok(payload)
+    Ok((version, payload))
+}
+
+/// Decodes a payload checked by [`decode_frame`]: bincode with an allocation limit of the
+/// payload's own length, trailing bytes refused.
+pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T> {
+    options(payload.len() as u64)
+        .deserialize(payload)
+        .map_err(StateFileError::Decode)
 }
 
 /// Writes `value` to `path` as a file of the given kind, atomically and durably.
@@ -219,20 +216,30 @@ pub fn write_file<T: Serialize + ?Sized>(path: &Path, kind: &FileKind, value: &T
 
 /// Reads, checks and decodes a file of the given kind.
 pub fn read_file<T: DeserializeOwned>(path: &Path, kind: &FileKind) -> Result<T> {
+    let bytes = read_bytes(path, kind)?;
+    decode(kind, &bytes).map_err(|e| invalid(path, e))
+}
+
+/// Reads the bytes of a file of the given kind (at most one byte more than its largest
+/// valid size, so oversized files are reported without reading them whole).
+pub fn read_bytes(path: &Path, kind: &FileKind) -> Result<Vec<u8>> {
     let io = |op| {
         let path = path.to_path_buf();
         move |source| StateFileError::Io { op, path, source }
     };
     let f = File::open(path).map_err(io("open"))?;
-    // Read at most one byte more than the largest valid file, so oversized files
-    // are reported without reading them whole.
     let cap = HEADER_LEN as u64 + kind.max_payload + TRAILER_LEN as u64 + 1;
     let mut bytes = Vec::new();
     f.take(cap).read_to_end(&mut bytes).map_err(io("read"))?;
-    decode(kind, &bytes).map_err(|e| StateFileError::Invalid {
+    Ok(bytes)
+}
+
+/// `e` about the contents of the file at `path`.
+pub fn invalid(path: &Path, e: StateFileError) -> StateFileError {
+    StateFileError::Invalid {
         path: path.to_path_buf(),
         source: Box::new(e),
-    })
+    }
 }
 
 /// Writes `value` as a snapshot state file ([`FileKind::STATE`]).
@@ -240,7 +247,9 @@ pub fn write_state_file<T: Serialize + ?Sized>(path: impl AsRef<Path>, value: &T
     write_file(path.as_ref(), &FileKind::STATE, value)
 }
 
-/// Reads a snapshot state file ([`FileKind::STATE`]) written by [`write_state_file`].
+/// Reads a snapshot state file ([`FileKind::STATE`]) of the current version, written by
+/// [`write_state_file`]. A snapshot's `MicrovmState` is read with
+/// `snapshot::microvm::MicrovmState::read`, which also reads older versions.
 pub fn read_state_file<T: DeserializeOwned>(path: impl AsRef<Path>) -> Result<T> {
     read_file(path.as_ref(), &FileKind::STATE)
 }
@@ -515,7 +524,9 @@ mod tests {
         assert_eq!(
             e.to_string(),
             format!(
-                "vmm snapshot file has format version {newer}, but this build only reads version {}",
+                "vmm snapshot file has format version {newer}, but this vmm ({}) reads version {}: \
+                 it needs a newer vmm, one that reads version {newer}",
+                env!("CARGO_PKG_VERSION"),
                 FileKind::STATE.version
             )
         );

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::arch::x86_64::cpu_template::CpuRecord;
 use crate::arch::x86_64::vcpu_state::VcpuState;
 use crate::arch::x86_64::vm_state::VmState;
 use crate::config::VmConfig;
@@ -15,11 +16,14 @@ use crate::devices::legacy::SerialDeviceState;
 use crate::devices::virtio::block::BlockDeviceState;
 use crate::devices::virtio::mmio::MmioTransportState;
 use crate::disk::overlay_capture::OverlayManifest;
+use crate::snapshot::file::{self, FileKind, StateFileError};
 
 /// File name of the state file inside a snapshot directory.
 pub const STATE_FILE: &str = "state";
 /// File name of the memory manifest inside a snapshot directory.
 pub const MEMORY_FILE: &str = "memory";
+/// The oldest state-file version this build reads ([`FileKind::STATE`] is the newest).
+pub const OLDEST_STATE_VERSION: u32 = 2;
 
 /// One virtio-block disk's saved state.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -58,9 +62,31 @@ pub struct MicrovmState {
     pub store: Option<PathBuf>,
     /// Creation time (seconds since the Unix epoch).
     pub created_unix: u64,
+    /// The CPU features the guest was given, and where (state version 3).
+    pub cpu: CpuRecord,
 }
 
 impl MicrovmState {
+    /// Checks and decodes a state file's bytes, of any version this build reads.
+    pub fn decode(bytes: &[u8]) -> Result<Self, StateFileError> {
+        let (version, payload) = file::decode_frame(&FileKind::STATE, bytes, OLDEST_STATE_VERSION)?;
+        match version {
+            2 => Ok(file::decode_payload::<super::legacy::StateV2>(payload)?.into()),
+            _ => file::decode_payload(payload),
+        }
+    }
+
+    /// Reads the state file at `path`, of any version this build reads.
+    pub fn read(path: &Path) -> Result<Self, StateFileError> {
+        let bytes = file::read_bytes(path, &FileKind::STATE)?;
+        Self::decode(&bytes).map_err(|e| file::invalid(path, e))
+    }
+
+    /// Writes the state file at `path` (current version), atomically and durably.
+    pub fn write(&self, path: &Path) -> Result<(), StateFileError> {
+        file::write_state_file(path, self)
+    }
+
     /// The chunk store directory for a state file found in `snapshot_dir`.
     pub fn store_dir(&self, snapshot_dir: &Path) -> PathBuf {
         match &self.store {

@@ -6,6 +6,7 @@
 
 pub mod create;
 pub mod file;
+mod legacy;
 pub mod manifest;
 pub mod microvm;
 pub mod refs;

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use crate::snapshot::file::{StateFileError, read_state_file};
+use crate::snapshot::file::StateFileError;
 use crate::snapshot::manifest::{ManifestError, MemoryManifest};
 use crate::snapshot::microvm::{MEMORY_FILE, MicrovmState, STATE_FILE};
 use crate::store::ChunkId;
@@ -36,7 +36,7 @@ pub enum RefsError {
 /// the chunks of captured disk overlays. Zero chunks are not listed (never stored).
 pub fn chunk_refs(dir: &Path) -> Result<BTreeSet<ChunkId>, RefsError> {
     let state_path = dir.join(STATE_FILE);
-    let state: MicrovmState = read_state_file(&state_path).map_err(|source| RefsError::State {
+    let state = MicrovmState::read(&state_path).map_err(|source| RefsError::State {
         path: state_path.clone(),
         source,
     })?;

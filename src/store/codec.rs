@@ -79,12 +79,13 @@ impl ChunkHeader {
         if file[..2] != MAGIC {
             return Err(corrupt("bad magic, not a chunk file".into()));
         }
-        if file[2] != VERSION {
-            return Err(corrupt(format!(
-                "chunk format version {} is not the supported version {VERSION}",
-                file[2]
-            )));
-        }
+        let v = u32::from(VERSION);
+        crate::formats::check_version("chunk file", u32::from(file[2]), v, v).map_err(|e| {
+            StoreError::Version {
+                id: *id,
+                source: Box::new(e),
+            }
+        })?;
         let encoding = match file[3] {
             0 => Encoding::Raw,
             1 => Encoding::Zstd,

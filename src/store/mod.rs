@@ -47,6 +47,15 @@ pub enum StoreError {
         /// What was found wrong.
         reason: String,
     },
+    /// The chunk file has a format version this build does not read.
+    #[error("chunk {id}")]
+    Version {
+        /// The chunk.
+        id: ChunkId,
+        /// The version problem.
+        #[source]
+        source: Box<crate::formats::VersionError>,
+    },
     /// `get_into` was given a buffer whose length differs from the chunk's.
     #[error("chunk {id} holds {actual} bytes but the destination buffer holds {expected}")]
     LengthMismatch {

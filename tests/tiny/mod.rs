@@ -385,6 +385,8 @@ pub struct Spec {
     pub timeout: Duration,
     /// Build the VM with its vCPUs paused (the body resumes them).
     pub start_paused: bool,
+    /// CPU template.
+    pub cpu_template: vmm::config::CpuTemplate,
 }
 
 impl Spec {
@@ -398,6 +400,7 @@ impl Spec {
             mmio: Vec::new(),
             timeout: Duration::from_secs(60),
             start_paused: false,
+            cpu_template: vmm::config::CpuTemplate::None,
         }
     }
 }
@@ -504,6 +507,7 @@ where
         vcpus: spec.vcpus,
         blocks: Vec::new(),
         host_quirks: false,
+        cpu_template: spec.cpu_template,
     };
     let capture = Capture::default();
     let opts = BootOptions {
@@ -589,6 +593,7 @@ pub fn vm_config(spec: &Spec, blocks: Vec<vmm::config::BlockConfig>) -> VmConfig
         vcpus: spec.vcpus,
         blocks,
         host_quirks: false,
+        cpu_template: spec.cpu_template,
     }
 }
 

@@ -17,6 +17,7 @@
  *   vmmtest.counter            "vmmtest: tick TOKEN N" once a second
  *   vmmtest.counter_disk=/dev/vdX  ... plus read/rewrite/md5 of one block per tick
  *   vmmtest.poweroff           kernel_restart() once the one-shot work is done
+ *   vmmtest.cpuflags           "vmmtest: cpuflags: fpu vme ..." (the /proc/cpuinfo flags)
  *
  * Always: a panic notifier that writes 1 to I/O port 0x505 (pvpanic).
  */
@@ -40,9 +41,12 @@
 #include <linux/panic_notifier.h>
 #include <linux/reboot.h>
 #include <linux/sched.h>
+#include <linux/slab.h>
 #include <linux/string.h>
 #include <crypto/hash.h>
 #include <crypto/md5.h>
+#include <asm/cpufeature.h>
+#include <asm/processor.h>
 
 /*
  * All agent lines go out at KERN_ERR so that they reach the console even
@@ -409,3 +413,51 @@ static int __init vmmtest_init(void)
 	return 0;
 }
 late_initcall(vmmtest_init);
+
+/* ---- cpuflags: the CPU features the kernel uses ---------------------------- */
+
+static bool cpuflags;
+module_param(cpuflags, bool, 0444);
+MODULE_PARM_DESC(cpuflags, "Print the boot CPU's feature flags, named as in /proc/cpuinfo");
+
+#define VT_FLAGS_LINE	600	/* printk lines stay well below LOG_LINE_MAX */
+
+/*
+ * "vmmtest: cpuflags: fpu vme ..." (as many lines as needed), then
+ * "vmmtest: cpuflags done n=<count>": every feature flag of boot_cpu_data
+ * that has a name, i.e. the "flags" line of /proc/cpuinfo, which guest user
+ * space cannot read on the PVM hosts. A late_initcall of its own, so that it
+ * stays independent of the other jobs.
+ */
+static int __init vmmtest_cpuflags_init(void)
+{
+	char *line;
+	int len = 0, n = 0;
+	unsigned int bit;
+
+	if (!cpuflags)
+		return 0;
+	line = kmalloc(VT_FLAGS_LINE + 64, GFP_KERNEL);
+	if (!line) {
+		vt_out("cpuflags error=%d", -ENOMEM);
+		return 0;
+	}
+	for (bit = 0; bit < 32 * NCAPINTS; bit++) {
+		const char *name = x86_cap_flags[bit];
+
+		if (!name || !cpu_has(&boot_cpu_data, bit))
+			continue;
+		len += scnprintf(line + len, VT_FLAGS_LINE + 64 - len, " %s", name);
+		n++;
+		if (len >= VT_FLAGS_LINE) {
+			vt_out("cpuflags:%s", line);
+			len = 0;
+		}
+	}
+	if (len)
+		vt_out("cpuflags:%s", line);
+	vt_out("cpuflags done n=%d", n);
+	kfree(line);
+	return 0;
+}
+late_initcall(vmmtest_cpuflags_init);

@@ -11,6 +11,8 @@
 //! Each module has its own error type; [`Error`] wraps them all.
 
 pub mod boot;
+pub mod cpu_features;
+pub mod cpu_template;
 pub mod cpuid;
 pub mod interrupts;
 pub mod layout;
@@ -41,6 +43,9 @@ pub enum Error {
     /// CPUID normalization.
     #[error(transparent)]
     Cpuid(#[from] CpuidError),
+    /// CPU templates and CPU compatibility.
+    #[error(transparent)]
+    CpuTemplate(#[from] cpu_template::CpuTemplateError),
     /// Local APIC setup.
     #[error(transparent)]
     Interrupts(#[from] InterruptError),
