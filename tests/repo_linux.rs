@@ -69,8 +69,7 @@ fn resume(r: &Running, sock: &Path) {
 
 /// The console once the paused VM's output has drained.
 fn paused_console(r: &Running) -> String {
-    std::thread::sleep(Duration::from_millis(400));
-    r.console()
+    r.settled_console()
 }
 
 fn restore_args(repo: &Path, id: &str, sock: Option<&Path>) -> Vec<String> {
@@ -91,14 +90,13 @@ fn restore_args(repo: &Path, id: &str, sock: Option<&Path>) -> Vec<String> {
 fn restore_and_check(repo: &Path, id: &str, before: &str, token: &str, what: &str) {
     let last_before = check_consecutive(before, token, what);
     let mut r = Running::spawn(&restore_args(repo, id, None));
-    if wait_tick(&mut r, token, last_before + 2, Duration::from_secs(60)).is_none() {
+    if wait_tick(&mut r, token, last_before + 2, GUEST_EVENT_TIMEOUT).is_none() {
         fail(
             &r,
             &format!("{what}: counter did not continue to {}", last_before + 2),
         );
     }
-    let _ = r.child.kill();
-    let _ = r.wait_exit(Duration::from_secs(10));
+    r.kill_and_drain();
     let combined = format!("{before}{}", r.console());
     let last = check_consecutive(&combined, token, what);
     assert!(last >= last_before + 2, "{what}");
@@ -154,19 +152,18 @@ fn ten_incremental_snapshots_restore_and_branch() {
         written.push(bytes);
         snaps.push((id.clone(), before.clone()));
         resume(&r, &sock);
-        if wait_tick(&mut r, &token, last + 2, Duration::from_secs(30)).is_none() {
+        if wait_tick(&mut r, &token, last + 2, GUEST_EVENT_TIMEOUT).is_none() {
             fail(&r, &format!("counter stopped after snapshot {k}"));
         }
     }
-    let _ = r.child.kill();
-    let _ = r.wait_exit(Duration::from_secs(10));
+    r.kill_and_drain();
 
     // Branch: restore snapshot 3, run, snapshot.
     let (id3, before3) = snaps[2].clone();
     let last3 = check_consecutive(&before3, &token, "snapshot 3");
     let sock2 = dir.join("api2.sock");
     let mut b = Running::spawn(&restore_args(&repo, &id3, Some(&sock2)));
-    if wait_tick(&mut b, &token, last3 + 3, Duration::from_secs(60)).is_none() {
+    if wait_tick(&mut b, &token, last3 + 3, GUEST_EVENT_TIMEOUT).is_none() {
         fail(&b, "restored snapshot 3 does not count");
     }
     let rep = snapshot(&b, &repo, &sock2, "branch snapshot");
@@ -174,8 +171,7 @@ fn ten_incremental_snapshots_restore_and_branch() {
     let id11 = rep["id"].as_str().unwrap().to_string();
     assert_eq!(rep["parent"].as_str(), Some(id3.as_str()), "branch parent");
     println!("branch snapshot {} of snapshot 3", &id11[..12]);
-    let _ = b.child.kill();
-    let _ = b.wait_exit(Duration::from_secs(10));
+    b.kill_and_drain();
 
     // Every one of the 11 restores, in one step, and goes on from its own moment.
     for (k, (id, before)) in snaps.iter().enumerate() {

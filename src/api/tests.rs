@@ -451,23 +451,67 @@ fn shutdown_fails_in_flight_requests() {
     }
 }
 
+/// At the connection limit a new client is served: the longest-idle connection is closed
+/// for it, the other idle one stays usable.
 #[test]
-fn connection_cap() {
+fn idle_connections_make_room_for_new_clients() {
     let (_handle, _vmm, t) = tcp_server(|c| c.max_connections = 2);
-    let a = connect(&t);
-    let b = connect(&t);
-    let resp = raw(&t, b"");
-    assert!(resp.starts_with("HTTP/1.1 503 "), "{resp}");
-    drop((a, b));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, _) = request(&t, "GET", "/vm", None).unwrap();
-        if status == 200 {
-            break;
+    let mut oldest = connect(&t);
+    // The server must have registered the first before the second (idle since earlier).
+    thread::sleep(Duration::from_millis(50));
+    let mut kept = connect(&t);
+    thread::sleep(Duration::from_millis(50));
+    let (status, body) = request(&t, "GET", "/vm", None).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let mut out = Vec::new();
+    assert_eq!(
+        oldest.read_to_end(&mut out).unwrap(),
+        0,
+        "the longest-idle connection was not closed"
+    );
+    kept.write_all(b"GET /vm HTTP/1.1\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut kept).unwrap().0, 200);
+    // 50 more idle connections, then a request: still served.
+    let idle: Vec<TcpStream> = (0..50).map(|_| connect(&t)).collect();
+    let (status, _) = request(&t, "GET", "/vm", None).unwrap();
+    assert_eq!(status, 200);
+    drop(idle);
+}
+
+/// Connections with a request in progress are never closed for a newcomer: with every slot
+/// busy the newcomer gets 503, and is served once a slot frees.
+#[test]
+fn busy_connections_are_kept_and_newcomers_get_503() {
+    let mut cfg = ApiServerConfig::new(Some(0), None);
+    cfg.max_connections = 2;
+    let (handle, channel) = start_with_config(cfg).unwrap();
+    let t = ApiTarget::Tcp(handle.tcp_addr().unwrap().port());
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            let t = t.clone();
+            thread::spawn(move || request(&t, "GET", "/vm", None))
+        })
+        .collect();
+    // Both requests reach the (not yet answering) main thread.
+    let mut pending = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pending.len() < 2 {
+        assert!(Instant::now() < deadline, "requests never arrived");
+        match channel.try_recv() {
+            Some(p) => pending.push(p),
+            None => thread::sleep(Duration::from_millis(5)),
         }
-        assert!(Instant::now() < deadline, "connections never released");
-        thread::sleep(Duration::from_millis(20));
     }
+    let resp = raw(&t, b"GET /vm HTTP/1.1\r\n\r\n");
+    assert!(resp.starts_with("HTTP/1.1 503 "), "{resp}");
+    for (_, reply) in pending {
+        reply.send(answer(&ApiRequest::GetVm)).unwrap();
+    }
+    for c in clients {
+        assert_eq!(c.join().unwrap().unwrap().0, 200);
+    }
+    let _vmm = FakeVmm::new(channel, answer);
+    assert_eq!(request(&t, "GET", "/vm", None).unwrap().0, 200);
 }
 
 #[test]
