@@ -66,10 +66,15 @@ impl Shared {
         }
     }
 
-    /// Records whether connection `id` is idle (waiting for a request, nothing received).
+    /// Records whether connection `id` is idle (waiting for a request, nothing received);
+    /// a connection already idle keeps the moment it became so.
     fn set_idle(&self, id: u64, idle: bool) {
         if let Some(c) = self.conns().get_mut(&id) {
-            c.idle_since = idle.then(Instant::now);
+            if !idle {
+                c.idle_since = None;
+            } else if c.idle_since.is_none() {
+                c.idle_since = Some(Instant::now());
+            }
         }
     }
 }

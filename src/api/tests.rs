@@ -320,7 +320,7 @@ fn garbage_and_hostile_input() {
     let started = Instant::now();
     let resp = raw(&t, b"GET /vm HTTP/1.1\r\nHost: x");
     assert!(resp.starts_with("HTTP/1.1 408 "), "{resp}");
-    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(30));
     // Same for a body that never comes.
     let resp = raw(
         &t,
@@ -444,7 +444,7 @@ fn shutdown_fails_in_flight_requests() {
     }
     let started = Instant::now();
     handle.shutdown();
-    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(30));
     match client.join().unwrap() {
         Ok((status, _)) => assert_eq!(status, 503),
         Err(e) => panic!("{e}"),
@@ -456,11 +456,10 @@ fn shutdown_fails_in_flight_requests() {
 #[test]
 fn idle_connections_make_room_for_new_clients() {
     let (_handle, _vmm, t) = tcp_server(|c| c.max_connections = 2);
+    // The server accepts connections in the order they arrive, so `oldest` is registered
+    // (idle since) before `kept`, and both before the request's connection.
     let mut oldest = connect(&t);
-    // The server must have registered the first before the second (idle since earlier).
-    thread::sleep(Duration::from_millis(50));
     let mut kept = connect(&t);
-    thread::sleep(Duration::from_millis(50));
     let (status, body) = request(&t, "GET", "/vm", None).unwrap();
     assert_eq!(status, 200, "{body}");
     let mut out = Vec::new();
