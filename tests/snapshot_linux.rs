@@ -16,6 +16,16 @@ fn restore_and_check(dir: &Path, before: &str, token: &str, last_before: u64, wh
             &format!("{what}: counter did not continue to {}", last_before + 4),
         );
     }
+    // rcutorture reports every 3 s of guest time; wait for its first report after the
+    // restore (the ticks above may come faster than that while the guest catches up).
+    if !r.console().contains("rcu-torture:")
+        && r.wait_for("rcu-torture:", GUEST_EVENT_TIMEOUT).is_none()
+    {
+        fail(
+            &r,
+            &format!("{what}: rcutorture printed nothing after restore"),
+        );
+    }
     r.kill_and_drain();
     let after = r.console();
     let combined = format!("{before}{after}");
