@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
 # Sets up everything the tests need on a Debian 12 machine (apt packages, guest artifacts)
 # and runs the whole test suite. This is the README's test command; CI calls it too.
+#
+# `cargo test --no-fail-fast` runs every test binary even when an earlier one fails. The
+# output is kept in target/test-logs/ (the newest is also target/test-logs/latest.log) and a
+# summary follows it: each test binary with its pass/fail counts and wall time, then every
+# failed test. The exit status is non-zero when anything failed. Extra arguments go to
+# `cargo test` (e.g. `./scripts/test.sh --test tiny_guest`); docs/TESTING.md explains the
+# parts of the suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,4 +16,15 @@ $SUDO bash resources/build-guest.sh --install-deps >/dev/null
 # The remote-disk tests serve images with a real nginx; qcow2 import uses qemu-img.
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y nginx qemu-utils >/dev/null
 bash resources/build-guest.sh
-cargo test "$@" 2>&1
+
+logs=target/test-logs
+mkdir -p "$logs"
+log="$logs/test-$(date +%Y%m%d-%H%M%S).log"
+start=$(date +%s)
+set +e
+cargo test --no-fail-fast "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+ln -sf "$(basename "$log")" "$logs/latest.log"
+
+bash scripts/test-summary.sh "$log" "$(( $(date +%s) - start ))" "$status"

@@ -290,12 +290,16 @@ fn run_vm(run: &RunArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(2, e.to_string()),
     };
+    let server = match start_api(&run.api) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     let _term = vmm::vmm::TerminalGuard::new();
     let vm = match builder::build_for_boot(&cfg, BootOptions::stdio()) {
         Ok(v) => v,
         Err(e) => return fail(e.exit_code(), error_chain(&e)),
     };
-    serve(vm, &run.api)
+    serve(vm, server)
 }
 
 fn restore_vm(
@@ -309,6 +313,10 @@ fn restore_vm(
         Ok(b) if b.is_empty() => None,
         Ok(b) => Some(b),
         Err(e) => return fail(2, e.to_string()),
+    };
+    let server = match start_api(api) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     let _term = vmm::vmm::TerminalGuard::new();
     let opts = RestoreOptions {
@@ -326,7 +334,7 @@ fn restore_vm(
         return fail(1, format!("lazy memory: {e}"));
     }
     vm.repo_parent = cpu.parent().and_then(vmm::repo::origin_of_snapshot_dir);
-    serve(vm, api)
+    serve(vm, server)
 }
 
 /// `vmm restore http://HOST/…/vms/NAME` (or a local `ARCHIVE/vms/NAME`): docs/ARCHIVE.md.
@@ -344,6 +352,10 @@ fn restore_archive(
             "--block cannot replace the disks of an archived VM".into(),
         );
     }
+    let server = match start_api(api) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     let _term = vmm::vmm::TerminalGuard::new();
     let common = vmm::archive::cli::CommonRestore {
         force: flags.force,
@@ -361,25 +373,36 @@ fn restore_archive(
     let report = std::sync::Arc::clone(&session);
     vm.status_extras
         .push(("archive", Box::new(move || report.report())));
-    let code = serve(vm, api);
+    let code = serve(vm, server);
     session.log_totals();
     code
 }
 
-/// Starts the API server if asked, then runs the VM to its end.
-fn serve(mut vm: Vmm, api: &ApiFlags) -> ExitCode {
-    let _server = if api.port.is_some() || api.api_sock.is_some() {
-        match api::start(api.port, api.api_sock.as_deref()) {
-            Ok((handle, chan)) => {
-                if let Err(e) = vm.attach_api(chan) {
-                    return fail(1, format!("control API: {e}"));
-                }
-                Some(handle)
+/// The control API server and its channel, started before the VM is built or restored so
+/// that its socket exists before the guest runs: a client that sees the guest's first output
+/// can connect at once (requests sent meanwhile wait for the VM's event loop).
+type ApiServer = Option<(api::ApiServerHandle, api::ApiChannel)>;
+
+/// Starts the API server if asked; on failure the exit code to return.
+fn start_api(api: &ApiFlags) -> Result<ApiServer, ExitCode> {
+    if api.port.is_none() && api.api_sock.is_none() {
+        return Ok(None);
+    }
+    api::start(api.port, api.api_sock.as_deref())
+        .map(Some)
+        .map_err(|e| fail(1, error_chain(&e)))
+}
+
+/// Attaches the API server (if any) and runs the VM to its end.
+fn serve(mut vm: Vmm, server: ApiServer) -> ExitCode {
+    let _server = match server {
+        Some((handle, chan)) => {
+            if let Err(e) = vm.attach_api(chan) {
+                return fail(1, format!("control API: {e}"));
             }
-            Err(e) => return fail(1, error_chain(&e)),
+            Some(handle)
         }
-    } else {
-        None
+        None => None,
     };
     let result = vm.run();
     for d in vm.remote_disk_report() {

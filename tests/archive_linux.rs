@@ -61,9 +61,7 @@ fn linux_counter_resumes_from_an_http_archive() {
         fail(&r, "counter did not reach 3");
     }
     snapshot_leave_paused(&r, &sock, &snap);
-    std::thread::sleep(Duration::from_millis(500));
-    let _ = r.child.kill();
-    let _ = r.wait_exit(Duration::from_secs(10));
+    r.kill_and_drain();
     let before = r.console();
     let last_before = *ticks(&before, &token).last().expect("ticks before");
 
@@ -95,15 +93,14 @@ fn linux_counter_resumes_from_an_http_archive() {
         dir.join("cache").display().to_string(),
     ]);
     let want = format!("vmmtest: tick {token} {}", last_before + 4);
-    if r.wait_for(&want, Duration::from_secs(120)).is_none() {
+    if r.wait_for(&want, GUEST_EVENT_TIMEOUT).is_none() {
         fail(
             &r,
             "the counter did not continue after the resume over HTTP",
         );
     }
-    let first_second = r.wait_for("first second", Duration::from_secs(10));
-    let _ = r.child.kill();
-    let _ = r.wait_exit(Duration::from_secs(10));
+    let first_second = r.wait_for("first second", Duration::from_secs(120));
+    r.kill_and_drain();
     let out = r.output();
     let after = r.console();
     let all = ticks(&format!("{before}{after}"), &token);

@@ -81,6 +81,13 @@ fn archive_vm(
     Ok(Archived { archive, pre })
 }
 
+/// For resumes that must succeed: the default retries and timeouts, which a loaded host
+/// does not exhaust.
+fn patient_http() -> HttpStoreOptions {
+    HttpStoreOptions::default()
+}
+
+/// For resumes whose server is taken away: give up quickly.
 fn quick_http() -> HttpStoreOptions {
     HttpStoreOptions {
         attempts: 2,
@@ -126,7 +133,7 @@ fn push_and_resume_over_http() {
         let pre_last = check_ticks(&a.pre)?;
         let nginx = Nginx::start(&a.archive);
         let url = format!("{}/vms/ticks", nginx.url());
-        let (mut vm, s) = resume(&url, &tmp.join("cache"), FillRate::Off, quick_http())?;
+        let (mut vm, s) = resume(&url, &tmp.join("cache"), FillRate::Off, patient_http())?;
         let b = s.before_first_instruction;
         eprintln!(
             "  before the first instruction: {} bytes ({} metadata, {} memory), running after {:?} ms",
@@ -183,7 +190,12 @@ fn push_and_resume_over_http() {
         )
         .map_err(|e| error_chain(&e))?;
         ensure(!ws.chunks.is_empty(), || "empty working set".into())?;
-        let (vm, s) = resume(&url, &tmp.join("cache2"), FillRate::Unlimited, quick_http())?;
+        let (vm, s) = resume(
+            &url,
+            &tmp.join("cache2"),
+            FillRate::Unlimited,
+            patient_http(),
+        )?;
         let end = deadline();
         while s.prefetch().and_then(|p| p.fill_ms).is_none() {
             ensure(Instant::now() < end, || {
@@ -239,7 +251,7 @@ fn server_down_and_altered_chunk_stop_the_vm_cleanly() {
         nginx.stop();
         guest_touch(&vm, PAT_BASE + 5 * 4096)?;
         let t = Instant::now();
-        let reason = tiny::run_for(&mut vm, Duration::from_secs(30))?;
+        let reason = tiny::run_for(&mut vm, Duration::from_secs(120))?;
         eprintln!("  server down: {reason:?} after {:?}", t.elapsed());
         match &reason {
             ExitReason::MemoryUnavailable { message }
@@ -268,7 +280,7 @@ fn server_down_and_altered_chunk_stop_the_vm_cleanly() {
         std::fs::write(&file, bytes).map_err(|e| e.to_string())?;
         let (mut vm, s) = resume(&url, &tmp.join("cache-b"), FillRate::Off, quick_http())?;
         guest_touch(&vm, addr)?;
-        let reason = tiny::run_for(&mut vm, Duration::from_secs(30))?;
+        let reason = tiny::run_for(&mut vm, Duration::from_secs(120))?;
         eprintln!("  altered chunk: {reason:?}");
         match &reason {
             ExitReason::MemoryUnavailable { message }
@@ -338,7 +350,7 @@ fn two_clones_at_once_share_the_cache() {
         let n1 = wait_tick(&mut c1, &a.pre, pre_last + 3)?;
         let n2 = wait_tick(&mut c2, &a.pre, pre_last + 3)?;
         eprintln!("  clone 1 at tick {n1}, clone 2 at tick {n2}");
-        c1.wait_for("background fill cached all", Duration::from_secs(30))
+        c1.wait_for("background fill cached all", Duration::from_secs(120))
             .ok_or_else(|| format!("clone 1 did not finish its fill:\n{}", c1.output()))?;
         let sock = tmp.join("c3.sock");
         let mut c3 = spawn_clone_with(
@@ -358,7 +370,7 @@ fn two_clones_at_once_share_the_cache() {
             || format!("GET /vm has no archive fetch report: {status} {body}"),
         )?;
         let line = c3
-            .wait_for("first second", Duration::from_secs(10))
+            .wait_for("first second", Duration::from_secs(120))
             .ok_or_else(|| format!("no first-second report:\n{}", c3.output()))?;
         eprintln!("  clone 3: {line}");
         ensure(line.contains("memory 0 in 0 requests"), || {
@@ -404,7 +416,7 @@ fn a_local_archive_with_a_disk_resumes_from_the_directory() {
                 &vm_dir.display().to_string(),
                 &tmp.join("cache"),
                 FillRate::Unlimited,
-                quick_http(),
+                patient_http(),
             )?;
             ensure(vm.vmm.remote.len() == 1, || {
                 format!("{} remote disks attached, expected 1", vm.vmm.remote.len())

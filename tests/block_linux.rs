@@ -39,12 +39,12 @@ fn root_mount_md5_write_and_read_only() {
     {
         fail(&r, "root filesystem not mounted from virtio-blk");
     }
-    if r.wait_for("Run /idle as init process", Duration::from_secs(120))
+    if r.wait_for("Run /idle as init process", GUEST_EVENT_TIMEOUT)
         .is_none()
     {
         fail(&r, "init not started from the root filesystem");
     }
-    match r.wait_exit(Duration::from_secs(600)) {
+    match r.wait_exit(GUEST_EVENT_TIMEOUT) {
         Some(0) => {}
         other => fail(&r, &format!("vmm exit {other:?}")),
     }
@@ -133,12 +133,12 @@ fn busybox_shell_from_initramfs() {
          sync; reboot -f\n"
     );
     stdin.write_all(script.as_bytes()).unwrap();
-    if r.wait_for(&format!("42-{token}"), Duration::from_secs(60))
+    if r.wait_for(&format!("42-{token}"), GUEST_EVENT_TIMEOUT)
         .is_none()
     {
         fail(&r, "the busybox shell did not run the command");
     }
-    match r.wait_exit(Duration::from_secs(120)) {
+    match r.wait_exit(GUEST_EVENT_TIMEOUT) {
         Some(0) => {}
         other => fail(&r, &format!("vmm exit {other:?} after reboot -f")),
     }

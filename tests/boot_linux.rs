@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use std::time::Duration;
 
 fn boot_info(kernel: &str, vcpus: u8, mem_mib: u64) {
     let Some(a) = guest_env() else { return };
@@ -45,7 +44,7 @@ fn boot_info(kernel: &str, vcpus: u8, mem_mib: u64) {
             &format!("mem_kib={mem_kib} does not match {mem_mib} MiB"),
         );
     }
-    match r.wait_exit(Duration::from_secs(120)) {
+    match r.wait_exit(GUEST_EVENT_TIMEOUT) {
         Some(0) => {}
         other => fail(&r, &format!("vmm did not exit 0 after poweroff: {other:?}")),
     }

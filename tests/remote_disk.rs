@@ -299,8 +299,11 @@ fn server_outage_fails_reads_in_bounded_time_then_recovers() {
     let el = t.elapsed();
     let msg = chain(&e);
     println!("outage: error after {el:?}: {msg}");
+    // The retries' back-off sleeps add up to more than a second (a loaded host only makes
+    // them longer); the ceiling only catches a hang (e.g. one request timeout per attempt),
+    // not slowness. The attempts themselves are counted below.
     assert!(
-        el >= Duration::from_millis(1000) && el < Duration::from_secs(8),
+        el >= Duration::from_millis(1000) && el < Duration::from_secs(40),
         "{el:?}"
     );
     assert!(msg.contains("gave up after 5 attempts"), "{msg}");
@@ -338,9 +341,13 @@ fn tampered_chunks_are_rejected() {
     bytes[5000] ^= 1;
     std::fs::write(&path, &bytes).unwrap();
     let mut buf = vec![0u8; 512];
-    let t = Instant::now();
+    let retries_before = disk.stats().http.retries;
     let e = chain(&disk.read_at(&mut buf, u64::from(CS)).unwrap_err());
-    assert!(t.elapsed() < Duration::from_secs(1), "not retried");
+    assert_eq!(
+        disk.stats().http.retries,
+        retries_before,
+        "a chunk whose bytes do not match its hash was retried"
+    );
     assert!(
         e.contains(&id.to_hex()) && e.contains("contents hash to"),
         "{e}"

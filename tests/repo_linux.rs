@@ -69,8 +69,7 @@ fn resume(r: &Running, sock: &Path) {
 
 /// The console once the paused VM's output has drained.
 fn paused_console(r: &Running) -> String {
-    std::thread::sleep(Duration::from_millis(400));
-    r.console()
+    r.settled_console()
 }
 
 fn restore_args(repo: &Path, id: &str, sock: Option<&Path>) -> Vec<String> {
@@ -91,14 +90,13 @@ fn restore_args(repo: &Path, id: &str, sock: Option<&Path>) -> Vec<String> {
 fn restore_and_check(repo: &Path, id: &str, before: &str, token: &str, what: &str) {
     let last_before = check_consecutive(before, token, what);
     let mut r = Running::spawn(&restore_args(repo, id, None));
-    if wait_tick(&mut r, token, last_before + 2, Duration::from_secs(60)).is_none() {
+    if wait_tick(&mut r, token, last_before + 2, GUEST_EVENT_TIMEOUT).is_none() {
         fail(
             &r,
             &format!("{what}: counter did not continue to {}", last_before + 2),
         );
     }
-    let _ = r.child.kill();
-    let _ = r.wait_exit(Duration::from_secs(10));
+    r.kill_and_drain();
     let combined = format!("{before}{}", r.console());
     let last = check_consecutive(&combined, token, what);
     assert!(last >= last_before + 2, "{what}");
@@ -128,9 +126,17 @@ fn ten_incremental_snapshots_restore_and_branch() {
     }
     println!("booted in {:.0} s", r.elapsed());
 
-    // 10 snapshots a few ticks apart, the VM running on between them.
+    // 10 snapshots a few ticks apart; each restored in a new process right after it is
+    // taken (while the original waits, paused), and snapshot 3 restored, run and
+    // snapshotted again: a branch, restored right away too. Restores happen while the
+    // snapshot is young because on PVM hosts a guest restored minutes after its snapshot
+    // stalls for a time that grows with the gap (docs/TESTING.md, the guest-clock work of
+    // issue #13): restoring all eleven at the end made the last ones minutes old on a loaded
+    // host, and one did not tick within 10 minutes. That every snapshot stays intact as
+    // later ones are added is checked by `snapshot verify` at the end.
     let mut snaps: Vec<(String, String)> = Vec::new();
     let mut written = Vec::new();
+    let mut branch: Option<String> = None;
     for k in 0..10 {
         let rep = snapshot(&r, &repo, &sock, &format!("snapshot {k}"));
         let before = paused_console(&r);
@@ -152,36 +158,33 @@ fn ten_incremental_snapshots_restore_and_branch() {
             rep["dirty_method"]
         );
         written.push(bytes);
+        // It restores and goes on from its own moment.
+        restore_and_check(&repo, &id[..12], &before, &token, &format!("restore {k}"));
         snaps.push((id.clone(), before.clone()));
+
+        if k == 2 {
+            // Branch: restore snapshot 3, run, snapshot; the new snapshot restores too.
+            let sock2 = dir.join("api2.sock");
+            let mut b = Running::spawn(&restore_args(&repo, &id, Some(&sock2)));
+            if wait_tick(&mut b, &token, last + 3, GUEST_EVENT_TIMEOUT).is_none() {
+                fail(&b, "restored snapshot 3 does not count");
+            }
+            let rep = snapshot(&b, &repo, &sock2, "branch snapshot");
+            let before11 = format!("{before}{}", paused_console(&b));
+            let id11 = rep["id"].as_str().unwrap().to_string();
+            assert_eq!(rep["parent"].as_str(), Some(id.as_str()), "branch parent");
+            println!("branch snapshot {} of snapshot 3", &id11[..12]);
+            b.kill_and_drain();
+            restore_and_check(&repo, &id11, &before11, &token, "restore of the branch");
+            branch = Some(id11);
+        }
         resume(&r, &sock);
-        if wait_tick(&mut r, &token, last + 2, Duration::from_secs(30)).is_none() {
+        if wait_tick(&mut r, &token, last + 2, GUEST_EVENT_TIMEOUT).is_none() {
             fail(&r, &format!("counter stopped after snapshot {k}"));
         }
     }
-    let _ = r.child.kill();
-    let _ = r.wait_exit(Duration::from_secs(10));
-
-    // Branch: restore snapshot 3, run, snapshot.
-    let (id3, before3) = snaps[2].clone();
-    let last3 = check_consecutive(&before3, &token, "snapshot 3");
-    let sock2 = dir.join("api2.sock");
-    let mut b = Running::spawn(&restore_args(&repo, &id3, Some(&sock2)));
-    if wait_tick(&mut b, &token, last3 + 3, Duration::from_secs(60)).is_none() {
-        fail(&b, "restored snapshot 3 does not count");
-    }
-    let rep = snapshot(&b, &repo, &sock2, "branch snapshot");
-    let before11 = format!("{before3}{}", paused_console(&b));
-    let id11 = rep["id"].as_str().unwrap().to_string();
-    assert_eq!(rep["parent"].as_str(), Some(id3.as_str()), "branch parent");
-    println!("branch snapshot {} of snapshot 3", &id11[..12]);
-    let _ = b.child.kill();
-    let _ = b.wait_exit(Duration::from_secs(10));
-
-    // Every one of the 11 restores, in one step, and goes on from its own moment.
-    for (k, (id, before)) in snaps.iter().enumerate() {
-        restore_and_check(&repo, &id[..12], before, &token, &format!("restore {k}"));
-    }
-    restore_and_check(&repo, &id11, &before11, &token, "restore of the branch");
+    r.kill_and_drain();
+    let id11 = branch.expect("branch taken");
 
     for (k, w) in written.iter().enumerate().skip(1) {
         assert!(

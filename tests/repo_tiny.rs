@@ -3,7 +3,8 @@
 //! points leaves every remaining snapshot verifiable and restorable; export → import into an
 //! empty repository elsewhere restores the same guest state; verify finds a corrupt and a
 //! missing chunk; restore from a repository then snapshot makes a branch (through `vmm`
-//! processes and the API).
+//! processes and the API); `vmm` killed during the first snapshot into a new repository
+//! leaves a path the next create and ls accept.
 //!
 //! Each test skips, printing `SKIP:`, when /dev/kvm cannot be opened.
 
@@ -514,7 +515,7 @@ fn restore_process(repo: &Path, what: &str, sock: &Path) -> Result<common::Runni
         "--api-sock".into(),
         sock.display().to_string(),
     ]);
-    if r.wait_for("tick ", Duration::from_secs(30)).is_none() {
+    if r.wait_for("tick ", Duration::from_secs(120)).is_none() {
         return Err(format!("restored {what} does not tick:\n{}", r.output()));
     }
     Ok(r)
@@ -615,7 +616,7 @@ fn restore_from_a_repo_then_snapshot_creates_a_branch() {
                 .to_string(),
         ]);
         ensure(
-            r.wait_for("tick ", Duration::from_secs(30)).is_some(),
+            r.wait_for("tick ", Duration::from_secs(120)).is_some(),
             || r.output(),
         )?;
         Ok(())
@@ -643,6 +644,144 @@ fn snapshot_after_its_parent_was_removed_and_collected() {
             format!("{ls}")
         })?;
         drop(restore_and_check(&repo, &b, &expect)?);
+        Ok(())
+    });
+}
+
+/// What a killed first snapshot left at the new repository's path.
+#[derive(Debug, Default)]
+struct KillOutcomes {
+    nothing: usize,
+    temp_left: usize,
+    empty_repo: usize,
+    with_snapshot: usize,
+}
+
+/// Temporary repositories being built beside `repo` (see src/repo/init.rs).
+fn temp_repos(repo: &Path) -> Vec<String> {
+    let prefix = format!(
+        ".{}.vmm-repo-new-",
+        repo.file_name().unwrap().to_str().unwrap()
+    );
+    fs::read_dir(repo.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&prefix))
+        .collect()
+}
+
+/// `vmm snapshot create --repo NEW` against a running VM, the VM's `vmm` SIGKILLed at a
+/// random moment: whatever is left at NEW, a later create into it succeeds, `ls` lists what
+/// was committed and `verify` passes. Before repositories were created atomically, a kill
+/// between the layout and the marker left a directory every command refused.
+#[test]
+fn vmm_killed_during_the_first_snapshot_into_a_new_repo() {
+    check("killed_during_first_repo_snapshot", || {
+        let tmp = TempDir::new("repo-first-kill");
+        let src = tmp.join("src");
+        let mut g = Changing::boot()?;
+        let (id, _, _) = g.snapshot(&src, 1 << 20, None)?;
+        drop(g);
+        let id = id.short();
+        let create = |repo: &Path, sock: &Path| {
+            Command::new(common::vmm_bin())
+                .args(["snapshot", "create", "--json", "--repo"])
+                .arg(repo)
+                .arg("--api-sock")
+                .arg(sock)
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| format!("spawn snapshot create: {e}"))
+        };
+        // How long one first snapshot into a new repository takes here, end to end.
+        let sock = tmp.join("calib.sock");
+        let vm = restore_process(&src, &id, &sock)?;
+        let t = std::time::Instant::now();
+        let st = create(&tmp.join("calib"), &sock)?
+            .wait()
+            .map_err(|e| e.to_string())?;
+        let full = t.elapsed();
+        ensure(st.success(), || format!("calibration create: {st}"))?;
+        drop(vm);
+        eprintln!("  a first snapshot into a new repository takes {full:?}");
+
+        let mut seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            | 1;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let span = full.as_micros().max(20_000) as u64;
+        let mut seen = KillOutcomes::default();
+        for round in 0..12 {
+            let repo = tmp.join(format!("new{round}"));
+            if round % 3 == 0 {
+                // Users often make the directory first.
+                fs::create_dir(&repo).unwrap();
+            }
+            let sock = tmp.join(format!("api{round}.sock"));
+            let mut vm = restore_process(&src, &id, &sock)?;
+            let mut client = create(&repo, &sock)?;
+            // Half of the kills in the first quarter, where the repository is made.
+            let range = if round % 2 == 0 { span / 4 } else { span };
+            std::thread::sleep(Duration::from_micros(next() % range.max(1)));
+            vm.kill_and_drain();
+            let _ = client.wait();
+            let listed = fs::read_dir(repo.join("snapshots"))
+                .map(|rd| rd.count())
+                .unwrap_or(0);
+            if !temp_repos(&repo).is_empty() {
+                seen.temp_left += 1;
+            } else if repo.join(vmm::repo::MARKER_FILE).exists() {
+                if listed > 0 {
+                    seen.with_snapshot += 1;
+                } else {
+                    seen.empty_repo += 1;
+                }
+            } else {
+                ensure(
+                    fs::read_dir(&repo).map_or(true, |mut rd| rd.next().is_none()),
+                    || format!("round {round}: a repository without its marker was left"),
+                )?;
+                seen.nothing += 1;
+            }
+            // A later create into the same path works, and so do ls and verify.
+            let sock2 = tmp.join(format!("api{round}b.sock"));
+            let vm2 = restore_process(&src, &id, &sock2)?;
+            let st = create(&repo, &sock2)?.wait().map_err(|e| e.to_string())?;
+            ensure(st.success(), || {
+                format!(
+                    "round {round}: create after the kill: {st}\n{}",
+                    vm2.output()
+                )
+            })?;
+            drop(vm2);
+            let ls = repo_json("ls", &repo, &[])?;
+            let n = ls["snapshots"].as_array().map_or(0, Vec::len);
+            ensure(n == listed + 1, || {
+                format!("round {round}: {listed} listed after the kill, then {n}: {ls}")
+            })?;
+            let v = repo_json("verify", &repo, &[])?;
+            ensure(v["ok"] == true, || format!("round {round}: verify: {v}"))?;
+            ensure(temp_repos(&repo).is_empty(), || {
+                format!(
+                    "round {round}: temporary repositories left: {:?}",
+                    temp_repos(&repo)
+                )
+            })?;
+        }
+        eprintln!("  after the kills: {seen:?}");
+        ensure(seen.with_snapshot < 12, || {
+            "every kill came after the snapshot was committed".into()
+        })?;
         Ok(())
     });
 }

@@ -120,7 +120,7 @@ fn guest_memory_visible_to_host_across_pause_resume() {
     let signal = port.clone();
     let out = tiny::run_with(spec, move |vmm| {
         let start = Instant::now();
-        let deadline = start + Duration::from_secs(30);
+        let deadline = start + Duration::from_secs(120);
         tiny::wait_until(vmm, deadline, "the guest's pattern-written signal", || {
             !lock(&signal).writes().is_empty()
         })?;

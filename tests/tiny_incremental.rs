@@ -26,7 +26,7 @@ fn boot(mem_mib: u64) -> Result<TinyVm, String> {
     let mut spec = Spec::new(Scenario::SnapDirty);
     spec.mem_mib = mem_mib;
     let mut vm = tiny::boot(spec, Vec::new())?;
-    vm.wait_for(Instant::now() + Duration::from_secs(30), "dirty: ready\n")?;
+    vm.wait_for(Instant::now() + Duration::from_secs(120), "dirty: ready\n")?;
     vm.pause()?;
     Ok(vm)
 }

@@ -67,7 +67,7 @@ fn snapshot_of_a_vm_on_a_remote_disk_restores_with_its_overlay() {
     assert_ne!(at_snapshot, base);
 
     let mut vm = tiny::boot(Spec::new(Scenario::SnapDirty), vec![disk("a.overlay")]).expect("boot");
-    vm.wait_for(Instant::now() + Duration::from_secs(30), "dirty: ready\n")
+    vm.wait_for(Instant::now() + Duration::from_secs(120), "dirty: ready\n")
         .expect("ready");
     vm.pause().expect("pause");
     let snap = tmp.join("snap");

@@ -376,7 +376,7 @@ fn virtio_in_flight(mode: InFlight) -> Result<(), String> {
     // Let the guest look at the used ring, then run the event loop until it resets.
     r.write(guest::MB_HOST_GO, guest::HOST_GO)?;
     r.resume()?;
-    let exit = tiny::run_for(&mut r, Duration::from_secs(30))?;
+    let exit = tiny::run_for(&mut r, Duration::from_secs(120))?;
     let console = r.console.text();
     ensure(
         exit == ExitReason::Reset && console == "virtio: go\nvirtio: read ok\nvirtio: write ok\n",
@@ -687,7 +687,7 @@ fn lazy_restore_stops_on_a_corrupt_chunk() {
         bytes[last] ^= 0xff;
         fs::write(&victim, bytes).map_err(|e| e.to_string())?;
         let mut r = tiny::restore(&good, None, false)?;
-        let reason = tiny::run_for(&mut r, Duration::from_secs(20))?;
+        let reason = tiny::run_for(&mut r, Duration::from_secs(120))?;
         let id = victim.file_name().unwrap().to_string_lossy().to_string();
         match reason {
             ExitReason::MemoryUnavailable { message } if message.contains(&id) => Ok(()),

@@ -348,6 +348,20 @@ impl Conn {
         }
     }
 
+    /// Whether bytes of a next request are already buffered (pipelined).
+    pub(crate) fn has_buffered(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// Waits up to `idle` for the first byte of the next request (at once if one is
+    /// buffered). False when the peer closed, the wait timed out or the socket failed.
+    pub(crate) fn wait_for_input(&mut self, idle: Duration) -> bool {
+        if !self.buf.is_empty() {
+            return true;
+        }
+        matches!(self.fill(idle), Ok(true))
+    }
+
     /// Reads the next request head. `Ok(None)`: the peer closed or stayed idle for
     /// `idle` without starting a request. Once a request starts it must be complete within
     /// `limit`; the returned deadline is for reading its body.

@@ -2,7 +2,8 @@
 //!
 //! The server listens on `127.0.0.1:<port>` (never on other interfaces) and/or on a unix
 //! socket created with mode `0600`. Each connection is served by its own thread (at most
-//! [`ApiServerConfig::max_connections`] at a time). A well-formed request is turned into an
+//! [`ApiServerConfig::max_connections`] at a time; when that many are open, the longest-idle
+//! one is closed for a newcomer, so idle connections never lock clients out). A well-formed request is turned into an
 //! [`ApiRequest`] and handed to the VMM's main thread through the [`ApiChannel`]; the main thread
 //! answers with an [`ApiReply`] which the server writes back. Everything the server can decide
 //! on its own (unknown path, wrong method, malformed or oversized body, ...) is answered
@@ -225,7 +226,9 @@ pub struct ApiServerConfig {
     pub idle_timeout: Duration,
     /// Time allowed to write a response (default 10 s).
     pub write_timeout: Duration,
-    /// Maximum number of connections served at once; extra ones get 503 (default 16).
+    /// Maximum number of connections served at once (default 16). At the limit a new
+    /// connection replaces the longest-idle one; it gets 503 only when every one of them has
+    /// a request in progress.
     pub max_connections: usize,
     /// Maximum request body size; larger bodies get 413 (default 64 KiB).
     pub max_body: usize,

@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -28,6 +28,18 @@ const LINGER_TIME: Duration = Duration::from_secs(1);
 /// How many bytes of unread input are drained at most before closing.
 const LINGER_BYTES: usize = 1024 * 1024;
 
+/// One open connection, as the server tracks it.
+#[derive(Debug)]
+struct ConnEntry {
+    /// A clone of the connection's socket, to wake (shut) its thread.
+    stream: Stream,
+    /// Since when the connection has been waiting for a new request with nothing received;
+    /// `None` while a request is being read, handled or answered.
+    idle_since: Option<Instant>,
+    /// Closed to make room for a new client; no longer counted against the limit.
+    evicted: bool,
+}
+
 /// State shared by the handle, the accept threads and the connection threads.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -37,26 +49,70 @@ pub(crate) struct Shared {
     /// Never sent on; disconnected when the server stops.
     stop_rx: Receiver<()>,
     pub(crate) stopping: AtomicBool,
-    conns: Mutex<HashMap<u64, Stream>>,
+    conns: Mutex<HashMap<u64, ConnEntry>>,
     next_id: AtomicU64,
-    active: AtomicUsize,
 }
 
 impl Shared {
-    fn conns(&self) -> MutexGuard<'_, HashMap<u64, Stream>> {
+    fn conns(&self) -> MutexGuard<'_, HashMap<u64, ConnEntry>> {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Shuts down the read side of every open connection so their threads finish promptly
     /// (a thread waiting for a reply answers 503 first, see [`forward`]).
     pub(crate) fn close_all_connections(&self) {
-        for s in self.conns().values() {
-            s.shutdown_read();
+        for c in self.conns().values() {
+            c.stream.shutdown_read();
+        }
+    }
+
+    /// Records whether connection `id` is idle (waiting for a request, nothing received);
+    /// a connection already idle keeps the moment it became so.
+    fn set_idle(&self, id: u64, idle: bool) {
+        if let Some(c) = self.conns().get_mut(&id) {
+            if !idle {
+                c.idle_since = None;
+            } else if c.idle_since.is_none() {
+                c.idle_since = Some(Instant::now());
+            }
         }
     }
 }
 
-/// Accounts for one connection; unregisters it when its thread ends.
+/// Makes room for one more connection in `conns` (held locked by the caller): true when
+/// fewer than `max` connections count, or when the longest-idle one could be closed for the
+/// newcomer. Connections with a request in progress are never closed; only when every
+/// counted connection is busy is the newcomer refused (503).
+///
+/// Closing an idle keep-alive connection is always allowed in HTTP/1.1 (clients reopen);
+/// nginx does the same when it runs out of connections.
+fn make_room(conns: &mut HashMap<u64, ConnEntry>, max: usize) -> bool {
+    let counted = conns.values().filter(|c| !c.evicted).count();
+    if counted < max {
+        return true;
+    }
+    let oldest = conns
+        .iter_mut()
+        .filter(|(_, c)| !c.evicted)
+        .filter_map(|(id, c)| c.idle_since.map(|t| (t, *id, c)))
+        .min_by_key(|(t, id, _)| (*t, *id));
+    match oldest {
+        Some((since, id, c)) => {
+            log::debug!(
+                "api: closing connection {id}, idle for {} ms, to serve a new client",
+                since.elapsed().as_millis()
+            );
+            c.evicted = true;
+            c.idle_since = None;
+            // Its thread, blocked waiting for a request, sees end of input and closes it.
+            c.stream.shutdown_read();
+            true
+        }
+        None => false,
+    }
+}
+
+/// Unregisters a connection when its thread ends.
 struct ConnGuard {
     shared: Arc<Shared>,
     id: u64,
@@ -65,7 +121,6 @@ struct ConnGuard {
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.shared.conns().remove(&self.id);
-        self.shared.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -126,7 +181,6 @@ pub(crate) fn start(
         stopping: AtomicBool::new(false),
         conns: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(0),
-        active: AtomicUsize::new(0),
     });
     // From here on, dropping `handle` cleans up (threads, socket file) on any error.
     let mut handle = ApiServerHandle {
@@ -299,19 +353,6 @@ fn spawn_connection(shared: &Arc<Shared>, stream: Stream) {
         log::warn!("api: cannot configure connection: {e}");
         return;
     }
-    if shared.active.fetch_add(1, Ordering::SeqCst) >= cfg.max_connections {
-        shared.active.fetch_sub(1, Ordering::SeqCst);
-        let mut stream = stream;
-        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-        let resp = Response::error(503, "too many open API connections; retry later");
-        let _ = resp.write_to(&mut stream, false);
-        return;
-    }
-    let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
-    let guard = ConnGuard {
-        shared: shared.clone(),
-        id,
-    };
     let clone = match stream.try_clone() {
         Ok(clone) => clone,
         Err(e) => {
@@ -319,33 +360,68 @@ fn spawn_connection(shared: &Arc<Shared>, stream: Stream) {
             return;
         }
     };
-    // Registered under the lock with the `stopping` check, so `stop()` cannot miss it.
-    let registered = {
+    let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
+    // Admitted and registered under the lock with the `stopping` check, so `stop()` cannot
+    // miss it. A new connection counts as idle until its first byte arrives.
+    let admitted = {
         let mut conns = shared.conns();
-        let stopping = shared.stopping.load(Ordering::SeqCst);
-        if !stopping {
-            conns.insert(id, clone);
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
         }
-        !stopping
+        let room = make_room(&mut conns, cfg.max_connections);
+        if room {
+            conns.insert(
+                id,
+                ConnEntry {
+                    stream: clone,
+                    idle_since: Some(Instant::now()),
+                    evicted: false,
+                },
+            );
+        }
+        room
     };
-    if !registered {
+    if !admitted {
+        let mut stream = stream;
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+        let resp = Response::error(
+            503,
+            "too many API requests in progress at once; retry later",
+        );
+        let _ = resp.write_to(&mut stream, false);
         return;
     }
+    let guard = ConnGuard {
+        shared: shared.clone(),
+        id,
+    };
     let spawned = thread::Builder::new()
         .name("api-conn".to_string())
         .spawn(move || {
             let guard = guard;
-            serve_connection(&guard.shared, Conn::new(stream));
+            serve_connection(&guard.shared, guard.id, Conn::new(stream));
         });
     if let Err(e) = spawned {
         log::warn!("api: cannot spawn connection thread: {e}");
     }
 }
 
-/// Serves requests on one connection until it closes, idles out or the server stops.
-fn serve_connection(shared: &Shared, mut conn: Conn) {
+/// Serves requests on one connection until it closes, idles out, is closed to make room
+/// for a new client, or the server stops.
+fn serve_connection(shared: &Shared, id: u64, mut conn: Conn) {
     let cfg = &shared.config;
     while !shared.stopping.load(Ordering::SeqCst) {
+        // Idle (closable for a newcomer) until the first byte of the next request arrives.
+        shared.set_idle(id, !conn.has_buffered());
+        if !conn.wait_for_input(cfg.idle_timeout) {
+            return;
+        }
+        shared.set_idle(id, false);
+        if shared.conns().get(&id).is_none_or(|c| c.evicted) {
+            // Closed for a newcomer just as input arrived: the input may be cut, so end
+            // here as an idle timeout would (the client sees the connection closed).
+            return;
+        }
         let (head, deadline) = match conn.read_head(cfg.idle_timeout, cfg.request_timeout) {
             Ok(Some(r)) => r,
             Ok(None) | Err(ReadError::Gone) => return,

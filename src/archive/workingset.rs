@@ -364,7 +364,7 @@ mod tests {
         };
         let t = Instant::now();
         let p = Prefetcher::start(Arc::clone(&store), plan, None);
-        while p.progress().fill_ms.is_none() && t.elapsed() < Duration::from_secs(10) {
+        while p.progress().fill_ms.is_none() && t.elapsed() < Duration::from_secs(120) {
             std::thread::sleep(Duration::from_millis(5));
         }
         let pr = p.progress();

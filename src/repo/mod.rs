@@ -21,6 +21,7 @@ pub mod cli;
 pub mod create;
 pub mod export;
 pub mod gc;
+mod init;
 pub mod lock;
 pub mod progress;
 pub mod verify;
@@ -358,7 +359,8 @@ pub struct Repo {
 }
 
 impl Repo {
-    /// Opens an existing repository.
+    /// Opens an existing repository (finishing it first if its creation was interrupted,
+    /// see `init.rs`).
     pub fn open(path: &Path) -> Result<Self> {
         use crate::formats::{MarkerError, read_marker};
         let marker = path.join(MARKER_FILE);
@@ -374,6 +376,10 @@ impl Repo {
             REPO_VERSION,
         ) {
             Ok(Some(_)) => {}
+            Ok(None) if init::classify(path)? == init::Found::HalfMade => {
+                init::finish(path)?;
+                return Self::open(path);
+            }
             Ok(None) => {
                 return Err(RepoError::NotARepo {
                     path: path.to_path_buf(),
@@ -393,43 +399,6 @@ impl Repo {
         }
         let root = fs::canonicalize(path).map_err(io_err("resolve", path))?;
         Ok(Self { root })
-    }
-
-    /// Opens the repository at `path`, creating it if `path` does not exist or is an empty
-    /// directory. A non-empty directory without the marker is refused.
-    pub fn open_or_init(path: &Path) -> Result<Self> {
-        if path.join(MARKER_FILE).exists() {
-            return Self::open(path);
-        }
-        let empty = match fs::read_dir(path) {
-            Ok(mut it) => it.next().is_none(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => true,
-            Err(e) => return Err(io_err("read directory", path)(e)),
-        };
-        if !empty {
-            return Err(RepoError::NotARepo {
-                path: path.to_path_buf(),
-                hint: " and it is not empty: refusing to turn it into one",
-            });
-        }
-        fs::create_dir_all(path).map_err(io_err("create directory", path))?;
-        for d in [SNAPSHOTS_DIR, NAMES_DIR, TMP_DIR] {
-            let p = path.join(d);
-            fs::create_dir_all(&p).map_err(io_err("create directory", &p))?;
-        }
-        LocalStore::open(path, LocalStoreOptions::default()).map_err(RepoError::Store)?;
-        // The marker last: its presence means the layout exists.
-        let mpath = path.join(MARKER_FILE);
-        crate::formats::write_marker(&mpath, REPO_FORMAT, REPO_VERSION).map_err(|source| {
-            RepoError::Write {
-                path: mpath,
-                source: Box::new(source),
-            }
-        })?;
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            fsync_dir(parent)?;
-        }
-        Self::open(path)
     }
 
     /// The repository directory (canonical).

@@ -118,6 +118,71 @@ fn init_open_and_refuse_foreign_dirs() {
     assert!(matches!(Repo::open(&p), Err(RepoError::BadMarker { .. })));
 }
 
+/// Creation publishes a complete repository with one rename (over an empty directory too),
+/// leaves no temporary directory, and removes those of creators that died.
+#[test]
+fn init_is_atomic_and_cleans_up_after_dead_creators() {
+    let t = TempDir::new("repo-init-atomic");
+    // A temporary repository left by a process that no longer exists (pid beyond pid_max).
+    let stale = t.path().join(".r.vmm-repo-new-4194305-0");
+    fs::create_dir_all(stale.join("snapshots")).unwrap();
+    let p = t.path().join("r");
+    Repo::open_or_init(&p).unwrap();
+    let mut names: Vec<String> = fs::read_dir(t.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, vec!["r".to_string()], "temporary directories left");
+    // An empty directory (e.g. made by the user) becomes a repository.
+    let empty = t.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    Repo::open_or_init(&empty).unwrap();
+    assert!(empty.join(MARKER_FILE).is_file() && empty.join("tmp").is_dir());
+    // A path whose parents do not exist yet.
+    let deep = t.path().join("a/b/c");
+    Repo::open_or_init(&deep).unwrap();
+    assert!(Repo::open(&deep).is_ok());
+}
+
+/// A repository whose creation an older build left half-made (layout, no marker, nothing in
+/// it) is finished by any command that opens it; the layout with something in it is not.
+#[test]
+fn half_made_repository_is_finished() {
+    let t = TempDir::new("repo-half-made");
+    let half = |name: &str| {
+        let p = t.path().join(name);
+        for d in ["snapshots", "names", "tmp", "chunks/ab"] {
+            fs::create_dir_all(p.join(d)).unwrap();
+        }
+        p
+    };
+    let a = half("a");
+    assert_eq!(init::classify(&a).unwrap(), init::Found::HalfMade);
+    let r = Repo::open_or_init(&a).unwrap();
+    assert!(a.join(MARKER_FILE).is_file());
+    assert!(r.list().unwrap().is_empty());
+    // Read-only commands open it too (e.g. `snapshot ls`).
+    let b = half("b");
+    assert!(Repo::open(&b).unwrap().list().unwrap().is_empty());
+    assert!(b.join(MARKER_FILE).is_file());
+    // Only the layout's names, and all of them empty.
+    for (name, extra) in [
+        ("c", "snapshots/x"),
+        ("d", "chunks/ab/chunk"),
+        ("e", "names/n"),
+        ("f", "other"),
+    ] {
+        let p = half(name);
+        fs::write(p.join(extra), b"x").unwrap();
+        assert_eq!(init::classify(&p).unwrap(), init::Found::Foreign, "{extra}");
+        let e = Repo::open_or_init(&p).unwrap_err();
+        assert!(e.to_string().contains("refusing"), "{extra}: {e}");
+        assert!(matches!(Repo::open(&p), Err(RepoError::NotARepo { .. })));
+        assert!(!p.join(MARKER_FILE).exists());
+    }
+}
+
 #[test]
 fn ids_are_content_derived_and_resolve_by_name_and_prefix() {
     let t = TempDir::new("repo-ids");

@@ -781,7 +781,8 @@ mod tests {
         let id = ChunkId::of(b"x");
         let t = Instant::now();
         let e = store.get(&id).unwrap_err();
-        assert!(t.elapsed() < Duration::from_secs(3));
+        // A ceiling that only a hang reaches (the attempts are counted below).
+        assert!(t.elapsed() < Duration::from_secs(30));
         let msg = format!("{e}: {}", std::error::Error::source(&e).unwrap());
         assert!(msg.contains("gave up after 3 attempts"), "{msg}");
         let st = store.stats();

@@ -139,7 +139,7 @@ impl Nginx {
             .stderr(log)
             .spawn()
             .expect("start nginx");
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 break;

@@ -390,7 +390,8 @@ pub struct Spec {
 }
 
 impl Spec {
-    /// One vCPU, 32 MiB, no extra devices, 60 s.
+    /// One vCPU, 32 MiB, no extra devices, 180 s (a ceiling for runs that take
+    /// milliseconds to seconds, generous for a loaded host).
     pub fn new(variant: impl Into<Variant>) -> Self {
         Self {
             variant: variant.into(),
@@ -398,7 +399,7 @@ impl Spec {
             mem_mib: 32,
             pio: Vec::new(),
             mmio: Vec::new(),
-            timeout: Duration::from_secs(60),
+            timeout: Duration::from_secs(180),
             start_paused: false,
             cpu_template: vmm::config::CpuTemplate::None,
         }

@@ -35,7 +35,7 @@ pub fn dirty(vm: &mut TinyVm, seq: u32, addrs: &[u64]) -> Result<(), String> {
     vm.write(guest::MB_CMD_COUNT, addrs.len() as u32)?;
     vm.write(guest::MB_CMD_SEQ, seq)?;
     vm.resume()?;
-    let end = Instant::now() + Duration::from_secs(30);
+    let end = super::harness::deadline();
     while vm.read_u32(guest::MB_CMD_ACK)? != seq {
         if Instant::now() >= end {
             return Err(format!("the guest did not do command {seq}"));
