@@ -5,13 +5,13 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use std::sync::Arc;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::devices::IrqLine;
@@ -159,9 +159,7 @@ impl DeviceRig {
     }
 
     fn used_idx(&self) -> u16 {
-        self.mem
-            .read_obj(GuestAddress(self.used_addr + 2))
-            .unwrap()
+        self.mem.read_obj(GuestAddress(self.used_addr + 2)).unwrap()
     }
 }
 

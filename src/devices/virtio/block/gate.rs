@@ -12,23 +12,30 @@
 //! that activation never start again, so a worker still stuck in a backend call abandons
 //! its request instead of writing into rings the driver may already have freed.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+//!
+//! The fast path (entering and leaving an open gate) is two atomic operations on one word
+//! holding both counts, so that gating every write costs next to nothing; waiting uses a
+//! mutex and condition variable, and wakes only when someone waits.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
-#[derive(Debug, Default)]
-struct GateState {
-    /// Holds taken (paused VM, tests); the gate is open when 0.
-    holds: u32,
-    /// Busy sections in progress.
-    busy: u32,
-    /// Callers waiting for the gate to open.
-    waiting: u32,
-}
+/// One unit of the hold count in [`IoGate::state`] (busy sections count in the low half).
+const HOLD: u64 = 1 << 32;
+const BUSY_MASK: u64 = HOLD - 1;
 
 /// See the module documentation.
 #[derive(Debug, Default)]
 pub struct IoGate {
-    state: Mutex<GateState>,
+    /// Holds taken (paused VM, tests) in the high 32 bits, busy sections in progress in the
+    /// low 32 bits. The gate is open when the holds are 0.
+    state: AtomicU64,
+    /// Callers waiting for the gate to open.
+    waiting: AtomicU32,
+    /// Callers of `hold` or `stop` waiting for the busy sections to end.
+    draining: AtomicU32,
+    /// Protects the waits and wake-ups (the counts themselves are atomic).
+    lock: Mutex<()>,
     cv: Condvar,
 }
 
@@ -40,10 +47,7 @@ pub struct GateGuard<'a>(Option<&'a IoGate>);
 impl Drop for GateGuard<'_> {
     fn drop(&mut self) {
         if let Some(g) = self.0 {
-            let mut s = g.lock();
-            s.busy -= 1;
-            drop(s);
-            g.cv.notify_all();
+            g.leave();
         }
     }
 }
@@ -70,24 +74,41 @@ impl WriteGate for Ungated {
 pub struct ActivationGate<'a> {
     /// The device's gate.
     pub gate: &'a IoGate,
-    /// Set (under the gate's lock, by [`IoGate::stop`]) when the activation ends.
+    /// Set by [`IoGate::stop`] when the activation ends.
     pub stopped: &'a AtomicBool,
 }
 
 impl WriteGate for ActivationGate<'_> {
     fn enter(&self) -> Option<GateGuard<'_>> {
-        let mut s = self.gate.lock();
+        let gate = self.gate;
         loop {
-            if self.stopped.load(Ordering::Acquire) {
+            if self.stopped.load(SeqCst) {
                 return None;
             }
-            if s.holds == 0 {
-                s.busy += 1;
-                return Some(GateGuard(Some(self.gate)));
+            let cur = gate.state.load(SeqCst);
+            if cur < HOLD {
+                if gate
+                    .state
+                    .compare_exchange_weak(cur, cur + 1, SeqCst, SeqCst)
+                    .is_err()
+                {
+                    continue;
+                }
+                // `stop` sets the flag, then waits for the busy count to drain: either it
+                // sees this section, or this sees its flag.
+                if self.stopped.load(SeqCst) {
+                    gate.leave();
+                    return None;
+                }
+                return Some(GateGuard(Some(gate)));
             }
-            s.waiting += 1;
-            s = self.gate.wait(s);
-            s.waiting -= 1;
+            // Held: wait for the release (or the stop), then try again.
+            let mut g = gate.lock();
+            gate.waiting.fetch_add(1, SeqCst);
+            while gate.state.load(SeqCst) >= HOLD && !self.stopped.load(SeqCst) {
+                g = gate.wait(g);
+            }
+            gate.waiting.fetch_sub(1, SeqCst);
         }
     }
 }
@@ -98,63 +119,81 @@ impl IoGate {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, GateState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn wait<'a>(&self, g: MutexGuard<'a, GateState>) -> MutexGuard<'a, GateState> {
+    fn wait<'a>(&self, g: MutexGuard<'a, ()>) -> MutexGuard<'a, ()> {
         self.cv.wait(g).unwrap_or_else(|e| e.into_inner())
     }
 
-    fn wait_idle<'a>(&self, mut g: MutexGuard<'a, GateState>) -> MutexGuard<'a, GateState> {
-        while g.busy > 0 {
+    /// Wakes every waiter (under the lock, so that none is between its check and its wait).
+    fn wake(&self) {
+        let _g = self.lock();
+        self.cv.notify_all();
+    }
+
+    /// Ends a busy section.
+    fn leave(&self) {
+        let busy = (self.state.fetch_sub(1, SeqCst) - 1) & BUSY_MASK;
+        // Waking costs a system call: only when someone waits for the gate to drain.
+        if busy == 0 && self.draining.load(SeqCst) > 0 {
+            self.wake();
+        }
+    }
+
+    /// Waits until no busy section is in progress.
+    fn drain(&self) {
+        if self.state.load(SeqCst) & BUSY_MASK == 0 {
+            return;
+        }
+        let mut g = self.lock();
+        self.draining.fetch_add(1, SeqCst);
+        while self.state.load(SeqCst) & BUSY_MASK != 0 {
             g = self.wait(g);
         }
-        g
+        self.draining.fetch_sub(1, SeqCst);
     }
 
     /// Closes the gate (holds nest) and waits for the busy section in progress, if any:
     /// when this returns, the device writes no guest memory and raises no interrupt until
     /// the hold is [released](Self::release).
     pub fn hold(&self) {
-        let mut s = self.lock();
-        s.holds += 1;
-        drop(self.wait_idle(s));
+        self.state.fetch_add(HOLD, SeqCst);
+        self.drain();
     }
 
     /// Releases one [`hold`](Self::hold); the gate opens when none is left.
     pub fn release(&self) {
-        let mut s = self.lock();
-        if s.holds == 0 {
-            log::warn!("virtio-blk: I/O gate released more often than held");
-            return;
-        }
-        s.holds -= 1;
-        let open = s.holds == 0;
-        drop(s);
-        if open {
-            self.cv.notify_all();
+        let prev = self
+            .state
+            .fetch_update(SeqCst, SeqCst, |s| (s >= HOLD).then(|| s - HOLD));
+        match prev {
+            Err(_) => log::warn!("virtio-blk: I/O gate released more often than held"),
+            Ok(s) if s < 2 * HOLD && self.waiting.load(SeqCst) > 0 => self.wake(),
+            Ok(_) => {}
         }
     }
 
     /// Whether no hold is taken.
     pub fn is_open(&self) -> bool {
-        self.lock().holds == 0
+        self.state.load(SeqCst) < HOLD
     }
 
     /// How many writers wait for the gate to open (a request whose result is held).
     pub fn waiting(&self) -> u32 {
-        self.lock().waiting
+        self.waiting.load(SeqCst)
     }
 
     /// Ends an activation: sets `stopped` and waits for its busy section in progress, if
     /// any. Afterwards no write of that activation reaches guest memory; a worker waiting at
     /// the gate for it wakes up and abandons its request.
     pub fn stop(&self, stopped: &AtomicBool) {
-        let s = self.lock();
-        stopped.store(true, Ordering::Release);
-        drop(self.wait_idle(s));
-        self.cv.notify_all();
+        stopped.store(true, SeqCst);
+        self.drain();
+        if self.waiting.load(SeqCst) > 0 {
+            self.wake();
+        }
     }
 }
 
@@ -203,6 +242,49 @@ mod tests {
         h.join().unwrap();
         gate.release();
         assert!(gate.is_open(), "an extra release is ignored");
+    }
+
+    /// Many short busy sections on one thread while another holds and releases the gate:
+    /// no busy section ever overlaps a hold, and nobody hangs.
+    #[test]
+    fn busy_sections_never_overlap_a_hold() {
+        use std::sync::atomic::AtomicUsize;
+        let gate = Arc::new(IoGate::new());
+        let held = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
+        let entries = Arc::new(AtomicUsize::new(0));
+        let writer = {
+            let (gate, held, done, entries) =
+                (gate.clone(), held.clone(), done.clone(), entries.clone());
+            std::thread::spawn(move || {
+                let stopped = AtomicBool::new(false);
+                let g = ActivationGate {
+                    gate: &gate,
+                    stopped: &stopped,
+                };
+                while !done.load(SeqCst) {
+                    let busy = g.enter().expect("not stopped");
+                    assert!(!held.load(SeqCst), "busy section inside a hold");
+                    entries.fetch_add(1, SeqCst);
+                    drop(busy);
+                }
+            })
+        };
+        for _ in 0..300 {
+            // The writer gets in between two holds (it may be waiting at the gate).
+            let seen = entries.load(SeqCst);
+            while entries.load(SeqCst) == seen {
+                std::thread::yield_now();
+            }
+            gate.hold();
+            held.store(true, SeqCst);
+            std::thread::yield_now();
+            held.store(false, SeqCst);
+            gate.release();
+        }
+        done.store(true, SeqCst);
+        writer.join().expect("writer thread");
+        assert!(gate.is_open());
     }
 
     #[test]
