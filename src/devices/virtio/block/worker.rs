@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use log::{debug, error, warn};
-use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -196,19 +196,10 @@ impl Engine {
                     ring.queue.disable_notification(&act.mem)?;
                 }
                 loop {
-                    let chain = {
-                        let Some(_busy) = gate.enter() else {
-                            return Ok(Drained::Stopped);
-                        };
-                        let mut ring = lock(&act.ring);
-                        let chain = ring.queue.iter(&act.mem)?.next();
-                        if chain.is_some() {
-                            ring.in_flight += 1;
-                        }
-                        chain
-                    };
-                    let Some(chain) = chain else {
-                        break;
+                    let chain = match pop(act, gate)? {
+                        Popped::Chain(c) => c,
+                        Popped::Empty => break,
+                        Popped::Stopped => return Ok(Drained::Stopped),
                     };
                     let head = chain.head_index();
                     let Some(c) = process_request_gated(
@@ -221,26 +212,8 @@ impl Engine {
                     ) else {
                         return Ok(Drained::Stopped);
                     };
-                    let Some(_busy) = gate.enter() else {
+                    if !publish(act, gate, head, c.used_len, &mut unsignalled)? {
                         return Ok(Drained::Stopped);
-                    };
-                    let mut ring = lock(&act.ring);
-                    ring.in_flight -= 1;
-                    match ring.queue.add_used(&act.mem, head, c.used_len) {
-                        Ok(()) => unsignalled = true,
-                        Err(virtio_queue::Error::InvalidDescriptorIndex) => {
-                            debug!("virtio-blk: available ring names descriptor {head}; skipped");
-                        }
-                        Err(e) => return Err(e),
-                    }
-                    // With EVENT_IDX the driver says when it wants an interrupt: ask after
-                    // every completion, so one finished request never waits for a slow next.
-                    if unsignalled
-                        && ring.queue.event_idx_enabled()
-                        && ring.queue.needs_notification(&act.mem).unwrap_or(true)
-                    {
-                        act.interrupt.signal_used_queue();
-                        unsignalled = false;
                     }
                     seen += 1;
                     if seen >= MAX_REQUESTS_PER_EVENT {
@@ -257,6 +230,66 @@ impl Engine {
         })();
         (unsignalled, result)
     }
+}
+
+/// What [`pop`] found.
+enum Popped<'a> {
+    /// The next request, now counted in flight.
+    Chain(DescriptorChain<&'a GuestMem>),
+    /// The available ring is empty.
+    Empty,
+    /// The activation was stopped.
+    Stopped,
+}
+
+/// Takes the next available chain of `act`.
+fn pop<'a>(
+    act: &'a Activation,
+    gate: &ActivationGate<'_>,
+) -> Result<Popped<'a>, virtio_queue::Error> {
+    let Some(_busy) = gate.enter() else {
+        return Ok(Popped::Stopped);
+    };
+    let mut ring = lock(&act.ring);
+    Ok(match ring.queue.iter(&act.mem)?.next() {
+        Some(chain) => {
+            ring.in_flight += 1;
+            Popped::Chain(chain)
+        }
+        None => Popped::Empty,
+    })
+}
+
+/// Puts the completed request `head` in the used ring. With EVENT_IDX the driver says when
+/// it wants an interrupt, so it is asked after every completion: one finished request never
+/// waits for a slow next one. Returns false when the activation was stopped.
+fn publish(
+    act: &Activation,
+    gate: &ActivationGate<'_>,
+    head: u16,
+    used_len: u32,
+    unsignalled: &mut bool,
+) -> Result<bool, virtio_queue::Error> {
+    let Some(_busy) = gate.enter() else {
+        return Ok(false);
+    };
+    let mut ring = lock(&act.ring);
+    ring.in_flight -= 1;
+    match ring.queue.add_used(&act.mem, head, used_len) {
+        Ok(()) => *unsignalled = true,
+        Err(virtio_queue::Error::InvalidDescriptorIndex) => {
+            debug!("virtio-blk: available ring names descriptor {head}; skipped");
+        }
+        Err(e) => return Err(e),
+    }
+    if *unsignalled
+        && ring.queue.event_idx_enabled()
+        && ring.queue.needs_notification(&act.mem).unwrap_or(true)
+    {
+        act.interrupt.signal_used_queue();
+        *unsignalled = false;
+    }
+    Ok(true)
 }
 
 /// The I/O worker thread of a device.
