@@ -105,7 +105,8 @@ impl Engine {
             }),
             stopped: AtomicBool::new(false),
         });
-        if let Some(old) = lock(&self.current).replace(act) {
+        let old = lock(&self.current).replace(act);
+        if let Some(old) = old {
             self.gate.stop(&old.stopped);
         }
     }
