@@ -71,8 +71,11 @@ if [ -d target/criterion/process_request ]; then
     python3 - <<'EOF'
 import json, os, glob
 rows = []
-for d in sorted(glob.glob("target/criterion/process_request/*/new")):
+for d in sorted(glob.glob("target/criterion/process_request/*/new")) + sorted(glob.glob("target/criterion/device_queue/*/new")):
+    group = os.path.basename(os.path.dirname(os.path.dirname(d)))
     name = os.path.basename(os.path.dirname(d))
+    if group != "process_request":
+        name = f"{group}/{name}"
     est = json.load(open(os.path.join(d, "estimates.json")))
     bench = json.load(open(os.path.join(d, "benchmark.json")))
     nbytes = (bench.get("throughput") or {}).get("Bytes", 0)

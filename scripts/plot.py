@@ -498,8 +498,9 @@ def summary(d):
         L += ["*(`block_request.csv` has no run time: from the last `scripts/bench.sh` call that ran `block_request`.)*", ""]
         L += ["| criterion bench | median | mean | GB/s (median) |", "|---|---|---|---|"]
         for r in blk:
+            name = r["bench"] if "/" in r["bench"] else f"process_request/{r['bench']}"
             L.append(
-                f"| process_request/{r['bench']} | {float(r['median_ns']):.0f} ns | {float(r['mean_ns']):.0f} ns | {float(r['gb_per_s_median']):.1f} |"
+                f"| {name} | {float(r['median_ns']):.0f} ns | {float(r['mean_ns']):.0f} ns | {float(r['gb_per_s_median']):.1f} |"
             )
         L.append("")
     with open(os.path.join(d, "summary.md"), "w") as f:

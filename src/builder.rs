@@ -176,7 +176,7 @@ pub fn setup_legacy(
 
 /// A virtio-block disk attached to the VM.
 pub struct AttachedBlock {
-    /// The device (also an event-loop subscriber for its queue eventfd).
+    /// The device (its I/O worker thread serves the queue).
     pub device: Arc<Mutex<BlockDevice>>,
     /// Its virtio-mmio transport on the MMIO bus.
     pub transport: Arc<Mutex<MmioTransport>>,
@@ -273,20 +273,28 @@ pub fn enable_dirty_log(vm: &Vm, mem: &GuestMemory) -> crate::vstate::dirty::Log
 }
 
 /// Creates a virtio-block device and transport for each opened disk, wires its irqfd and
-/// ioeventfd, and returns the devices with their kernel command-line parameters.
+/// ioeventfd, starts its I/O worker thread (`virtio-blk<i>`), and returns the devices with
+/// their kernel command-line parameters. With `paused`, each device's I/O gate is held
+/// for the VM (as [`Vmm::pause`](crate::vmm::Vmm::pause) does; `Vmm::resume` releases it).
 pub fn attach_blocks(
     vm: &Vm,
     mem: &GuestMemory,
     cfg: &VmConfig,
     disks: Vec<Arc<dyn BlockBackend>>,
     mmio: &mut Bus,
-    events: &mut EventManager<Subscriber>,
+    paused: bool,
 ) -> Result<(Vec<AttachedBlock>, Vec<String>), BuildError> {
     let mut attached = Vec::new();
     let mut params = Vec::new();
     for (i, (b, backend)) in cfg.blocks.iter().zip(disks).enumerate() {
-        let device = BlockDevice::new(backend, BlockDeviceConfig { id: b.id.clone() })
+        let mut device = BlockDevice::new(backend, BlockDeviceConfig { id: b.id.clone() })
             .map_err(|e| BuildError::Device(e.to_string()))?;
+        if paused {
+            device.io_gate().hold();
+        }
+        device
+            .start_worker(&format!("virtio-blk{i}"))
+            .map_err(|e| BuildError::Device(crate::vmm::error_chain(&e)))?;
         let device = Arc::new(Mutex::new(device));
         let gsi = VIRTIO_FIRST_GSI + i as u32;
         let base = match arch::layout::virtio_mmio_addr(i as u32) {
@@ -313,7 +321,6 @@ pub fn attach_blocks(
         let transport = Arc::new(Mutex::new(transport));
         mmio.insert(transport.clone(), base, MMIO_WINDOW_SIZE)
             .map_err(|e| BuildError::Device(e.to_string()))?;
-        events.add_subscriber(device.clone());
         params.push(kernel_cmdline_arg(base, gsi));
         attached.push(AttachedBlock {
             device,
@@ -541,7 +548,7 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
         mut pio,
         mut mmio,
         serial,
-        mut events,
+        events,
     } = setup_platform(&vm, console, None)?;
     let bus_err = |e: crate::devices::BusError| BuildError::Device(e.to_string());
     for (dev, base, len) in opts.extra_pio {
@@ -554,7 +561,7 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
     let remote = disks.remote;
     let overlays = disks.overlays;
     let (blocks, device_params) =
-        attach_blocks(&vm, &mem, cfg, disks.backends, &mut mmio, &mut events)?;
+        attach_blocks(&vm, &mem, cfg, disks.backends, &mut mmio, opts.start_paused)?;
     let mut fds = Vec::new();
     for id in 0..cfg.vcpus {
         fds.push(vm.create_vcpu(id)?);

@@ -301,12 +301,14 @@ pub fn build_from_parts(
         pio,
         mut mmio,
         serial,
-        mut events,
+        events,
     } = setup_platform(&vm, opts.console, Some(&state.serial))?;
 
     let remote = disks.remote;
     let overlays = disks.overlays;
-    let (blocks, _params) = attach_blocks(&vm, &mem, &cfg, disks.backends, &mut mmio, &mut events)?;
+    // Paused until `Vmm::resume`: the restored queues are kicked below, but their
+    // requests run only once the VM does.
+    let (blocks, _params) = attach_blocks(&vm, &mem, &cfg, disks.backends, &mut mmio, true)?;
     for (i, (b, saved)) in blocks.iter().zip(&state.blocks).enumerate() {
         if b.base != saved.base || b.gsi != saved.gsi {
             return Err(BuildError::Device(format!(

@@ -238,7 +238,10 @@ impl Vmm {
         self.state = RunState::Exited;
     }
 
-    /// Pauses every vCPU (they leave KVM_RUN and wait).
+    /// Pauses every vCPU (they leave KVM_RUN and wait), then holds every disk's I/O gate:
+    /// from then on no device writes guest memory or raises an interrupt. A disk request
+    /// stuck in a slow backend is not waited for; it is recorded as pending (module
+    /// `devices::virtio::block::worker`).
     pub fn pause(&mut self) -> Result<(), VmmError> {
         self.expect(RunState::Running, "pause")?;
         for v in &self.vcpus {
@@ -247,23 +250,49 @@ impl Vmm {
         for v in &self.vcpus {
             expect_response(v, |r| matches!(r, VcpuResponse::Paused))?;
         }
+        for g in self.io_gates() {
+            g.hold();
+        }
         self.state = RunState::Paused;
         self.kvmclock_ctrl();
         Ok(())
     }
 
-    /// Resumes every vCPU.
+    /// Releases the disks' I/O gates (completions held meanwhile are published), then
+    /// resumes every vCPU.
     pub fn resume(&mut self) -> Result<(), VmmError> {
         self.expect(RunState::Paused, "resume")?;
         self.kvmclock_ctrl();
-        for v in &self.vcpus {
-            v.send(VcpuRequest::Resume).map_err(VmmError::Vcpu)?;
+        let gates = self.io_gates();
+        for g in &gates {
+            g.release();
         }
-        for v in &self.vcpus {
-            expect_response(v, |r| matches!(r, VcpuResponse::Resumed))?;
+        let resumed = (|| {
+            for v in &self.vcpus {
+                v.send(VcpuRequest::Resume).map_err(VmmError::Vcpu)?;
+            }
+            for v in &self.vcpus {
+                expect_response(v, |r| matches!(r, VcpuResponse::Resumed))?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = resumed {
+            // Still paused as far as the state says: keep the devices quiet too.
+            for g in &gates {
+                g.hold();
+            }
+            return Err(e);
         }
         self.state = RunState::Running;
         Ok(())
+    }
+
+    /// The I/O gate of every disk.
+    fn io_gates(&self) -> Vec<Arc<crate::devices::virtio::IoGate>> {
+        self.blocks
+            .iter()
+            .map(|b| lock(&b.device).io_gate().clone())
+            .collect()
     }
 
     /// Tells KVM the vCPUs were stopped (KVM_KVMCLOCK_CTRL), so a guest using kvmclock does

@@ -231,7 +231,7 @@ fn spot_check_log(
 ///
 /// # Safety
 /// The caller must make sure nothing writes guest memory while the slices live: the vCPUs
-/// are paused and device emulation runs on the calling thread.
+/// are paused and every disk's I/O gate is held (as [`Vmm::pause`] does).
 pub unsafe fn memory_slices(mem: &GuestMemory) -> Vec<(u64, &[u8])> {
     mem.iter()
         .map(|r| {
@@ -277,8 +277,11 @@ pub fn create_snapshot(
         source,
     })?;
 
-    // Devices first: requests are processed synchronously on this thread, so none is in
-    // flight; make what the guest wrote durable.
+    // Devices first. The VM is paused, so every disk's I/O gate is held: its worker writes
+    // no guest memory until resume. A request still in a backend call (a remote disk
+    // retrying) is not waited for: the saved queue counts it as not yet consumed, so a
+    // restore runs it again (`VirtioDevice::queue_states`). Make what the guest wrote
+    // durable.
     let mut blocks = Vec::new();
     for (index, b) in vmm.blocks.iter().enumerate() {
         // The transport locks the device itself: never hold both locks.

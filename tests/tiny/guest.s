@@ -32,6 +32,7 @@
         .set SC_SNAP_VIRTIO,      13    /* virtio-blk read in flight, then a write (snapshot) */
         .set SC_SNAP_DIRTY,       14    /* writes host-chosen qwords on command (snapshot dedup) */
         .set SC_SNAP_ECHO,        15    /* echoes COM1 input, reading RBR only (snapshot) */
+        .set SC_VIRTIO_READS,     16    /* virtio-blk reads one after another, host-paced */
 
         .ifndef SCENARIO
         .error "assemble with --defsym SCENARIO=<n>"
@@ -60,6 +61,7 @@
         .set MB_CMD_ACK,        MAILBOX + 0x1c  /* u32: last command done (guest) */
         .set MB_CMD_COUNT,      MAILBOX + 0x20  /* u32: qwords to write (host, <= 32) */
         .set MB_CMD_LIST,       MAILBOX + 0x100 /* u64[]: their addresses (host) */
+        .set MB_READ_LIMIT,     MAILBOX + 0x24  /* u32: SC_VIRTIO_READS may start reads below this (host) */
         .set HOST_DATA,         MAILBOX + 0x1000 /* 4 KiB the host fills while paused */
         .set HOST_GO,           0x600d600d600d600d
         .set AP_ALIVE,          0xa11ea11e
@@ -100,6 +102,8 @@
         .set READ_SECTOR,       8
         .set WRITE_SECTOR,      24
         .set DISK_XOR,          0x0d15c0ffee00d15c  /* disk qword at byte offset o = o ^ DISK_XOR */
+        .set READ_SLOTS,        64              /* SC_VIRTIO_READS: read k is at slot k % 64 ... */
+        .set READ_STRIDE_SHIFT, 9               /* ... = sector slot << 9 (256 KiB apart) */
         .set WRITE_XOR,         0x77aa55cc33ee11ff  /* what the guest writes, likewise */
 
         .set SEL_CODE64,        0x08
@@ -175,6 +179,8 @@ _start:
         jmp snap_dirty
         .elseif SCENARIO == SC_SNAP_ECHO
         jmp snap_echo
+        .elseif SCENARIO == SC_VIRTIO_READS
+        jmp virtio_reads
         .elseif SCENARIO == SC_TRIPLE_FAULT || SCENARIO == SC_TRIPLE_FAULT_IRQ
         /* handled above */
         .else
@@ -454,51 +460,7 @@ snap_stream:
  * completed) and restores. Then checks the data, writes 4 KiB at WRITE_SECTOR, resets.
  * Failures print "virtio: FAIL step <n>" (r13 = step) and panic. */
 snap_virtio:
-        mov $0xff, %al                  /* PIC: everything masked */
-        call pic_init
-        mov $VIRTIO_BASE, %ebx
-        mov $1, %r13d
-        cmpl $0x74726976, 0x00(%rbx)    /* magic "virt" */
-        jne vfail
-        inc %r13d
-        cmpl $2, 0x04(%rbx)             /* version 2 */
-        jne vfail
-        inc %r13d
-        cmpl $2, 0x08(%rbx)             /* device id: block */
-        jne vfail
-        movl $0, 0x70(%rbx)             /* status: reset */
-        movl $1, 0x70(%rbx)             /* ACKNOWLEDGE */
-        movl $3, 0x70(%rbx)             /* DRIVER */
-        movl $1, 0x14(%rbx)             /* DeviceFeaturesSel: bits 63:32 */
-        inc %r13d
-        testl $1, 0x10(%rbx)            /* VIRTIO_F_VERSION_1 */
-        jz vfail
-        movl $1, 0x24(%rbx)             /* DriverFeaturesSel: bits 63:32 */
-        movl $1, 0x20(%rbx)             /* VIRTIO_F_VERSION_1 */
-        movl $0, 0x24(%rbx)
-        movl $0, 0x20(%rbx)             /* nothing else: no EVENT_IDX, no INDIRECT */
-        movl $0xb, 0x70(%rbx)           /* FEATURES_OK */
-        inc %r13d
-        testl $8, 0x70(%rbx)
-        jz vfail
-        movl $0, 0x30(%rbx)             /* QueueSel 0 */
-        inc %r13d
-        cmpl $VQ_SIZE, 0x34(%rbx)       /* QueueNumMax */
-        jb vfail
-        movl $VQ_SIZE, 0x38(%rbx)       /* QueueNum */
-        movl $VQ_DESC, 0x80(%rbx)
-        movl $0, 0x84(%rbx)
-        movl $VQ_AVAIL, 0x90(%rbx)
-        movl $0, 0x94(%rbx)
-        movl $VQ_USED, 0xa0(%rbx)
-        movl $0, 0xa4(%rbx)
-        movl $1, 0x44(%rbx)             /* QueueReady */
-        movl $0xf, 0x70(%rbx)           /* DRIVER_OK */
-        inc %r13d
-        cmpl $0xf, 0x70(%rbx)
-        jne vfail
-        movw $1, VQ_AVAIL               /* avail flags: VIRTQ_AVAIL_F_NO_INTERRUPT */
-
+        call virtio_init
         /* The read: header (device-readable), data and status (device-writable). */
         movl $0, REQ_HDR                /* VIRTIO_BLK_T_IN */
         movl $0, REQ_HDR + 4
@@ -606,6 +568,127 @@ vfail:
         call print_dec
         PRINT "\n"
         jmp fail
+
+/* virtio_init: resets and initializes disk 0 (virtio-mmio at VIRTIO_BASE) with one queue of
+ * VQ_SIZE entries at VQ_DESC/VQ_AVAIL/VQ_USED, features VERSION_1 only, no interrupts.
+ * Leaves RBX = VIRTIO_BASE and R13 = the step counter vfail reports; jumps to vfail on error. */
+virtio_init:
+        mov $0xff, %al                  /* PIC: everything masked */
+        call pic_init
+        mov $VIRTIO_BASE, %ebx
+        mov $1, %r13d
+        cmpl $0x74726976, 0x00(%rbx)    /* magic "virt" */
+        jne vfail
+        inc %r13d
+        cmpl $2, 0x04(%rbx)             /* version 2 */
+        jne vfail
+        inc %r13d
+        cmpl $2, 0x08(%rbx)             /* device id: block */
+        jne vfail
+        movl $0, 0x70(%rbx)             /* status: reset */
+        movl $1, 0x70(%rbx)             /* ACKNOWLEDGE */
+        movl $3, 0x70(%rbx)             /* DRIVER */
+        movl $1, 0x14(%rbx)             /* DeviceFeaturesSel: bits 63:32 */
+        inc %r13d
+        testl $1, 0x10(%rbx)            /* VIRTIO_F_VERSION_1 */
+        jz vfail
+        movl $1, 0x24(%rbx)             /* DriverFeaturesSel: bits 63:32 */
+        movl $1, 0x20(%rbx)             /* VIRTIO_F_VERSION_1 */
+        movl $0, 0x24(%rbx)
+        movl $0, 0x20(%rbx)             /* nothing else: no EVENT_IDX, no INDIRECT */
+        movl $0xb, 0x70(%rbx)           /* FEATURES_OK */
+        inc %r13d
+        testl $8, 0x70(%rbx)
+        jz vfail
+        movl $0, 0x30(%rbx)             /* QueueSel 0 */
+        inc %r13d
+        cmpl $VQ_SIZE, 0x34(%rbx)       /* QueueNumMax */
+        jb vfail
+        movl $VQ_SIZE, 0x38(%rbx)       /* QueueNum */
+        movl $VQ_DESC, 0x80(%rbx)
+        movl $0, 0x84(%rbx)
+        movl $VQ_AVAIL, 0x90(%rbx)
+        movl $0, 0x94(%rbx)
+        movl $VQ_USED, 0xa0(%rbx)
+        movl $0, 0xa4(%rbx)
+        movl $1, 0x44(%rbx)             /* QueueReady */
+        movl $0xf, 0x70(%rbx)           /* DRIVER_OK */
+        inc %r13d
+        cmpl $0xf, 0x70(%rbx)
+        jne vfail
+        movw $1, VQ_AVAIL               /* avail flags: VIRTQ_AVAIL_F_NO_INTERRUPT */
+        ret
+
+/* Scenario 16: reads of IO_LEN bytes from disk 0, one request at a time, for ever: read k
+ * (R12) is at sector (k % READ_SLOTS) << READ_STRIDE_SHIFT and starts once the host has set
+ * MB_READ_LIMIT above k. Each read is checked against the disk pattern and reported as
+ * "read <k> ok"; a read the device fails (status IOERR) is reported as "read <k> error" and
+ * issued again. MB_COUNT = reads completed. R14 = requests posted (the avail index). */
+virtio_reads:
+        call virtio_init
+        PRINT "reads: ready\n"
+        xor %r12d, %r12d
+        xor %r14d, %r14d
+        mov $VQ_DESC, %edi              /* descriptors 0..2 as in scenario 13 */
+        movq $REQ_HDR, 0x00(%rdi)
+        movl $16, 0x08(%rdi)
+        movw $1, 0x0c(%rdi)             /* NEXT */
+        movw $1, 0x0e(%rdi)
+        movq $READ_BUF, 0x10(%rdi)
+        movl $IO_LEN, 0x18(%rdi)
+        movw $3, 0x1c(%rdi)             /* NEXT | WRITE */
+        movw $2, 0x1e(%rdi)
+        movq $REQ_STATUS, 0x20(%rdi)
+        movl $1, 0x28(%rdi)
+        movw $2, 0x2c(%rdi)             /* WRITE */
+        movw $0, 0x2e(%rdi)
+1:      mov MB_READ_LIMIT, %eax
+        cmp %eax, %r12d
+        jb 2f
+        pause
+        jmp 1b
+2:      movl $0, REQ_HDR                /* VIRTIO_BLK_T_IN */
+        movl $0, REQ_HDR + 4
+        mov %r12d, %eax
+        and $(READ_SLOTS - 1), %eax
+        shl $READ_STRIDE_SHIFT, %rax
+        mov %rax, REQ_HDR + 8
+        movb $0xff, REQ_STATUS
+        mov %r14d, %eax
+        and $(VQ_SIZE - 1), %eax
+        movw $0, (VQ_AVAIL + 4)(,%rax,2)  /* ring[r14 % VQ_SIZE] = head 0 */
+        inc %r14d
+        movw %r14w, VQ_AVAIL + 2        /* idx */
+        movl $0, 0x50(%rbx)             /* QueueNotify */
+3:      pause
+        cmpw %r14w, VQ_USED + 2
+        jne 3b
+        cmpb $0, REQ_STATUS
+        jne 5f
+        mov $READ_BUF, %edi
+        mov REQ_HDR + 8, %rsi
+        shl $9, %rsi                    /* disk byte offset */
+        movabs $DISK_XOR, %rdx
+4:      mov %rsi, %rax
+        xor %rdx, %rax
+        cmp %rax, (%rdi)
+        jne vfail
+        add $8, %rdi
+        add $8, %rsi
+        cmp $(READ_BUF + IO_LEN), %edi
+        jb 4b
+        PRINT "read "
+        mov %r12d, %eax
+        call print_dec
+        PRINT " ok\n"
+        inc %r12d
+        mov %r12d, MB_COUNT
+        jmp 1b
+5:      PRINT "read "
+        mov %r12d, %eax
+        call print_dec
+        PRINT " error\n"
+        jmp 1b
 
 /* Scenario 14: waits for the host to bump MB_CMD_SEQ, then writes (seq << 32 | address) to
  * each of the MB_CMD_COUNT addresses in MB_CMD_LIST and sets MB_CMD_ACK = seq. The command

@@ -88,6 +88,8 @@ pub mod guest {
     ];
     /// virtio-mmio window of disk 0.
     pub const VIRTIO_BASE: u64 = 0xd000_0000;
+    /// The virtio scenarios' available ring (u16 flags, u16 idx, then u16 heads).
+    pub const VQ_AVAIL: u64 = 0x30_1000;
     /// The virtio scenario's used ring (u16 flags, u16 idx, then {u32 id, u32 len}).
     pub const VQ_USED: u64 = 0x30_2000;
     /// Where the virtio scenario reads the disk into.
@@ -102,6 +104,12 @@ pub mod guest {
     pub const DISK_XOR: u64 = 0x0d15_c0ff_ee00_d15c;
     /// The guest writes `o ^ WRITE_XOR` at each byte offset `o` of its write.
     pub const WRITE_XOR: u64 = 0x77aa_55cc_33ee_11ff;
+    /// u32: [`super::Scenario::VirtioReads`] starts read k only while k < this (host).
+    pub const MB_READ_LIMIT: u64 = MAILBOX + 0x24;
+    /// Distinct places [`super::Scenario::VirtioReads`] reads, in turn.
+    pub const READ_SLOTS: u64 = 64;
+    /// Read k of [`super::Scenario::VirtioReads`] is at byte `(k % READ_SLOTS) * READ_STRIDE`.
+    pub const READ_STRIDE: u64 = 256 << 10;
 }
 
 /// What the guest does, chosen at assembly time (`--defsym SCENARIO=n`).
@@ -139,6 +147,10 @@ pub enum Scenario {
     SnapDirty = 14,
     /// Prints `echo: ready`, then echoes every (non-zero) byte received on COM1.
     SnapEcho = 15,
+    /// virtio-blk reads one at a time for ever, each checked against the disk pattern and
+    /// reported as `read <k> ok` (or `read <k> error`, then retried); read k starts once
+    /// [`guest::MB_READ_LIMIT`] > k, at sector `(k % READ_SLOTS) << READ_STRIDE_SHIFT`.
+    VirtioReads = 16,
 }
 
 /// A tiny-guest ELF variant: a scenario and extra `--defsym`s (e.g. `IRQS_OFF=1`).

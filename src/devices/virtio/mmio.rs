@@ -417,13 +417,13 @@ impl MmioTransport {
         }
     }
 
-    /// Captures the transport state (and the live queue positions of an active device).
+    /// Captures the transport state (and the queue positions of an active device, with any
+    /// request it has not completed yet counted as not consumed).
     pub fn save_state(&self) -> MmioTransportState {
         let queues = {
-            let dev = lock(&self.device);
-            let active = dev.queues();
+            let active = lock(&self.device).queue_states();
             if self.activated && active.len() == self.queues.len() {
-                active.iter().map(|q| q.state().into()).collect()
+                active.into_iter().map(QueueSnapshot::from).collect()
             } else {
                 self.queues.iter().map(|q| q.state().into()).collect()
             }

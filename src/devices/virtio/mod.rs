@@ -3,14 +3,16 @@
 //! A device model implements [`VirtioDevice`]; the [`MmioTransport`] wraps it, sits on the
 //! MMIO bus, runs the driver's status/feature/queue negotiation and, on `DRIVER_OK`, hands
 //! the configured queues to the device with [`VirtioDevice::activate`]. The device then
-//! processes its queues (from an event loop, on its queue eventfds) and signals completions
-//! through the shared [`VirtioInterrupt`].
+//! processes its queues (on its own I/O worker thread, woken by its queue eventfds) and
+//! signals completions through the shared [`VirtioInterrupt`].
 //!
 //! Attaching a block device, as the VMM does it:
 //!
 //! ```ignore
 //! let backend: Arc<dyn BlockBackend> = Arc::new(FileBackend::open(path, read_only, false)?);
-//! let block = Arc::new(Mutex::new(BlockDevice::new(backend, BlockConfig::default())?));
+//! let mut device = BlockDevice::new(backend, BlockConfig::default())?;
+//! device.start_worker("virtio-blk0")?;
+//! let block = Arc::new(Mutex::new(device));
 //! let irq_evt = EventFd::new(EFD_NONBLOCK)?;
 //! vm_fd.register_irqfd(&irq_evt, gsi)?;
 //! let transport = MmioTransport::new(mem.clone(), block.clone(), IrqLine::new(irq_evt, gsi))?;
@@ -18,7 +20,6 @@
 //!     vm_fd.register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), i as u32)?;
 //! }
 //! mmio_bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
-//! event_manager.add_subscriber(block);
 //! cmdline.push(kernel_cmdline_arg(base, gsi));
 //! ```
 
@@ -31,12 +32,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::IrqLine;
 
-pub use block::{BlockConfig, BlockDevice, BlockDeviceState};
+pub use block::{BlockConfig, BlockDevice, BlockDeviceState, IoGate};
 pub use mmio::{
     MMIO_WINDOW_SIZE, MmioTransport, MmioTransportState, NOTIFY_REG_OFFSET, QueueSnapshot,
     kernel_cmdline_arg,
@@ -96,8 +97,11 @@ pub trait VirtioDevice: Send {
         queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), VirtioError>;
-    /// The active queues (empty when the device is not activated), for saving their state.
-    fn queues(&self) -> &[Queue];
+    /// The state of each active queue as a snapshot must record it (empty when the device
+    /// is not activated). A device that completes requests asynchronously reports
+    /// `next_avail` rewound to its oldest request not yet in the used ring, so a restore
+    /// processes that request and the ones after it again.
+    fn queue_states(&self) -> Vec<QueueState>;
     /// Stops the device and drops its queues; it may be activated again afterwards.
     fn reset(&mut self);
 }

@@ -1,37 +1,39 @@
 //! virtio-blk: a block device over a [`BlockBackend`], one request queue.
 
+pub mod gate;
 pub mod request;
+mod worker;
 
 use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use log::{debug, error, warn};
+use log::{debug, warn};
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
     VIRTIO_BLK_F_SIZE_MAX,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
+pub use gate::IoGate;
 pub use request::{
     Completion, DISK_ID_LEN, MAX_SEGMENT_BYTES, MAX_SEGMENTS, RequestScratch, RequestStatus,
-    process_request,
+    process_request, process_request_gated,
 };
+pub use worker::{MAX_REQUESTS_PER_EVENT, WORKER_STOP_TIMEOUT};
 
 use super::{
     GuestMem, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
     VirtioDevice, VirtioError, VirtioInterrupt, read_config_bytes,
 };
 use crate::disk::{BackendIdentity, BlockBackend, DiskError, SECTOR_SIZE};
+use worker::{Engine, Worker};
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
 /// Logical block size reported to the guest.
 pub const BLOCK_SIZE: u32 = SECTOR_SIZE as u32;
-/// Requests handled per queue event before yielding to the event loop (and re-kicking).
-const MAX_REQUESTS_PER_EVENT: usize = 4 * QUEUE_SIZE as usize;
 
 /// Errors of the virtio-blk device.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +47,9 @@ pub enum BlockError {
     /// Saved state differs from this device in a guest-visible way.
     #[error("virtio-blk: saved {0} differs from the device's")]
     StateMismatch(&'static str),
+    /// The I/O worker thread could not be started.
+    #[error("virtio-blk: starting the I/O worker")]
+    Worker(#[source] std::io::Error),
 }
 
 /// Options of a block device, beyond its backend.
@@ -93,24 +98,18 @@ pub struct BlockDeviceState {
     pub disk_id: [u8; DISK_ID_LEN],
 }
 
-struct Active {
-    mem: GuestMem,
-    queues: Vec<Queue>,
-    interrupt: Arc<VirtioInterrupt>,
-    broken: bool,
-}
-
-/// A virtio-blk device. Register it with the event manager, and its
-/// [`queue_events`](VirtioDevice::queue_events) as ioeventfds on QueueNotify.
+/// A virtio-blk device. Register its [`queue_events`](VirtioDevice::queue_events) as
+/// ioeventfds on QueueNotify and call [`start_worker`](Self::start_worker): its I/O worker
+/// thread then serves the queue (see the `worker` module). Without a worker, requests are
+/// processed by whoever calls [`handle_queue_event`](Self::handle_queue_event).
 pub struct BlockDevice {
-    backend: Arc<dyn BlockBackend>,
+    engine: Arc<Engine>,
     features: u64,
     config_space: BlockConfigSpace,
     config_bytes: [u8; 24],
     disk_id: [u8; DISK_ID_LEN],
     queue_evts: [EventFd; 1],
-    active: Option<Active>,
-    scratch: RequestScratch,
+    worker: Option<Worker>,
 }
 
 impl BlockDevice {
@@ -140,32 +139,49 @@ impl BlockDevice {
         let n = id.len().min(DISK_ID_LEN);
         disk_id[..n].copy_from_slice(&id.as_bytes()[..n]);
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?;
+        let engine = Engine::new(backend, disk_id, &evt).map_err(BlockError::EventFd)?;
         Ok(Self {
-            backend,
+            engine: Arc::new(engine),
             features,
             config_space,
             config_bytes: config_space.to_bytes(),
             disk_id,
             queue_evts: [evt],
-            active: None,
-            scratch: RequestScratch::default(),
+            worker: None,
         })
+    }
+
+    /// Starts the device's I/O worker thread, named `name`: from now on it serves every
+    /// notification of the queue. Starting it twice does nothing.
+    pub fn start_worker(&mut self, name: &str) -> Result<(), BlockError> {
+        if self.worker.is_none() {
+            let w = Worker::spawn(name.to_string(), self.engine.clone(), &self.queue_evts[0])
+                .map_err(BlockError::Worker)?;
+            self.worker = Some(w);
+        }
+        Ok(())
+    }
+
+    /// The gate through which the device writes guest memory: the VMM holds it while the
+    /// VM is paused (see [`IoGate`]).
+    pub fn io_gate(&self) -> &Arc<IoGate> {
+        &self.engine.gate
     }
 
     /// The backend served.
     pub fn backend(&self) -> &Arc<dyn BlockBackend> {
-        &self.backend
+        &self.engine.backend
     }
 
     /// Whether the driver activated the device.
     pub fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.engine.is_active()
     }
 
     /// Captures the device state.
     pub fn save_state(&self) -> BlockDeviceState {
         BlockDeviceState {
-            identity: self.backend.identity(),
+            identity: self.engine.backend.identity(),
             config_space: self.config_space,
             features: self.features,
             disk_id: self.disk_id,
@@ -181,7 +197,10 @@ impl BlockDevice {
         state: &BlockDeviceState,
         force: bool,
     ) -> Result<(), BlockError> {
-        if let Err(e) = state.identity.check_matches(&self.backend.identity()) {
+        if let Err(e) = state
+            .identity
+            .check_matches(&self.engine.backend.identity())
+        {
             if !force {
                 return Err(BlockError::Identity(e));
             }
@@ -212,8 +231,8 @@ impl BlockDevice {
         Ok(())
     }
 
-    /// Handles a notification of the request queue: consumes its eventfd and processes
-    /// every available request.
+    /// Handles a notification of the request queue on the calling thread: consumes its
+    /// eventfd and processes every available request (what the worker does on each event).
     pub fn handle_queue_event(&mut self) {
         if let Err(e) = self.queue_evts[0].read()
             && e.kind() != std::io::ErrorKind::WouldBlock
@@ -225,78 +244,23 @@ impl BlockDevice {
 
     /// Processes available requests, completes them and interrupts the guest if needed.
     pub fn process_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
-            debug!("virtio-blk: queue event before activation ignored");
-            return;
-        };
-        if active.broken {
-            return;
-        }
-        let Active {
-            mem,
-            queues,
-            interrupt,
-            broken,
-        } = active;
-        let Some(q) = queues.first_mut() else {
-            return;
-        };
-        let (used, result) = drain_queue(q, mem, &*self.backend, &self.disk_id, &mut self.scratch);
-        match result {
-            Ok(true) => {
-                // More work than one round is allowed: continue on a later loop iteration.
-                if let Err(e) = self.queue_evts[0].write(1) {
-                    error!("virtio-blk: re-kicking queue: {e}");
-                }
-            }
-            Ok(false) => {}
-            Err(e) => {
-                error!("virtio-blk: queue error, device needs reset: {e}");
-                *broken = true;
-                interrupt.set_needs_reset();
-            }
-        }
-        if used && q.needs_notification(mem).unwrap_or(true) {
-            interrupt.signal_used_queue();
-        }
+        self.engine.process_queue();
     }
 }
 
-/// Processes available chains of `q`. Returns whether any were completed, and whether the
-/// queue still has work after the per-event budget (or the ring error that stopped it).
-fn drain_queue(
-    q: &mut Queue,
-    mem: &GuestMem,
-    backend: &dyn BlockBackend,
-    disk_id: &[u8; DISK_ID_LEN],
-    scratch: &mut RequestScratch,
-) -> (bool, Result<bool, virtio_queue::Error>) {
-    let mut used = false;
-    let mut seen = 0usize;
-    let result = (|| -> Result<bool, virtio_queue::Error> {
-        loop {
-            q.disable_notification(mem)?;
-            while let Some(chain) = q.iter(mem)?.next() {
-                let head = chain.head_index();
-                let c = process_request(mem, chain, backend, disk_id, scratch);
-                match q.add_used(mem, head, c.used_len) {
-                    Ok(()) => used = true,
-                    Err(virtio_queue::Error::InvalidDescriptorIndex) => {
-                        debug!("virtio-blk: available ring names descriptor {head}; skipped");
-                    }
-                    Err(e) => return Err(e),
-                }
-                seen += 1;
-                if seen >= MAX_REQUESTS_PER_EVENT {
-                    return Ok(true);
-                }
-            }
-            if !q.enable_notification(mem)? {
-                return Ok(false);
+impl Drop for BlockDevice {
+    fn drop(&mut self) {
+        self.engine.deactivate();
+        if let Some(mut w) = self.worker.take()
+            && !w.stop()
+        {
+            // The worker keeps the backend alive; make what it completed durable now,
+            // since its owner's drop may not run before the process ends.
+            if let Err(e) = self.engine.backend.flush() {
+                warn!("virtio-blk: flushing the disk of a detached worker: {e}");
             }
         }
-    })();
-    (used, result)
+    }
 }
 
 impl VirtioDevice for BlockDevice {
@@ -330,7 +294,7 @@ impl VirtioDevice for BlockDevice {
     fn activate(
         &mut self,
         mem: GuestMem,
-        queues: Vec<Queue>,
+        mut queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), VirtioError> {
         if queues.len() != 1 {
@@ -339,44 +303,23 @@ impl VirtioDevice for BlockDevice {
                 got: queues.len(),
             });
         }
-        self.active = Some(Active {
-            mem,
-            queues,
-            interrupt,
-            broken: false,
-        });
+        let queue = queues.remove(0);
+        self.engine.activate(mem, queue, interrupt);
         Ok(())
     }
 
-    fn queues(&self) -> &[Queue] {
-        self.active.as_ref().map_or(&[], |a| &a.queues)
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.engine.queue_state().into_iter().collect()
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        self.engine.deactivate();
         // Drop a notification that raced with the reset.
         let _ = self.queue_evts[0].read();
     }
 }
 
-impl MutEventSubscriber for BlockDevice {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.event_set().contains(EventSet::IN) {
-            self.handle_queue_event();
-        } else {
-            warn!(
-                "virtio-blk: unexpected queue event {:?}",
-                events.event_set()
-            );
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.queue_evts[0], EventSet::IN)) {
-            error!("virtio-blk: registering queue eventfd: {e}");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod worker_tests;

@@ -18,6 +18,7 @@ use virtio_queue::DescriptorChain;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
+use super::gate::{Ungated, WriteGate};
 use crate::disk::{BlockBackend, DiskError, SECTOR_SIZE};
 
 /// Length of the request header (`struct virtio_blk_outhdr`).
@@ -106,6 +107,9 @@ pub enum RequestError {
     /// The backend failed.
     #[error("backend: {0}")]
     Backend(#[source] DiskError),
+    /// The device was reset or shut down while the request ran; nothing more is written.
+    #[error("abandoned: the device was reset")]
+    Abandoned,
 }
 
 /// Reusable buffers for request processing, so that steady-state requests do not allocate.
@@ -198,6 +202,32 @@ where
     D: Deref,
     D::Target: GuestMemory,
 {
+    match process_request_gated(mem, chain, backend, disk_id, scratch, &Ungated) {
+        Some(c) => c,
+        // Ungated never refuses a write.
+        None => Completion {
+            used_len: 0,
+            status: RequestStatus::IoErr,
+        },
+    }
+}
+
+/// [`process_request`], writing guest memory only inside busy sections of `gate`: each
+/// write waits while the gate is held. `None` when the gate refused a write (the device
+/// was reset or shut down): the request is abandoned, with nothing more written.
+pub fn process_request_gated<M, D>(
+    mem: &M,
+    chain: DescriptorChain<D>,
+    backend: &dyn BlockBackend,
+    disk_id: &[u8; DISK_ID_LEN],
+    scratch: &mut RequestScratch,
+    gate: &dyn WriteGate,
+) -> Option<Completion>
+where
+    M: GuestMemory + ?Sized,
+    D: Deref,
+    D::Target: GuestMemory,
+{
     let RequestScratch { descs, buf } = scratch;
     descs.clear();
     let mut too_long = false;
@@ -212,14 +242,15 @@ where
         Ok(a) => a,
         Err(e) => {
             debug!("virtio-blk: dropping request: {e}");
-            return Completion {
+            return Some(Completion {
                 used_len: 0,
                 status: RequestStatus::IoErr,
-            };
+            });
         }
     };
-    let (status, data_written) = match execute(mem, descs, buf, backend, disk_id) {
+    let (status, data_written) = match execute(mem, descs, buf, backend, disk_id, gate) {
         Ok(n) => (RequestStatus::Ok, n),
+        Err(RequestError::Abandoned) => return None,
         Err(e) => {
             debug!("virtio-blk: request failed: {e}");
             let status = match e {
@@ -229,7 +260,8 @@ where
             (status, 0)
         }
     };
-    match mem.write_obj(status as u8, status_addr) {
+    let _busy = gate.enter()?;
+    Some(match mem.write_obj(status as u8, status_addr) {
         // data_written <= writable bytes - 1 < u32::MAX (bounded by MAX_DESCRIPTORS * 1 MiB).
         Ok(()) => Completion {
             used_len: data_written as u32 + 1,
@@ -242,7 +274,7 @@ where
                 status,
             }
         }
-    }
+    })
 }
 
 /// Checks the chain's shape and returns where its status byte goes.
@@ -277,6 +309,7 @@ fn execute<M: GuestMemory + ?Sized>(
     buf: &mut Vec<u8>,
     backend: &dyn BlockBackend,
     disk_id: &[u8; DISK_ID_LEN],
+    gate: &dyn WriteGate,
 ) -> Result<usize, RequestError> {
     let split = descs
         .iter()
@@ -331,6 +364,7 @@ fn execute<M: GuestMemory + ?Sized>(
                 backend
                     .read_at(b, start + done)
                     .map_err(RequestError::Backend)?;
+                let _busy = gate.enter().ok_or(RequestError::Abandoned)?;
                 writable.write_from(mem, done, b)?;
                 done += n as u64;
             }
@@ -368,6 +402,7 @@ fn execute<M: GuestMemory + ?Sized>(
                 return Err(RequestError::Direction(req_type));
             }
             let n = (out_data as usize).min(DISK_ID_LEN);
+            let _busy = gate.enter().ok_or(RequestError::Abandoned)?;
             writable.write_from(mem, 0, &disk_id[..n])?;
             Ok(n)
         }

@@ -78,9 +78,9 @@ fn activation_checks_queue_count() {
     let q = Driver::new(&mem, 0, 16).create_queue();
     dev.activate(mem.clone(), vec![q], irq).unwrap();
     assert!(dev.is_activated());
-    assert_eq!(dev.queues().len(), 1);
+    assert_eq!(dev.queue_states().len(), 1);
     dev.reset();
-    assert!(!dev.is_activated() && dev.queues().is_empty());
+    assert!(!dev.is_activated() && dev.queue_states().is_empty());
 }
 
 /// A backend that, like a guest on another vCPU, queues a new request whenever one is read.

@@ -2,7 +2,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventManager, SubscriberOps};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_RO, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_FAILED};
 use vm_memory::{Bytes, GuestAddress};
@@ -128,6 +127,21 @@ impl<'a> Vm<'a> {
         self.irq.read().unwrap_or(0)
     }
 
+    /// Waits (generously) for the device's worker thread to raise the interrupt line;
+    /// returns how often it was raised.
+    fn wait_interrupt(&self) -> u64 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match self.irq.read() {
+                Ok(n) => return n,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(1))
+                }
+                Err(e) => panic!("no interrupt from the I/O worker: {e}"),
+            }
+        }
+    }
+
     fn data(&self) -> Vec<u8> {
         let mut v = vec![0; 512];
         self.mem.read_slice(&mut v, GuestAddress(DATA)).unwrap();
@@ -151,18 +165,17 @@ fn init_sequence_notify_and_interrupt() {
     // Without EVENT_IDX every completion interrupts (event_idx_suppresses_interrupts covers it).
     vm.init(features & !VIRTIO_RING_F_EVENT_IDX);
 
-    // The guest's notify travels the device's own eventfd through a real event manager.
-    let mut em = EventManager::<Arc<Mutex<BlockDevice>>>::new().unwrap();
-    em.add_subscriber(vm.block.clone());
+    // The guest's notify travels the device's own eventfd to its I/O worker thread.
+    lock(&vm.block).start_worker("test-blk").unwrap();
     vm.queue_read(7, 0);
     vm.wr(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
-    assert_eq!(em.run_with_timeout(1000).unwrap(), 1);
+    let irqs = vm.wait_interrupt();
 
     assert_eq!(vm.d.used_idx(), 1);
     assert_eq!(vm.d.used_elem(0), (0, 513));
     assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
     assert_eq!(vm.data(), vec![7; 512]);
-    assert_eq!(vm.interrupts(), 1);
+    assert_eq!(irqs, 1);
     assert_eq!(vm.rd(VIRTIO_MMIO_INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
     vm.wr(VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
     assert_eq!(vm.rd(VIRTIO_MMIO_INTERRUPT_STATUS), 0);
@@ -428,11 +441,11 @@ fn cmdline_arg() {
 
 #[test]
 fn shareable_with_the_vmm() {
-    fn bus_and_event_loop<T: Send + 'static>() {}
-    bus_and_event_loop::<MmioTransport>();
-    bus_and_event_loop::<BlockDevice>();
+    fn bus_and_threads<T: Send + 'static>() {}
+    bus_and_threads::<MmioTransport>();
+    bus_and_threads::<BlockDevice>();
     let mem = guest_mem();
     let vm = Vm::new(&mem, disk());
     let _: crate::devices::SharedDevice = Arc::new(Mutex::new(vm.t));
-    let _: Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>> = vm.block;
+    let _: Arc<Mutex<dyn VirtioDevice>> = vm.block;
 }
