@@ -396,7 +396,15 @@ pub fn compose_cmdline(cfg: &VmConfig, device_params: &[String], tsc_khz: Option
         log::info!(
             "PVM-style nested KVM host detected: appending guest command-line workarounds (disable with --no-host-quirks)"
         );
-        parts.push(config::pvm_quirks(tsc_khz));
+        if cfg.vcpus > 1 {
+            log::warn!(
+                "PVM-style host and {} vCPUs: the guest gets nopv (KVM's PV IPIs hang here), \
+                 which turns kvmclock off; on the TSC, a restore of an old snapshot stalls the \
+                 guest for a time that grows with the snapshot's age (docs/PVM_HOSTS.md)",
+                cfg.vcpus
+            );
+        }
+        parts.push(config::pvm_quirks(tsc_khz, cfg.vcpus));
     }
     parts.retain(|p| !p.is_empty());
     parts.join(" ")
@@ -562,6 +570,7 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
         dirty_log,
         status_extras: Vec::new(),
         repo_parent: None,
+        clock_notify: true,
         state: if opts.start_paused {
             RunState::Paused
         } else {

@@ -65,6 +65,29 @@ struct RestoreFlags {
     /// through userfaultfd, with a background fill).
     #[arg(long)]
     eager_memory: bool,
+    /// Advance the guest's clock by the real time since the snapshot (KVM_CLOCK_REALTIME, as
+    /// Firecracker's `clock_realtime`): monotonic time then jumps by the gap too. Default: the
+    /// clock continues from the snapshot (docs/KEEPING_SNAPSHOTS.md).
+    #[arg(long)]
+    clock_realtime: bool,
+    /// Do not tell the resumed guest it was stopped (KVM_KVMCLOCK_CTRL), which is what lets a
+    /// guest agent step its wall clock to the host's.
+    #[arg(long)]
+    no_clock_sync: bool,
+}
+
+impl RestoreFlags {
+    /// The clock options these flags ask for.
+    fn clock(&self) -> builder_restore::ClockOptions {
+        builder_restore::ClockOptions {
+            mode: if self.clock_realtime {
+                vmm::arch::x86_64::ClockMode::Realtime
+            } else {
+                vmm::arch::x86_64::ClockMode::Continue
+            },
+            notify_guest: !self.no_clock_sync,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -311,6 +334,7 @@ fn restore_vm(
         force: flags.force,
         start_paused: flags.paused,
         eager_memory: flags.eager_memory,
+        clock: flags.clock(),
     };
     let mut vm = match builder_restore::build_from_snapshot(cpu, memory, opts) {
         Ok(v) => v,
@@ -343,6 +367,7 @@ fn restore_archive(
         force: flags.force,
         paused: flags.paused,
         eager_memory: flags.eager_memory,
+        clock: flags.clock(),
     };
     let (mut vm, session) = match vmm::archive::cli::restore_cli(src, archive, common, started) {
         Ok(v) => v,

@@ -32,6 +32,7 @@
         .set SC_SNAP_VIRTIO,      13    /* virtio-blk read in flight, then a write (snapshot) */
         .set SC_SNAP_DIRTY,       14    /* writes host-chosen qwords on command (snapshot dedup) */
         .set SC_SNAP_ECHO,        15    /* echoes COM1 input, reading RBR only (snapshot) */
+        .set SC_TSC_CLOCK,        16    /* TSC-deadline ticks, guest TSC + kvmclock (snapshot) */
 
         .ifndef SCENARIO
         .error "assemble with --defsym SCENARIO=<n>"
@@ -41,6 +42,12 @@
         .endif
         .ifndef TIMER_LAPIC                     /* SC_SNAP_TICKS: 0 = PIT, 1 = LAPIC timer */
         .set TIMER_LAPIC, 0
+        .endif
+        .ifndef KVMCLOCK                        /* SC_TSC_CLOCK: 1 = also enable kvmclock */
+        .set KVMCLOCK, 0
+        .endif
+        .ifndef PV_EOI                          /* SC_TSC_CLOCK: 1 = KVM's PV EOI protocol */
+        .set PV_EOI, 0
         .endif
 
         /* Devices and addresses (mirrored in mod.rs). */
@@ -59,6 +66,13 @@
         .set MB_CMD_SEQ,        MAILBOX + 0x18  /* u32: SC_SNAP_DIRTY command number (host) */
         .set MB_CMD_ACK,        MAILBOX + 0x1c  /* u32: last command done (guest) */
         .set MB_CMD_COUNT,      MAILBOX + 0x20  /* u32: qwords to write (host, <= 32) */
+        .set MB_TSC,            MAILBOX + 0x28  /* u64: SC_TSC_CLOCK: RDTSC at the last tick */
+        .set MB_MISSED,         MAILBOX + 0x30  /* u32: periods skipped at the last tick */
+        .set MB_MISSED_MAX,     MAILBOX + 0x34  /* u32: the most periods skipped at one tick */
+        .set MB_TSC_BACK,       MAILBOX + 0x38  /* u32: ticks that found the TSC far behind */
+        .set MB_PVCLOCK,        MAILBOX + 0x40  /* 32 bytes: kvmclock's pvclock_vcpu_time_info */
+        .set MB_PV_EOI,         MAILBOX + 0x60  /* u32: KVM PV EOI flag (bit 0: skip the EOI) */
+        .set MB_PV_EOI_SKIPS,   MAILBOX + 0x64  /* u32: EOIs skipped through PV EOI */
         .set MB_CMD_LIST,       MAILBOX + 0x100 /* u64[]: their addresses (host) */
         .set HOST_DATA,         MAILBOX + 0x1000 /* 4 KiB the host fills while paused */
         .set HOST_GO,           0x600d600d600d600d
@@ -76,6 +90,9 @@
         .set TICKS,             10
         .set PIT_DIVISOR,       11932           /* 1193182 Hz / 11932 = 100 Hz */
         .set LAPIC_COUNT,       10000000        /* 10 ms at KVM's 1 GHz APIC bus, divide 1 */
+        .set TSC_PERIOD,        25000000        /* SC_TSC_CLOCK: ~10 ms at 2.5 GHz */
+        .set MSR_TSC_DEADLINE,  0x6e0
+        .set MSR_KVM_SYSTEM_TIME_NEW, 0x4b564d01
 
         /* Serial register values set by serial_setup and checked by serial_check. */
         .set SER_DLL,           0x03
@@ -175,6 +192,8 @@ _start:
         jmp snap_dirty
         .elseif SCENARIO == SC_SNAP_ECHO
         jmp snap_echo
+        .elseif SCENARIO == SC_TSC_CLOCK
+        jmp tsc_clock
         .elseif SCENARIO == SC_TRIPLE_FAULT || SCENARIO == SC_TRIPLE_FAULT_IRQ
         /* handled above */
         .else
@@ -646,6 +665,99 @@ snap_echo:
         out %al, %dx
         jmp 1b
 
+/* Scenario 16: a periodic tick made of one-shot LAPIC TSC-deadline interrupts, the way Linux
+ * runs its periodic tick on a TSC-deadline LAPIC (tick_handle_periodic): at each tick the next
+ * deadline is the previous one plus TSC_PERIOD, advanced by whole periods until it lies ahead
+ * of RDTSC; the periods skipped are what Linux would catch up one tick_periodic() call each.
+ * Each tick prints "tick <n> tsc <RDTSC, 16 hex digits> missed <periods skipped>" and stores
+ * RDTSC in MB_TSC, n in MB_COUNT (= r12). A deadline more than 2^32 cycles ahead of RDTSC
+ * (the TSC went backwards) is re-based on RDTSC and counted in MB_TSC_BACK. With KVMCLOCK=1
+ * kvmclock is enabled first (MSR_KVM_SYSTEM_TIME_NEW = MB_PVCLOCK | 1); the host reads the
+ * structure and converts the printed TSC values to kvmclock time. Runs until stopped. */
+tsc_clock:
+        mov $0xff, %al                  /* PIC: everything masked */
+        call pic_init
+        .if KVMCLOCK
+        mov $MSR_KVM_SYSTEM_TIME_NEW, %ecx
+        mov $(MB_PVCLOCK | 1), %eax
+        xor %edx, %edx
+        wrmsr
+        .endif
+        .if PV_EOI
+        mov $0x4b564d04, %ecx           /* MSR_KVM_PV_EOI_EN */
+        mov $(MB_PV_EOI | 1), %eax
+        xor %edx, %edx
+        wrmsr
+        .endif
+        xor %r12d, %r12d
+        movl $0, MB_COUNT
+        mov $LAPIC, %ebx
+        movl $0x1ff, 0xf0(%rbx)         /* SVR: APIC enabled, spurious vector 0xff */
+        movl $(0x40000 | VEC_LAPIC_TIMER), 0x320(%rbx)  /* LVT timer: TSC-deadline mode */
+        rdtsc
+        shl $32, %rdx
+        or %rdx, %rax
+        mov %rax, %r13                  /* r13: the armed deadline */
+        add $TSC_PERIOD, %r13
+        call arm_deadline
+        PRINT "tsc clock\n"
+        sti
+1:      hlt
+2:      cmp MB_TICKS, %r12d
+        jae 1b
+        inc %r12d
+        mov %r12d, MB_COUNT
+        rdtsc
+        shl $32, %rdx
+        or %rdx, %rax
+        mov %rax, MB_TSC
+        cmp %rax, %r13
+        jbe 3f
+        mov %r13, %rcx                  /* far ahead (TSC went backwards): re-base */
+        sub %rax, %rcx
+        shr $32, %rcx
+        jz 3f
+        incl MB_TSC_BACK
+        mov %rax, %r13
+3:      xor %r14d, %r14d                /* periods skipped */
+4:      add $TSC_PERIOD, %r13
+        cmp %rax, %r13
+        ja 5f
+        inc %r14d
+        jmp 4b
+5:      mov %r14d, MB_MISSED
+        cmp MB_MISSED_MAX, %r14d
+        jbe 6f
+        mov %r14d, MB_MISSED_MAX
+6:      call arm_deadline
+        PRINT "tick "
+        mov %r12d, %eax
+        call print_dec
+        PRINT " tsc "
+        mov MB_TSC, %rax
+        mov $16, %ecx
+        call print_hex
+        PRINT " missed "
+        mov %r14d, %eax
+        call print_dec
+        PRINT "\n"
+        jmp 2b
+
+/* arm_deadline: IA32_TSC_DEADLINE = r13. */
+arm_deadline:
+        push %rax
+        push %rcx
+        push %rdx
+        mov $MSR_TSC_DEADLINE, %ecx
+        mov %r13, %rax
+        mov %r13, %rdx
+        shr $32, %rdx
+        wrmsr
+        pop %rdx
+        pop %rcx
+        pop %rax
+        ret
+
 /* ------------------------------------------------------------------------------------- */
 /* Common code. */
 
@@ -811,6 +923,13 @@ irq_pit:
 
 irq_lapic_timer:
         incl MB_TICKS
+        .if PV_EOI
+        lock btrl $0, MB_PV_EOI         /* KVM said the EOI may be skipped */
+        jnc 1f
+        incl MB_PV_EOI_SKIPS
+        iretq
+1:
+        .endif
         push %rax
         mov $(LAPIC + 0xb0), %eax       /* EOI register */
         movl $0, (%rax)

@@ -102,6 +102,18 @@ pub mod guest {
     pub const DISK_XOR: u64 = 0x0d15_c0ff_ee00_d15c;
     /// The guest writes `o ^ WRITE_XOR` at each byte offset `o` of its write.
     pub const WRITE_XOR: u64 = 0x77aa_55cc_33ee_11ff;
+    /// u64: [`super::Scenario::TscClock`]: the guest's RDTSC at its last tick.
+    pub const MB_TSC: u64 = MAILBOX + 0x28;
+    /// u32: periods the last tick skipped.
+    pub const MB_MISSED: u64 = MAILBOX + 0x30;
+    /// u32: the most periods one tick skipped.
+    pub const MB_MISSED_MAX: u64 = MAILBOX + 0x34;
+    /// u32: ticks that found the TSC far behind the armed deadline (it went backwards).
+    pub const MB_TSC_BACK: u64 = MAILBOX + 0x38;
+    /// kvmclock's `pvclock_vcpu_time_info` (32 bytes) with `KVMCLOCK=1`.
+    pub const MB_PVCLOCK: u64 = MAILBOX + 0x40;
+    /// TSC cycles between two ticks of [`super::Scenario::TscClock`].
+    pub const TSC_PERIOD: u64 = 25_000_000;
 }
 
 /// What the guest does, chosen at assembly time (`--defsym SCENARIO=n`).
@@ -139,6 +151,10 @@ pub enum Scenario {
     SnapDirty = 14,
     /// Prints `echo: ready`, then echoes every (non-zero) byte received on COM1.
     SnapEcho = 15,
+    /// A periodic tick built from one-shot LAPIC TSC-deadline interrupts, as Linux runs it:
+    /// prints `tick <n> tsc <RDTSC hex> missed <periods skipped>` (with `KVMCLOCK=1` it
+    /// enables kvmclock at [`guest::MB_PVCLOCK`] first). Runs until the host stops it.
+    TscClock = 16,
 }
 
 /// A tiny-guest ELF variant: a scenario and extra `--defsym`s (e.g. `IRQS_OFF=1`).
@@ -639,6 +655,7 @@ fn restore_with(
         force: false,
         start_paused,
         eager_memory,
+        clock: Default::default(),
     };
     let vmm = vmm::builder_restore::build_from_snapshot(&state, &memory, opts)
         .map_err(|e| format!("restoring {}: {e}", dir.display()))?;
