@@ -46,9 +46,6 @@
         .ifndef KVMCLOCK                        /* SC_TSC_CLOCK: 1 = also enable kvmclock */
         .set KVMCLOCK, 0
         .endif
-        .ifndef PV_EOI                          /* SC_TSC_CLOCK: 1 = KVM's PV EOI protocol */
-        .set PV_EOI, 0
-        .endif
 
         /* Devices and addresses (mirrored in mod.rs). */
         .set COM1,              0x3f8
@@ -71,8 +68,6 @@
         .set MB_MISSED_MAX,     MAILBOX + 0x34  /* u32: the most periods skipped at one tick */
         .set MB_TSC_BACK,       MAILBOX + 0x38  /* u32: ticks that found the TSC far behind */
         .set MB_PVCLOCK,        MAILBOX + 0x40  /* 32 bytes: kvmclock's pvclock_vcpu_time_info */
-        .set MB_PV_EOI,         MAILBOX + 0x60  /* u32: KVM PV EOI flag (bit 0: skip the EOI) */
-        .set MB_PV_EOI_SKIPS,   MAILBOX + 0x64  /* u32: EOIs skipped through PV EOI */
         .set MB_CMD_LIST,       MAILBOX + 0x100 /* u64[]: their addresses (host) */
         .set HOST_DATA,         MAILBOX + 0x1000 /* 4 KiB the host fills while paused */
         .set HOST_GO,           0x600d600d600d600d
@@ -683,12 +678,6 @@ tsc_clock:
         xor %edx, %edx
         wrmsr
         .endif
-        .if PV_EOI
-        mov $0x4b564d04, %ecx           /* MSR_KVM_PV_EOI_EN */
-        mov $(MB_PV_EOI | 1), %eax
-        xor %edx, %edx
-        wrmsr
-        .endif
         xor %r12d, %r12d
         movl $0, MB_COUNT
         mov $LAPIC, %ebx
@@ -923,13 +912,6 @@ irq_pit:
 
 irq_lapic_timer:
         incl MB_TICKS
-        .if PV_EOI
-        lock btrl $0, MB_PV_EOI         /* KVM said the EOI may be skipped */
-        jnc 1f
-        incl MB_PV_EOI_SKIPS
-        iretq
-1:
-        .endif
         push %rax
         mov $(LAPIC + 0xb0), %eax       /* EOI register */
         movl $0, (%rax)
