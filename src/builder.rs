@@ -570,7 +570,6 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
         dirty_log,
         status_extras: Vec::new(),
         repo_parent: None,
-        clock_notify: true,
         state: if opts.start_paused {
             RunState::Paused
         } else {

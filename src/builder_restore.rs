@@ -37,28 +37,9 @@ pub struct RestoreOptions {
     pub start_paused: bool,
     /// Fill guest memory before the vCPUs start instead of serving it lazily.
     pub eager_memory: bool,
-    /// How the guest's clocks continue.
-    pub clock: ClockOptions,
-}
-
-/// How a restored guest's clocks continue (docs/KEEPING_SNAPSHOTS.md, "Time").
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ClockOptions {
-    /// kvmclock continues from the snapshot (the default: the guest's monotonic time does not
-    /// see the time the snapshot was kept) or is advanced by it (`--clock-realtime`).
-    pub mode: ClockMode,
-    /// Tell the guest, when it resumes, that it was stopped (KVM_KVMCLOCK_CTRL), so that a
-    /// guest agent steps its wall clock to the host's (default on; `--no-clock-sync`).
-    pub notify_guest: bool,
-}
-
-impl Default for ClockOptions {
-    fn default() -> Self {
-        Self {
-            mode: ClockMode::Continue,
-            notify_guest: true,
-        }
-    }
+    /// How the guest's kvmclock continues: from the snapshot (default) or advanced by the
+    /// real time since (`--clock-realtime`); docs/KEEPING_SNAPSHOTS.md, "Time".
+    pub clock: ClockMode,
 }
 
 impl RestoreOptions {
@@ -70,7 +51,7 @@ impl RestoreOptions {
             force: false,
             start_paused: false,
             eager_memory: false,
-            clock: ClockOptions::default(),
+            clock: ClockMode::Continue,
         }
     }
 }
@@ -352,7 +333,7 @@ pub fn build_from_parts(
             .map_err(|e| BuildError::Arch(format!("restoring vcpu{id}: {e}")))?;
         fds.push(fd);
     }
-    vm_state::restore_vm(vm.fd(), vm.kvm(), &state.vm, opts.clock.mode)
+    vm_state::restore_vm(vm.fd(), vm.kvm(), &state.vm, opts.clock)
         .map_err(|e| BuildError::Arch(format!("restoring VM state: {e}")))?;
     if let (Some(fd), Some(st)) = (fds.first(), state.vcpus.first()) {
         warn_if_tsc_not_restored(fd, st);
@@ -386,7 +367,6 @@ pub fn build_from_parts(
         dirty_log,
         status_extras: Vec::new(),
         repo_parent: None,
-        clock_notify: opts.clock.notify_guest,
     };
     if !opts.start_paused {
         vmm.resume()

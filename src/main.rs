@@ -70,22 +70,15 @@ struct RestoreFlags {
     /// clock continues from the snapshot (docs/KEEPING_SNAPSHOTS.md).
     #[arg(long)]
     clock_realtime: bool,
-    /// Do not tell the resumed guest it was stopped (KVM_KVMCLOCK_CTRL), which is what lets a
-    /// guest agent step its wall clock to the host's.
-    #[arg(long)]
-    no_clock_sync: bool,
 }
 
 impl RestoreFlags {
-    /// The clock options these flags ask for.
-    fn clock(&self) -> builder_restore::ClockOptions {
-        builder_restore::ClockOptions {
-            mode: if self.clock_realtime {
-                vmm::arch::x86_64::ClockMode::Realtime
-            } else {
-                vmm::arch::x86_64::ClockMode::Continue
-            },
-            notify_guest: !self.no_clock_sync,
+    /// The clock mode these flags ask for.
+    fn clock(&self) -> vmm::arch::x86_64::ClockMode {
+        if self.clock_realtime {
+            vmm::arch::x86_64::ClockMode::Realtime
+        } else {
+            vmm::arch::x86_64::ClockMode::Continue
         }
     }
 }

@@ -88,10 +88,6 @@ pub struct Vmm {
     /// The repository snapshot the VM was last snapshotted into or restored from: the parent
     /// of its next snapshot in that repository (src/repo/).
     pub repo_parent: Option<crate::repo::RepoParent>,
-    /// Whether [`Vmm::resume`] tells the guest it was stopped (KVM_KVMCLOCK_CTRL, which sets
-    /// PVCLOCK_GUEST_STOPPED in kvmclock): on by default, off for a VM restored with
-    /// `--no-clock-sync` (docs/KEEPING_SNAPSHOTS.md, "Time"). [`Vmm::pause`] always tells.
-    pub clock_notify: bool,
 }
 
 impl Vmm {
@@ -252,9 +248,7 @@ impl Vmm {
     /// Resumes every vCPU.
     pub fn resume(&mut self) -> Result<(), VmmError> {
         self.expect(RunState::Paused, "resume")?;
-        if self.clock_notify {
-            self.kvmclock_ctrl();
-        }
+        self.kvmclock_ctrl();
         for v in &self.vcpus {
             v.send(VcpuRequest::Resume).map_err(VmmError::Vcpu)?;
         }
@@ -266,8 +260,7 @@ impl Vmm {
     }
 
     /// Tells KVM the vCPUs were stopped (KVM_KVMCLOCK_CTRL), so a guest using kvmclock does
-    /// not report soft lockups for the paused time, and a guest agent may step its wall clock
-    /// (the project's `vmmtest.clock_sync`). Guests without kvmclock ignore it.
+    /// not report soft lockups for the paused time. Guests without kvmclock ignore it.
     fn kvmclock_ctrl(&self) {
         for v in &self.vcpus {
             match v.with(|fd| crate::arch::x86_64::vcpu_state::kvmclock_ctrl(fd)) {

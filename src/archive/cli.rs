@@ -78,8 +78,8 @@ pub struct CommonRestore {
     pub paused: bool,
     /// `--eager-memory`.
     pub eager_memory: bool,
-    /// `--clock-realtime`, `--no-clock-sync`.
-    pub clock: crate::builder_restore::ClockOptions,
+    /// `--clock-realtime`.
+    pub clock: crate::arch::x86_64::ClockMode,
 }
 
 fn fail(code: u8, msg: String) -> ExitCode {

@@ -135,8 +135,8 @@ pub struct ArchiveRestoreOptions {
     pub eager_memory: bool,
     /// Accept disks whose identity differs from the record.
     pub force: bool,
-    /// How the guest's clocks continue.
-    pub clock: crate::builder_restore::ClockOptions,
+    /// How the guest's kvmclock continues.
+    pub clock: crate::arch::x86_64::ClockMode,
     /// Record the chunks read by the lazy memory handler (for a working set); turns the
     /// background fill off.
     pub record: bool,

@@ -16,8 +16,8 @@
  *   vmmtest.force_write        send that write even to a read-only device
  *   vmmtest.counter            "vmmtest: tick TOKEN N mono=S.N real=S.N" once a second
  *   vmmtest.counter_disk=/dev/vdX  ... plus read/rewrite/md5 of one block per tick
- *   vmmtest.clock_sync         after the VMM signals a stop (KVM_KVMCLOCK_CTRL), step
- *                              the wall clock to kvmclock's (the host's) if > 100 ms off
+ *   vmmtest.clock_sync         step the wall clock to kvmclock's (the host's) whenever
+ *                              it is more than 100 ms off (boot, restore); checked 1/s
  *   vmmtest.poweroff           kernel_restart() once the one-shot work is done
  *
  * Always: a panic notifier that writes 1 to I/O port 0x505 (pvpanic).
@@ -44,7 +44,7 @@
 #include <linux/sched.h>
 #include <linux/string.h>
 #include <linux/timekeeping.h>
-#include <asm/kvm_para.h>
+#include <asm/kvmclock.h>
 #include <crypto/hash.h>
 #include <crypto/md5.h>
 
@@ -79,7 +79,7 @@ MODULE_PARM_DESC(counter_disk, "Block device read and rewritten one block per ti
 
 static bool clock_sync;
 module_param(clock_sync, bool, 0444);
-MODULE_PARM_DESC(clock_sync, "After a host stop, step the wall clock to kvmclock's if > 100 ms off");
+MODULE_PARM_DESC(clock_sync, "Step the wall clock to kvmclock's (the host's) when > 100 ms off");
 
 static char disk[128];
 module_param_string(disk, disk, sizeof(disk), 0444);
@@ -286,32 +286,38 @@ static int vt_oneshot_fn(void *unused)
 /* A wall clock closer than this to the host's is left alone (vmmtest.clock_sync). */
 #define VT_SYNC_NS	(100 * NSEC_PER_MSEC)
 
+/* Whether the kernel runs kvmclock (not with nopv): kvmclock_init() sets CPU 0's page. */
+static bool vt_kvmclock(void)
+{
+#ifdef CONFIG_KVM_GUEST
+	return per_cpu(hv_clock_per_cpu, 0) != NULL;
+#else
+	return false;
+#endif
+}
+
 /*
- * vmmtest.clock_sync: after the host stopped the VM (a pause, or a snapshot
- * restored any time later), step the wall clock to the host's.
+ * vmmtest.clock_sync: keep CLOCK_REALTIME on the host's wall clock.
  *
  * A restored snapshot's monotonic clock continues from the snapshot, and so
- * does the wall clock derived from it, while the host's wall clock moved on.
- * The VMM says the VM was stopped through KVM_KVMCLOCK_CTRL, which makes KVM
- * set PVCLOCK_GUEST_STOPPED in kvmclock's per-CPU page (the flag Linux's
- * soft-lockup watchdog also consumes); kvmclock's wall clock
- * (read_persistent_clock64() -> MSR_KVM_WALL_CLOCK_NEW) is the host's real time.
- * Without kvmclock (nopv) the flag never shows and nothing happens.
- * Prints "vmmtest: clock step <ms> ms" (or "... error=<errno>") when it steps.
+ * does the wall clock derived from it, while the host's wall clock moved on;
+ * early boot also loses wall time here (the jiffies clock source runs before
+ * kvm-clock takes over and misses ticks). kvmclock's wall clock
+ * (read_persistent_clock64() -> MSR_KVM_WALL_CLOCK_NEW) is computed by KVM from
+ * the host's real time whenever the guest asks, so compare with it and step
+ * when they differ by more than VT_SYNC_NS: "vmmtest: clock step <ms> ms"
+ * (or "... error=<errno>"). Without kvmclock (nopv) it does nothing.
+ *
+ * (The VMM's KVM_KVMCLOCK_CTRL flag, PVCLOCK_GUEST_STOPPED, cannot serve as the
+ * trigger: every kvmclock read clears it, in pvclock_clocksource_read().)
  */
 static void vt_clock_sync(void)
 {
 	struct timespec64 host, guest;
-	bool stopped;
 	s64 delta;
 	int ret;
 
-	if (!clock_sync)
-		return;
-	preempt_disable();	/* a per-CPU flag */
-	stopped = kvm_check_and_clear_guest_paused();
-	preempt_enable();
-	if (!stopped)
+	if (!clock_sync || !vt_kvmclock())
 		return;
 	read_persistent_clock64(&host);
 	ktime_get_real_ts64(&guest);
