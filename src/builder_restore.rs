@@ -121,12 +121,13 @@ pub fn build_from_snapshot(
     Ok(vmm)
 }
 
-/// Logs a warning when this host's KVM did not give the vCPU the saved TSC (the PVM hosts
+/// Logs (at info level: a guest on kvm-clock, the default on these hosts, is not affected)
+/// when this host's KVM did not give the vCPU the saved TSC (the PVM hosts
 /// ignore KVM_SET_MSRS(IA32_TSC): the guest reads the host's TSC), because a guest clocked by
 /// the TSC then sees the whole time the snapshot was kept as a jump.
 fn warn_if_tsc_not_restored(fd: &kvm_ioctls::VcpuFd, st: &vcpu_state::VcpuState) {
     match vcpu_state::tsc_restore_error(fd, st) {
-        Ok(Some(secs)) => log::warn!(
+        Ok(Some(secs)) => log::info!(
             "this host's KVM did not set the guest TSC to the snapshot's (it is {secs:+.1} s \
              off): a guest clocked by the TSC sees that as a jump and, with a periodic tick, \
              replays every tick it missed; guests on kvm-clock are not affected \
