@@ -44,6 +44,7 @@
 #include <linux/sched.h>
 #include <linux/string.h>
 #include <linux/timekeeping.h>
+#include <asm/pvclock.h>
 #include <asm/kvmclock.h>
 #include <crypto/hash.h>
 #include <crypto/md5.h>
