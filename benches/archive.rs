@@ -137,6 +137,7 @@ fn local(dir: &Path, eager: bool) -> (f64, Vmm) {
         force: false,
         start_paused: false,
         eager_memory: eager,
+        clock: Default::default(),
     };
     let t = Instant::now();
     let vm = build_from_snapshot(&s, &m, opts).expect("local restore");

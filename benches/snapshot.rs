@@ -666,6 +666,7 @@ fn restore_in_process(dir: &Path, eager: bool) -> (Duration, Option<Duration>, V
         force: false,
         start_paused: true,
         eager_memory: eager,
+        clock: Default::default(),
     };
     let t = Instant::now();
     let vmm = build_from_snapshot(&state, &memory, opts).expect("build_from_snapshot");

@@ -426,9 +426,17 @@ pub fn compose_cmdline(
         log::info!(
             "PVM-style nested KVM host detected: appending guest command-line workarounds (disable with --no-host-quirks)"
         );
+        if cfg.vcpus > 1 {
+            log::warn!(
+                "PVM-style host and {} vCPUs: the guest gets nopv (KVM's PV IPIs hang here), \
+                 which turns kvmclock off; on the TSC, a restore of an old snapshot stalls the \
+                 guest for a time that grows with the snapshot's age (docs/PVM_HOSTS.md)",
+                cfg.vcpus
+            );
+        }
         let quirks = arch::cpu_template::pvm_quirk_features(config::PVM_CLEARCPUID);
         let clear = arch::cpu_template::pvm_clearcpuid(&quirks, &cpu.hidden);
-        parts.push(config::pvm_quirks(tsc_khz, &clear));
+        parts.push(config::pvm_quirks(tsc_khz, &clear, cfg.vcpus));
     }
     parts.retain(|p| !p.is_empty());
     parts.join(" ")

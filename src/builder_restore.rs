@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use vm_memory::GuestAddress;
 
-use crate::arch::x86_64::{vcpu_state, vm_state};
+use crate::arch::x86_64::{ClockMode, vcpu_state, vm_state};
 use crate::builder::{
     BuildError, Console, Platform, attach_blocks, open_disks, setup_platform, start_vcpus,
 };
@@ -36,6 +36,9 @@ pub struct RestoreOptions {
     pub start_paused: bool,
     /// Fill guest memory before the vCPUs start instead of serving it lazily.
     pub eager_memory: bool,
+    /// How the guest's kvmclock continues: from the snapshot (default) or advanced by the
+    /// real time since (`--clock-realtime`); docs/KEEPING_SNAPSHOTS.md, "Time".
+    pub clock: ClockMode,
 }
 
 impl RestoreOptions {
@@ -47,6 +50,7 @@ impl RestoreOptions {
             force: false,
             start_paused: false,
             eager_memory: false,
+            clock: ClockMode::Continue,
         }
     }
 }
@@ -114,6 +118,23 @@ pub fn build_from_snapshot(
         vmm.dirty_log = crate::vstate::dirty::LogState::fresh();
     }
     Ok(vmm)
+}
+
+/// Logs (at info level: a guest on kvm-clock, the default on these hosts, is not affected)
+/// when this host's KVM did not give the vCPU the saved TSC (the PVM hosts
+/// ignore KVM_SET_MSRS(IA32_TSC): the guest reads the host's TSC), because a guest clocked by
+/// the TSC then sees the whole time the snapshot was kept as a jump.
+fn warn_if_tsc_not_restored(fd: &kvm_ioctls::VcpuFd, st: &vcpu_state::VcpuState) {
+    match vcpu_state::tsc_restore_error(fd, st) {
+        Ok(Some(secs)) => log::info!(
+            "this host's KVM did not set the guest TSC to the snapshot's (it is {secs:+.1} s \
+             off): a guest clocked by the TSC sees that as a jump and, with a periodic tick, \
+             replays every tick it missed; guests on kvm-clock are not affected \
+             (docs/KEEPING_SNAPSHOTS.md)"
+        ),
+        Ok(None) => {}
+        Err(e) => log::debug!("cannot check the restored TSC: {e}"),
+    }
 }
 
 /// Makes each disk overlay named by the configuration hold the content captured in the
@@ -330,8 +351,11 @@ pub fn build_from_parts(
             .map_err(|e| BuildError::Arch(format!("restoring vcpu{id}: {e}")))?;
         fds.push(fd);
     }
-    vm_state::restore_vm(vm.fd(), &state.vm)
+    vm_state::restore_vm(vm.fd(), vm.kvm(), &state.vm, opts.clock)
         .map_err(|e| BuildError::Arch(format!("restoring VM state: {e}")))?;
+    if let (Some(fd), Some(st)) = (fds.first(), state.vcpus.first()) {
+        warn_if_tsc_not_restored(fd, st);
+    }
     // Devices last: the transports re-activate their devices and re-raise interrupts.
     for (i, (b, saved)) in blocks.iter().zip(&state.blocks).enumerate() {
         lock(&b.transport)

@@ -347,14 +347,33 @@ pub fn pvm_host() -> bool {
 /// would exceed the 127 characters Linux 6.1 reads.
 pub const PVM_CLEARCPUID: &str = "smap,smep,umip,pku,popcnt,bmi1,bmi2,movbe,avx,avx2,fsgsbase,rdpid,erms,fsrm,xsaveopt,xsavec,xsaves,rdrand,rdseed,adx,sha_ni,avx512f,clflushopt,clwb";
 
-/// Command-line workarounds for PVM hosts, with `clearcpuid` the features the guest
-/// kernel must ignore (see [`PVM_CLEARCPUID`]). `tsc_khz` (KVM_GET_TSC_KHZ) is passed as
-/// `tsc_early_khz` because the guest's PIT calibration runs emulated and fails (the TSC would
-/// be marked unstable and every `udelay` would become an emulated busy loop), and as a
-/// loops-per-jiffy value so delay-loop calibration is skipped; lpj assumes HZ=100, which makes
-/// delays on a higher-HZ kernel longer, never shorter.
-pub fn pvm_quirks(tsc_khz: Option<u32>, clearcpuid: &str) -> String {
-    let mut s = format!("nopv noxsave clearcpuid={clearcpuid} tsc=reliable");
+/// Command-line workarounds for PVM hosts, for a guest with `vcpus` vCPUs, with `clearcpuid`
+/// the features the guest kernel must ignore (see [`PVM_CLEARCPUID`]).
+///
+/// `tsc_khz` (KVM_GET_TSC_KHZ) is passed as `tsc_early_khz` because the guest's PIT
+/// calibration runs emulated and fails (the TSC would be marked unstable and every `udelay`
+/// would become an emulated busy loop), and as a loops-per-jiffy value so delay-loop
+/// calibration is skipped; lpj assumes HZ=100, which makes delays on a higher-HZ kernel
+/// longer, never shorter.
+///
+/// The guest's clock: these hosts ignore the TSC a VMM gives a vCPU (the guest reads the
+/// host's TSC), so a guest clocked by the TSC sees the time a snapshot was kept as a jump and,
+/// with a periodic tick, replays every tick it missed with interrupts off (emulated here):
+/// minutes for a snapshot kept for minutes. kvmclock, which KVM_SET_CLOCK restores, does not
+/// jump. A single-vCPU guest therefore keeps KVM paravirt (no `nopv`) with
+/// `clocksource=kvm-clock` (the guest prefers an invariant TSC otherwise) and `no-kvmapf`:
+/// with one vCPU Linux enables none of the PV features that make hypercalls (PV IPIs, PV
+/// spinlocks, PV sched yield, PV TLB flush), and the KVM PTP clock is not built into the
+/// project's kernel. With several vCPUs those PV features would hang (their hypercalls never
+/// complete here), so the guest gets `nopv`, which also turns kvmclock off: such guests still
+/// stall after a restore in proportion to the snapshot's age (docs/PVM_HOSTS.md).
+pub fn pvm_quirks(tsc_khz: Option<u32>, clearcpuid: &str, vcpus: u8) -> String {
+    let pv = if vcpus <= 1 {
+        "clocksource=kvm-clock no-kvmapf"
+    } else {
+        "nopv"
+    };
+    let mut s = format!("{pv} noxsave clearcpuid={clearcpuid} tsc=reliable");
     if let Some(khz) = tsc_khz.filter(|k| *k > 0) {
         s.push_str(&format!(" tsc_early_khz={khz} lpj={}", u64::from(khz) * 10));
     }
@@ -408,9 +427,15 @@ mod tests {
 
     #[test]
     fn quirks() {
-        let q = pvm_quirks(Some(2_596_128), "smap,smep");
-        assert!(q.starts_with("nopv noxsave clearcpuid=smap,smep tsc=reliable"));
+        let q = pvm_quirks(Some(2_596_128), "smap,smep", 1);
+        assert!(q.starts_with(
+            "clocksource=kvm-clock no-kvmapf noxsave clearcpuid=smap,smep tsc=reliable"
+        ));
+        assert!(!q.contains("nopv"));
         assert!(q.ends_with("tsc_early_khz=2596128 lpj=25961280"));
-        assert!(!pvm_quirks(None, "smap").contains("lpj"));
+        assert!(!pvm_quirks(None, "smap", 1).contains("lpj"));
+        let smp = pvm_quirks(Some(2_596_128), "smap", 2);
+        assert!(smp.starts_with("nopv noxsave clearcpuid=smap tsc=reliable"));
+        assert!(!smp.contains("kvm-clock"));
     }
 }

@@ -70,6 +70,22 @@ struct RestoreFlags {
     /// through userfaultfd, with a background fill).
     #[arg(long)]
     eager_memory: bool,
+    /// Advance the guest's clock by the real time since the snapshot (KVM_CLOCK_REALTIME, as
+    /// Firecracker's `clock_realtime`): monotonic time then jumps by the gap too. Default: the
+    /// clock continues from the snapshot (docs/KEEPING_SNAPSHOTS.md).
+    #[arg(long)]
+    clock_realtime: bool,
+}
+
+impl RestoreFlags {
+    /// The clock mode these flags ask for.
+    fn clock(&self) -> vmm::arch::x86_64::ClockMode {
+        if self.clock_realtime {
+            vmm::arch::x86_64::ClockMode::Realtime
+        } else {
+            vmm::arch::x86_64::ClockMode::Continue
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -325,6 +341,7 @@ fn restore_vm(
         force: flags.force,
         start_paused: flags.paused,
         eager_memory: flags.eager_memory,
+        clock: flags.clock(),
     };
     let mut vm = match builder_restore::build_from_snapshot(cpu, memory, opts) {
         Ok(v) => v,
@@ -361,6 +378,7 @@ fn restore_archive(
         force: flags.force,
         paused: flags.paused,
         eager_memory: flags.eager_memory,
+        clock: flags.clock(),
     };
     let (mut vm, session) = match vmm::archive::cli::restore_cli(src, archive, common, started) {
         Ok(v) => v,

@@ -3,6 +3,7 @@
 //! from the same snapshot (clones). The guest boots once; everything else is restores.
 
 mod common;
+mod kept_snapshot;
 
 use common::*;
 use std::path::Path;
@@ -98,4 +99,11 @@ fn counter_continues_after_restore_twice() {
         last_before,
         "second restore (clone)",
     );
+}
+
+/// Guest time across a snapshot kept 0 s, 1 min and 3 min (tests/kept_snapshot): its waits
+/// run no guest, so they overlap the other test of this binary.
+#[test]
+fn counter_guest_across_kept_snapshots() {
+    kept_snapshot::counter_guest_across_kept_snapshots();
 }

@@ -752,6 +752,7 @@ fn restore_refuses_a_different_disk_unless_forced() {
                 force: true,
                 start_paused: true,
                 eager_memory: false,
+                clock: Default::default(),
             },
         );
         ensure(forced.is_ok(), || {

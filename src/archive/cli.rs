@@ -78,6 +78,8 @@ pub struct CommonRestore {
     pub paused: bool,
     /// `--eager-memory`.
     pub eager_memory: bool,
+    /// `--clock-realtime`.
+    pub clock: crate::arch::x86_64::ClockMode,
 }
 
 fn fail(code: u8, msg: String) -> ExitCode {
@@ -132,6 +134,7 @@ fn options(
     o.force = common.force;
     o.start_paused = common.paused;
     o.eager_memory = common.eager_memory;
+    o.clock = common.clock;
     o.started = Some(started);
     Ok(o)
 }

@@ -138,6 +138,8 @@ pub struct ArchiveRestoreOptions {
     pub eager_memory: bool,
     /// Accept disks whose identity differs from the record.
     pub force: bool,
+    /// How the guest's kvmclock continues.
+    pub clock: crate::arch::x86_64::ClockMode,
     /// Record the chunks read by the lazy memory handler (for a working set); turns the
     /// background fill off.
     pub record: bool,
@@ -160,6 +162,7 @@ impl ArchiveRestoreOptions {
             start_paused: false,
             eager_memory: false,
             force: false,
+            clock: Default::default(),
             record: false,
             started: None,
         }
@@ -693,6 +696,7 @@ pub fn restore(
         force: opts.force,
         start_paused: true,
         eager_memory: opts.eager_memory,
+        clock: opts.clock,
     };
     let mut vmm = build_from_parts(
         loaded.state,

@@ -33,6 +33,7 @@
         .set SC_SNAP_DIRTY,       14    /* writes host-chosen qwords on command (snapshot dedup) */
         .set SC_SNAP_ECHO,        15    /* echoes COM1 input, reading RBR only (snapshot) */
         .set SC_VIRTIO_READS,     16    /* virtio-blk reads one after another, host-paced */
+        .set SC_TSC_CLOCK,        17    /* TSC-deadline ticks, guest TSC + kvmclock (snapshot) */
 
         .ifndef SCENARIO
         .error "assemble with --defsym SCENARIO=<n>"
@@ -42,6 +43,9 @@
         .endif
         .ifndef TIMER_LAPIC                     /* SC_SNAP_TICKS: 0 = PIT, 1 = LAPIC timer */
         .set TIMER_LAPIC, 0
+        .endif
+        .ifndef KVMCLOCK                        /* SC_TSC_CLOCK: 1 = also enable kvmclock */
+        .set KVMCLOCK, 0
         .endif
 
         /* Devices and addresses (mirrored in mod.rs). */
@@ -60,6 +64,11 @@
         .set MB_CMD_SEQ,        MAILBOX + 0x18  /* u32: SC_SNAP_DIRTY command number (host) */
         .set MB_CMD_ACK,        MAILBOX + 0x1c  /* u32: last command done (guest) */
         .set MB_CMD_COUNT,      MAILBOX + 0x20  /* u32: qwords to write (host, <= 32) */
+        .set MB_TSC,            MAILBOX + 0x28  /* u64: SC_TSC_CLOCK: RDTSC at the last tick */
+        .set MB_MISSED,         MAILBOX + 0x30  /* u32: periods skipped at the last tick */
+        .set MB_MISSED_MAX,     MAILBOX + 0x34  /* u32: the most periods skipped at one tick */
+        .set MB_TSC_BACK,       MAILBOX + 0x38  /* u32: ticks that found the TSC far behind */
+        .set MB_PVCLOCK,        MAILBOX + 0x40  /* 32 bytes: kvmclock's pvclock_vcpu_time_info */
         .set MB_CMD_LIST,       MAILBOX + 0x100 /* u64[]: their addresses (host) */
         .set MB_READ_LIMIT,     MAILBOX + 0x24  /* u32: SC_VIRTIO_READS may start reads below this (host) */
         .set HOST_DATA,         MAILBOX + 0x1000 /* 4 KiB the host fills while paused */
@@ -78,6 +87,9 @@
         .set TICKS,             10
         .set PIT_DIVISOR,       11932           /* 1193182 Hz / 11932 = 100 Hz */
         .set LAPIC_COUNT,       10000000        /* 10 ms at KVM's 1 GHz APIC bus, divide 1 */
+        .set TSC_PERIOD,        25000000        /* SC_TSC_CLOCK: ~10 ms at 2.5 GHz */
+        .set MSR_TSC_DEADLINE,  0x6e0
+        .set MSR_KVM_SYSTEM_TIME_NEW, 0x4b564d01
 
         /* Serial register values set by serial_setup and checked by serial_check. */
         .set SER_DLL,           0x03
@@ -181,6 +193,8 @@ _start:
         jmp snap_echo
         .elseif SCENARIO == SC_VIRTIO_READS
         jmp virtio_reads
+        .elseif SCENARIO == SC_TSC_CLOCK
+        jmp tsc_clock
         .elseif SCENARIO == SC_TRIPLE_FAULT || SCENARIO == SC_TRIPLE_FAULT_IRQ
         /* handled above */
         .else
@@ -728,6 +742,93 @@ snap_echo:
         jz 1b
         out %al, %dx
         jmp 1b
+
+/* Scenario 16: a periodic tick made of one-shot LAPIC TSC-deadline interrupts, the way Linux
+ * runs its periodic tick on a TSC-deadline LAPIC (tick_handle_periodic): at each tick the next
+ * deadline is the previous one plus TSC_PERIOD, advanced by whole periods until it lies ahead
+ * of RDTSC; the periods skipped are what Linux would catch up one tick_periodic() call each.
+ * Each tick prints "tick <n> tsc <RDTSC, 16 hex digits> missed <periods skipped>" and stores
+ * RDTSC in MB_TSC, n in MB_COUNT (= r12). A deadline more than 2^32 cycles ahead of RDTSC
+ * (the TSC went backwards) is re-based on RDTSC and counted in MB_TSC_BACK. With KVMCLOCK=1
+ * kvmclock is enabled first (MSR_KVM_SYSTEM_TIME_NEW = MB_PVCLOCK | 1); the host reads the
+ * structure and converts the printed TSC values to kvmclock time. Runs until stopped. */
+tsc_clock:
+        mov $0xff, %al                  /* PIC: everything masked */
+        call pic_init
+        .if KVMCLOCK
+        mov $MSR_KVM_SYSTEM_TIME_NEW, %ecx
+        mov $(MB_PVCLOCK | 1), %eax
+        xor %edx, %edx
+        wrmsr
+        .endif
+        xor %r12d, %r12d
+        movl $0, MB_COUNT
+        mov $LAPIC, %ebx
+        movl $0x1ff, 0xf0(%rbx)         /* SVR: APIC enabled, spurious vector 0xff */
+        movl $(0x40000 | VEC_LAPIC_TIMER), 0x320(%rbx)  /* LVT timer: TSC-deadline mode */
+        rdtsc
+        shl $32, %rdx
+        or %rdx, %rax
+        mov %rax, %r13                  /* r13: the armed deadline */
+        add $TSC_PERIOD, %r13
+        call arm_deadline
+        PRINT "tsc clock\n"
+        sti
+1:      hlt
+2:      cmp MB_TICKS, %r12d
+        jae 1b
+        inc %r12d
+        mov %r12d, MB_COUNT
+        rdtsc
+        shl $32, %rdx
+        or %rdx, %rax
+        mov %rax, MB_TSC
+        cmp %rax, %r13
+        jbe 3f
+        mov %r13, %rcx                  /* far ahead (TSC went backwards): re-base */
+        sub %rax, %rcx
+        shr $32, %rcx
+        jz 3f
+        incl MB_TSC_BACK
+        mov %rax, %r13
+3:      xor %r14d, %r14d                /* periods skipped */
+4:      add $TSC_PERIOD, %r13
+        cmp %rax, %r13
+        ja 5f
+        inc %r14d
+        jmp 4b
+5:      mov %r14d, MB_MISSED
+        cmp MB_MISSED_MAX, %r14d
+        jbe 6f
+        mov %r14d, MB_MISSED_MAX
+6:      call arm_deadline
+        PRINT "tick "
+        mov %r12d, %eax
+        call print_dec
+        PRINT " tsc "
+        mov MB_TSC, %rax
+        mov $16, %ecx
+        call print_hex
+        PRINT " missed "
+        mov %r14d, %eax
+        call print_dec
+        PRINT "\n"
+        jmp 2b
+
+/* arm_deadline: IA32_TSC_DEADLINE = r13. */
+arm_deadline:
+        push %rax
+        push %rcx
+        push %rdx
+        mov $MSR_TSC_DEADLINE, %ecx
+        mov %r13, %rax
+        mov %r13, %rdx
+        shr $32, %rdx
+        wrmsr
+        pop %rdx
+        pop %rcx
+        pop %rax
+        ret
 
 /* ------------------------------------------------------------------------------------- */
 /* Common code. */

@@ -110,6 +110,18 @@ pub mod guest {
     pub const READ_SLOTS: u64 = 64;
     /// Read k of [`super::Scenario::VirtioReads`] is at byte `(k % READ_SLOTS) * READ_STRIDE`.
     pub const READ_STRIDE: u64 = 256 << 10;
+    /// u64: [`super::Scenario::TscClock`]: the guest's RDTSC at its last tick.
+    pub const MB_TSC: u64 = MAILBOX + 0x28;
+    /// u32: periods the last tick skipped.
+    pub const MB_MISSED: u64 = MAILBOX + 0x30;
+    /// u32: the most periods one tick skipped.
+    pub const MB_MISSED_MAX: u64 = MAILBOX + 0x34;
+    /// u32: ticks that found the TSC far behind the armed deadline (it went backwards).
+    pub const MB_TSC_BACK: u64 = MAILBOX + 0x38;
+    /// kvmclock's `pvclock_vcpu_time_info` (32 bytes) with `KVMCLOCK=1`.
+    pub const MB_PVCLOCK: u64 = MAILBOX + 0x40;
+    /// TSC cycles between two ticks of [`super::Scenario::TscClock`].
+    pub const TSC_PERIOD: u64 = 25_000_000;
 }
 
 /// What the guest does, chosen at assembly time (`--defsym SCENARIO=n`).
@@ -151,6 +163,10 @@ pub enum Scenario {
     /// reported as `read <k> ok` (or `read <k> error`, then retried); read k starts once
     /// [`guest::MB_READ_LIMIT`] > k, at sector `(k % READ_SLOTS) << READ_STRIDE_SHIFT`.
     VirtioReads = 16,
+    /// A periodic tick built from one-shot LAPIC TSC-deadline interrupts, as Linux runs it:
+    /// prints `tick <n> tsc <RDTSC hex> missed <periods skipped>` (with `KVMCLOCK=1` it
+    /// enables kvmclock at [`guest::MB_PVCLOCK`] first). Runs until the host stops it.
+    TscClock = 17,
 }
 
 /// A tiny-guest ELF variant: a scenario and extra `--defsym`s (e.g. `IRQS_OFF=1`).
@@ -657,6 +673,7 @@ fn restore_with(
         force: false,
         start_paused,
         eager_memory,
+        clock: Default::default(),
     };
     let vmm = vmm::builder_restore::build_from_snapshot(&state, &memory, opts)
         .map_err(|e| format!("restoring {}: {e}", dir.display()))?;

@@ -14,8 +14,10 @@
  *   vmmtest.disk=/dev/vdX[,/dev/vdY…]  md5 of each whole device
  *   vmmtest.write=TEXT         then write "TEXT\n" (zero-padded) to its last 4 KiB
  *   vmmtest.force_write        send that write even to a read-only device
- *   vmmtest.counter            "vmmtest: tick TOKEN N" once a second
+ *   vmmtest.counter            "vmmtest: tick TOKEN N mono=S.N real=S.N" once a second
  *   vmmtest.counter_disk=/dev/vdX  ... plus read/rewrite/md5 of one block per tick
+ *   vmmtest.clock_sync         step the wall clock to kvmclock's (the host's) whenever
+ *                              it is more than 100 ms off (boot, restore); checked 1/s
  *   vmmtest.poweroff           kernel_restart() once the one-shot work is done
  *   vmmtest.cpuflags           "vmmtest: cpuflags: fpu vme ..." (the /proc/cpuinfo flags)
  *
@@ -43,6 +45,9 @@
 #include <linux/sched.h>
 #include <linux/slab.h>
 #include <linux/string.h>
+#include <linux/timekeeping.h>
+#include <asm/pvclock.h>
+#include <asm/kvmclock.h>
 #include <crypto/hash.h>
 #include <crypto/md5.h>
 #include <asm/cpufeature.h>
@@ -76,6 +81,10 @@ MODULE_PARM_DESC(counter, "Print a tick line once a second");
 static char counter_disk[64];
 module_param_string(counter_disk, counter_disk, sizeof(counter_disk), 0444);
 MODULE_PARM_DESC(counter_disk, "Block device read and rewritten one block per tick");
+
+static bool clock_sync;
+module_param(clock_sync, bool, 0444);
+MODULE_PARM_DESC(clock_sync, "Step the wall clock to kvmclock's (the host's) when > 100 ms off");
 
 static char disk[128];
 module_param_string(disk, disk, sizeof(disk), 0444);
@@ -277,6 +286,81 @@ static int vt_oneshot_fn(void *unused)
 	return 0;
 }
 
+/* ---- clock --------------------------------------------------------------- */
+
+/* A wall clock closer than this to the host's is left alone (vmmtest.clock_sync). */
+#define VT_SYNC_NS	(100 * NSEC_PER_MSEC)
+
+/* Whether the kernel runs kvmclock (not with nopv): kvmclock_init() sets CPU 0's page. */
+static bool vt_kvmclock(void)
+{
+#ifdef CONFIG_KVM_GUEST
+	return per_cpu(hv_clock_per_cpu, 0) != NULL;
+#else
+	return false;
+#endif
+}
+
+/*
+ * vmmtest.clock_sync: keep CLOCK_REALTIME on the host's wall clock.
+ *
+ * A restored snapshot's monotonic clock continues from the snapshot, and so
+ * does the wall clock derived from it, while the host's wall clock moved on;
+ * early boot also loses wall time here (the jiffies clock source runs before
+ * kvm-clock takes over and misses ticks). kvmclock's wall clock
+ * (read_persistent_clock64() -> MSR_KVM_WALL_CLOCK_NEW) is computed by KVM from
+ * the host's real time whenever the guest asks, so compare with it and step
+ * when they differ by more than VT_SYNC_NS: "vmmtest: clock step <ms> ms"
+ * (or "... error=<errno>"). Without kvmclock (nopv) it does nothing.
+ *
+ * (The VMM's KVM_KVMCLOCK_CTRL flag, PVCLOCK_GUEST_STOPPED, cannot serve as the
+ * trigger: every kvmclock read clears it, in pvclock_clocksource_read().)
+ */
+static void vt_clock_sync(void)
+{
+	struct timespec64 host, guest;
+	s64 delta;
+	int ret;
+
+	if (!clock_sync || !vt_kvmclock())
+		return;
+	read_persistent_clock64(&host);
+	ktime_get_real_ts64(&guest);
+	delta = timespec64_to_ns(&host) - timespec64_to_ns(&guest);
+	if (delta >= -VT_SYNC_NS && delta <= VT_SYNC_NS)
+		return;
+	ret = do_settimeofday64(&host);
+	if (ret)
+		vt_out("clock step %lld ms error=%d", div_s64(delta, NSEC_PER_MSEC), ret);
+	else
+		vt_out("clock step %lld ms", div_s64(delta, NSEC_PER_MSEC));
+}
+
+/* Without the counter, clock_sync runs on its own once a second. */
+static int vt_clock_fn(void *unused)
+{
+	while (!kthread_should_stop()) {
+		vt_clock_sync();
+		msleep(MSEC_PER_SEC);
+	}
+	return 0;
+}
+
+/* " mono=<s>.<ns> real=<s>.<ns>": CLOCK_MONOTONIC and CLOCK_REALTIME now. */
+struct vt_times {
+	char s[64];
+};
+
+static void vt_times(struct vt_times *t)
+{
+	struct timespec64 mono, real;
+
+	ktime_get_ts64(&mono);
+	ktime_get_real_ts64(&real);
+	snprintf(t->s, sizeof(t->s), "mono=%lld.%09ld real=%lld.%09ld",
+		 (s64)mono.tv_sec, mono.tv_nsec, (s64)real.tv_sec, real.tv_nsec);
+}
+
 /* ---- counter ------------------------------------------------------------- */
 
 struct vt_cdisk {
@@ -317,14 +401,17 @@ static void vt_cdisk_tick(struct vt_cdisk *c, u64 n)
 {
 	u64 idx = n % (c->blocks - 1);	/* never the last block */
 	u8 digest[MD5_DIGEST_SIZE];
+	struct vt_times t;
 	int ret;
+
+	vt_times(&t);
 
 	ret = vt_bio(c->bdev, REQ_OP_READ, idx * VT_BLOCK, c->page, VT_BLOCK);
 	if (!ret)
 		ret = crypto_shash_tfm_digest(c->tfm, page_address(c->page),
 					      VT_BLOCK, digest);
 	if (ret) {
-		vt_out("tick %s %llu blk=%llu error=%d", token, n, idx, ret);
+		vt_out("tick %s %llu %s blk=%llu error=%d", token, n, t.s, idx, ret);
 		return;
 	}
 	ret = vt_bio(c->bdev, REQ_OP_WRITE | REQ_SYNC, idx * VT_BLOCK, c->page,
@@ -332,10 +419,10 @@ static void vt_cdisk_tick(struct vt_cdisk *c, u64 n)
 	if (!ret)
 		ret = blkdev_issue_flush(c->bdev);
 	if (ret)
-		vt_out("tick %s %llu blk=%llu md5=%*phN error=%d", token, n, idx,
-		       MD5_DIGEST_SIZE, digest, ret);
+		vt_out("tick %s %llu %s blk=%llu md5=%*phN error=%d", token, n,
+		       t.s, idx, MD5_DIGEST_SIZE, digest, ret);
 	else
-		vt_out("tick %s %llu blk=%llu md5=%*phN", token, n, idx,
+		vt_out("tick %s %llu %s blk=%llu md5=%*phN", token, n, t.s, idx,
 		       MD5_DIGEST_SIZE, digest);
 }
 
@@ -358,10 +445,15 @@ static int vt_counter_fn(void *unused)
 
 	next = ktime_get();
 	for (n = 0; !kthread_should_stop(); n++) {
-		if (use_disk)
+		vt_clock_sync();
+		if (use_disk) {
 			vt_cdisk_tick(&c, n);
-		else
-			vt_out("tick %s %llu", token, n);
+		} else {
+			struct vt_times t;
+
+			vt_times(&t);
+			vt_out("tick %s %llu %s", token, n, t.s);
+		}
 
 		/* One tick per second of monotonic time, without drift ... */
 		next = ktime_add_ms(next, MSEC_PER_SEC);
@@ -409,6 +501,10 @@ static int __init vmmtest_init(void)
 		t = kthread_run(vt_counter_fn, NULL, "vmmtest-counter");
 		if (IS_ERR(t))
 			vt_out("cannot start counter: %ld", PTR_ERR(t));
+	} else if (clock_sync) {
+		t = kthread_run(vt_clock_fn, NULL, "vmmtest-clock");
+		if (IS_ERR(t))
+			vt_out("cannot start clock sync: %ld", PTR_ERR(t));
 	}
 	return 0;
 }

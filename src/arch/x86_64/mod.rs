@@ -32,7 +32,7 @@ pub use regs::{RegsError, setup_fpu, setup_regs, setup_sregs};
 pub use vcpu_state::{
     FpuRegs, FpuState, VcpuState, VcpuStateError, kvmclock_ctrl, restore_vcpu, save_vcpu,
 };
-pub use vm_state::{VmState, VmStateError, restore_vm, save_vm};
+pub use vm_state::{ClockMode, VmState, VmStateError, clock_to_set, restore_vm, save_vm};
 
 /// Any error of the x86_64 boot support.
 #[derive(Debug, thiserror::Error)]

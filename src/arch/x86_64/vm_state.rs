@@ -1,14 +1,18 @@
 //! The VM-wide x86_64 device state KVM emulates in the kernel — the two 8259 PICs, the IOAPIC,
 //! the PIT and the kvmclock base — saved and restored as a plain serde struct ([`VmState`]).
 //!
-//! Restore order: PIT, clock, then the irqchip (PIC master, PIC slave, IOAPIC). vCPUs are
-//! restored afterwards (their LAPICs route through the irqchip).
+//! Restore order: PIT, clock, then the irqchip (PIC master, PIC slave, IOAPIC).
+//!
+//! The clock is kvmclock's base (KVM_SET_CLOCK). By default a restored guest's kvmclock
+//! continues from the saved value, so its monotonic time does not include the time the
+//! snapshot was kept ([`ClockMode::Continue`]); [`ClockMode::Realtime`] advances it by the
+//! real time that passed instead (docs/KEEPING_SNAPSHOTS.md, "Time").
 
 use kvm_bindings::{
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, kvm_clock_data, kvm_irqchip,
-    kvm_pit_state2,
+    KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    kvm_clock_data, kvm_irqchip, kvm_pit_state2,
 };
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 
 /// Errors while saving or restoring the VM-wide state; each names the ioctl (or check) that failed.
@@ -44,6 +48,14 @@ pub enum VmStateError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// [`ClockMode::Realtime`] was asked for, but the snapshot's KVM did not report the host's
+    /// real time with the clock (no KVM_CLOCK_REALTIME in the saved flags, Linux < 5.16).
+    #[error(
+        "the snapshot does not record the host's real time with its clock (saved KVM_GET_CLOCK \
+         flags {0:#x} lack KVM_CLOCK_REALTIME), so the clock cannot be advanced by the time \
+         since the snapshot"
+    )]
+    NoSavedRealtime(u32),
     /// A saved irqchip's `chip_id` is not the chip it is stored as (a corrupt state), so
     /// KVM_SET_IRQCHIP is not attempted.
     #[error("KVM_SET_IRQCHIP ({chip}): saved state has chip_id {found}, expected {expected}")]
@@ -73,6 +85,19 @@ pub struct VmState {
     pub pit2: kvm_pit_state2,
     /// The kvmclock base (KVM_GET_CLOCK), flags as KVM reported them.
     pub clock: kvm_clock_data,
+}
+
+/// How a restored VM's kvmclock continues.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClockMode {
+    /// From the value saved in the snapshot: the guest's monotonic time does not see the time
+    /// the snapshot was kept, however long (the default).
+    #[default]
+    Continue,
+    /// Advanced by the real time that passed since the snapshot (KVM_CLOCK_REALTIME, as
+    /// Firecracker's `clock_realtime`): the guest's monotonic *and* wall clocks jump by the
+    /// gap, and a periodic-tick guest then catches up on every tick it missed.
+    Realtime,
 }
 
 /// The irqchips in restore order, with the names used in errors.
@@ -106,18 +131,52 @@ pub fn save_vm(vm: &VmFd) -> Result<VmState> {
     })
 }
 
-/// Restores `state` into a freshly created `vm` that has its in-kernel irqchip and PIT2 and no
-/// running vCPU: PIT, clock, PIC master, PIC slave, IOAPIC.
+/// The KVM_SET_CLOCK argument that restores `saved` in `mode`.
 ///
-/// The clock is set with `flags = 0`: the guest clock continues from the saved value, not from
-/// the saved value plus the wall-clock time the VM spent saved (what KVM_CLOCK_REALTIME would
-/// do), and KVM_CLOCK_TSC_STABLE, which KVM only reports, is not passed back.
-pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<()> {
-    vm.set_pit2(&state.pit2).map_err(VmStateError::SetPit2)?;
-    let clock = kvm_clock_data {
-        clock: state.clock.clock,
+/// `host_flags` are the KVM_CLOCK_* flags this host's KVM_SET_CLOCK accepts
+/// (KVM_CAP_ADJUST_CLOCK) and `now_real_ns` the host's real time now, used only when
+/// [`ClockMode::Realtime`] must be emulated because KVM cannot do it. KVM_CLOCK_TSC_STABLE
+/// and KVM_CLOCK_HOST_TSC, which KVM only reports, are never passed back.
+pub fn clock_to_set(
+    saved: &kvm_clock_data,
+    mode: ClockMode,
+    host_flags: u32,
+    now_real_ns: u64,
+) -> Result<kvm_clock_data> {
+    let mut clock = kvm_clock_data {
+        clock: saved.clock,
         ..Default::default()
     };
+    if mode == ClockMode::Continue {
+        return Ok(clock);
+    }
+    if saved.flags & KVM_CLOCK_REALTIME == 0 {
+        return Err(VmStateError::NoSavedRealtime(saved.flags));
+    }
+    if host_flags & KVM_CLOCK_REALTIME != 0 {
+        // KVM adds the real time elapsed since `realtime`, at the moment it sets the clock.
+        clock.flags = KVM_CLOCK_REALTIME;
+        clock.realtime = saved.realtime;
+    } else {
+        clock.clock = saved
+            .clock
+            .saturating_add(now_real_ns.saturating_sub(saved.realtime));
+    }
+    Ok(clock)
+}
+
+/// Restores `state` into a freshly created `vm` that has its in-kernel irqchip and PIT2 and no
+/// running vCPU: PIT, clock (as `clock_mode` says, see [`clock_to_set`]), PIC master, PIC
+/// slave, IOAPIC. `kvm` tells which KVM_SET_CLOCK flags the host has.
+pub fn restore_vm(vm: &VmFd, kvm: &Kvm, state: &VmState, clock_mode: ClockMode) -> Result<()> {
+    vm.set_pit2(&state.pit2).map_err(VmStateError::SetPit2)?;
+    let host_flags =
+        u32::try_from(kvm.check_extension_raw(kvm_bindings::KVM_CAP_ADJUST_CLOCK.into()))
+            .unwrap_or(0);
+    let now_real_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let clock = clock_to_set(&state.clock, clock_mode, host_flags, now_real_ns)?;
     vm.set_clock(&clock).map_err(VmStateError::SetClock)?;
     for (irqchip, (expected, chip)) in [&state.pic_master, &state.pic_slave, &state.ioapic]
         .into_iter()
@@ -345,7 +404,7 @@ mod tests {
         );
 
         let dst = test_vm(&kvm, false);
-        restore_vm(&dst.vm, &vm_state).unwrap();
+        restore_vm(&dst.vm, &kvm, &vm_state, ClockMode::Continue).unwrap();
         restore_vcpu(&dst.vcpu, &kvm, &vcpu_state).unwrap();
         let vcpu_again = save_vcpu(&dst.vcpu, &kvm, &list).unwrap();
         let vm_again = save_vm(&dst.vm).unwrap();
@@ -428,7 +487,13 @@ mod tests {
 
         let mut swapped = good.clone();
         std::mem::swap(&mut swapped.pic_slave, &mut swapped.ioapic);
-        let err = restore_vm(&test_vm(&kvm, false).vm, &swapped).unwrap_err();
+        let err = restore_vm(
+            &test_vm(&kvm, false).vm,
+            &kvm,
+            &swapped,
+            ClockMode::Continue,
+        )
+        .unwrap_err();
         assert!(
             matches!(
                 err,
@@ -444,12 +509,83 @@ mod tests {
 
         // A VM without the in-kernel devices: the first ioctl, KVM_SET_PIT2, fails.
         let bare = kvm.create_vm().unwrap();
-        let err = restore_vm(&bare, &good).unwrap_err();
+        let err = restore_vm(&bare, &kvm, &good, ClockMode::Continue).unwrap_err();
         assert!(matches!(err, VmStateError::SetPit2(_)), "{err:?}");
         assert!(matches!(save_vm(&bare), Err(VmStateError::GetPit2(_))));
 
         // A truncated serialized state is a decode error, not a panic.
         let blob = bincode::serialize(&good).unwrap();
         assert!(bincode::deserialize::<VmState>(&blob[..blob.len() / 2]).is_err());
+    }
+
+    #[test]
+    fn clock_to_set_modes() {
+        use kvm_bindings::{KVM_CLOCK_HOST_TSC, KVM_CLOCK_TSC_STABLE};
+        let all = KVM_CLOCK_TSC_STABLE | KVM_CLOCK_REALTIME | KVM_CLOCK_HOST_TSC;
+        let saved = kvm_clock_data {
+            clock: 5_000_000_000,
+            flags: all,
+            realtime: 1_000_000_000_000,
+            host_tsc: 77,
+            ..Default::default()
+        };
+        // Continue: only the clock, no flags, whatever the host has.
+        let c = clock_to_set(&saved, ClockMode::Continue, all, 2_000_000_000_000).unwrap();
+        assert_eq!((c.clock, c.flags, c.realtime), (saved.clock, 0, 0));
+        // Realtime on a host with KVM_CLOCK_REALTIME: KVM adds the elapsed time itself.
+        let c = clock_to_set(&saved, ClockMode::Realtime, all, 2_000_000_000_000).unwrap();
+        assert_eq!(
+            (c.clock, c.flags, c.realtime),
+            (saved.clock, KVM_CLOCK_REALTIME, saved.realtime)
+        );
+        // Without it, the VMM adds it (never a negative amount).
+        let c = clock_to_set(
+            &saved,
+            ClockMode::Realtime,
+            KVM_CLOCK_TSC_STABLE,
+            1_000_300_000_000,
+        )
+        .unwrap();
+        assert_eq!((c.clock, c.flags), (5_300_000_000, 0));
+        let c = clock_to_set(&saved, ClockMode::Realtime, 0, 1).unwrap();
+        assert_eq!(c.clock, saved.clock);
+        // A snapshot whose KVM did not record the real time cannot be advanced.
+        let old = kvm_clock_data {
+            flags: KVM_CLOCK_TSC_STABLE,
+            ..saved
+        };
+        let err = clock_to_set(&old, ClockMode::Realtime, all, 1).unwrap_err();
+        assert!(matches!(err, VmStateError::NoSavedRealtime(f) if f == KVM_CLOCK_TSC_STABLE));
+        assert!(err.to_string().contains("KVM_CLOCK_REALTIME"), "{err}");
+    }
+
+    #[test]
+    fn clock_restore_continue_and_realtime() {
+        let Some(kvm) = kvm_or_skip() else { return };
+        let src = test_vm(&kvm, true);
+        let mut saved = save_vm(&src.vm).unwrap();
+        if saved.clock.flags & KVM_CLOCK_REALTIME == 0 {
+            eprintln!("SKIP: this KVM does not report KVM_CLOCK_REALTIME");
+            return;
+        }
+        // As if the snapshot had been taken 100 s ago.
+        const GAP_NS: u64 = 100_000_000_000;
+        saved.clock.realtime -= GAP_NS;
+        let cont = test_vm(&kvm, false);
+        restore_vm(&cont.vm, &kvm, &saved, ClockMode::Continue).unwrap();
+        let got = cont.vm.get_clock().unwrap().clock;
+        assert!(
+            got >= saved.clock.clock && got - saved.clock.clock < GAP_NS / 10,
+            "continue: {} -> {got}",
+            saved.clock.clock
+        );
+        let real = test_vm(&kvm, false);
+        restore_vm(&real.vm, &kvm, &saved, ClockMode::Realtime).unwrap();
+        let got = real.vm.get_clock().unwrap().clock;
+        let advanced = got - saved.clock.clock;
+        assert!(
+            (GAP_NS..GAP_NS + GAP_NS / 10).contains(&advanced),
+            "realtime: advanced {advanced} ns, expected about {GAP_NS}"
+        );
     }
 }
