@@ -39,6 +39,22 @@ pub fn timed_ticks(console: &str, token: &str) -> Vec<TimedTick> {
         .collect()
 }
 
+/// Appends `line` (with the date) to `target/test-logs/kept-snapshot.txt`, so that every run
+/// of the suite keeps its figures even though cargo hides a passing test's output.
+fn record(line: &str) {
+    use std::io::Write;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-logs");
+    let opened = std::fs::create_dir_all(&dir).and_then(|()| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("kept-snapshot.txt"))
+    });
+    if let Ok(mut f) = opened {
+        let _ = writeln!(f, "{:.0} {line}", now_s());
+    }
+}
+
 fn now_s() -> f64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -171,10 +187,12 @@ pub fn counter_guest_across_kept_snapshots() {
         let wait = Duration::from_secs(gap).saturating_sub(taken_at.elapsed());
         std::thread::sleep(wait);
         let res = restore_once(&snap, &before, &token, taken_at, what);
-        println!(
+        let line = format!(
             "{what}: kept {:.0} s, first tick after {:.3} s, guest monotonic step {:.3} s, guest wall clock {:+.3} s from the host's",
             res.kept_s, res.first_tick_s, res.mono_step_s, res.wall_vs_host_s
         );
+        println!("{line}");
+        record(&line);
         // The guest's monotonic clock did not see the time the snapshot was kept.
         assert!(
             res.mono_step_s < 1.0,
