@@ -23,16 +23,18 @@
 //!
 //! CSV: `target/bench/archive_{create,restore,storage,timeline}.csv`.
 
-mod common;
-#[path = "../tests/remote/mod.rs"]
-mod remote;
-#[path = "../tests/tiny/mod.rs"]
-mod tiny;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use support::bench::*;
+use support::env::have_kvm;
+use support::files::dir_bytes;
+use support::nginx::{Nginx, nginx_available};
+use support::rng::Rng;
+use support::tiny;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::archive::Source;
 use vmm::archive::restore::{ArchiveRestoreOptions, ArchiveSession, restore};
@@ -44,22 +46,9 @@ use vmm::vmm::Vmm;
 
 const CHUNK: u64 = 64 << 10;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 /// Fills 20 % of the chunks above 4 MiB (half text-like, half random).
 fn fill(vm: &Vmm, mib: u64) -> u64 {
-    let mut rng = Rng(0x5eed ^ mib | 1);
+    let mut rng = Rng::new(0x5eed ^ mib);
     let words: &[&[u8]] = &[
         b"vmm ",
         b"chunk ",
@@ -103,7 +92,7 @@ fn fill(vm: &Vmm, mib: u64) -> u64 {
 /// Guest addresses of 5 % of the non-zero chunks, fixed pseudo-random choice.
 fn workload_set(dir: &Path) -> Vec<u64> {
     let m = MemoryManifest::read_from(dir.join("memory")).expect("manifest");
-    let mut rng = Rng(0xfeed_beef);
+    let mut rng = Rng::new(0xfeed_beef);
     let mut set = Vec::new();
     for r in &m.regions {
         for (i, c) in r.chunks.iter().enumerate() {
@@ -164,7 +153,7 @@ const RESTORE_HEADER: &str = "run,mem_mib,mode,restore_ms,running_after_ms,befor
 workload_chunks,workload_ms,bytes_after_workload,first_second_bytes,load1";
 
 fn main() {
-    if !bench_mode("archive") || !have_kvm() || !remote::nginx_available() {
+    if !bench_mode("archive") || !have_kvm() || !nginx_available() {
         return;
     }
     let _ = env_logger::builder()
@@ -191,7 +180,7 @@ fn main() {
         "run,mem_mib,mode,t_ms,total_bytes,demand_bytes,prefetch_bytes,fill_bytes",
     );
     for &mib in &sizes {
-        let root = scratch(&format!("archive-{mib}"));
+        let root = bench_dir(&format!("archive-{mib}"));
         // 1. Snapshot, push, storage.
         let mut spec = tiny::Spec::new(tiny::Scenario::SnapTicks);
         spec.mem_mib = mib;
@@ -276,7 +265,7 @@ fn main() {
         println!("  working set: {} chunks", ws.chunks.len());
 
         // 3. Restores.
-        let nginx = remote::Nginx::start(&archive);
+        let nginx = Nginx::start(&archive);
         let url = format!("{}/vms/vm", nginx.url());
         let cache = root.join("cache");
         let reps: usize = env_or("ARCHIVE_BENCH_REPS", 2);

@@ -12,14 +12,19 @@
 //! warm, with `iflag=direct`, and `md5sum` of the file (the guest figure includes its md5).
 //! Appends to `target/bench/guest_disk.csv`.
 
-mod common;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::fs;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use support::bench::*;
+use support::env::{artifacts, have_kvm, vmm_bin};
+use support::linux::kernel_arg;
+use support::process::Running;
+use support::rng::Rng;
 
 /// Runs `dd if=file of=/dev/null bs=1M [extra]`; returns (seconds, MB/s) from its stderr.
 fn dd(file: &Path, extra: &[&str]) -> (f64, f64) {
@@ -49,7 +54,7 @@ fn main() {
     if !bench_mode("guest_disk") {
         return;
     }
-    let Some(art) = artifacts() else {
+    let Ok(art) = artifacts() else {
         println!("guest_disk bench: no guest artifacts (run resources/build-guest.sh); skipped");
         return;
     };
@@ -60,24 +65,15 @@ fn main() {
     let run = run_id();
     print_host("guest_disk");
     let mib: usize = env_or("GUEST_DISK_MIB", 2);
-    let dir = scratch("guest-disk");
+    let dir = bench_dir("guest-disk");
     let root = dir.join("rootfs.ext4");
-    fs::copy(art.join("rootfs.ext4"), &root).expect("copy rootfs");
+    fs::copy(art.rootfs(), &root).expect("copy rootfs");
     let small = dir.join("disk1.img");
-    fs::copy(art.join("disk.img"), &small).expect("copy disk.img");
+    fs::copy(art.disk(), &small).expect("copy disk.img");
     let big = dir.join(format!("disk{mib}.img"));
-    {
-        // Deterministic pseudo-random data (xorshift64*).
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut data = vec![0u8; mib << 20];
-        for w in data.chunks_exact_mut(8) {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            w.copy_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-        }
-        fs::write(&big, data).expect("write data disk");
-    }
+    // Deterministic pseudo-random data.
+    let data = Rng::new(0x9e37_79b9_7f4a_7c15).bytes(mib << 20);
+    fs::write(&big, data).expect("write data disk");
     let md5 = |p: &Path| -> (String, f64) {
         let t = Instant::now();
         let out = Command::new("md5sum").arg(p).output().expect("md5sum");
@@ -90,15 +86,10 @@ fn main() {
     };
     let disks = [("/dev/vdb", &small), ("/dev/vdc", &big)];
 
-    let cmdline = format!(
-        "{BASE_CMDLINE} init=/idle vmmtest.info vmmtest.disk=/dev/vdb,/dev/vdc vmmtest.poweroff"
-    );
+    let cmdline = "init=/idle vmmtest.info vmmtest.disk=/dev/vdb,/dev/vdc vmmtest.poweroff";
     let mut cmd = Command::new(vmm_bin());
     cmd.arg("--kernel")
-        .arg(format!(
-            "path={},cmdline=\"{cmdline}\"",
-            art.join("vmlinux").display()
-        ))
+        .arg(kernel_arg(&art, cmdline))
         .arg("--memory")
         .arg("size_mib=256")
         .arg("--block")
@@ -108,11 +99,13 @@ fn main() {
             .arg(format!("path={},read_only=true", f.display()));
     }
     let load_before = load1();
-    let mut p = Proc::spawn(&mut cmd).expect("spawn vmm");
+    let mut p = Running::try_spawn(&mut cmd)
+        .expect("spawn vmm")
+        .echo("vmmtest:");
     let timeout = Duration::from_secs(420 + 60 * mib as u64);
-    let info = p.wait_for("vmmtest: info", Duration::from_secs(420));
-    let done = p.wait_for("vmmtest: done", timeout);
-    let (code, _) = p.wait_exit(Duration::from_secs(120));
+    let info = p.wait_for_index("vmmtest: info", Duration::from_secs(420));
+    let done = p.wait_for_index("vmmtest: done", timeout);
+    let (code, _) = p.wait_exit_at(Duration::from_secs(120));
     let (Some(info), Some(_)) = (info, done) else {
         println!(
             "guest_disk: the agent did not finish (exit {code:?})\n{}",
@@ -129,11 +122,12 @@ fn main() {
         "guest_disk",
         "run,side,what,bytes,seconds,mb_per_s,detail,load1",
     );
-    let mut prev = printk_secs(&p.log[info].text).unwrap_or(f64::NAN);
+    let lines = p.lines();
+    let mut prev = printk_secs(&lines[info].text).unwrap_or(f64::NAN);
     let mut guest = Vec::new();
     for (dev, file) in &disks {
         let pat = format!("vmmtest: disk {dev} ");
-        let Some(line) = p.log.iter().find(|l| l.text.contains(&pat)) else {
+        let Some(line) = lines.iter().find(|l| l.text.contains(&pat)) else {
             println!("guest_disk: no line for {dev}\n{}", p.output());
             return;
         };

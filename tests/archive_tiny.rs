@@ -3,16 +3,16 @@
 //! instruction), working-set record + prefetch, the server going down, an altered chunk,
 //! and two clones at once sharing the local chunk cache (`vmm restore http://…`).
 
-mod common;
-mod remote;
-mod tiny;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use remote::{Nginx, nginx_available};
-use tiny::harness::{check_ticks, deadline, ensure};
-use tiny::{Capture, Scenario, Spec, TempDir, TinyVm, Variant, guest};
+use support::env::TempDir;
+use support::nginx::{Nginx, nginx_available};
+use support::tiny;
+use support::tiny::harness::{check_ticks, deadline, ensure};
+use support::tiny::{Capture, Scenario, Spec, TinyVm, Variant, guest};
 use vmm::archive::Source;
 use vmm::archive::restore::{ArchiveRestoreOptions, ArchiveSession, restore};
 use vmm::archive::workingset::FillRate;
@@ -172,7 +172,7 @@ fn push_and_resume_over_http() {
         drop(s);
 
         // Record a working set from the local archive, then resume with prefetch.
-        let out = std::process::Command::new(common::vmm_bin())
+        let out = std::process::Command::new(support::env::vmm_bin())
             .args(["archive", "record-workingset"])
             .arg(a.archive.join("vms/ticks"))
             .args(["--seconds", "0.5"])
@@ -301,11 +301,16 @@ fn server_down_and_altered_chunk_stop_the_vm_cleanly() {
     });
 }
 
-fn spawn_clone(url: &str, cache: &Path, fill: &str) -> common::Running {
+fn spawn_clone(url: &str, cache: &Path, fill: &str) -> support::process::Running {
     spawn_clone_with(url, cache, fill, &[])
 }
 
-fn spawn_clone_with(url: &str, cache: &Path, fill: &str, extra: &[String]) -> common::Running {
+fn spawn_clone_with(
+    url: &str,
+    cache: &Path,
+    fill: &str,
+    extra: &[String],
+) -> support::process::Running {
     let mut args: Vec<String> = vec![
         "restore".into(),
         url.into(),
@@ -315,10 +320,10 @@ fn spawn_clone_with(url: &str, cache: &Path, fill: &str, extra: &[String]) -> co
         fill.into(),
     ];
     args.extend_from_slice(extra);
-    common::Running::spawn(&args)
+    support::process::Running::spawn(&args)
 }
 
-fn wait_tick(r: &mut common::Running, pre: &str, target: u32) -> Result<u32, String> {
+fn wait_tick(r: &mut support::process::Running, pre: &str, target: u32) -> Result<u32, String> {
     let end = deadline();
     loop {
         let c = r.console();
@@ -395,7 +400,7 @@ fn a_local_archive_with_a_disk_resumes_from_the_directory() {
             use vmm::disk::BlockBackend as _;
             let tmp = TempDir::new("archive-local-disk");
             let disk = tmp.join("disk.img");
-            let content = remote::random_bytes(1 << 20, 99);
+            let content = support::rng::random_bytes(99, 1 << 20);
             std::fs::write(&disk, &content).map_err(|e| e.to_string())?;
             let cfg = vmm::config::BlockConfig {
                 path: disk.clone(),

@@ -9,19 +9,18 @@
 //!
 //! Each test skips, printing `SKIP:`, without /dev/kvm or nginx.
 
-mod common;
-mod faults;
-mod remote;
-mod tiny;
+mod support;
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use faults::proxy::{Fault, Proxy};
-use remote::{Nginx, nginx_available};
-use tiny::harness::{deadline, ensure};
-use tiny::{Capture, Scenario, Spec, TempDir, TinyVm, guest};
+use support::env::TempDir;
+use support::faults::proxy::{Fault, Proxy};
+use support::nginx::{Nginx, nginx_available};
+use support::tiny;
+use support::tiny::harness::{deadline, ensure};
+use support::tiny::{Capture, Scenario, Spec, TinyVm, guest};
 use vmm::archive::Source;
 use vmm::archive::restore::{ArchiveRestoreOptions, restore};
 use vmm::archive::workingset::FillRate;

@@ -8,8 +8,7 @@
 //!
 //! Each test skips, printing `SKIP:`, when /dev/kvm cannot be opened.
 
-mod common;
-mod tiny;
+mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -21,8 +20,11 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::repo::{Repo, SnapshotId};
 use vmm::store::ChunkId;
 
-use tiny::harness::{check, deadline, ensure};
-use tiny::{Scenario, Spec, TempDir, TinyVm};
+use support::env::TempDir;
+use support::rng::random_bytes;
+use support::tiny;
+use support::tiny::harness::{check, deadline, ensure};
+use support::tiny::{Scenario, Spec, TinyVm};
 
 /// Guest memory the tests overwrite while the guest is paused (the tiny guest does not use
 /// it): a "hot" MiB rewritten before every snapshot, and per-snapshot areas after it.
@@ -31,20 +33,6 @@ const HOT_LEN: usize = 1 << 20;
 const AREAS: u64 = 18 << 20;
 /// Guest RAM of the tests' VMs.
 const MEM_MIB: u64 = 64;
-
-/// xorshift64* bytes.
-fn random(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 fn write_mem(vm: &TinyVm, addr: u64, data: &[u8]) -> Result<(), String> {
     vm.vmm
@@ -95,11 +83,11 @@ impl Changing {
     ) -> Result<(SnapshotId, Expect, vmm::repo::create::RepoCreateReport), String> {
         self.seq += 1;
         self.vm.pause()?;
-        let hot = random(self.seq * 1000, HOT_LEN);
+        let hot = random_bytes(self.seq * 1000, HOT_LEN);
         write_mem(&self.vm, HOT, &hot)?;
         self.written.insert(HOT, hot);
         let area = AREAS + self.seq * area_len as u64;
-        let fresh = random(self.seq * 1000 + 1, area_len);
+        let fresh = random_bytes(self.seq * 1000 + 1, area_len);
         write_mem(&self.vm, area, &fresh)?;
         self.written.insert(area, fresh);
         let rep = vmm::repo::create::create_in_repo(&mut self.vm.vmm, repo, name)
@@ -135,7 +123,7 @@ fn restore_and_check(repo: &Path, id: &SnapshotId, expect: &Expect) -> Result<Ti
 
 /// Runs `vmm ARGS`; returns (exit code, stdout, stderr).
 fn vmm_cli(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(common::vmm_bin())
+    let out = Command::new(support::env::vmm_bin())
         .args(args)
         .env("RUST_LOG", "warn")
         .output()
@@ -303,7 +291,7 @@ fn gc_killed_at_random_points_leaves_every_snapshot_restorable() {
         };
         let (mut kills, mut finished) = (0, false);
         for round in 0..40 {
-            let mut child = Command::new(common::vmm_bin())
+            let mut child = Command::new(support::env::vmm_bin())
                 .args(["snapshot", "gc", "--repo", repo.to_str().unwrap()])
                 .env(vmm::repo::gc::GC_DELAY_ENV, "10000")
                 .env("RUST_LOG", "warn")
@@ -506,8 +494,12 @@ fn verify_detects_a_corrupt_and_a_missing_chunk() {
 }
 
 /// Starts `vmm restore --repo REPO WHAT --api-sock SOCK` and waits for a tick.
-fn restore_process(repo: &Path, what: &str, sock: &Path) -> Result<common::Running, String> {
-    let mut r = common::Running::spawn(&[
+fn restore_process(
+    repo: &Path,
+    what: &str,
+    sock: &Path,
+) -> Result<support::process::Running, String> {
+    let mut r = support::process::Running::spawn(&[
         "restore".into(),
         "--repo".into(),
         repo.display().to_string(),
@@ -608,7 +600,7 @@ fn restore_from_a_repo_then_snapshot_creates_a_branch() {
         // The branch restores by name; the plain directory path works too.
         let sock2 = tmp.join("api2.sock");
         drop(restore_process(&repo, "branch", &sock2)?);
-        let mut r = common::Running::spawn(&[
+        let mut r = support::process::Running::spawn(&[
             "restore".into(),
             repo.join("snapshots")
                 .join(branch.to_string())
@@ -685,7 +677,7 @@ fn vmm_killed_during_the_first_snapshot_into_a_new_repo() {
         drop(g);
         let id = id.short();
         let create = |repo: &Path, sock: &Path| {
-            Command::new(common::vmm_bin())
+            Command::new(support::env::vmm_bin())
                 .args(["snapshot", "create", "--json", "--repo"])
                 .arg(repo)
                 .arg("--api-sock")

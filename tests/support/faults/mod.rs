@@ -1,7 +1,6 @@
 //! Fault injection for the `faults_*` tests (docs/FAULTS.md): a small tmpfs for `ENOSPC`,
 //! a fault-injecting FUSE file system for `EIO`, an HTTP fault proxy, and the helpers of
 //! the SIGKILL tests (random kill points, running `vmm` subcommands).
-#![allow(dead_code)]
 
 pub mod fusefs;
 pub mod proxy;
@@ -98,48 +97,12 @@ impl Drop for Tmpfs {
     }
 }
 
-/// A small xorshift generator seeded from the clock (the seed is printed, so a failing
-/// run can be replayed with `FAULTS_SEED`).
-pub struct Rng(u64);
-
-impl Rng {
-    /// Seeded from `FAULTS_SEED` or the clock.
-    pub fn new(what: &str) -> Rng {
-        let seed = std::env::var("FAULTS_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            })
-            | 1;
-        eprintln!("  {what}: FAULTS_SEED={seed}");
-        Rng(seed)
-    }
-
-    /// The next number.
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// A duration uniformly in [0, max).
-    pub fn below(&mut self, max: Duration) -> Duration {
-        let us = max.as_micros().max(1) as u64;
-        Duration::from_micros(self.next() % us)
-    }
-}
-
 /// Result of one `vmm` subcommand: (exit code, stdout, stderr).
 pub type CliOut = (i32, String, String);
 
 /// Runs `vmm ARGS` to completion.
 pub fn vmm(args: &[&str]) -> CliOut {
-    let out = Command::new(super::common::vmm_bin())
+    let out = Command::new(super::env::vmm_bin())
         .args(args)
         .env("RUST_LOG", "warn")
         .output()
@@ -174,7 +137,7 @@ pub enum Killed {
 
 /// Starts `vmm ARGS`, sends SIGKILL after `after`, and reaps it.
 pub fn run_and_kill(args: &[&str], after: Duration) -> Killed {
-    let mut child = Command::new(super::common::vmm_bin())
+    let mut child = Command::new(super::env::vmm_bin())
         .args(args)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())

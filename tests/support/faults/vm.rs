@@ -8,27 +8,14 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::repo::SnapshotId;
 use vmm::store::{ChunkStore, LocalStore, LocalStoreOptions};
 
-use crate::tiny::harness::{deadline, ensure};
-use crate::tiny::{self, Scenario, Spec, TinyVm};
+use crate::support::rng::random_bytes;
+use crate::support::tiny::harness::{deadline, ensure};
+use crate::support::tiny::{self, Scenario, Spec, TinyVm};
 
 /// Guest RAM of the tests' VMs.
 pub const MEM_MIB: u64 = 64;
 /// Where the host writes fresh random bytes before each snapshot (unused by the guest).
 const AREAS: u64 = 16 << 20;
-
-/// xorshift64* bytes.
-pub fn random(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// What a snapshot must hold: (guest address, bytes).
 pub type Expect = Vec<(u64, Vec<u8>)>;
@@ -67,7 +54,7 @@ impl Changing {
     pub fn pause_and_change(&mut self) -> Result<Expect, String> {
         self.seq += 1;
         self.vm.pause()?;
-        self.current = random(self.seq, self.area_len);
+        self.current = random_bytes(self.seq, self.area_len);
         self.vm
             .vmm
             .mem
