@@ -17,22 +17,14 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::bench::*;
-use support::env::{artifacts, have_kvm, vmm_bin};
+use support::env::vmm_bin;
 use support::linux::kernel_arg;
 use support::process::Running;
 
 fn main() {
-    if !bench_mode("boot") {
-        return;
-    }
-    let Ok(art) = artifacts() else {
-        println!("boot bench: no guest artifacts (run resources/build-guest.sh); skipped");
+    let Some(art) = linux_bench("boot") else {
         return;
     };
-    if !have_kvm() {
-        println!("boot bench: /dev/kvm unavailable; skipped");
-        return;
-    }
     let runs: usize = env_or("BOOT_BENCH_RUNS", 3);
     let mem_mib: u64 = env_or("BOOT_BENCH_MIB", 256);
     let run = run_id();

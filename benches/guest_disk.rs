@@ -21,7 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::bench::*;
-use support::env::{artifacts, have_kvm, vmm_bin};
+use support::env::vmm_bin;
 use support::linux::kernel_arg;
 use support::process::Running;
 use support::rng::Rng;
@@ -51,17 +51,9 @@ fn dd(file: &Path, extra: &[&str]) -> (f64, f64) {
 }
 
 fn main() {
-    if !bench_mode("guest_disk") {
-        return;
-    }
-    let Ok(art) = artifacts() else {
-        println!("guest_disk bench: no guest artifacts (run resources/build-guest.sh); skipped");
+    let Some(art) = linux_bench("guest_disk") else {
         return;
     };
-    if !have_kvm() {
-        println!("guest_disk bench: /dev/kvm unavailable; skipped");
-        return;
-    }
     let run = run_id();
     print_host("guest_disk");
     let mib: usize = env_or("GUEST_DISK_MIB", 2);

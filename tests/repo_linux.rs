@@ -18,23 +18,8 @@ use vmm::api::{ApiTarget, request};
 /// `vmm snapshot create --repo REPO --leave-paused --json` against the VM at `sock`: the
 /// report. The VM is left paused.
 fn snapshot(r: &Running, repo: &Path, sock: &Path, what: &str) -> serde_json::Value {
-    let out = Command::new(vmm_bin())
-        .args(["snapshot", "create", "--leave-paused", "--json", "--repo"])
-        .arg(repo)
-        .arg("--api-sock")
-        .arg(sock)
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        fail(
-            r,
-            &format!(
-                "{what}: snapshot create failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        );
-    }
-    serde_json::from_slice(&out.stdout).expect("JSON report")
+    let args = ["--json".as_ref(), "--repo".as_ref(), repo.as_os_str()];
+    snapshot_create(r, sock, &args, what)
 }
 
 fn resume(r: &Running, sock: &Path) {

@@ -21,10 +21,12 @@ use vmm::repo::{Repo, SnapshotId};
 use vmm::store::ChunkId;
 
 use support::env::TempDir;
+use support::faults::vm::Expect;
+use support::process::vmm_cli;
 use support::rng::random_bytes;
-use support::tiny;
 use support::tiny::harness::{check, deadline, ensure};
 use support::tiny::{Scenario, Spec, TinyVm};
+use support::{faults, tiny};
 
 /// Guest memory the tests overwrite while the guest is paused (the tiny guest does not use
 /// it): a "hot" MiB rewritten before every snapshot, and per-snapshot areas after it.
@@ -49,9 +51,6 @@ fn read_mem(vm: &TinyVm, addr: u64, len: usize) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("read guest memory at {addr:#x}: {e}"))?;
     Ok(v)
 }
-
-/// What a snapshot must contain: (address, bytes).
-type Expect = Vec<(u64, Vec<u8>)>;
 
 /// A running tick guest whose memory the host changes before each repository snapshot.
 struct Changing {
@@ -104,35 +103,8 @@ impl Changing {
 
 /// Restores snapshot `id` of `repo` with all memory loaded, paused, checks `expect`, then
 /// resumes it and waits for a tick.
-fn restore_and_check(repo: &Path, id: &SnapshotId, expect: &Expect) -> Result<TinyVm, String> {
-    let dir = repo.join("snapshots").join(id.to_string());
-    let mut vm = tiny::restore_eager(&dir, None, true)?;
-    for (addr, bytes) in expect {
-        let got = read_mem(&vm, *addr, bytes.len())?;
-        ensure(got == *bytes, || {
-            format!("snapshot {}: memory at {addr:#x} differs", id.short())
-        })?;
-    }
-    vm.resume()?;
-    vm.wait_for(deadline(), "tick ")?;
-    ensure(!vm.console.text().contains("serial set"), || {
-        format!("snapshot {} rebooted after restore", id.short())
-    })?;
-    Ok(vm)
-}
-
-/// Runs `vmm ARGS`; returns (exit code, stdout, stderr).
-fn vmm_cli(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(support::env::vmm_bin())
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run vmm");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+fn restore_and_check(repo: &Path, id: &SnapshotId, expect: &Expect) -> Result<(), String> {
+    faults::vm::restore_and_check(&repo.join("snapshots").join(id.to_string()), expect)
 }
 
 /// `vmm snapshot CMD --repo REPO --json ARGS`, which must succeed; its JSON.
@@ -244,7 +216,7 @@ fn rm_and_gc_free_exactly_the_chunks_no_remaining_snapshot_uses() {
         ensure(roots.len() == 3, || format!("ls after rm: {ls}"))?;
         for (id, expect) in &snaps {
             if kept.contains(id) {
-                drop(restore_and_check(&repo, id, expect)?);
+                restore_and_check(&repo, id, expect)?;
             }
         }
         // A second gc has nothing left to do.
@@ -317,7 +289,7 @@ fn gc_killed_at_random_points_leaves_every_snapshot_restorable() {
             })?;
             if round % 5 == 0 {
                 let (id, expect) = &kept[round / 5 % kept.len()];
-                drop(restore_and_check(&repo, id, expect)?);
+                restore_and_check(&repo, id, expect)?;
             }
             if finished || left == 0 {
                 eprintln!("  gc done after {kills} kills (round {round}), {left} dead chunks left");
@@ -334,7 +306,7 @@ fn gc_killed_at_random_points_leaves_every_snapshot_restorable() {
             || "tmp/ not empty after gc".into(),
         )?;
         for (id, expect) in &kept {
-            drop(restore_and_check(&repo, id, expect)?);
+            restore_and_check(&repo, id, expect)?;
         }
         Ok(())
     });
@@ -378,7 +350,7 @@ fn export_import_into_an_empty_repo_restores_the_same_state() {
         ensure(sa.1 == sb.1, || "registers differ".into())?;
         ensure(sa.0 == sb.0, || "guest memory differs".into())?;
         drop((a, b));
-        drop(restore_and_check(&other, &id, &expect)?);
+        restore_and_check(&other, &id, &expect)?;
 
         // A truncated or damaged file is refused and changes nothing.
         let bytes = fs::read(&file).unwrap();
@@ -635,7 +607,7 @@ fn snapshot_after_its_parent_was_removed_and_collected() {
         ensure(ls["snapshots"][0]["parent_listed"] == false, || {
             format!("{ls}")
         })?;
-        drop(restore_and_check(&repo, &b, &expect)?);
+        restore_and_check(&repo, &b, &expect)?;
         Ok(())
     });
 }

@@ -37,14 +37,9 @@ use std::time::Instant;
 use create::{CREATE_HEADER, Creates};
 use restore::Restores;
 use support::bench::*;
-use support::env::have_kvm;
 
 fn main() {
-    if !bench_mode("snapshot") {
-        return;
-    }
-    if !have_kvm() {
-        println!("snapshot bench: /dev/kvm unavailable; skipped");
+    if !bench_mode("snapshot") || !kvm_bench("snapshot") {
         return;
     }
     let run = run_id();

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::env::{fresh_dir, target_dir};
+use super::env::{Artifacts, artifacts, fresh_dir, have_kvm, target_dir};
 
 /// True when run by `cargo bench` (which passes `--bench`). Otherwise (e.g. `cargo test
 /// --all-targets`) prints why nothing happens and returns false.
@@ -18,6 +18,28 @@ pub fn bench_mode(name: &str) -> bool {
         "{name}: not run (it boots guests / takes minutes); use `cargo bench --bench {name}` \
          or scripts/bench.sh"
     );
+    false
+}
+
+/// The start of a bench that boots the Linux guest: its artifacts, or None (after saying
+/// why) unless run by `cargo bench`, the guest artifacts exist and /dev/kvm opens.
+pub fn linux_bench(name: &str) -> Option<Artifacts> {
+    if !bench_mode(name) {
+        return None;
+    }
+    let Ok(art) = artifacts() else {
+        println!("{name} bench: no guest artifacts (run resources/build-guest.sh); skipped");
+        return None;
+    };
+    kvm_bench(name).then_some(art)
+}
+
+/// True when /dev/kvm opens; otherwise says that the bench `name` is skipped.
+pub fn kvm_bench(name: &str) -> bool {
+    if have_kvm() {
+        return true;
+    }
+    println!("{name} bench: /dev/kvm unavailable; skipped");
     false
 }
 

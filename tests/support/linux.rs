@@ -3,6 +3,7 @@
 //! and the counter guest that `snapshot_linux`, `repo_linux`, `archive_linux` and the kept
 //! snapshot test boot.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -78,25 +79,32 @@ pub fn wait_tick(r: &mut Running, token: &str, n: u64, timeout: Duration) -> Opt
     }
 }
 
-/// `vmm snapshot create --leave-paused` of the VM `r` (API on `sock`) into `snap`; fails
-/// the test (with the VM's output) if it does not succeed. Returns the JSON report.
-pub fn snapshot_leave_paused(r: &Running, sock: &Path, snap: &Path) -> serde_json::Value {
+/// `vmm snapshot create --leave-paused --api-sock SOCK ARGS…` of the VM `r`; fails the
+/// test (with the VM's output, prefixed `what`) if it does not succeed. Returns the JSON
+/// report.
+pub fn snapshot_create(r: &Running, sock: &Path, args: &[&OsStr], what: &str) -> serde_json::Value {
     let out = Command::new(vmm_bin())
         .args(["snapshot", "create", "--leave-paused", "--api-sock"])
         .arg(sock)
-        .arg(snap)
+        .args(args)
         .output()
         .unwrap();
     if !out.status.success() {
         fail(
             r,
             &format!(
-                "snapshot create failed: {}",
+                "{what}: snapshot create failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             ),
         );
     }
     serde_json::from_slice(&out.stdout).expect("JSON report")
+}
+
+/// `vmm snapshot create --leave-paused` of the VM `r` (API on `sock`) into `snap`; fails
+/// the test (with the VM's output) if it does not succeed. Returns the JSON report.
+pub fn snapshot_leave_paused(r: &Running, sock: &Path, snap: &Path) -> serde_json::Value {
+    snapshot_create(r, sock, &[snap.as_os_str()], "snapshot")
 }
 
 /// How to boot the test agent's counter guest (`vmmtest.counter`: one tick line a second,

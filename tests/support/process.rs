@@ -349,3 +349,32 @@ pub fn fail(r: &Running, msg: &str) -> ! {
         r.output()
     );
 }
+
+/// Result of one `vmm` subcommand: (exit code, stdout, stderr).
+pub type CliOut = (i32, String, String);
+
+/// Runs `vmm ARGS` to completion (`RUST_LOG=warn`).
+pub fn vmm_cli(args: &[&str]) -> CliOut {
+    let out = Command::new(vmm_bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run vmm");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `vmm ARGS`, which must succeed.
+pub fn vmm_cli_ok(args: &[&str]) -> Result<String, String> {
+    let (code, out, err) = vmm_cli(args);
+    if code == 0 {
+        Ok(out)
+    } else {
+        Err(format!(
+            "vmm {args:?} exited {code}\nstdout: {out}\nstderr: {err}"
+        ))
+    }
+}

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::process::vmm_cli_ok;
+
 /// True when running as root (mounting tmpfs and FUSE needs it); otherwise prints why the
 /// test is skipped.
 pub fn root_or_skip(what: &str) -> bool {
@@ -97,35 +99,6 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Result of one `vmm` subcommand: (exit code, stdout, stderr).
-pub type CliOut = (i32, String, String);
-
-/// Runs `vmm ARGS` to completion.
-pub fn vmm(args: &[&str]) -> CliOut {
-    let out = Command::new(super::env::vmm_bin())
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run vmm");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Runs `vmm ARGS`, which must succeed.
-pub fn vmm_ok(args: &[&str]) -> Result<String, String> {
-    let (code, out, err) = vmm(args);
-    if code == 0 {
-        Ok(out)
-    } else {
-        Err(format!(
-            "vmm {args:?} exited {code}\nstdout: {out}\nstderr: {err}"
-        ))
-    }
-}
-
 /// How a killed run ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Killed {
@@ -168,7 +141,7 @@ pub fn time_ok(
     for _ in 0..2 {
         prepare()?;
         let t = Instant::now();
-        vmm_ok(args)?;
+        vmm_cli_ok(args)?;
         best = best.min(t.elapsed());
     }
     Ok(best * 9 / 10)

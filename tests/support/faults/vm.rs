@@ -8,6 +8,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::repo::SnapshotId;
 use vmm::store::{ChunkStore, LocalStore, LocalStoreOptions};
 
+use crate::support::process::vmm_cli_ok;
 use crate::support::rng::random_bytes;
 use crate::support::tiny::harness::{deadline, ensure};
 use crate::support::tiny::{self, Scenario, Spec, TinyVm};
@@ -136,10 +137,10 @@ pub fn restore_and_check(dir: &Path, expect: &Expect) -> Result<(), String> {
 /// `vmm snapshot verify --repo REPO --json` must pass; returns the listed snapshot ids.
 pub fn verify_repo(repo: &Path) -> Result<Vec<String>, String> {
     let r = repo.to_str().unwrap();
-    let out = super::vmm_ok(&["snapshot", "verify", "--repo", r, "--json"])?;
+    let out = vmm_cli_ok(&["snapshot", "verify", "--repo", r, "--json"])?;
     let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
     ensure(v["ok"] == true, || format!("verify: {v}"))?;
-    let ls = super::vmm_ok(&["snapshot", "ls", "--repo", r, "--json"])?;
+    let ls = vmm_cli_ok(&["snapshot", "ls", "--repo", r, "--json"])?;
     let ls: serde_json::Value = serde_json::from_str(&ls).map_err(|e| format!("{e}: {ls}"))?;
     Ok(ls["snapshots"]
         .as_array()
