@@ -1,7 +1,7 @@
 //! Archive benchmark (harness = false; runs only under `cargo bench`): snapshot → push →
 //! resume over HTTP from a real nginx on loopback, against local restores.
 //!
-//! Guest: the tiny freestanding test guest (`tests/tiny`, tick scenario: timer interrupts
+//! Guest: the tiny freestanding test guest (`tests/support/tiny`, tick scenario: timer interrupts
 //! and serial output) with `ARCHIVE_BENCH_SIZES` MiB of RAM (default 256,1024,4096), paused
 //! after 3 ticks, its memory filled by the host with a synthetic pattern: 20 % of the
 //! 64 KiB chunks non-zero, half of them text-like (compressible), half random. A synthetic

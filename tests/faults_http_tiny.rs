@@ -1,5 +1,5 @@
 //! HTTP faults between `vmm` and a real nginx (docs/FAULTS.md), injected by a proxy the
-//! tests run on loopback (tests/faults/proxy.rs): connection reset mid-body, truncated
+//! tests run on loopback (tests/support/faults/proxy.rs): connection reset mid-body, truncated
 //! body, wrong Content-Length (too long, too short), 500 and 503, a 10 s stall, and the
 //! bytes of a different chunk. Driven through a lazy remote disk read by the tiny guest's
 //! virtio-blk request and through an archived VM resumed over HTTP with lazy memory.

@@ -1,4 +1,4 @@
-//! KVM-level tests with the tiny freestanding guest (`tests/tiny/guest.s`): serial and
+//! KVM-level tests with the tiny freestanding guest (`tests/support/tiny/guest.s`): serial and
 //! port I/O, MMIO, guest memory seen by the host across pause/resume, PIT and LAPIC timer
 //! interrupts, a second vCPU started by INIT/SIPI, and the pvpanic / triple-fault exits.
 //!

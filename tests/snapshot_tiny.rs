@@ -1,9 +1,9 @@
-//! Snapshot and restore with the tiny freestanding guest (`tests/tiny/guest.s`): registers,
+//! Snapshot and restore with the tiny freestanding guest (`tests/support/tiny/guest.s`): registers,
 //! memory, timers and the serial port across a snapshot/restore (and a second restore of the
 //! same snapshot), exact console output and serial input across chains of snapshots taken in
 //! the middle of port I/O, a virtio-blk request in flight at snapshot time, corrupt
 //! snapshots, lazy restore of a corrupt chunk, disk identity on restore. (Deduplication and
-//! incremental snapshots: `tests/tiny_incremental.rs`.)
+//! incremental snapshots: `tests/incremental_tiny.rs`.)
 //!
 //! The tests drive the VMs on the test thread (`tiny::boot` / `tiny::restore`); every wait
 //! has a deadline. Each test skips, printing `SKIP:`, only when /dev/kvm cannot be opened.
