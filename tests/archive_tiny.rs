@@ -11,12 +11,11 @@ use std::time::{Duration, Instant};
 use support::env::TempDir;
 use support::nginx::{Nginx, nginx_available};
 use support::tiny;
+use support::tiny::archive::{PagePattern, snapshot_with_pattern};
 use support::tiny::harness::{check_ticks, deadline, ensure};
-use support::tiny::{Capture, Scenario, Spec, TinyVm, Variant, guest};
-use vmm::archive::Source;
-use vmm::archive::restore::{ArchiveRestoreOptions, ArchiveSession, restore};
+use support::tiny::{Scenario, Spec, TinyVm, guest};
+use vmm::archive::restore::ArchiveSession;
 use vmm::archive::workingset::FillRate;
-use vmm::builder::Console;
 use vmm::snapshot::{ChunkEntry, MemoryManifest};
 use vmm::store::http::HttpStoreOptions;
 use vmm::vmm::error_chain;
@@ -28,6 +27,11 @@ const MEM_MIB: u64 = 256;
 const PAT_BASE: u64 = 16 << 20;
 const PAT_LEN: u64 = 16 << 20;
 const PAT_XOR: u64 = 0x5eed_f00d_0bad_cafe;
+const PATTERN: PagePattern = PagePattern {
+    base: PAT_BASE,
+    len: PAT_LEN,
+    xor: PAT_XOR,
+};
 
 /// [`tiny::harness::check`], also skipped without nginx, with the VMM's logs shown.
 fn check(name: &str, body: impl FnOnce() -> Result<(), String>) {
@@ -53,19 +57,8 @@ fn archive_vm(
     ready: &str,
     name: &str,
 ) -> Result<Archived, String> {
-    let mut spec = Spec::new(Variant::from(scenario));
-    spec.mem_mib = MEM_MIB;
-    let mut vm = tiny::boot(spec, Vec::new())?;
-    vm.wait_for(deadline(), ready)?;
-    vm.pause()?;
-    for page in 0..PAT_LEN / 4096 {
-        let a = PAT_BASE + page * 4096;
-        vm.write(a, a ^ PAT_XOR)?;
-    }
     let snap = tmp.join("snap");
-    vm.snapshot(&snap, None)?;
-    let pre = vm.console.text();
-    drop(vm);
+    let pre = snapshot_with_pattern(scenario, MEM_MIB, ready, &PATTERN, &snap)?;
     let archive = tmp.join("archive");
     let r = vmm::archive::push::push(&snap, &archive, name).map_err(|e| error_chain(&e))?;
     eprintln!("  {r}");
@@ -105,21 +98,7 @@ fn resume(
     fill: FillRate,
     http: HttpStoreOptions,
 ) -> Result<(TinyVm, ArchiveSession), String> {
-    let console = Capture::default();
-    let mut o = ArchiveRestoreOptions::new(Console::Writer(Box::new(console.clone())));
-    o.cache_root = Some(cache.to_path_buf());
-    o.fill = fill;
-    o.http = http;
-    let (vmm, s) = restore(&Source::parse(url), o).map_err(|e| error_chain(&e))?;
-    Ok((TinyVm { vmm, console }, s))
-}
-
-fn read_u64(vm: &TinyVm, addr: u64) -> Result<u64, String> {
-    use vm_memory::Bytes;
-    vm.vmm
-        .mem
-        .read_obj(vm_memory::GuestAddress(addr))
-        .map_err(|e| format!("read guest memory at {addr:#x}: {e}"))
+    tiny::archive::resume(url, cache, fill, |o| o.http = http)
 }
 
 /// Archive → nginx → resume over HTTP: the ticks continue from the snapshot, guest memory
@@ -153,10 +132,9 @@ fn push_and_resume_over_http() {
         })?;
         vm.pause()?;
         let fetched_running = s.now();
-        for page in (0..PAT_LEN / 4096).step_by(97) {
-            let addr = PAT_BASE + page * 4096;
-            let v = read_u64(&vm, addr)?;
-            ensure(v == addr ^ PAT_XOR, || {
+        for addr in PATTERN.pages(97) {
+            let v = vm.read_u64(addr)?;
+            ensure(v == PATTERN.value(addr), || {
                 format!("guest memory at {addr:#x} is {v:#x}")
             })?;
         }

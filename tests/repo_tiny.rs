@@ -23,9 +23,9 @@ use vmm::store::ChunkId;
 use support::env::TempDir;
 use support::faults::vm::Expect;
 use support::process::vmm_cli;
-use support::rng::random_bytes;
+use support::rng::{Rng, random_bytes};
+use support::tiny::TinyVm;
 use support::tiny::harness::{check, deadline, ensure};
-use support::tiny::{Scenario, Spec, TinyVm};
 use support::{faults, tiny};
 
 /// Guest memory the tests overwrite while the guest is paused (the tiny guest does not use
@@ -61,10 +61,7 @@ struct Changing {
 
 impl Changing {
     fn boot() -> Result<Self, String> {
-        let mut spec = Spec::new(Scenario::SnapTicks);
-        spec.mem_mib = MEM_MIB;
-        let vm = tiny::boot(spec, Vec::new())?;
-        vm.wait_for(deadline(), "tick 1\n")?;
+        let vm = tiny::boot_ticking(MEM_MIB)?;
         Ok(Self {
             vm,
             seq: 0,
@@ -250,17 +247,7 @@ fn gc_killed_at_random_points_leaves_every_snapshot_restorable() {
         let to_delete = chunk_files(&repo).difference(&keep_refs).count();
         eprintln!("  {to_delete} chunks to sweep");
 
-        let mut seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64
-            | 1;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rng = Rng::from_env_or_clock("FAULTS_SEED", "gc kill points");
         let (mut kills, mut finished) = (0, false);
         for round in 0..40 {
             let mut child = Command::new(support::env::vmm_bin())
@@ -272,7 +259,11 @@ fn gc_killed_at_random_points_leaves_every_snapshot_restorable() {
                 .spawn()
                 .map_err(|e| format!("spawn gc: {e}"))?;
             // Early rounds kill in the first milliseconds (mark phase, tmp cleanup).
-            let wait_ms = if round < 4 { next() % 15 } else { next() % 200 };
+            let wait_ms = if round < 4 {
+                rng.next() % 15
+            } else {
+                rng.next() % 200
+            };
             std::thread::sleep(Duration::from_millis(wait_ms));
             if child.try_wait().map_err(|e| e.to_string())?.is_some() {
                 finished = true;
@@ -672,17 +663,7 @@ fn vmm_killed_during_the_first_snapshot_into_a_new_repo() {
         drop(vm);
         eprintln!("  a first snapshot into a new repository takes {full:?}");
 
-        let mut seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64
-            | 1;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rng = Rng::from_env_or_clock("FAULTS_SEED", "create kill points");
         let span = full.as_micros().max(20_000) as u64;
         let mut seen = KillOutcomes::default();
         for round in 0..12 {
@@ -696,7 +677,7 @@ fn vmm_killed_during_the_first_snapshot_into_a_new_repo() {
             let mut client = create(&repo, &sock)?;
             // Half of the kills in the first quarter, where the repository is made.
             let range = if round % 2 == 0 { span / 4 } else { span };
-            std::thread::sleep(Duration::from_micros(next() % range.max(1)));
+            std::thread::sleep(Duration::from_micros(rng.next() % range.max(1)));
             vm.kill_and_drain();
             let _ = client.wait();
             let listed = fs::read_dir(repo.join("snapshots"))

@@ -11,7 +11,7 @@ use vmm::store::{ChunkStore, LocalStore, LocalStoreOptions};
 use crate::support::process::vmm_cli_ok;
 use crate::support::rng::random_bytes;
 use crate::support::tiny::harness::{deadline, ensure};
-use crate::support::tiny::{self, Scenario, Spec, TinyVm};
+use crate::support::tiny::{self, TinyVm};
 
 /// Guest RAM of the tests' VMs.
 pub const MEM_MIB: u64 = 64;
@@ -38,10 +38,7 @@ pub struct Changing {
 impl Changing {
     /// Boots the tick guest; each snapshot rewrites `area_len` bytes.
     pub fn boot(area_len: usize) -> Result<Self, String> {
-        let mut spec = Spec::new(Scenario::SnapTicks);
-        spec.mem_mib = MEM_MIB;
-        let vm = tiny::boot(spec, Vec::new())?;
-        vm.wait_for(deadline(), "tick 1\n")?;
+        let vm = tiny::boot_ticking(MEM_MIB)?;
         Ok(Self {
             vm,
             seq: 0,

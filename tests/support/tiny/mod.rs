@@ -21,10 +21,10 @@ use vmm::vstate::exit::ExitReason;
 const GUEST_SRC: &str = include_str!("guest.s");
 const LINKER_SCRIPT: &str = include_str!("link.ld");
 
+pub mod archive;
+pub mod guest;
 pub mod harness;
 pub mod snap;
-
-pub mod guest;
 
 /// What the guest does, chosen at assembly time (`--defsym SCENARIO=n`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -527,6 +527,16 @@ pub fn boot(spec: Spec, blocks: Vec<vmm::config::BlockConfig>) -> Result<TinyVm,
     Ok(TinyVm { vmm, console })
 }
 
+/// Boots the tick guest ([`Scenario::SnapTicks`]) with `mem_mib` of RAM on the calling
+/// thread and waits for its first tick.
+pub fn boot_ticking(mem_mib: u64) -> Result<TinyVm, String> {
+    let mut spec = Spec::new(Scenario::SnapTicks);
+    spec.mem_mib = mem_mib;
+    let vm = boot(spec, Vec::new())?;
+    vm.wait_for(harness::deadline(), "tick 1\n")?;
+    Ok(vm)
+}
+
 /// Restores the snapshot in `dir` with a fresh console capture; guest memory is served
 /// lazily (userfaultfd), as `vmm restore` does by default.
 pub fn restore(
@@ -620,6 +630,15 @@ impl TinyVm {
 
     /// Reads a u32 of guest memory.
     pub fn read_u32(&self, addr: u64) -> Result<u32, String> {
+        use vm_memory::Bytes;
+        self.vmm
+            .mem
+            .read_obj(vm_memory::GuestAddress(addr))
+            .map_err(|e| format!("read guest memory at {addr:#x}: {e}"))
+    }
+
+    /// Reads a u64 of guest memory.
+    pub fn read_u64(&self, addr: u64) -> Result<u64, String> {
         use vm_memory::Bytes;
         self.vmm
             .mem
