@@ -9,48 +9,40 @@
 //! On PVM-style nested hosts early boot is emulated, so absolute times mean little;
 //! compare them only as ratios against another VMM on the same host.
 
-mod common;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::fs;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use support::bench::*;
+use support::env::vmm_bin;
+use support::linux::kernel_arg;
+use support::process::Running;
 
 fn main() {
-    if !bench_mode("boot") {
-        return;
-    }
-    let Some(art) = artifacts() else {
-        println!("boot bench: no guest artifacts (run resources/build-guest.sh); skipped");
+    let Some(art) = linux_bench("boot") else {
         return;
     };
-    if !have_kvm() {
-        println!("boot bench: /dev/kvm unavailable; skipped");
-        return;
-    }
     let runs: usize = env_or("BOOT_BENCH_RUNS", 3);
     let mem_mib: u64 = env_or("BOOT_BENCH_MIB", 256);
     let run = run_id();
     print_host("boot");
-    let dir = scratch("boot");
+    let dir = bench_dir("boot");
     let csv = Csv::new(
         "boot",
         "run,iter,kernel,mem_mib,vcpus,info_s,exit_s,guest_info_s,exit_code,load1_before,load1_after",
     );
-    let cmdline = format!("{BASE_CMDLINE} init=/idle vmmtest.info vmmtest.poweroff");
     let (mut infos, mut exits, mut guests) = (Vec::new(), Vec::new(), Vec::new());
     for i in 1..=runs {
         let root = dir.join(format!("rootfs-{i}.ext4"));
-        fs::copy(art.join("rootfs.ext4"), &root).expect("copy rootfs");
+        fs::copy(art.rootfs(), &root).expect("copy rootfs");
         let l_before = load1();
-        let mut p = Proc::spawn(
+        let mut p = Running::try_spawn(
             Command::new(vmm_bin())
                 .arg("--kernel")
-                .arg(format!(
-                    "path={},cmdline=\"{cmdline}\"",
-                    art.join("vmlinux").display()
-                ))
+                .arg(kernel_arg(&art, "init=/idle vmmtest.info vmmtest.poweroff"))
                 .arg("--memory")
                 .arg(format!("size_mib={mem_mib}"))
                 .arg("--vcpu")
@@ -58,9 +50,10 @@ fn main() {
                 .arg("--block")
                 .arg(format!("path={},root=true", root.display())),
         )
-        .expect("spawn vmm");
-        let info = p.wait_for("vmmtest: info", Duration::from_secs(420));
-        let (code, exit_at) = p.wait_exit(Duration::from_secs(120));
+        .expect("spawn vmm")
+        .echo("vmmtest:");
+        let info = p.wait_for_index("vmmtest: info", Duration::from_secs(420));
+        let (code, exit_at) = p.wait_exit_at(Duration::from_secs(120));
         let exit_s = (exit_at - p.started).as_secs_f64();
         let Some(info) = info else {
             println!(
@@ -70,7 +63,7 @@ fn main() {
             continue;
         };
         let info_s = p.secs_to(info);
-        let guest_s = printk_secs(&p.log[info].text).unwrap_or(f64::NAN);
+        let guest_s = printk_secs(&p.line(info).text).unwrap_or(f64::NAN);
         println!(
             "boot {i}/{runs}: `vmmtest: info` after {info_s:.2} s (guest clock {guest_s:.2} s), \
              exit {code:?} after {exit_s:.2} s; load {l_before:.2} → {:.2}",

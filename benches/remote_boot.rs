@@ -13,20 +13,21 @@
 //! On PVM-style nested hosts early boot is emulated, so absolute times mean little;
 //! compare them as ratios. The bytes fetched are the meaningful figure.
 
-mod common;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::fmt::Write as _;
-use std::fs::{self, File};
-use std::net::{TcpListener, TcpStream};
+use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitCode};
 
-use common::*;
+use support::bench::*;
+use support::env::{Artifacts, artifacts, have_kvm, vmm_bin};
+use support::linux::{BOOT_TIMEOUT, kernel_arg};
+use support::nginx::{NGINX, Nginx, NginxConfig};
+use support::process::Running;
 
-const NGINX: &str = "/usr/sbin/nginx";
 const ROOT_MOUNTED: &str = "VFS: Mounted root";
-const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// One boot's figures.
 struct Row {
@@ -38,77 +39,9 @@ struct Row {
     read: Option<u64>,
 }
 
-/// nginx serving a directory on 127.0.0.1 (killed on drop).
-struct Nginx {
-    child: Child,
-    port: u16,
-}
-
-impl Nginx {
-    fn start(root: &Path, conf_dir: &Path) -> Result<Nginx, String> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("free port: {e}"))?
-            .port();
-        let t = |name: &str| conf_dir.join(name).display().to_string();
-        let conf = conf_dir.join("nginx.conf");
-        fs::write(
-            &conf,
-            format!(
-                "daemon off;\nmaster_process off;\nworker_processes 1;\nerror_log stderr warn;\n\
-                 pid {pid};\nevents {{ worker_connections 256; }}\n\
-                 http {{\n  access_log off;\n  default_type application/octet-stream;\n\
-                 \x20 keepalive_requests 10000;\n\
-                 \x20 client_body_temp_path {b};\n  proxy_temp_path {p};\n  fastcgi_temp_path {f};\n\
-                 \x20 uwsgi_temp_path {u};\n  scgi_temp_path {s};\n\
-                 \x20 server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n",
-                pid = t("nginx.pid"),
-                b = t("body"),
-                p = t("proxy"),
-                f = t("fastcgi"),
-                u = t("uwsgi"),
-                s = t("scgi"),
-                root = root.display(),
-            ),
-        )
-        .map_err(|e| format!("write nginx.conf: {e}"))?;
-        let log = File::create(conf_dir.join("stderr.log")).map_err(|e| e.to_string())?;
-        let child = Command::new(NGINX)
-            .args(["-e", "stderr", "-p"])
-            .arg(conf_dir)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("start {NGINX}: {e}"))?;
-        let mut n = Nginx { child, port };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(st)) = n.child.try_wait() {
-                let log = fs::read_to_string(conf_dir.join("stderr.log")).unwrap_or_default();
-                return Err(format!("nginx exited with {st}: {log}"));
-            }
-            if Instant::now() > deadline {
-                return Err("nginx did not start within 10 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(n)
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// (bytes_fetched, bytes_read_by_guest) of disk 0 from the `remote disk: {json}` line.
-fn remote_stats(p: &Proc) -> (Option<u64>, Option<u64>) {
-    p.log
+fn remote_stats(p: &Running) -> (Option<u64>, Option<u64>) {
+    p.lines()
         .iter()
         .filter(|l| l.text.contains("remote disk:") && l.text.contains("\"disk\":0"))
         .find_map(|l| {
@@ -122,28 +55,24 @@ fn remote_stats(p: &Proc) -> (Option<u64>, Option<u64>) {
 }
 
 /// Boots once with `block` as the root disk.
-fn boot(art: &Path, mode: &'static str, iter: usize, block: &str) -> Result<Row, String> {
-    let cmdline = format!("{BASE_CMDLINE} init=/idle vmmtest.info vmmtest.poweroff");
+fn boot(art: &Artifacts, mode: &'static str, iter: usize, block: &str) -> Result<Row, String> {
     println!("[remote_boot] {mode} #{iter}: --block {block}");
-    let mut p = Proc::spawn(
+    let mut p = Running::try_spawn(
         Command::new(vmm_bin())
             .env("RUST_LOG", "info")
             .arg("--kernel")
-            .arg(format!(
-                "path={},cmdline=\"{cmdline}\"",
-                art.join("vmlinux").display()
-            ))
+            .arg(kernel_arg(art, "init=/idle vmmtest.info vmmtest.poweroff"))
             .arg("--block")
             .arg(block),
     )
-    .map_err(|e| format!("spawn {}: {e}", vmm_bin()))?;
-    let Some(i) = p.wait_for(ROOT_MOUNTED, BOOT_TIMEOUT) else {
-        p.kill();
-        p.drain();
+    .map_err(|e| format!("spawn {}: {e}", vmm_bin()))?
+    .echo("vmmtest:");
+    let Some(i) = p.wait_for_index(ROOT_MOUNTED, BOOT_TIMEOUT) else {
+        p.kill_and_drain();
         return Err(format!("{mode}: no `{ROOT_MOUNTED}` line\n{}", p.output()));
     };
     let root_s = p.secs_to(i);
-    let (code, at) = p.wait_exit(BOOT_TIMEOUT);
+    let (code, at) = p.wait_exit_at(BOOT_TIMEOUT);
     if code != Some(0) {
         return Err(format!("{mode}: vmm exit {code:?}\n{}", p.output()));
     }
@@ -306,11 +235,8 @@ fn write_svg(path: &Path, rows: &[Row], image_bytes: u64) -> std::io::Result<()>
 }
 
 fn run() -> Result<(), String> {
-    let art = artifacts().ok_or(
-        "no guest artifacts: resources/out/vmlinux is missing (run resources/build-guest.sh \
-         or set VMM_GUEST_DIR)",
-    )?;
-    let rootfs = art.join("rootfs.ext4");
+    let art = artifacts()?;
+    let rootfs = art.rootfs();
     if !rootfs.exists() {
         return Err(format!("{} is missing", rootfs.display()));
     }
@@ -323,7 +249,7 @@ fn run() -> Result<(), String> {
     let runs: usize = env_or("REMOTE_BOOT_RUNS", 1);
     let image_bytes = fs::metadata(&rootfs).map_err(|e| e.to_string())?.len();
     print_host("remote_boot");
-    let dir = scratch("remote_boot");
+    let dir = bench_dir("remote_boot");
     let archive = dir.join("archive");
     let out = Command::new(vmm_bin())
         .args(["image", "import"])
@@ -339,10 +265,8 @@ fn run() -> Result<(), String> {
         ));
     }
     print!("{}", String::from_utf8_lossy(&out.stdout));
-    let conf_dir = dir.join("nginx");
-    fs::create_dir_all(&conf_dir).map_err(|e| e.to_string())?;
-    let nginx = Nginx::start(&archive, &conf_dir)?;
-    let url = format!("http://127.0.0.1:{}/images/rootfs", nginx.port);
+    let nginx = Nginx::try_start(&archive, NginxConfig::BENCH)?;
+    let url = format!("{}/images/rootfs", nginx.url());
 
     let mut rows = Vec::new();
     for iter in 1..=runs {

@@ -50,6 +50,14 @@ def fmt(v):
     return f"{v:.2f}"
 
 
+def save_svg(path, out):
+    """Closes the SVG element lines `out` and writes them to `path`."""
+    out.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+    print(f"wrote {path}")
+
+
 def bar_chart(path, title, categories, series, ylabel, log=False, hlines=(), note=""):
     """series: [(name, [value or None per category])]; hlines: [(value, label)]."""
     W, H = 780, 440
@@ -148,10 +156,7 @@ def bar_chart(path, title, categories, series, ylabel, log=False, hlines=(), not
         lx += 40 + 7 * len(name)
     if note:
         out.append(f'<text x="{L}" y="{H - 8}" font-size="10" fill="#555">{escape(note)}</text>')
-    out.append("</svg>")
-    with open(path, "w") as f:
-        f.write("\n".join(out) + "\n")
-    print(f"wrote {path}")
+    save_svg(path, out)
 
 
 def main():
@@ -170,13 +175,8 @@ def main():
         kind = {"synthetic": "synthetic", "synthetic-tmpfs": "synth., tmpfs", "linux": "Linux idle"}
         return f"{size}\n{kind.get(guest, guest)}"
 
-    keys = []
-    for r in snap:
-        k = (r["guest"], r["mem_mib"])
-        if k not in keys:
-            keys.append(k)
-    order = {"synthetic": 0, "synthetic-tmpfs": 1, "linux": 2}
-    keys.sort(key=lambda k: (order.get(k[0], 3), k[0], int(k[1])))
+    keys = unique((r["guest"], r["mem_mib"]) for r in snap)
+    keys.sort(key=lambda k: (GUEST_ORDER.get(k[0], 3), k[0], int(k[1])))
     cats = [label(*k) for k in keys]
 
     if snap:
@@ -255,17 +255,8 @@ def main():
 
     if incr:
         # One bar group per dirty fraction, one series per dirty-tracking method.
-        methods = []
-        for r in incr:
-            m = r.get("method", "rehash")
-            if m not in methods:
-                methods.append(m)
-        cats_i = []
-        for r in incr:
-            p = r["dirty_pct"]
-            c = "base (full)" if p == "base" else f"{p} % dirty"
-            if c not in cats_i:
-                cats_i.append(c)
+        methods = unique(r.get("method", "rehash") for r in incr)
+        cats_i = unique("base (full)" if r["dirty_pct"] == "base" else f"{r['dirty_pct']} % dirty" for r in incr)
 
         def series(key, scale=1.0):
             out = []
@@ -299,11 +290,7 @@ def main():
     idle = read(os.path.join(d, "idle_series.csv"), lambda r: r.get("guest", "tiny"))
     if idle:
         # Store size after each of the ten snapshots, relative to the first one.
-        guests = []
-        for r in idle:
-            g = r.get("guest", "tiny")
-            if g not in guests:
-                guests.append(g)
+        guests = unique(r.get("guest", "tiny") for r in idle)
         snaps = sorted({int(r["snapshot"]) for r in idle})
         names = {"tiny": "tiny guest (synthetic memory)", "linux": "Linux, idle"}
         series = []
@@ -359,150 +346,209 @@ def started(rows):
     return [f"*Run started {' and '.join(ts)} UTC.*", ""]
 
 
+def table(header, items, cells, intro=(), run_rows=None):
+    """Markdown lines of one table, then a blank line: the 'Run started' line of `run_rows`
+    (if given), the `intro` lines, the `header` row and its `|---|` row, and one row per
+    item of `items` with the cells `cells(item)` returns (an item for which it returns None
+    is left out)."""
+    out = started(run_rows) if run_rows is not None else []
+    out += list(intro)
+    out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for item in items:
+        row = cells(item)
+        if row is not None:
+            out.append("| " + " | ".join(row) + " |")
+    return out + [""]
+
+
+def unique(values):
+    """The distinct values in first-seen order."""
+    return list(dict.fromkeys(values))
+
+
+MIB = 1 << 20
+GUEST_ORDER = {"synthetic": 0, "synthetic-tmpfs": 1, "linux": 2}
+
+RESTORE_COLUMNS = [
+    ("in_process_lazy_warm", "lazy: ready"),
+    ("in_process_lazy_warm_filled", "lazy: filled"),
+    ("in_process_eager_warm", "eager: ready"),
+    ("in_process_lazy_cold", "lazy cold: ready"),
+    ("in_process_lazy_cold_filled", "lazy cold: filled"),
+    ("in_process_eager_cold", "eager cold: ready"),
+    ("memory_only_warm", "memory only (lib)"),
+    ("process_lazy_log", "process lazy → log"),
+    ("process_lazy_api", "process lazy → API"),
+    ("process_eager_log", "process eager → log"),
+    ("process_eager_api", "process eager → API"),
+]
+
+
+def snapshot_cells(r):
+    nz = int(r["nonzero_pages"]) * 4096
+    c, t = float(r["create_ms"]), float(r["target_ms"])
+    return [
+        r["guest"],
+        f"{r['mem_mib']} MiB",
+        f"{nz / MIB:.1f} MiB ({100 * int(r['nonzero_pages']) / int(r['pages']):.1f} %)",
+        f"{100 * int(r['nonzero_chunks']) / int(r['chunks_total']):.1f} %",
+        f"{r['chunks_new']} / {r['chunks_deduped']}",
+        f"{int(r['bytes_new']) / MIB:.1f} MiB",
+        f"{int(r['bytes_written']) / MIB:.2f} MiB",
+        f"{c:.0f} ms",
+        f"{t:.1f} ms",
+        f"{c / t:.1f}×",
+    ]
+
+
+def restore_cells(rest):
+    """Cells of one (guest, memory) row of the restore table: median (min) per method."""
+
+    def cells(key):
+        g, mb = key
+        out = [g, f"{mb} MiB"]
+        for m, _ in RESTORE_COLUMNS:
+            xs = [num(r["ms"]) for r in rest if (r["guest"], r["mem_mib"], r["method"]) == (g, mb, m)]
+            xs = [x for x in xs if x is not None]
+            if not xs:
+                out.append("–")
+            elif len(xs) == 1:
+                out.append(f"{xs[0]:.1f}")
+            else:
+                out.append(f"{statistics.median(xs):.1f} ({min(xs):.1f})")
+        return out
+
+    return cells
+
+
+def incremental_cells(r):
+    p = "base (full)" if r["dirty_pct"] == "base" else f"{r['dirty_pct']} %"
+    return [
+        r.get("method", "rehash"),
+        p,
+        r["pages_dirtied"],
+        r["chunks_touched"],
+        f"{float(r['create_ms']):.0f} ms",
+        r.get("chunks_reused", "–"),
+        r["chunks_new"],
+        f"{int(r['bytes_new']) / MIB:.1f} MiB",
+        f"{int(r['bytes_written']) / MIB:.2f} MiB",
+    ]
+
+
+def idle_cells(r):
+    return [
+        r.get("guest", "tiny"),
+        f"{r['mem_mib']} MiB",
+        r["snapshot"],
+        f"{float(r['create_ms']):.0f} ms",
+        str(int(r["bytes_written"])),
+        f"{int(r['store_bytes']) / MIB:.2f} MiB",
+        f"{float(r['ratio_to_first']):.4f}",
+    ]
+
+
+def host_cells(r):
+    return [r["metric"], f"{float(r['value']):.3f} {r['unit']}", r["detail"]]
+
+
+def boot_cells(r):
+    return [
+        r["iter"],
+        f"{float(r['info_s']):.2f} s",
+        f"{float(r['guest_info_s']):.2f} s",
+        f"{float(r['exit_s']):.2f} s",
+        r["exit_code"],
+        f"{r['load1_before']} → {r['load1_after']}",
+    ]
+
+
+def disk_cells(r):
+    return [
+        r["side"],
+        r["what"],
+        str(int(float(r["bytes"]))),
+        f"{float(r['seconds']):.4g}",
+        fmt(float(r["mb_per_s"])),
+        r["detail"],
+    ]
+
+
+def block_cells(r):
+    name = r["bench"] if "/" in r["bench"] else f"process_request/{r['bench']}"
+    return [
+        name,
+        f"{float(r['median_ns']):.0f} ns",
+        f"{float(r['mean_ns']):.0f} ns",
+        f"{float(r['gb_per_s_median']):.1f}",
+    ]
+
+
+def run_txt(d):
+    """The lines quoting run.txt, if there is one."""
+    run = os.path.join(d, "run.txt")
+    if not os.path.exists(run):
+        return []
+    return [
+        "`run.txt` (the last `scripts/bench.sh` call; benches it did not run keep their "
+        "earlier CSV, and each table says when its run started):",
+        "",
+        "```",
+        open(run).read().rstrip(),
+        "```",
+        "",
+    ]
+
+
 def summary(d):
     """Writes DIR/summary.md: the latest figures of every CSV as Markdown tables."""
-    L = []
-    run = os.path.join(d, "run.txt")
-    if os.path.exists(run):
-        L += [
-            "`run.txt` (the last `scripts/bench.sh` call; benches it did not run keep their "
-            "earlier CSV, and each table says when its run started):",
-            "",
-            "```",
-            open(run).read().rstrip(),
-            "```",
-            "",
-        ]
+    L = run_txt(d)
     snap = read(os.path.join(d, "snapshot.csv"), lambda r: (r["guest"], r["mem_mib"]))
-    order = {"synthetic": 0, "synthetic-tmpfs": 1, "linux": 2}
-    snap.sort(key=lambda r: (order.get(r["guest"], 3), int(r["mem_mib"])))
-    mib = 1 << 20
+    snap.sort(key=lambda r: (GUEST_ORDER.get(r["guest"], 3), int(r["mem_mib"])))
     if snap:
-        L += started(snap)
-        L += [
-            "| guest | memory | non-zero pages | non-zero chunks | chunks new / deduped | raw new | stored | create | target | create ÷ target |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in snap:
-            nz = int(r["nonzero_pages"]) * 4096
-            c, t = float(r["create_ms"]), float(r["target_ms"])
-            L.append(
-                f"| {r['guest']} | {r['mem_mib']} MiB | {nz / mib:.1f} MiB ({100 * int(r['nonzero_pages']) / int(r['pages']):.1f} %) "
-                f"| {100 * int(r['nonzero_chunks']) / int(r['chunks_total']):.1f} % | {r['chunks_new']} / {r['chunks_deduped']} "
-                f"| {int(r['bytes_new']) / mib:.1f} MiB | {int(r['bytes_written']) / mib:.2f} MiB | {c:.0f} ms "
-                f"| {t:.1f} ms | {c / t:.1f}× |"
-            )
-        L.append("")
+        L += table(
+            ["guest", "memory", "non-zero pages", "non-zero chunks", "chunks new / deduped", "raw new",
+             "stored", "create", "target", "create ÷ target"],
+            snap, snapshot_cells, run_rows=snap,
+        )
     rest = read(os.path.join(d, "restore.csv"), lambda r: (r["guest"], r["mem_mib"], r["method"]))
     if rest:
-        cols = [
-            ("in_process_lazy_warm", "lazy: ready"),
-            ("in_process_lazy_warm_filled", "lazy: filled"),
-            ("in_process_eager_warm", "eager: ready"),
-            ("in_process_lazy_cold", "lazy cold: ready"),
-            ("in_process_lazy_cold_filled", "lazy cold: filled"),
-            ("in_process_eager_cold", "eager cold: ready"),
-            ("memory_only_warm", "memory only (lib)"),
-            ("process_lazy_log", "process lazy → log"),
-            ("process_lazy_api", "process lazy → API"),
-            ("process_eager_log", "process eager → log"),
-            ("process_eager_api", "process eager → API"),
-        ]
-        keys = []
-        for r in rest:
-            k = (r["guest"], r["mem_mib"])
-            if k not in keys:
-                keys.append(k)
-        keys.sort(key=lambda k: (order.get(k[0], 3), int(k[1])))
-        L += started(rest)
-        L += [
-            "Restore, milliseconds: median (min) of the warm runs; cold = one run after dropping the page cache.",
-            "",
-            "| guest | memory | " + " | ".join(n for _, n in cols) + " |",
-            "|---|---|" + "---|" * len(cols),
-        ]
-        for g, mb in keys:
-            cells = []
-            for m, _ in cols:
-                xs = [num(r["ms"]) for r in rest if (r["guest"], r["mem_mib"], r["method"]) == (g, mb, m)]
-                xs = [x for x in xs if x is not None]
-                if not xs:
-                    cells.append("–")
-                elif len(xs) == 1:
-                    cells.append(f"{xs[0]:.1f}")
-                else:
-                    cells.append(f"{statistics.median(xs):.1f} ({min(xs):.1f})")
-            L.append(f"| {g} | {mb} MiB | " + " | ".join(cells) + " |")
-        L.append("")
+        keys = unique((r["guest"], r["mem_mib"]) for r in rest)
+        keys.sort(key=lambda k: (GUEST_ORDER.get(k[0], 3), int(k[1])))
+        intro = ["Restore, milliseconds: median (min) of the warm runs; cold = one run after dropping the page cache.", ""]
+        L += table(["guest", "memory"] + [n for _, n in RESTORE_COLUMNS], keys, restore_cells(rest), intro, rest)
     incr = read(os.path.join(d, "incremental.csv"), lambda r: ())
     if incr:
-        L += started(incr)
-        L += [
+        intro = [
             f"Incremental ({incr[0]['mem_mib']} MiB, one shared store per method, each snapshot after dirtying the given share of pages since the previous one):",
             "",
-            "| method | dirty | pages dirtied | 64 KiB chunks touched | create | chunks reused unread | new chunks | raw new | stored bytes added |",
-            "|---|---|---|---|---|---|---|---|---|",
         ]
-        for r in incr:
-            p = "base (full)" if r["dirty_pct"] == "base" else f"{r['dirty_pct']} %"
-            L.append(
-                f"| {r.get('method', 'rehash')} | {p} | {r['pages_dirtied']} | {r['chunks_touched']} | {float(r['create_ms']):.0f} ms "
-                f"| {r.get('chunks_reused', '–')} | {r['chunks_new']} "
-                f"| {int(r['bytes_new']) / mib:.1f} MiB | {int(r['bytes_written']) / mib:.2f} MiB |"
-            )
-        L.append("")
+        header = ["method", "dirty", "pages dirtied", "64 KiB chunks touched", "create", "chunks reused unread",
+                  "new chunks", "raw new", "stored bytes added"]
+        L += table(header, incr, incremental_cells, intro, incr)
     idle = read(os.path.join(d, "idle_series.csv"), lambda r: ())
     if idle:
-        L += started(idle)
-        L += [
+        intro = [
             "Ten snapshots of one guest into one store (tiny guest: running 200 ms between them; "
             "Linux: idle, 2 s apart, through `vmm snapshot create --store`):",
             "",
-            "| guest | memory | snapshot | create | bytes added | store | × first |",
-            "|---|---|---|---|---|---|---|",
         ]
-        for r in idle:
-            L.append(
-                f"| {r.get('guest', 'tiny')} | {r['mem_mib']} MiB | {r['snapshot']} | {float(r['create_ms']):.0f} ms | {int(r['bytes_written'])} "
-                f"| {int(r['store_bytes']) / mib:.2f} MiB | {float(r['ratio_to_first']):.4f} |"
-            )
-        L.append("")
+        header = ["guest", "memory", "snapshot", "create", "bytes added", "store", "× first"]
+        L += table(header, idle, idle_cells, intro, idle)
     host = read(os.path.join(d, "host.csv"), lambda r: r["metric"])
     if host:
-        L += started(host)
-        L += ["| host limit | value | how |", "|---|---|---|"]
-        for r in host:
-            L.append(f"| {r['metric']} | {float(r['value']):.3f} {r['unit']} | {r['detail']} |")
-        L.append("")
+        L += table(["host limit", "value", "how"], host, host_cells, run_rows=host)
     boot = read(os.path.join(d, "boot.csv"), lambda r: ())
     if boot:
-        L += started(boot)
-        L += ["| boot | start → `vmmtest: info` | guest clock at that line | start → exit | exit code | load |", "|---|---|---|---|---|---|"]
-        for r in boot:
-            L.append(
-                f"| {r['iter']} | {float(r['info_s']):.2f} s | {float(r['guest_info_s']):.2f} s | {float(r['exit_s']):.2f} s "
-                f"| {r['exit_code']} | {r['load1_before']} → {r['load1_after']} |"
-            )
-        L.append("")
+        header = ["boot", "start → `vmmtest: info`", "guest clock at that line", "start → exit", "exit code", "load"]
+        L += table(header, boot, boot_cells, run_rows=boot)
     disk = read(os.path.join(d, "guest_disk.csv"), lambda r: ())
     if disk:
-        L += started(disk)
-        L += ["| side | what | bytes | seconds | MB/s | note |", "|---|---|---|---|---|---|"]
-        for r in disk:
-            L.append(
-                f"| {r['side']} | {r['what']} | {int(float(r['bytes']))} | {float(r['seconds']):.4g} | {fmt(float(r['mb_per_s']))} | {r['detail']} |"
-            )
-        L.append("")
+        L += table(["side", "what", "bytes", "seconds", "MB/s", "note"], disk, disk_cells, run_rows=disk)
     blk = read(os.path.join(d, "block_request.csv"))
     if blk:
-        L += ["*(`block_request.csv` has no run time: from the last `scripts/bench.sh` call that ran `block_request`.)*", ""]
-        L += ["| criterion bench | median | mean | GB/s (median) |", "|---|---|---|---|"]
-        for r in blk:
-            name = r["bench"] if "/" in r["bench"] else f"process_request/{r['bench']}"
-            L.append(
-                f"| {name} | {float(r['median_ns']):.0f} ns | {float(r['mean_ns']):.0f} ns | {float(r['gb_per_s_median']):.1f} |"
-            )
-        L.append("")
+        intro = ["*(`block_request.csv` has no run time: from the last `scripts/bench.sh` call that ran `block_request`.)*", ""]
+        L += table(["criterion bench", "median", "mean", "GB/s (median)"], blk, block_cells, intro)
     with open(os.path.join(d, "summary.md"), "w") as f:
         f.write("\n".join(L))
     print(f"wrote {os.path.join(d, 'summary.md')}")

@@ -13,7 +13,7 @@ import sys
 from html import escape
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from plot import COLORS, bar_chart, fmt, num, read  # noqa: E402
+from plot import COLORS, bar_chart, fmt, num, read, save_svg, table, unique  # noqa: E402
 
 MODES = ["eager local", "lazy local", "eager http", "lazy http", "lazy http + prefetch"]
 
@@ -65,15 +65,60 @@ def line_chart(path, title, series, xlabel, ylabel, note=""):
         out.append(f'<text x="{L + 16}" y="{ly}" font-size="11">{escape(name)}</text>')
     if note:
         out.append(f'<text x="{W - R}" y="{H - 8}" text-anchor="end" font-size="10" fill="#555">{escape(note)}</text>')
-    out.append("</svg>")
-    with open(path, "w") as f:
-        f.write("\n".join(out) + "\n")
-    print(f"wrote {path}")
+    save_svg(path, out)
 
 
 def median(rows, key):
     v = [num(r[key]) for r in rows if num(r[key]) is not None]
     return statistics.median(v) if v else None
+
+
+def restore_cells(rest):
+    """Cells of the (memory, mode) rows of the restore table (None where it has no runs)."""
+
+    def cells(key):
+        m, mode = key
+        rows = [r for r in rest if int(r["mem_mib"]) == m and r["mode"] == mode]
+        if not rows:
+            return None
+
+        def b(k):
+            v = median(rows, k)
+            return "" if v is None else f"{v / 1024:.0f} KiB ({100 * v / (m << 20):.3f} %)"
+
+        return [
+            size_label(m),
+            mode,
+            fmt(median(rows, "restore_ms")),
+            b("before_first_bytes"),
+            fmt(median(rows, "workload_ms")),
+            b("bytes_after_workload"),
+            b("first_second_bytes"),
+        ]
+
+    return cells
+
+
+def create_cells(r):
+    return [
+        size_label(r["mem_mib"]),
+        f"{int(r['nonzero_bytes']) >> 20} MiB",
+        f"{fmt(num(r['create_ms']))} ms",
+        f"{int(r['stored_bytes']) / 2**20:.1f} MiB",
+        f"{fmt(num(r['push_ms']))} ms",
+        f"{int(r['archive_bytes']) / 2**20:.1f} MiB",
+    ]
+
+
+def storage_cells(r):
+    return [
+        size_label(r["mem_mib"]),
+        r["snapshot"],
+        r["chunks_new"],
+        f"{int(r['bytes_new']) / 2**20:.2f} MiB",
+        f"{int(r['manifest_bytes']) / 1024:.0f} KiB",
+        f"{int(r['state_bytes']) / 1024:.1f} KiB",
+    ]
 
 
 def main(d):
@@ -134,25 +179,9 @@ def main(d):
             log=True,
             hlines=[(10, "target 10 %")],
         )
-        L += [
-            "| memory | mode | restore → running (ms) | fetched before 1st instruction | workload (ms) | fetched after workload | fetched in 1st second |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for m in sizes:
-            for mode in MODES:
-                rows = [r for r in rest if int(r["mem_mib"]) == m and r["mode"] == mode]
-                if not rows:
-                    continue
-
-                def b(key):
-                    v = median(rows, key)
-                    return "" if v is None else f"{v / 1024:.0f} KiB ({100 * v / (m << 20):.3f} %)"
-
-                L.append(
-                    f"| {size_label(m)} | {mode} | {fmt(median(rows, 'restore_ms'))} | {b('before_first_bytes')} "
-                    f"| {fmt(median(rows, 'workload_ms'))} | {b('bytes_after_workload')} | {b('first_second_bytes')} |"
-                )
-        L.append("")
+        header = ["memory", "mode", "restore → running (ms)", "fetched before 1st instruction", "workload (ms)",
+                  "fetched after workload", "fetched in 1st second"]
+        L += table(header, [(m, mode) for m in sizes for mode in MODES], restore_cells(rest))
     if create:
         by = {int(r["mem_mib"]): r for r in create}
         bar_chart(
@@ -166,15 +195,8 @@ def main(d):
             "ms",
             log=True,
         )
-        L += ["| memory | non-zero | create | stored | push | archive size |", "|---|---|---|---|---|---|"]
-        for m in sizes:
-            if m in by:
-                r = by[m]
-                L.append(
-                    f"| {size_label(m)} | {int(r['nonzero_bytes']) >> 20} MiB | {fmt(num(r['create_ms']))} ms "
-                    f"| {int(r['stored_bytes']) / 2**20:.1f} MiB | {fmt(num(r['push_ms']))} ms | {int(r['archive_bytes']) / 2**20:.1f} MiB |"
-                )
-        L.append("")
+        header = ["memory", "non-zero", "create", "stored", "push", "archive size"]
+        L += table(header, [by[m] for m in sizes if m in by], create_cells)
     if storage:
         kinds = sorted({r["snapshot"] for r in storage}, key=lambda k: (not k.startswith("full"), k))
         ser = []
@@ -196,18 +218,10 @@ def main(d):
             "MiB",
             log=True,
         )
-        L += ["| memory | snapshot | chunks new | bytes new | manifest | state |", "|---|---|---|---|---|---|"]
-        for r in sorted(storage, key=lambda r: (int(r["mem_mib"]), r["snapshot"])):
-            L.append(
-                f"| {size_label(r['mem_mib'])} | {r['snapshot']} | {r['chunks_new']} | {int(r['bytes_new']) / 2**20:.2f} MiB "
-                f"| {int(r['manifest_bytes']) / 1024:.0f} KiB | {int(r['state_bytes']) / 1024:.1f} KiB |"
-            )
-        L.append("")
+        header = ["memory", "snapshot", "chunks new", "bytes new", "manifest", "state"]
+        L += table(header, sorted(storage, key=lambda r: (int(r["mem_mib"]), r["snapshot"])), storage_cells)
     if tl:
-        modes = []
-        for r in tl:
-            if r["mode"] not in modes:
-                modes.append(r["mode"])
+        modes = unique(r["mode"] for r in tl)
         ser = [
             (m, [(num(r["t_ms"]), int(r["total_bytes"]) / 2**20) for r in tl if r["mode"] == m])
             for m in modes

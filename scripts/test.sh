@@ -6,7 +6,7 @@
 # output is kept in target/test-logs/ (the newest is also target/test-logs/latest.log) and a
 # summary follows it: each test binary with its pass/fail counts and wall time, then every
 # failed test. The exit status is non-zero when anything failed. Extra arguments go to
-# `cargo test` (e.g. `./scripts/test.sh --test tiny_guest`); docs/TESTING.md explains the
+# `cargo test` (e.g. `./scripts/test.sh --test guest_tiny`); docs/TESTING.md explains the
 # parts of the suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -5,14 +5,15 @@
 //! overlay, and the bytes fetched before the first guest instruction and in the first
 //! second are a small fraction of the memory.
 
-mod common;
-mod remote;
+mod support;
 
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
-use remote::{Nginx, nginx_available};
+use support::env::{guest_env, vmm_bin};
+use support::linux::*;
+use support::nginx::{Nginx, nginx_available};
+use support::process::{Running, fail};
 
 const MEM_MIB: u64 = 1024;
 
@@ -33,36 +34,14 @@ fn linux_counter_resumes_from_an_http_archive() {
     if !nginx_available() {
         return;
     }
-    let dir = scratch("archive-linux");
-    let root = dir.join("rootfs.ext4");
-    let data = dir.join("data.img");
-    std::fs::copy(a.file("rootfs.ext4"), &root).unwrap();
-    std::fs::copy(a.file("disk.img"), &data).unwrap();
-    let sock = dir.join("api.sock");
-    let snap = dir.join("snap");
-    let token = format!("a{}", std::process::id());
-    let extra =
-        format!("init=/idle vmmtest.counter vmmtest.token={token} vmmtest.counter_disk=/dev/vdb");
-    let mut r = Running::spawn(&[
-        "--kernel".into(),
-        kernel_arg(&a, &extra),
-        "--memory".into(),
-        format!("size_mib={MEM_MIB}"),
-        "--block".into(),
-        format!("path={},root=true", root.display()),
-        "--block".into(),
-        format!("path={}", data.display()),
-        "--api-sock".into(),
-        sock.display().to_string(),
-    ]);
-    if r.wait_for(&format!("vmmtest: tick {token} 3 "), BOOT_TIMEOUT)
-        .is_none()
-    {
-        fail(&r, "counter did not reach 3");
-    }
-    snapshot_leave_paused(&r, &sock, &snap);
-    r.kill_and_drain();
-    let before = r.console();
+    let spec = CounterSpec {
+        data_disk: true,
+        mem_mib: Some(MEM_MIB),
+        ..CounterSpec::new("archive-linux", "a")
+    };
+    let mut g = CounterGuest::boot_to_tick(&a, &spec, 3);
+    let (dir, token, snap) = (g.dir.clone(), g.token.clone(), g.dir.join("snap"));
+    let (_, before) = g.snapshot_and_stop(&snap);
     let last_before = *ticks(&before, &token).last().expect("ticks before");
 
     let archive = dir.join("archive");
@@ -81,8 +60,8 @@ fn linux_counter_resumes_from_an_http_archive() {
     println!("{}", String::from_utf8_lossy(&out.stdout).trim());
     // The archive alone is enough: the original disks and snapshot go away.
     std::fs::remove_dir_all(&snap).unwrap();
-    std::fs::remove_file(&root).unwrap();
-    std::fs::remove_file(&data).unwrap();
+    std::fs::remove_file(g.root.as_ref().unwrap()).unwrap();
+    std::fs::remove_file(g.data.as_ref().unwrap()).unwrap();
 
     let nginx = Nginx::start(&archive);
     let url = format!("{}/vms/linux", nginx.url());

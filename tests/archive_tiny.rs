@@ -3,20 +3,19 @@
 //! instruction), working-set record + prefetch, the server going down, an altered chunk,
 //! and two clones at once sharing the local chunk cache (`vmm restore http://…`).
 
-mod common;
-mod remote;
-mod tiny;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use remote::{Nginx, nginx_available};
-use tiny::harness::{check_ticks, deadline, ensure};
-use tiny::{Capture, Scenario, Spec, TempDir, TinyVm, Variant, guest};
-use vmm::archive::Source;
-use vmm::archive::restore::{ArchiveRestoreOptions, ArchiveSession, restore};
+use support::env::TempDir;
+use support::nginx::{Nginx, nginx_available};
+use support::tiny;
+use support::tiny::archive::{PagePattern, snapshot_with_pattern};
+use support::tiny::harness::{check_ticks, deadline, ensure};
+use support::tiny::{Scenario, Spec, TinyVm, guest};
+use vmm::archive::restore::ArchiveSession;
 use vmm::archive::workingset::FillRate;
-use vmm::builder::Console;
 use vmm::snapshot::{ChunkEntry, MemoryManifest};
 use vmm::store::http::HttpStoreOptions;
 use vmm::vmm::error_chain;
@@ -28,6 +27,11 @@ const MEM_MIB: u64 = 256;
 const PAT_BASE: u64 = 16 << 20;
 const PAT_LEN: u64 = 16 << 20;
 const PAT_XOR: u64 = 0x5eed_f00d_0bad_cafe;
+const PATTERN: PagePattern = PagePattern {
+    base: PAT_BASE,
+    len: PAT_LEN,
+    xor: PAT_XOR,
+};
 
 /// [`tiny::harness::check`], also skipped without nginx, with the VMM's logs shown.
 fn check(name: &str, body: impl FnOnce() -> Result<(), String>) {
@@ -53,19 +57,8 @@ fn archive_vm(
     ready: &str,
     name: &str,
 ) -> Result<Archived, String> {
-    let mut spec = Spec::new(Variant::from(scenario));
-    spec.mem_mib = MEM_MIB;
-    let mut vm = tiny::boot(spec, Vec::new())?;
-    vm.wait_for(deadline(), ready)?;
-    vm.pause()?;
-    for page in 0..PAT_LEN / 4096 {
-        let a = PAT_BASE + page * 4096;
-        vm.write(a, a ^ PAT_XOR)?;
-    }
     let snap = tmp.join("snap");
-    vm.snapshot(&snap, None)?;
-    let pre = vm.console.text();
-    drop(vm);
+    let pre = snapshot_with_pattern(scenario, MEM_MIB, ready, &PATTERN, &snap)?;
     let archive = tmp.join("archive");
     let r = vmm::archive::push::push(&snap, &archive, name).map_err(|e| error_chain(&e))?;
     eprintln!("  {r}");
@@ -105,21 +98,7 @@ fn resume(
     fill: FillRate,
     http: HttpStoreOptions,
 ) -> Result<(TinyVm, ArchiveSession), String> {
-    let console = Capture::default();
-    let mut o = ArchiveRestoreOptions::new(Console::Writer(Box::new(console.clone())));
-    o.cache_root = Some(cache.to_path_buf());
-    o.fill = fill;
-    o.http = http;
-    let (vmm, s) = restore(&Source::parse(url), o).map_err(|e| error_chain(&e))?;
-    Ok((TinyVm { vmm, console }, s))
-}
-
-fn read_u64(vm: &TinyVm, addr: u64) -> Result<u64, String> {
-    use vm_memory::Bytes;
-    vm.vmm
-        .mem
-        .read_obj(vm_memory::GuestAddress(addr))
-        .map_err(|e| format!("read guest memory at {addr:#x}: {e}"))
+    tiny::archive::resume(url, cache, fill, |o| o.http = http)
 }
 
 /// Archive → nginx → resume over HTTP: the ticks continue from the snapshot, guest memory
@@ -153,10 +132,9 @@ fn push_and_resume_over_http() {
         })?;
         vm.pause()?;
         let fetched_running = s.now();
-        for page in (0..PAT_LEN / 4096).step_by(97) {
-            let addr = PAT_BASE + page * 4096;
-            let v = read_u64(&vm, addr)?;
-            ensure(v == addr ^ PAT_XOR, || {
+        for addr in PATTERN.pages(97) {
+            let v = vm.read_u64(addr)?;
+            ensure(v == PATTERN.value(addr), || {
                 format!("guest memory at {addr:#x} is {v:#x}")
             })?;
         }
@@ -172,7 +150,7 @@ fn push_and_resume_over_http() {
         drop(s);
 
         // Record a working set from the local archive, then resume with prefetch.
-        let out = std::process::Command::new(common::vmm_bin())
+        let out = std::process::Command::new(support::env::vmm_bin())
             .args(["archive", "record-workingset"])
             .arg(a.archive.join("vms/ticks"))
             .args(["--seconds", "0.5"])
@@ -301,11 +279,16 @@ fn server_down_and_altered_chunk_stop_the_vm_cleanly() {
     });
 }
 
-fn spawn_clone(url: &str, cache: &Path, fill: &str) -> common::Running {
+fn spawn_clone(url: &str, cache: &Path, fill: &str) -> support::process::Running {
     spawn_clone_with(url, cache, fill, &[])
 }
 
-fn spawn_clone_with(url: &str, cache: &Path, fill: &str, extra: &[String]) -> common::Running {
+fn spawn_clone_with(
+    url: &str,
+    cache: &Path,
+    fill: &str,
+    extra: &[String],
+) -> support::process::Running {
     let mut args: Vec<String> = vec![
         "restore".into(),
         url.into(),
@@ -315,10 +298,10 @@ fn spawn_clone_with(url: &str, cache: &Path, fill: &str, extra: &[String]) -> co
         fill.into(),
     ];
     args.extend_from_slice(extra);
-    common::Running::spawn(&args)
+    support::process::Running::spawn(&args)
 }
 
-fn wait_tick(r: &mut common::Running, pre: &str, target: u32) -> Result<u32, String> {
+fn wait_tick(r: &mut support::process::Running, pre: &str, target: u32) -> Result<u32, String> {
     let end = deadline();
     loop {
         let c = r.console();
@@ -395,7 +378,7 @@ fn a_local_archive_with_a_disk_resumes_from_the_directory() {
             use vmm::disk::BlockBackend as _;
             let tmp = TempDir::new("archive-local-disk");
             let disk = tmp.join("disk.img");
-            let content = remote::random_bytes(1 << 20, 99);
+            let content = support::rng::random_bytes(99, 1 << 20);
             std::fs::write(&disk, &content).map_err(|e| e.to_string())?;
             let cfg = vmm::config::BlockConfig {
                 path: disk.clone(),

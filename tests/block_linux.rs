@@ -1,10 +1,13 @@
 //! virtio-block with the project's Linux guest: root filesystem on vda, the test agent
 //! hashing and writing disks, a read-only disk that refuses writes.
 
-mod common;
+mod support;
 
-use common::*;
 use std::time::Duration;
+use support::env::*;
+use support::files::md5_file;
+use support::linux::*;
+use support::process::*;
 
 #[test]
 fn root_mount_md5_write_and_read_only() {

@@ -1,9 +1,11 @@
 //! Boots the project's guest kernel (see docs/GUEST.md) and checks the test agent's output.
 //! Slow on PVM-style hosts (about a minute per boot), so each scenario boots once.
 
-mod common;
+mod support;
 
-use common::*;
+use support::env::*;
+use support::linux::*;
+use support::process::*;
 
 fn boot_info(kernel: &str, vcpus: u8, mem_mib: u64) {
     let Some(a) = guest_env() else { return };

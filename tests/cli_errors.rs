@@ -1,11 +1,11 @@
 //! Bad input gets a clear one-line error and a non-zero exit code, never a panic.
 
-mod common;
+mod support;
 
 use std::process::Command;
 
 fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(common::vmm_bin())
+    let out = Command::new(support::env::vmm_bin())
         .args(args)
         .env("RUST_LOG", "error")
         .output()
@@ -76,11 +76,11 @@ fn zero_vcpus() {
 
 #[test]
 fn more_vcpus_than_kvm_allows() {
-    if common::kvm_missing().is_some() {
+    if support::env::kvm_missing().is_some() {
         println!("SKIP: no KVM");
         return;
     }
-    let Ok(a) = common::artifacts() else {
+    let Ok(a) = support::env::artifacts() else {
         println!("SKIP: no guest artifacts");
         return;
     };
@@ -92,11 +92,11 @@ fn more_vcpus_than_kvm_allows() {
 
 #[test]
 fn memory_too_small_for_the_kernel() {
-    let Ok(a) = common::artifacts() else {
+    let Ok(a) = support::env::artifacts() else {
         println!("SKIP: no guest artifacts");
         return;
     };
-    if common::kvm_missing().is_some() {
+    if support::env::kvm_missing().is_some() {
         println!("SKIP: no KVM");
         return;
     }

@@ -5,11 +5,13 @@
 //! the guest kernel (`clearcpuid=`); the features the host quirks hide there whatever the
 //! template (e.g. `popcnt`) are the only kept ones allowed to be missing. One boot.
 
-mod common;
+mod support;
 
 use std::collections::BTreeSet;
 
-use common::*;
+use support::env::*;
+use support::linux::*;
+use support::process::*;
 use vmm::arch::x86_64::cpu_features::{CpuFeatures, feature};
 use vmm::arch::x86_64::cpu_template::{CpuTemplate, linux_feature_names, pvm_quirk_features};
 

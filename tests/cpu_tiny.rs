@@ -5,14 +5,15 @@
 //! `--force` restores it with a warning. The Linux guest's view of a template is checked by
 //! `tests/cpu_linux.rs`.
 
-mod common;
-mod tiny;
+mod support;
 
 use std::process::Command;
 use std::time::Duration;
 
-use tiny::harness::{check, check_ticks, deadline, ensure};
-use tiny::{Capture, Scenario, Spec, TempDir, TinyVm};
+use support::env::TempDir;
+use support::tiny;
+use support::tiny::harness::{check, check_ticks, deadline, ensure};
+use support::tiny::{Capture, Scenario, Spec, TinyVm};
 use vmm::arch::x86_64::cpu_features::{CpuFeatures, FEATURES, Feature};
 use vmm::arch::x86_64::cpu_template::{CpuTemplate, HostCpu, plan};
 use vmm::builder::Console;
@@ -184,7 +185,7 @@ fn restore_refuses_features_this_host_lacks() {
         };
         ensure(err == want, || format!("error {err:?}, expected {want:?}"))?;
 
-        let out = Command::new(common::vmm_bin())
+        let out = Command::new(support::env::vmm_bin())
             .arg("restore")
             .arg(&snap)
             .env("RUST_LOG", "error")
@@ -196,7 +197,7 @@ fn restore_refuses_features_this_host_lacks() {
             || format!("vmm restore: {:?}, stderr:\n{stderr}", out.status),
         )?;
 
-        let mut r = common::Running::spawn(&[
+        let mut r = support::process::Running::spawn(&[
             "restore".into(),
             "--force".into(),
             snap.display().to_string(),
@@ -227,7 +228,7 @@ fn restore_refuses_features_this_host_lacks() {
 /// A template name the VMM does not know is a clear usage error.
 #[test]
 fn unknown_template_is_a_clear_error() {
-    let out = Command::new(common::vmm_bin())
+    let out = Command::new(support::env::vmm_bin())
         .args([
             "--kernel",
             "path=/nonexistent",

@@ -9,17 +9,15 @@
 //! The tests mount file systems, so they need root: without it they print `SKIP:`; without
 //! /dev/kvm too.
 
-mod common;
-mod faults;
-mod tiny;
+mod support;
 
 use std::path::{Path, PathBuf};
 
-use faults::fusefs::{Mounted, Op, Plan};
-use faults::vm::{Changing, Expect, check_archive, restore_and_check, verify_repo};
-use faults::{Tmpfs, root_or_skip, temp_files};
-use tiny::TempDir;
-use tiny::harness::{check, ensure};
+use support::env::TempDir;
+use support::faults::fusefs::{Mounted, Op, Plan};
+use support::faults::vm::{Changing, Expect, check_archive, restore_and_check, verify_repo};
+use support::faults::{Tmpfs, root_or_skip, temp_files};
+use support::tiny::harness::{check, ensure};
 use vmm::repo::Repo;
 use vmm::vmm::error_chain;
 
@@ -407,8 +405,9 @@ fn image_import_on_a_full_disk_and_with_io_errors() {
         let tmp = TempDir::new("faults-import");
         let old_src = tmp.join("old.img");
         let new_src = tmp.join("new.img");
-        std::fs::write(&old_src, faults::vm::random(1, 3 << 20)).map_err(|e| e.to_string())?;
-        let data = faults::vm::random(2, 6 << 20);
+        std::fs::write(&old_src, support::rng::random_bytes(1, 3 << 20))
+            .map_err(|e| e.to_string())?;
+        let data = support::rng::random_bytes(2, 6 << 20);
         std::fs::write(&new_src, &data).map_err(|e| e.to_string())?;
         let import = |src: &Path, archive: &Path, name: &str| {
             vmm::image::import_image(src, archive, name, vmm::image::DEFAULT_IMAGE_CHUNK_SIZE)

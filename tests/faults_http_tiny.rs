@@ -1,5 +1,5 @@
 //! HTTP faults between `vmm` and a real nginx (docs/FAULTS.md), injected by a proxy the
-//! tests run on loopback (tests/faults/proxy.rs): connection reset mid-body, truncated
+//! tests run on loopback (tests/support/faults/proxy.rs): connection reset mid-body, truncated
 //! body, wrong Content-Length (too long, too short), 500 and 503, a 10 s stall, and the
 //! bytes of a different chunk. Driven through a lazy remote disk read by the tiny guest's
 //! virtio-blk request and through an archived VM resumed over HTTP with lazy memory.
@@ -9,23 +9,20 @@
 //!
 //! Each test skips, printing `SKIP:`, without /dev/kvm or nginx.
 
-mod common;
-mod faults;
-mod remote;
-mod tiny;
+mod support;
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use faults::proxy::{Fault, Proxy};
-use remote::{Nginx, nginx_available};
-use tiny::harness::{deadline, ensure};
-use tiny::{Capture, Scenario, Spec, TempDir, TinyVm, guest};
-use vmm::archive::Source;
-use vmm::archive::restore::{ArchiveRestoreOptions, restore};
+use support::env::TempDir;
+use support::faults::proxy::{Fault, Proxy};
+use support::nginx::{Nginx, nginx_available};
+use support::tiny;
+use support::tiny::archive::{PagePattern, snapshot_with_pattern};
+use support::tiny::harness::{deadline, ensure};
+use support::tiny::{Scenario, Spec, TinyVm, guest};
 use vmm::archive::workingset::FillRate;
-use vmm::builder::Console;
 use vmm::config::BlockConfig;
 use vmm::snapshot::{ChunkEntry, MemoryManifest};
 use vmm::vmm::error_chain;
@@ -214,37 +211,33 @@ const MEM_MIB: u64 = 64;
 const PAT_BASE: u64 = 16 << 20;
 const PAT_LEN: u64 = 4 << 20;
 const PAT_XOR: u64 = 0x5eed_f00d_0bad_cafe;
+const PATTERN: PagePattern = PagePattern {
+    base: PAT_BASE,
+    len: PAT_LEN,
+    xor: PAT_XOR,
+};
 
 /// Boots the command guest, writes a distinct qword per page of the pattern area,
 /// snapshots and pushes it as `vms/dirty`; returns the archive directory.
 fn archive_vm(tmp: &TempDir) -> Result<std::path::PathBuf, String> {
-    let mut spec = Spec::new(Scenario::SnapDirty);
-    spec.mem_mib = MEM_MIB;
-    let mut vm = tiny::boot(spec, Vec::new())?;
-    vm.wait_for(deadline(), "dirty: ready\n")?;
-    vm.pause()?;
-    for page in 0..PAT_LEN / 4096 {
-        let a = PAT_BASE + page * 4096;
-        vm.write(a, a ^ PAT_XOR)?;
-    }
     let snap = tmp.join("snap");
-    vm.snapshot(&snap, None)?;
-    drop(vm);
+    snapshot_with_pattern(
+        Scenario::SnapDirty,
+        MEM_MIB,
+        "dirty: ready\n",
+        &PATTERN,
+        &snap,
+    )?;
     let archive = tmp.join("archive");
     vmm::archive::push::push(&snap, &archive, "dirty").map_err(|e| error_chain(&e))?;
     Ok(archive)
 }
 
 fn resume(url: &str, cache: &Path, fill: FillRate) -> Result<TinyVm, String> {
-    let console = Capture::default();
-    let mut o = ArchiveRestoreOptions::new(Console::Writer(Box::new(console.clone())));
-    o.cache_root = Some(cache.to_path_buf());
-    o.fill = fill;
-    o.prefetch = false;
-    let (vmm, s) = restore(&Source::parse(url), o).map_err(|e| error_chain(&e))?;
+    let (vm, s) = tiny::archive::resume(url, cache, fill, |o| o.prefetch = false)?;
     // The session owns the prefetcher and reports; the VM works without it.
     std::mem::forget(s);
-    Ok(TinyVm { vmm, console })
+    Ok(vm)
 }
 
 /// Has the running guest write `seq << 32 | addr` at `addr` and waits until it did: the
@@ -256,14 +249,6 @@ fn guest_touch(vm: &TinyVm, seq: u32, addr: u64) -> Result<(), String> {
     vm.wait_console(deadline(), "the guest's write", |_| {
         vm.read_u32(guest::MB_CMD_ACK).is_ok_and(|a| a == seq)
     })
-}
-
-fn read_u64(vm: &TinyVm, addr: u64) -> Result<u64, String> {
-    use vm_memory::Bytes;
-    vm.vmm
-        .mem
-        .read_obj(vm_memory::GuestAddress(addr))
-        .map_err(|e| format!("read guest memory at {addr:#x}: {e}"))
 }
 
 fn chunk_path(archive: &Path, gpa: u64) -> Result<String, String> {
@@ -295,13 +280,12 @@ fn lazy_memory_rides_out_transient_http_faults() {
             let vm = resume(&url, &tmp.join(format!("cache{k}")), FillRate::Off)?;
             let addr = PAT_BASE + (k as u64 * 3 + 1) * (64 << 10) + 8 * 4096;
             guest_touch(&vm, 1, addr).map_err(|e| format!("{fault:?}: {e}"))?;
-            for page in (0..PAT_LEN / 4096).step_by(61) {
-                let a = PAT_BASE + page * 4096;
-                let v = read_u64(&vm, a)?;
+            for a in PATTERN.pages(61) {
+                let v = vm.read_u64(a)?;
                 let want = if a == addr {
                     1u64 << 32 | a
                 } else {
-                    a ^ PAT_XOR
+                    PATTERN.value(a)
                 };
                 ensure(v == want, || {
                     format!("{fault:?}: memory at {a:#x} is {v:#x}")
@@ -380,10 +364,9 @@ fn lazy_memory_stops_the_vm_on_a_lying_server() {
         proxy.set_policy(|_, _| Fault::Pass);
         let vm = resume(&url, &cache, FillRate::Off)?;
         guest_touch(&vm, 1, addr)?;
-        ensure(read_u64(&vm, addr + 8)? == 0, || "pattern".into())?;
-        ensure(
-            read_u64(&vm, addr + 4096)? == (addr + 4096) ^ PAT_XOR,
-            || "memory after the lie".into(),
-        )
+        ensure(vm.read_u64(addr + 8)? == 0, || "pattern".into())?;
+        ensure(vm.read_u64(addr + 4096)? == (addr + 4096) ^ PAT_XOR, || {
+            "memory after the lie".into()
+        })
     });
 }

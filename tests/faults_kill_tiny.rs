@@ -8,17 +8,19 @@
 //! Kill points are uniform over the time an undisturbed run takes (measured first), with
 //! a seed printed for replay (`FAULTS_SEED`). Skips, printing `SKIP:`, without /dev/kvm.
 
-mod common;
-mod faults;
-mod tiny;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use faults::vm::{Changing, Expect, check_archive, restore_and_check, verify_repo};
-use faults::{Killed, Rng, run_and_kill, time_ok, vmm_ok};
-use tiny::TempDir;
-use tiny::harness::{check, ensure};
+use support::env::TempDir;
+use support::faults;
+use support::faults::vm::{Changing, Expect, check_archive, restore_and_check, verify_repo};
+use support::faults::{Killed, run_and_kill, time_ok};
+use support::process::vmm_cli_ok as vmm_ok;
+use support::rng::Rng;
+use support::tiny;
+use support::tiny::harness::{check, ensure};
 
 /// Rounds of kill-and-check per operation.
 const ROUNDS: usize = 8;
@@ -69,7 +71,8 @@ impl Window {
     }
 
     fn next(&mut self, rng: &mut Rng) -> Option<Duration> {
-        (self.kills() < ROUNDS && self.outcomes.len() < 3 * ROUNDS).then(|| rng.below(self.full))
+        (self.kills() < ROUNDS && self.outcomes.len() < 3 * ROUNDS)
+            .then(|| rng.duration_below(self.full))
     }
 
     fn record(&mut self, k: Killed) {
@@ -116,7 +119,7 @@ fn archive_push_killed_at_random_points() {
         };
         let full = time_ok(&argv, fresh)?;
         eprintln!("  an undisturbed push takes {full:?}");
-        let mut rng = Rng::new("archive push");
+        let mut rng = Rng::from_env_or_clock("FAULTS_SEED", "archive push");
         let mut w = Window::new(full);
         while let Some(at) = w.next(&mut rng) {
             fresh()?;
@@ -143,8 +146,9 @@ fn image_import_killed_at_random_points() {
         let tmp = TempDir::new("kill-import");
         let old_src = tmp.join("old.img");
         let new_src = tmp.join("new.img");
-        std::fs::write(&old_src, faults::vm::random(1, 1 << 20)).map_err(|e| e.to_string())?;
-        let data = faults::vm::random(2, 48 << 20);
+        std::fs::write(&old_src, support::rng::random_bytes(1, 1 << 20))
+            .map_err(|e| e.to_string())?;
+        let data = support::rng::random_bytes(2, 48 << 20);
         std::fs::write(&new_src, &data).map_err(|e| e.to_string())?;
         let archive = tmp.join("archive");
         let argv = ["image", "import", s(&new_src), s(&archive), "--name", "new"];
@@ -155,7 +159,7 @@ fn image_import_killed_at_random_points() {
         };
         let full = time_ok(&argv, fresh)?;
         eprintln!("  an undisturbed import takes {full:?}");
-        let mut rng = Rng::new("image import");
+        let mut rng = Rng::from_env_or_clock("FAULTS_SEED", "image import");
         let mut w = Window::new(full);
         while let Some(at) = w.next(&mut rng) {
             fresh()?;
@@ -224,7 +228,7 @@ fn export_and_import_killed_at_random_points() {
             Ok(())
         })?;
         eprintln!("  an undisturbed export takes {full:?}");
-        let mut rng = Rng::new("export");
+        let mut rng = Rng::from_env_or_clock("FAULTS_SEED", "export");
         let mut w = Window::new(full);
         while let Some(at) = w.next(&mut rng) {
             let _ = std::fs::remove_file(&file);
@@ -272,9 +276,9 @@ fn export_and_import_killed_at_random_points() {
 }
 
 /// A `vmm restore` process of the big snapshot with an API socket, ticking.
-fn vm_process(snap: &Path, sock: &Path) -> Result<common::Running, String> {
+fn vm_process(snap: &Path, sock: &Path) -> Result<support::process::Running, String> {
     let _ = std::fs::remove_file(sock);
-    let mut r = common::Running::spawn(&[
+    let mut r = support::process::Running::spawn(&[
         "restore".into(),
         s(snap).into(),
         "--api-sock".into(),
@@ -357,14 +361,14 @@ fn snapshot_create_killed_at_random_points() {
         drop(vm);
         let full = best * 9 / 10;
         eprintln!("  an undisturbed snapshot takes {best:?}");
-        let mut rng = Rng::new("snapshot create");
+        let mut rng = Rng::from_env_or_clock("FAULTS_SEED", "snapshot create");
 
         // Kill the VM process while it writes.
         let mut w = Window::new(full);
         while let Some(at) = w.next(&mut rng) {
             let r = fresh()?;
             vm = vm_process(&big, &sock)?;
-            let mut client = std::process::Command::new(common::vmm_bin())
+            let mut client = std::process::Command::new(support::env::vmm_bin())
                 .args(create(&r))
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())

@@ -8,15 +8,19 @@
 //! ignored test [`make_fixtures`] with `VMM_FIXTURES_OUT`) and keeps reading the old ones.
 //! `tests/fixtures/README.md` and docs/KEEPING_SNAPSHOTS.md ("Versions") state the rule.
 
-mod tiny;
+mod support;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::json;
-use tiny::harness::{check, check_ticks, deadline, ensure};
-use tiny::{Capture, Scenario, Spec, TempDir, TinyVm, copy_dir};
+use support::env::TempDir;
+use support::files::copy_dir;
+use support::rng::Rng;
+use support::tiny;
+use support::tiny::harness::{check, check_ticks, deadline, ensure};
+use support::tiny::{Capture, Scenario, Spec, TinyVm};
 use vmm::archive::Source;
 use vmm::archive::restore::{ArchiveRestoreOptions, RestoreError, restore as archive_restore};
 use vmm::archive::workingset::{FillRate, WorkingSet, manifest_hash};
@@ -125,14 +129,7 @@ fn restore_fixture(dir: &Path, what: &str) -> Result<TinyVm, String> {
 
 /// The deterministic image content.
 fn image_bytes() -> Vec<u8> {
-    let mut x = IMAGE_SEED;
-    let mut out = Vec::with_capacity(IMAGE_BYTES);
-    while out.len() < IMAGE_BYTES {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
+    let mut out = Rng::new(IMAGE_SEED).bytes(IMAGE_BYTES);
     out[IMAGE_BYTES / 2..IMAGE_BYTES / 2 + IMAGE_CHUNK as usize].fill(0);
     out
 }
@@ -454,7 +451,10 @@ fn make_fixtures() {
         "{} exists: fixture sets are never rewritten",
         out.display()
     );
-    assert!(tiny::have_kvm(), "making fixtures needs /dev/kvm");
+    assert!(
+        support::env::kvm_or_skip(),
+        "making fixtures needs /dev/kvm"
+    );
     let work = TempDir::new("make-fixtures");
     let set = work.join("set");
     write_set(&set, &work).unwrap_or_else(|e| panic!("{e}"));

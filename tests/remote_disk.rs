@@ -2,14 +2,16 @@
 //! loopback port): import, lazy verified reads, the persistent cache, the copy-on-write
 //! overlay, server outages, tampered chunks, broken indexes, qcow2 import and prefetch.
 
-mod remote;
+mod support;
 
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use remote::{Nginx, TempDir, nginx_available, test_image, tree_hashes};
+use support::env::TempDir;
+use support::files::{test_image, tree_hashes};
+use support::nginx::{Nginx, nginx_available};
 use vmm::disk::BlockBackend;
 use vmm::disk::http::{
     LazyHttpDisk, LazyHttpOptions, RemoteDiskError, open_remote_disk, read_prefetch_list,
@@ -661,7 +663,7 @@ fn measure_chunk_sizes() {
     }
     // Fetch latency of incompressible chunks over loopback keep-alive, no cache.
     let src = dir.path().join("random.img");
-    std::fs::write(&src, remote::random_bytes(32 << 20, 77)).unwrap();
+    std::fs::write(&src, support::rng::random_bytes(77, 32 << 20)).unwrap();
     for cs in [64u32 << 10, 256 << 10, 1 << 20] {
         let archive = dir.path().join(format!("r{cs}"));
         let opts = ImportOptions {

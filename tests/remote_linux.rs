@@ -3,12 +3,15 @@
 //! disk through a persistent overlay, and a second boot with the same overlay sees the
 //! written text while the served archive stays unchanged.
 
-mod common;
-mod remote;
+mod support;
 
-use common::*;
-use remote::{Nginx, nginx_available, tree_hashes};
+use support::env::*;
+use support::linux::*;
+
 use std::process::Command;
+use support::files::{md5_file, tree_hashes};
+use support::nginx::{Nginx, nginx_available};
+use support::process::*;
 
 fn import(src: &std::path::Path, archive: &std::path::Path, name: &str) {
     let out = Command::new(vmm_bin())

@@ -5,54 +5,21 @@
 //! snapshot 3 and snapshotting again makes a branch in `ls`, and that 11th snapshot
 //! restores too.
 
-mod common;
+mod support;
 
-use common::*;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
+use support::env::{guest_env, vmm_bin};
+use support::linux::*;
+use support::process::{Running, fail};
 use vmm::api::{ApiTarget, request};
-
-/// Waits until the counter prints a tick of at least `n`; returns it.
-fn wait_tick(r: &mut Running, token: &str, n: u64, timeout: Duration) -> Option<u64> {
-    let deadline = std::time::Instant::now() + timeout;
-    let pat = format!("vmmtest: tick {token} ");
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let line = r.wait_for(&pat, left)?;
-        let rest = &line[line.find(&pat)? + pat.len()..];
-        if let Some(t) = rest
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<u64>().ok())
-            && t >= n
-        {
-            return Some(t);
-        }
-    }
-}
 
 /// `vmm snapshot create --repo REPO --leave-paused --json` against the VM at `sock`: the
 /// report. The VM is left paused.
 fn snapshot(r: &Running, repo: &Path, sock: &Path, what: &str) -> serde_json::Value {
-    let out = Command::new(vmm_bin())
-        .args(["snapshot", "create", "--leave-paused", "--json", "--repo"])
-        .arg(repo)
-        .arg("--api-sock")
-        .arg(sock)
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        fail(
-            r,
-            &format!(
-                "{what}: snapshot create failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        );
-    }
-    serde_json::from_slice(&out.stdout).expect("JSON report")
+    let args = ["--json".as_ref(), "--repo".as_ref(), repo.as_os_str()];
+    snapshot_create(r, sock, &args, what)
 }
 
 fn resume(r: &Running, sock: &Path) {
@@ -106,24 +73,18 @@ fn restore_and_check(repo: &Path, id: &str, before: &str, token: &str, what: &st
 #[test]
 fn ten_incremental_snapshots_restore_and_branch() {
     let Some(a) = guest_env() else { return };
-    let dir = scratch("repo-linux");
-    let root = dir.join("rootfs.ext4");
-    std::fs::copy(a.file("rootfs.ext4"), &root).unwrap();
-    let repo = dir.join("repo");
-    let sock = dir.join("api.sock");
-    let token = format!("r{}", std::process::id());
-    let extra = format!("init=/idle vmmtest.counter vmmtest.token={token}");
-    let mut r = Running::spawn(&[
-        "--kernel".into(),
-        kernel_arg(&a, &extra),
-        "--block".into(),
-        format!("path={},root=true", root.display()),
-        "--api-sock".into(),
-        sock.display().to_string(),
-    ]);
-    if wait_tick(&mut r, &token, 2, BOOT_TIMEOUT).is_none() {
-        fail(&r, "counter did not reach 2");
+    let mut g = CounterGuest::start(&a, &CounterSpec::new("repo-linux", "r"));
+    if g.wait_tick(2, BOOT_TIMEOUT).is_none() {
+        fail(&g.vm, "counter did not reach 2");
     }
+    let CounterGuest {
+        dir,
+        token,
+        sock,
+        vm: mut r,
+        ..
+    } = g;
+    let repo = dir.join("repo");
     println!("booted in {:.0} s", r.elapsed());
 
     // 10 snapshots a few ticks apart; each restored in a new process right after it is

@@ -8,8 +8,7 @@
 //!
 //! Each test skips, printing `SKIP:`, when /dev/kvm cannot be opened.
 
-mod common;
-mod tiny;
+mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -21,8 +20,13 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::repo::{Repo, SnapshotId};
 use vmm::store::ChunkId;
 
-use tiny::harness::{check, deadline, ensure};
-use tiny::{Scenario, Spec, TempDir, TinyVm};
+use support::env::TempDir;
+use support::faults::vm::Expect;
+use support::process::vmm_cli;
+use support::rng::{Rng, random_bytes};
+use support::tiny::TinyVm;
+use support::tiny::harness::{check, deadline, ensure};
+use support::{faults, tiny};
 
 /// Guest memory the tests overwrite while the guest is paused (the tiny guest does not use
 /// it): a "hot" MiB rewritten before every snapshot, and per-snapshot areas after it.
@@ -31,20 +35,6 @@ const HOT_LEN: usize = 1 << 20;
 const AREAS: u64 = 18 << 20;
 /// Guest RAM of the tests' VMs.
 const MEM_MIB: u64 = 64;
-
-/// xorshift64* bytes.
-fn random(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 fn write_mem(vm: &TinyVm, addr: u64, data: &[u8]) -> Result<(), String> {
     vm.vmm
@@ -62,9 +52,6 @@ fn read_mem(vm: &TinyVm, addr: u64, len: usize) -> Result<Vec<u8>, String> {
     Ok(v)
 }
 
-/// What a snapshot must contain: (address, bytes).
-type Expect = Vec<(u64, Vec<u8>)>;
-
 /// A running tick guest whose memory the host changes before each repository snapshot.
 struct Changing {
     vm: TinyVm,
@@ -74,10 +61,7 @@ struct Changing {
 
 impl Changing {
     fn boot() -> Result<Self, String> {
-        let mut spec = Spec::new(Scenario::SnapTicks);
-        spec.mem_mib = MEM_MIB;
-        let vm = tiny::boot(spec, Vec::new())?;
-        vm.wait_for(deadline(), "tick 1\n")?;
+        let vm = tiny::boot_ticking(MEM_MIB)?;
         Ok(Self {
             vm,
             seq: 0,
@@ -95,11 +79,11 @@ impl Changing {
     ) -> Result<(SnapshotId, Expect, vmm::repo::create::RepoCreateReport), String> {
         self.seq += 1;
         self.vm.pause()?;
-        let hot = random(self.seq * 1000, HOT_LEN);
+        let hot = random_bytes(self.seq * 1000, HOT_LEN);
         write_mem(&self.vm, HOT, &hot)?;
         self.written.insert(HOT, hot);
         let area = AREAS + self.seq * area_len as u64;
-        let fresh = random(self.seq * 1000 + 1, area_len);
+        let fresh = random_bytes(self.seq * 1000 + 1, area_len);
         write_mem(&self.vm, area, &fresh)?;
         self.written.insert(area, fresh);
         let rep = vmm::repo::create::create_in_repo(&mut self.vm.vmm, repo, name)
@@ -116,35 +100,8 @@ impl Changing {
 
 /// Restores snapshot `id` of `repo` with all memory loaded, paused, checks `expect`, then
 /// resumes it and waits for a tick.
-fn restore_and_check(repo: &Path, id: &SnapshotId, expect: &Expect) -> Result<TinyVm, String> {
-    let dir = repo.join("snapshots").join(id.to_string());
-    let mut vm = tiny::restore_eager(&dir, None, true)?;
-    for (addr, bytes) in expect {
-        let got = read_mem(&vm, *addr, bytes.len())?;
-        ensure(got == *bytes, || {
-            format!("snapshot {}: memory at {addr:#x} differs", id.short())
-        })?;
-    }
-    vm.resume()?;
-    vm.wait_for(deadline(), "tick ")?;
-    ensure(!vm.console.text().contains("serial set"), || {
-        format!("snapshot {} rebooted after restore", id.short())
-    })?;
-    Ok(vm)
-}
-
-/// Runs `vmm ARGS`; returns (exit code, stdout, stderr).
-fn vmm_cli(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(common::vmm_bin())
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run vmm");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+fn restore_and_check(repo: &Path, id: &SnapshotId, expect: &Expect) -> Result<(), String> {
+    faults::vm::restore_and_check(&repo.join("snapshots").join(id.to_string()), expect)
 }
 
 /// `vmm snapshot CMD --repo REPO --json ARGS`, which must succeed; its JSON.
@@ -256,7 +213,7 @@ fn rm_and_gc_free_exactly_the_chunks_no_remaining_snapshot_uses() {
         ensure(roots.len() == 3, || format!("ls after rm: {ls}"))?;
         for (id, expect) in &snaps {
             if kept.contains(id) {
-                drop(restore_and_check(&repo, id, expect)?);
+                restore_and_check(&repo, id, expect)?;
             }
         }
         // A second gc has nothing left to do.
@@ -290,20 +247,10 @@ fn gc_killed_at_random_points_leaves_every_snapshot_restorable() {
         let to_delete = chunk_files(&repo).difference(&keep_refs).count();
         eprintln!("  {to_delete} chunks to sweep");
 
-        let mut seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64
-            | 1;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rng = Rng::from_env_or_clock("FAULTS_SEED", "gc kill points");
         let (mut kills, mut finished) = (0, false);
         for round in 0..40 {
-            let mut child = Command::new(common::vmm_bin())
+            let mut child = Command::new(support::env::vmm_bin())
                 .args(["snapshot", "gc", "--repo", repo.to_str().unwrap()])
                 .env(vmm::repo::gc::GC_DELAY_ENV, "10000")
                 .env("RUST_LOG", "warn")
@@ -312,7 +259,11 @@ fn gc_killed_at_random_points_leaves_every_snapshot_restorable() {
                 .spawn()
                 .map_err(|e| format!("spawn gc: {e}"))?;
             // Early rounds kill in the first milliseconds (mark phase, tmp cleanup).
-            let wait_ms = if round < 4 { next() % 15 } else { next() % 200 };
+            let wait_ms = if round < 4 {
+                rng.next() % 15
+            } else {
+                rng.next() % 200
+            };
             std::thread::sleep(Duration::from_millis(wait_ms));
             if child.try_wait().map_err(|e| e.to_string())?.is_some() {
                 finished = true;
@@ -329,7 +280,7 @@ fn gc_killed_at_random_points_leaves_every_snapshot_restorable() {
             })?;
             if round % 5 == 0 {
                 let (id, expect) = &kept[round / 5 % kept.len()];
-                drop(restore_and_check(&repo, id, expect)?);
+                restore_and_check(&repo, id, expect)?;
             }
             if finished || left == 0 {
                 eprintln!("  gc done after {kills} kills (round {round}), {left} dead chunks left");
@@ -346,7 +297,7 @@ fn gc_killed_at_random_points_leaves_every_snapshot_restorable() {
             || "tmp/ not empty after gc".into(),
         )?;
         for (id, expect) in &kept {
-            drop(restore_and_check(&repo, id, expect)?);
+            restore_and_check(&repo, id, expect)?;
         }
         Ok(())
     });
@@ -390,7 +341,7 @@ fn export_import_into_an_empty_repo_restores_the_same_state() {
         ensure(sa.1 == sb.1, || "registers differ".into())?;
         ensure(sa.0 == sb.0, || "guest memory differs".into())?;
         drop((a, b));
-        drop(restore_and_check(&other, &id, &expect)?);
+        restore_and_check(&other, &id, &expect)?;
 
         // A truncated or damaged file is refused and changes nothing.
         let bytes = fs::read(&file).unwrap();
@@ -506,8 +457,12 @@ fn verify_detects_a_corrupt_and_a_missing_chunk() {
 }
 
 /// Starts `vmm restore --repo REPO WHAT --api-sock SOCK` and waits for a tick.
-fn restore_process(repo: &Path, what: &str, sock: &Path) -> Result<common::Running, String> {
-    let mut r = common::Running::spawn(&[
+fn restore_process(
+    repo: &Path,
+    what: &str,
+    sock: &Path,
+) -> Result<support::process::Running, String> {
+    let mut r = support::process::Running::spawn(&[
         "restore".into(),
         "--repo".into(),
         repo.display().to_string(),
@@ -608,7 +563,7 @@ fn restore_from_a_repo_then_snapshot_creates_a_branch() {
         // The branch restores by name; the plain directory path works too.
         let sock2 = tmp.join("api2.sock");
         drop(restore_process(&repo, "branch", &sock2)?);
-        let mut r = common::Running::spawn(&[
+        let mut r = support::process::Running::spawn(&[
             "restore".into(),
             repo.join("snapshots")
                 .join(branch.to_string())
@@ -643,7 +598,7 @@ fn snapshot_after_its_parent_was_removed_and_collected() {
         ensure(ls["snapshots"][0]["parent_listed"] == false, || {
             format!("{ls}")
         })?;
-        drop(restore_and_check(&repo, &b, &expect)?);
+        restore_and_check(&repo, &b, &expect)?;
         Ok(())
     });
 }
@@ -685,7 +640,7 @@ fn vmm_killed_during_the_first_snapshot_into_a_new_repo() {
         drop(g);
         let id = id.short();
         let create = |repo: &Path, sock: &Path| {
-            Command::new(common::vmm_bin())
+            Command::new(support::env::vmm_bin())
                 .args(["snapshot", "create", "--json", "--repo"])
                 .arg(repo)
                 .arg("--api-sock")
@@ -708,17 +663,7 @@ fn vmm_killed_during_the_first_snapshot_into_a_new_repo() {
         drop(vm);
         eprintln!("  a first snapshot into a new repository takes {full:?}");
 
-        let mut seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64
-            | 1;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rng = Rng::from_env_or_clock("FAULTS_SEED", "create kill points");
         let span = full.as_micros().max(20_000) as u64;
         let mut seen = KillOutcomes::default();
         for round in 0..12 {
@@ -732,7 +677,7 @@ fn vmm_killed_during_the_first_snapshot_into_a_new_repo() {
             let mut client = create(&repo, &sock)?;
             // Half of the kills in the first quarter, where the repository is made.
             let range = if round % 2 == 0 { span / 4 } else { span };
-            std::thread::sleep(Duration::from_micros(next() % range.max(1)));
+            std::thread::sleep(Duration::from_micros(rng.next() % range.max(1)));
             vm.kill_and_drain();
             let _ = client.wait();
             let listed = fs::read_dir(repo.join("snapshots"))

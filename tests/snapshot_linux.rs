@@ -2,11 +2,14 @@
 //! disk read/rewrite on every tick) and rcutorture keep going in a new `vmm` process, twice
 //! from the same snapshot (clones). The guest boots once; everything else is restores.
 
-mod common;
 mod kept_snapshot;
+mod support;
 
-use common::*;
 use std::path::Path;
+
+use support::env::guest_env;
+use support::linux::*;
+use support::process::{Running, fail};
 
 fn restore_and_check(dir: &Path, before: &str, token: &str, last_before: u64, what: &str) {
     let mut r = Running::spawn(&["restore".into(), dir.display().to_string()]);
@@ -55,39 +58,17 @@ fn restore_and_check(dir: &Path, before: &str, token: &str, last_before: u64, wh
 #[test]
 fn counter_continues_after_restore_twice() {
     let Some(a) = guest_env() else { return };
-    let dir = scratch("snapshot-linux");
-    let root = dir.join("rootfs.ext4");
-    let data = dir.join("data.img");
-    std::fs::copy(a.file("rootfs.ext4"), &root).unwrap();
-    std::fs::copy(a.file("disk.img"), &data).unwrap();
-    let sock = dir.join("api.sock");
-    let snap = dir.join("snap");
-    let token = format!("c{}", std::process::id());
-    let extra = format!(
-        "init=/idle vmmtest.counter vmmtest.token={token} vmmtest.counter_disk=/dev/vdb \
-         rcutorture.enable=1 rcutorture.stat_interval=3 rcutorture.nreaders=1 \
-         rcutorture.nfakewriters=0 rcutorture.onoff_interval=0 rcutorture.shutdown_secs=0"
-    );
-    let mut r = Running::spawn(&[
-        "--kernel".into(),
-        kernel_arg(&a, &extra),
-        "--block".into(),
-        format!("path={},root=true", root.display()),
-        "--block".into(),
-        format!("path={}", data.display()),
-        "--api-sock".into(),
-        sock.display().to_string(),
-    ]);
-    if r.wait_for(&format!("vmmtest: tick {token} 3 "), BOOT_TIMEOUT)
-        .is_none()
-    {
-        fail(&r, "counter did not reach 3");
-    }
-    let report = snapshot_leave_paused(&r, &sock, &snap);
-    assert!(report["memory"]["chunks_total"].as_u64().unwrap() > 0);
+    let spec = CounterSpec {
+        data_disk: true,
+        extra: "rcutorture.enable=1 rcutorture.stat_interval=3 rcutorture.nreaders=1 \
+                rcutorture.nfakewriters=0 rcutorture.onoff_interval=0 rcutorture.shutdown_secs=0",
+        ..CounterSpec::new("snapshot-linux", "c")
+    };
+    let mut g = CounterGuest::boot_to_tick(&a, &spec, 3);
+    let (token, snap) = (g.token.clone(), g.dir.join("snap"));
     // The VM stays paused until killed, so its console ends exactly at the snapshot.
-    r.kill_and_drain();
-    let before = r.console();
+    let (report, before) = g.snapshot_and_stop(&snap);
+    assert!(report["memory"]["chunks_total"].as_u64().unwrap() > 0);
     let last_before = check_consecutive(&before, &token, "before the snapshot");
     println!("snapshot taken after tick {last_before}: {report}");
 

@@ -9,7 +9,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::common::*;
+use crate::support::env::guest_env;
+use crate::support::linux::*;
+use crate::support::process::{Running, fail};
 
 /// One `vmmtest: tick TOKEN N mono=S.N real=S.N` line.
 #[derive(Clone, Copy, Debug)]
@@ -111,8 +113,7 @@ fn restore_once(snap: &Path, before: &str, token: &str, taken_at: Instant, what:
             &format!("{what}: the counter stopped after {}", first.n),
         );
     }
-    let _ = r.child.kill();
-    let _ = r.wait_exit(Duration::from_secs(10));
+    r.kill_and_drain();
     let after = r.console();
     let combined = format!("{before}{after}");
     check_consecutive(&combined, token, what);
@@ -139,39 +140,18 @@ fn restore_once(snap: &Path, before: &str, token: &str, taken_at: Instant, what:
 /// snapshot 0 s, 1 min and 3 min later.
 pub fn counter_guest_across_kept_snapshots() {
     let Some(a) = guest_env() else { return };
-    let dir = scratch("kept-snapshot");
-    let sock = dir.join("api.sock");
-    let snap = dir.join("snap");
-    let token = format!("k{}", std::process::id());
-    let extra = format!("rdinit=/idle vmmtest.counter vmmtest.token={token} vmmtest.clock_sync");
-    let mut r = Running::spawn(&[
-        "--kernel".into(),
-        kernel_arg(&a, &extra),
-        "--initrd".into(),
-        a.file("idle.cpio.gz").display().to_string(),
-        "--api-sock".into(),
-        sock.display().to_string(),
-    ]);
-    if r.wait_for(&format!("vmmtest: tick {token} 3 "), BOOT_TIMEOUT)
-        .is_none()
-    {
-        fail(&r, "the counter did not reach 3");
-    }
+    let spec = CounterSpec {
+        root_disk: false,
+        extra: "vmmtest.clock_sync",
+        ..CounterSpec::new("kept-snapshot", "k")
+    };
+    let mut g = CounterGuest::boot_to_tick(&a, &spec, 3);
     // Snapshot late in a counter second, so that the next tick is due soon after a restore.
-    if r.wait_for(
-        &format!("vmmtest: tick {token} 4 "),
-        Duration::from_secs(60),
-    )
-    .is_none()
-    {
-        fail(&r, "the counter did not reach 4");
-    }
+    g.expect_tick(4, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(600));
-    snapshot_leave_paused(&r, &sock, &snap);
+    let (token, snap) = (g.token.clone(), g.dir.join("snap"));
+    let (_, before) = g.snapshot_and_stop(&snap);
     let taken_at = Instant::now();
-    let _ = r.child.kill();
-    let _ = r.wait_exit(Duration::from_secs(10));
-    let before = r.console();
     assert!(
         !timed_ticks(&before, &token).is_empty(),
         "tick lines without mono=/real= times: rebuild the guest (resources/build-guest.sh)\n{before}"

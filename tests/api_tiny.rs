@@ -1,14 +1,16 @@
 //! The control API against a running VM (the tiny test guest): states, errors that leave
 //! the VM untouched, snapshot creation, shutdown.
 
-mod tiny;
+mod support;
 
 use std::time::{Duration, Instant};
 
 use vmm::api::{self, ApiTarget};
 use vmm::vstate::exit::ExitReason;
 
-use tiny::{Scenario, Spec, TempDir};
+use support::env::TempDir;
+use support::tiny;
+use support::tiny::{Scenario, Spec};
 
 fn call(t: &ApiTarget, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
     let (status, text) = api::request(t, method, path, body).expect("API request");
@@ -23,7 +25,7 @@ fn call(t: &ApiTarget, method: &str, path: &str, body: Option<&str>) -> (u16, se
 
 #[test]
 fn api_drives_pause_snapshot_resume_shutdown() {
-    if !tiny::have_kvm() {
+    if !support::env::kvm_or_skip() {
         println!("SKIP: no KVM");
         return;
     }
@@ -99,7 +101,7 @@ fn api_drives_pause_snapshot_resume_shutdown() {
 fn idle_connections_do_not_starve_new_clients() {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
-    if !tiny::have_kvm() {
+    if !support::env::kvm_or_skip() {
         println!("SKIP: no KVM");
         return;
     }

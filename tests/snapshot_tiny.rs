@@ -1,15 +1,15 @@
-//! Snapshot and restore with the tiny freestanding guest (`tests/tiny/guest.s`): registers,
+//! Snapshot and restore with the tiny freestanding guest (`tests/support/tiny/guest.s`): registers,
 //! memory, timers and the serial port across a snapshot/restore (and a second restore of the
 //! same snapshot), exact console output and serial input across chains of snapshots taken in
 //! the middle of port I/O, a virtio-blk request in flight at snapshot time, corrupt
 //! snapshots, lazy restore of a corrupt chunk, disk identity on restore. (Deduplication and
-//! incremental snapshots: `tests/tiny_incremental.rs`.)
+//! incremental snapshots: `tests/incremental_tiny.rs`.)
 //!
 //! The tests drive the VMs on the test thread (`tiny::boot` / `tiny::restore`); every wait
 //! has a deadline. Each test skips, printing `SKIP:`, only when /dev/kvm cannot be opened.
 //! Set `TINY_KEEP_TMP=1` to keep the snapshot directories under `target/tmp/tiny-snapshot`.
 
-mod tiny;
+mod support;
 
 use std::fs;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -20,8 +20,10 @@ use vmm::config::BlockConfig;
 use vmm::devices::bus::lock;
 use vmm::vstate::exit::ExitReason;
 
-use tiny::harness::{check, check_ticks, deadline, ensure};
-use tiny::{Scenario, Spec, TempDir, TinyVm, Variant, guest};
+use support::env::TempDir;
+use support::tiny;
+use support::tiny::harness::{check, check_ticks, deadline, ensure};
+use support::tiny::{Scenario, Spec, TinyVm, Variant, guest};
 
 // ---------------------------------------------------------------------------------------
 // 1 + 2: registers, memory, timer and serial state across snapshot/restore.
@@ -647,7 +649,7 @@ fn corrupt_snapshots_are_rejected_with_clear_errors() {
         for (n, case) in cases.iter().enumerate() {
             let name = &case.name;
             let dir = tmp.join(format!("case{n}"));
-            tiny::copy_dir(&good, &dir).map_err(|e| format!("copy the snapshot: {e}"))?;
+            support::files::copy_dir(&good, &dir).map_err(|e| format!("copy the snapshot: {e}"))?;
             let target = dir.join(&case.file);
             (case.corrupt)(&target).map_err(|e| format!("{name}: corrupting: {e}"))?;
             let names = if case.names.is_empty() {

@@ -7,7 +7,7 @@
 //!
 //! Each test skips, printing `SKIP:`, only when /dev/kvm cannot be opened.
 
-mod tiny;
+mod support;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -18,9 +18,11 @@ use vmm::snapshot::{ChunkEntry, MemoryManifest, save_memory};
 use vmm::store::local::{LocalStore, LocalStoreOptions};
 use vmm::vstate::dirty::{DirtyMethod, LogState};
 
-use tiny::harness::{check, deadline, ensure};
-use tiny::snap::{changed_chunks, dirty, manifest};
-use tiny::{Scenario, Spec, TempDir, TinyVm, guest};
+use support::env::TempDir;
+use support::tiny;
+use support::tiny::harness::{check, deadline, ensure};
+use support::tiny::snap::{changed_chunks, dirty, manifest};
+use support::tiny::{Scenario, Spec, TinyVm, guest};
 
 fn boot(mem_mib: u64) -> Result<TinyVm, String> {
     let mut spec = Spec::new(Scenario::SnapDirty);

@@ -6,14 +6,15 @@
 //! in flight as pending: when nginx is back the read completes and the guest carries on, and
 //! a restore of that snapshot replays the read.
 
-mod remote;
-mod tiny;
+mod support;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use remote::{Nginx, nginx_available};
-use tiny::{Scenario, Spec, TempDir, guest};
+use support::env::TempDir;
+use support::nginx::{Nginx, nginx_available};
+use support::tiny;
+use support::tiny::{Scenario, Spec, guest};
 use vmm::api::{self, ApiTarget};
 use vmm::config::BlockConfig;
 use vmm::vstate::exit::ExitReason;
@@ -85,7 +86,7 @@ fn ring_indexes(mem: &vmm::vstate::memory::GuestMemory) -> (u16, u16) {
 
 #[test]
 fn api_answers_while_the_remote_disk_server_is_down() {
-    if !tiny::have_kvm() {
+    if !support::env::kvm_or_skip() {
         println!("SKIP: no KVM");
         return;
     }

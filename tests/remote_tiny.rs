@@ -3,14 +3,15 @@
 //! snapshot's moment even if the overlay was written after it (the newer overlay is moved
 //! aside, not lost), and a clone restored onto a fresh overlay path sees the same disk.
 
-mod remote;
-mod tiny;
+mod support;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use remote::{Nginx, nginx_available};
-use tiny::{Scenario, Spec, TempDir};
+use support::env::TempDir;
+use support::nginx::{Nginx, nginx_available};
+use support::tiny;
+use support::tiny::{Scenario, Spec};
 use vmm::config::BlockConfig;
 use vmm::disk::BlockBackend;
 use vmm::disk::http::{LazyHttpOptions, open_remote_disk};
@@ -37,12 +38,12 @@ fn contents(url: &str, cache: &Path, overlay: &Path) -> Vec<u8> {
 
 #[test]
 fn snapshot_of_a_vm_on_a_remote_disk_restores_with_its_overlay() {
-    if !tiny::have_kvm() || !nginx_available() {
+    if !support::env::kvm_or_skip() || !nginx_available() {
         return;
     }
     let tmp = TempDir::new("tiny-remote");
     let src = tmp.join("src.img");
-    let base = remote::random_bytes(DISK, 7);
+    let base = support::rng::random_bytes(7, DISK);
     std::fs::write(&src, &base).unwrap();
     let archive = tmp.join("archive");
     vmm::image::import_image(&src, &archive, "img", vmm::image::DEFAULT_IMAGE_CHUNK_SIZE)

@@ -1,18 +1,19 @@
-//! KVM-level tests with the tiny freestanding guest (`tests/tiny/guest.s`): serial and
+//! KVM-level tests with the tiny freestanding guest (`tests/support/tiny/guest.s`): serial and
 //! port I/O, MMIO, guest memory seen by the host across pause/resume, PIT and LAPIC timer
 //! interrupts, a second vCPU started by INIT/SIPI, and the pvpanic / triple-fault exits.
 //!
 //! Each test builds its guest variant with binutils (cached under `target/tmp/tiny-guest`)
 //! and skips, printing `SKIP:`, only when /dev/kvm cannot be opened.
 
-mod tiny;
+mod support;
 
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 use vmm::vstate::exit::ExitReason;
 
-use tiny::{Access, RecordingDevice, Scenario, Spec, Variant, guest, lock};
+use support::tiny;
+use support::tiny::{Access, RecordingDevice, Scenario, Spec, Variant, guest, lock};
 
 fn report(name: &str, elapsed: Duration) {
     eprintln!("{name}: {elapsed:?}");
@@ -43,7 +44,7 @@ fn serial_and_port_io(variant: Variant, name: &str) {
 /// Serial output, 1/2/4-byte port writes and a 4-byte read on a test device, i8042 reset.
 #[test]
 fn serial_and_port_io_then_reset() {
-    if !tiny::have_kvm() {
+    if !support::env::kvm_or_skip() {
         return;
     }
     serial_and_port_io(Scenario::SerialPio.into(), "serial_and_port_io_then_reset");
@@ -52,7 +53,7 @@ fn serial_and_port_io_then_reset() {
 /// The same with interrupts never enabled (as in early Linux boot).
 #[test]
 fn serial_and_port_io_with_interrupts_off() {
-    if !tiny::have_kvm() {
+    if !support::env::kvm_or_skip() {
         return;
     }
     let variant = Variant {
@@ -65,7 +66,7 @@ fn serial_and_port_io_with_interrupts_off() {
 /// 1/2/4/8-byte MMIO writes and reads on a test device; the guest checks what it reads.
 #[test]
 fn mmio_reads_and_writes() {
-    if !tiny::have_kvm() {
+    if !support::env::kvm_or_skip() {
         return;
     }
     let dev = RecordingDevice::new(guest::MMIO_LEN);
@@ -110,7 +111,7 @@ struct MemoryRun {
 /// writes data of its own and a go flag, resumes; the guest checks the host's data and resets.
 #[test]
 fn guest_memory_visible_to_host_across_pause_resume() {
-    if !tiny::have_kvm() {
+    if !support::env::kvm_or_skip() {
         return;
     }
     let port = RecordingDevice::new(guest::TEST_PORT_LEN);
@@ -200,7 +201,7 @@ fn timer(scenario: Scenario, name: &str, console: &str) {
 /// PIT channel 0 at 100 Hz through the remapped 8259 PIC (LAPIC LINT0 = ExtINT): 10 ticks.
 #[test]
 fn pit_timer_interrupts() {
-    if !tiny::have_kvm() {
+    if !support::env::kvm_or_skip() {
         return;
     }
     timer(
@@ -213,7 +214,7 @@ fn pit_timer_interrupts() {
 /// The LAPIC timer in periodic mode at 100 Hz: 10 ticks.
 #[test]
 fn lapic_timer_interrupts() {
-    if !tiny::have_kvm() {
+    if !support::env::kvm_or_skip() {
         return;
     }
     timer(
@@ -227,7 +228,7 @@ fn lapic_timer_interrupts() {
 /// its LAPIC id and sets a mark the BSP waits for.
 #[test]
 fn second_vcpu_started_by_init_sipi() {
-    if !tiny::have_kvm() {
+    if !support::env::kvm_or_skip() {
         return;
     }
     let mut spec = Spec::new(Scenario::Smp);
@@ -263,7 +264,7 @@ fn second_vcpu_started_by_init_sipi() {
 /// Writing 1 to the pvpanic port ends the VM with GuestPanic.
 #[test]
 fn pvpanic_port_ends_vm_with_guest_panic() {
-    if !tiny::have_kvm() {
+    if !support::env::kvm_or_skip() {
         return;
     }
     let out = tiny::run(Spec::new(Scenario::Panic));
@@ -275,7 +276,7 @@ fn pvpanic_port_ends_vm_with_guest_panic() {
 /// `ud2` with interrupts off and an empty IDT: #UD cannot be delivered -> #DF -> triple fault.
 #[test]
 fn triple_fault_with_interrupts_off() {
-    if !tiny::have_kvm() {
+    if !support::env::kvm_or_skip() {
         return;
     }
     let out = tiny::run(Spec::new(Scenario::TripleFault));
@@ -287,7 +288,7 @@ fn triple_fault_with_interrupts_off() {
 /// The same with interrupts on.
 #[test]
 fn triple_fault_with_interrupts_on() {
-    if !tiny::have_kvm() {
+    if !support::env::kvm_or_skip() {
         return;
     }
     let out = tiny::run(Spec::new(Scenario::TripleFaultIrqsOn));
@@ -300,7 +301,7 @@ fn triple_fault_with_interrupts_on() {
 /// panics through pvpanic (how every other scenario reports an unexpected exception).
 #[test]
 fn guest_exception_handler_reports_ud() {
-    if !tiny::have_kvm() {
+    if !support::env::kvm_or_skip() {
         return;
     }
     let out = tiny::run(Spec::new(Scenario::Exception));

@@ -1,7 +1,6 @@
 //! Fault injection for the `faults_*` tests (docs/FAULTS.md): a small tmpfs for `ENOSPC`,
 //! a fault-injecting FUSE file system for `EIO`, an HTTP fault proxy, and the helpers of
 //! the SIGKILL tests (random kill points, running `vmm` subcommands).
-#![allow(dead_code)]
 
 pub mod fusefs;
 pub mod proxy;
@@ -10,6 +9,8 @@ pub mod vm;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use super::process::vmm_cli_ok;
 
 /// True when running as root (mounting tmpfs and FUSE needs it); otherwise prints why the
 /// test is skipped.
@@ -98,71 +99,6 @@ impl Drop for Tmpfs {
     }
 }
 
-/// A small xorshift generator seeded from the clock (the seed is printed, so a failing
-/// run can be replayed with `FAULTS_SEED`).
-pub struct Rng(u64);
-
-impl Rng {
-    /// Seeded from `FAULTS_SEED` or the clock.
-    pub fn new(what: &str) -> Rng {
-        let seed = std::env::var("FAULTS_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            })
-            | 1;
-        eprintln!("  {what}: FAULTS_SEED={seed}");
-        Rng(seed)
-    }
-
-    /// The next number.
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// A duration uniformly in [0, max).
-    pub fn below(&mut self, max: Duration) -> Duration {
-        let us = max.as_micros().max(1) as u64;
-        Duration::from_micros(self.next() % us)
-    }
-}
-
-/// Result of one `vmm` subcommand: (exit code, stdout, stderr).
-pub type CliOut = (i32, String, String);
-
-/// Runs `vmm ARGS` to completion.
-pub fn vmm(args: &[&str]) -> CliOut {
-    let out = Command::new(super::common::vmm_bin())
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run vmm");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Runs `vmm ARGS`, which must succeed.
-pub fn vmm_ok(args: &[&str]) -> Result<String, String> {
-    let (code, out, err) = vmm(args);
-    if code == 0 {
-        Ok(out)
-    } else {
-        Err(format!(
-            "vmm {args:?} exited {code}\nstdout: {out}\nstderr: {err}"
-        ))
-    }
-}
-
 /// How a killed run ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Killed {
@@ -174,7 +110,7 @@ pub enum Killed {
 
 /// Starts `vmm ARGS`, sends SIGKILL after `after`, and reaps it.
 pub fn run_and_kill(args: &[&str], after: Duration) -> Killed {
-    let mut child = Command::new(super::common::vmm_bin())
+    let mut child = Command::new(super::env::vmm_bin())
         .args(args)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -205,7 +141,7 @@ pub fn time_ok(
     for _ in 0..2 {
         prepare()?;
         let t = Instant::now();
-        vmm_ok(args)?;
+        vmm_cli_ok(args)?;
         best = best.min(t.elapsed());
     }
     Ok(best * 9 / 10)

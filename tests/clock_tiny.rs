@@ -14,15 +14,17 @@
 //! - After a restore the VMM tells the guest it was stopped (KVM_KVMCLOCK_CTRL sets
 //!   PVCLOCK_GUEST_STOPPED, which Linux's watchdogs read).
 
-mod tiny;
+mod support;
 
 use std::path::Path;
 use std::time::Duration;
 
 use vmm::arch::x86_64::ClockMode;
 
-use tiny::harness::{check, deadline, ensure};
-use tiny::{Scenario, Spec, TempDir, TinyVm, Variant, guest};
+use support::env::TempDir;
+use support::tiny;
+use support::tiny::harness::{check, deadline, ensure};
+use support::tiny::{Scenario, Spec, TinyVm, Variant, guest};
 
 /// How long the snapshot is kept before it is restored.
 const GAP: Duration = Duration::from_secs(3);

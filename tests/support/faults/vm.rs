@@ -8,27 +8,15 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::repo::SnapshotId;
 use vmm::store::{ChunkStore, LocalStore, LocalStoreOptions};
 
-use crate::tiny::harness::{deadline, ensure};
-use crate::tiny::{self, Scenario, Spec, TinyVm};
+use crate::support::process::vmm_cli_ok;
+use crate::support::rng::random_bytes;
+use crate::support::tiny::harness::{deadline, ensure};
+use crate::support::tiny::{self, TinyVm};
 
 /// Guest RAM of the tests' VMs.
 pub const MEM_MIB: u64 = 64;
 /// Where the host writes fresh random bytes before each snapshot (unused by the guest).
 const AREAS: u64 = 16 << 20;
-
-/// xorshift64* bytes.
-pub fn random(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// What a snapshot must hold: (guest address, bytes).
 pub type Expect = Vec<(u64, Vec<u8>)>;
@@ -50,10 +38,7 @@ pub struct Changing {
 impl Changing {
     /// Boots the tick guest; each snapshot rewrites `area_len` bytes.
     pub fn boot(area_len: usize) -> Result<Self, String> {
-        let mut spec = Spec::new(Scenario::SnapTicks);
-        spec.mem_mib = MEM_MIB;
-        let vm = tiny::boot(spec, Vec::new())?;
-        vm.wait_for(deadline(), "tick 1\n")?;
+        let vm = tiny::boot_ticking(MEM_MIB)?;
         Ok(Self {
             vm,
             seq: 0,
@@ -67,7 +52,7 @@ impl Changing {
     pub fn pause_and_change(&mut self) -> Result<Expect, String> {
         self.seq += 1;
         self.vm.pause()?;
-        self.current = random(self.seq, self.area_len);
+        self.current = random_bytes(self.seq, self.area_len);
         self.vm
             .vmm
             .mem
@@ -149,10 +134,10 @@ pub fn restore_and_check(dir: &Path, expect: &Expect) -> Result<(), String> {
 /// `vmm snapshot verify --repo REPO --json` must pass; returns the listed snapshot ids.
 pub fn verify_repo(repo: &Path) -> Result<Vec<String>, String> {
     let r = repo.to_str().unwrap();
-    let out = super::vmm_ok(&["snapshot", "verify", "--repo", r, "--json"])?;
+    let out = vmm_cli_ok(&["snapshot", "verify", "--repo", r, "--json"])?;
     let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
     ensure(v["ok"] == true, || format!("verify: {v}"))?;
-    let ls = super::vmm_ok(&["snapshot", "ls", "--repo", r, "--json"])?;
+    let ls = vmm_cli_ok(&["snapshot", "ls", "--repo", r, "--json"])?;
     let ls: serde_json::Value = serde_json::from_str(&ls).map_err(|e| format!("{e}: {ls}"))?;
     Ok(ls["snapshots"]
         .as_array()

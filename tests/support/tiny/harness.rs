@@ -13,7 +13,7 @@ pub fn deadline() -> Instant {
 /// Runs a test body; a failure panics with its message (which carries console output).
 /// Skips, printing `SKIP:`, when /dev/kvm cannot be opened.
 pub fn check(name: &str, body: impl FnOnce() -> Result<(), String>) {
-    if !super::have_kvm() {
+    if !crate::support::env::kvm_or_skip() {
         return;
     }
     let t = Instant::now();
