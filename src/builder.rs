@@ -12,7 +12,6 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64 as arch;
 use crate::config::{self, VmConfig};
-use crate::devices::bus::lock;
 use crate::devices::legacy::{
     I8042, I8042_LEN, I8042_PORT, PVPANIC_PORT, PvPanic, SERIAL_PORTS, SerialDevice,
     SerialDeviceState, SerialRestoreArgs,
@@ -27,8 +26,9 @@ use crate::disk::BlockBackend;
 use crate::disk::file::FileBackend;
 use crate::disk::http::{LazyHttpDisk, LazyHttpOptions, open_remote_disk};
 use crate::disk::overlay::OverlayBackend;
-use crate::snapshot::Persist;
+use crate::formats::Persist;
 use crate::store::http::HttpStoreOptions;
+use crate::util::lock;
 use crate::vmm::{ExitWaker, StdinInput, Subscriber, Vmm};
 use crate::vstate::exit::ExitSignal;
 use crate::vstate::memory::{self, GuestMemory};
@@ -218,7 +218,7 @@ pub fn open_disks(cfg: &VmConfig) -> Result<OpenedDisks, BuildError> {
         let backend: Arc<dyn BlockBackend> = match &b.url {
             None => Arc::new(
                 FileBackend::open(&b.path, b.read_only, b.direct)
-                    .map_err(|e| err(crate::vmm::error_chain(&e)))?,
+                    .map_err(|e| err(crate::util::error_chain(&e)))?,
             ),
             Some(url) => {
                 let opts = LazyHttpOptions {
@@ -232,13 +232,13 @@ pub fn open_disks(cfg: &VmConfig) -> Result<OpenedDisks, BuildError> {
                     prefetch: b.prefetch.clone(),
                 };
                 let (remote, top) = open_remote_disk(url, opts, None)
-                    .map_err(|e| err(crate::vmm::error_chain(&e)))?;
+                    .map_err(|e| err(crate::util::error_chain(&e)))?;
                 out.remote.push((i, remote.clone()));
                 match &b.overlay {
                     Some(path) => {
                         let ov = Arc::new(
                             OverlayBackend::open(path, remote as Arc<dyn BlockBackend>).map_err(
-                                |e| err(format!("overlay: {}", crate::vmm::error_chain(&e))),
+                                |e| err(format!("overlay: {}", crate::util::error_chain(&e))),
                             )?,
                         );
                         out.overlays.push(Some(ov.clone()));
@@ -265,7 +265,7 @@ pub fn enable_dirty_log(vm: &Vm, mem: &GuestMemory) -> crate::vstate::dirty::Log
         Err(e) => {
             log::warn!(
                 "dirty page logging unavailable, snapshots will re-hash memory: {}",
-                crate::vmm::error_chain(&e)
+                crate::util::error_chain(&e)
             );
             LogState::Off
         }
@@ -294,7 +294,7 @@ pub fn attach_blocks(
         }
         device
             .start_worker(&format!("virtio-blk{i}"))
-            .map_err(|e| BuildError::Device(crate::vmm::error_chain(&e)))?;
+            .map_err(|e| BuildError::Device(crate::util::error_chain(&e)))?;
         let device = Arc::new(Mutex::new(device));
         let gsi = VIRTIO_FIRST_GSI + i as u32;
         let base = match arch::layout::virtio_mmio_addr(i as u32) {

@@ -9,8 +9,8 @@ use vmm_sys_util::epoll::EventSet;
 use crate::api::{ApiChannel, ApiError, ApiReply, ApiRequest, VmStateRequest};
 use crate::config::VmConfig;
 use crate::devices::Bus;
-use crate::devices::bus::lock;
 use crate::devices::legacy::SerialDevice;
+use crate::util::{error_chain, lock};
 use crate::vstate::exit::{ExitReason, ExitSignal};
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::vcpu::{RunState, VcpuError, VcpuHandle, VcpuRequest, VcpuResponse};
@@ -324,18 +324,6 @@ fn api_error(e: VmmError) -> ApiError {
         VmmError::WrongState { .. } => ApiError::conflict(e.to_string()),
         other => ApiError::internal(error_chain(&other)),
     }
-}
-
-/// An error and its causes on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 /// Drains an eventfd that only exists to wake the event loop.

@@ -19,7 +19,7 @@ use vmm::archive::workingset::FillRate;
 use vmm::builder::Console;
 use vmm::snapshot::{ChunkEntry, MemoryManifest};
 use vmm::store::http::HttpStoreOptions;
-use vmm::vmm::error_chain;
+use vmm::util::error_chain;
 use vmm::vstate::exit::ExitReason;
 
 /// Guest memory of the archived VMs.

@@ -21,7 +21,7 @@ use faults::{Tmpfs, root_or_skip, temp_files};
 use tiny::TempDir;
 use tiny::harness::{check, ensure};
 use vmm::repo::Repo;
-use vmm::vmm::error_chain;
+use vmm::util::error_chain;
 
 /// Bytes of fresh guest memory per snapshot (32 incompressible chunks).
 const AREA: usize = 2 << 20;

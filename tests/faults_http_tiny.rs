@@ -28,7 +28,7 @@ use vmm::archive::workingset::FillRate;
 use vmm::builder::Console;
 use vmm::config::BlockConfig;
 use vmm::snapshot::{ChunkEntry, MemoryManifest};
-use vmm::vmm::error_chain;
+use vmm::util::error_chain;
 use vmm::vstate::exit::ExitReason;
 
 fn check(name: &str, body: impl FnOnce() -> Result<(), String>) {

@@ -25,7 +25,7 @@ use vmm::image::ImageEntry;
 use vmm::repo::Repo;
 use vmm::store::ChunkStore;
 use vmm::store::local::{LocalStore, LocalStoreOptions};
-use vmm::vmm::error_chain;
+use vmm::util::error_chain;
 
 /// Guest memory of the fixture VMs: small, the fixtures are committed.
 const MEM_MIB: u64 = 16;

@@ -103,7 +103,7 @@ impl Changing {
         write_mem(&self.vm, area, &fresh)?;
         self.written.insert(area, fresh);
         let rep = vmm::repo::create::create_in_repo(&mut self.vm.vmm, repo, name)
-            .map_err(|e| vmm::vmm::error_chain(&e))?;
+            .map_err(|e| vmm::util::error_chain(&e))?;
         let expect = self.written.iter().map(|(a, b)| (*a, b.clone())).collect();
         self.vm.resume()?;
         let ticks = self.vm.console.text().matches("tick ").count();

@@ -22,8 +22,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::BackendIdentity;
-use super::overlay::{MAP_KIND, OverlayBackend, OverlayMap, map_path};
-use crate::snapshot::file::{self, StateFileError};
+use super::overlay::{OverlayBackend, OverlayMap, map_path};
+use crate::formats::MAP_KIND;
+use crate::formats::file::{self, StateFileError};
 use crate::store::{ChunkId, ChunkStore, PutOutcome, StoreError};
 
 /// Chunk size of captured overlays: 64 KiB, like guest memory (or the overlay's block

@@ -34,7 +34,7 @@ pub enum RepoCreateError {
     Create(#[source] CreateError),
     /// Rewriting the state file's store path failed.
     #[error("recording the repository-relative chunk store in the state file")]
-    State(#[source] crate::snapshot::StateFileError),
+    State(#[source] crate::formats::StateFileError),
 }
 
 /// What a repository snapshot produced: the id, its place in the tree, and the snapshot's own

@@ -18,10 +18,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{
-    LOCK_FILE, MARKER_FILE, NAMES_DIR, REPO_FORMAT, REPO_VERSION, Repo, RepoError, Result,
-    SNAPSHOTS_DIR, TMP_DIR, fsync_dir, io_err,
+    LOCK_FILE, MARKER_FILE, NAMES_DIR, REPO_FORMAT, Repo, RepoError, Result, SNAPSHOTS_DIR,
+    TMP_DIR, io_err,
 };
+use crate::formats::REPO_VERSION;
 use crate::store::local::{LocalStore, LocalStoreOptions};
+use crate::util::fs::fsync_dir;
 
 /// The chunk store's directory inside a repository.
 const CHUNKS_DIR: &str = "chunks";
@@ -100,10 +102,10 @@ fn make_layout(dir: &Path) -> Result<()> {
     crate::formats::write_marker(&mpath, REPO_FORMAT, REPO_VERSION).map_err(|source| {
         RepoError::Write {
             path: mpath,
-            source: Box::new(source),
+            source,
         }
     })?;
-    fsync_dir(dir)
+    Ok(fsync_dir(dir)?)
 }
 
 /// The directory `path` is in (`.` for a bare name), and its last component.
@@ -173,7 +175,7 @@ pub(crate) fn create(path: &Path) -> Result<()> {
         let _ = fs::remove_dir_all(&temp);
     }
     match renamed {
-        Ok(()) => fsync_dir(&parent),
+        Ok(()) => Ok(fsync_dir(&parent)?),
         Err(e) if rename_cannot_work(&e) => in_place(path),
         // Someone else published a repository (or something else) there meanwhile.
         Err(e) if classify(path)? == Found::Repo => {
@@ -190,7 +192,7 @@ fn in_place(path: &Path) -> Result<()> {
     fs::create_dir_all(path).map_err(io_err("create directory", path))?;
     make_layout(path)?;
     match split(path) {
-        Some((parent, _)) => fsync_dir(&parent),
+        Some((parent, _)) => Ok(fsync_dir(&parent)?),
         None => Ok(()),
     }
 }

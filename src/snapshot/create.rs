@@ -7,12 +7,12 @@ use serde::Serialize;
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
 
 use crate::arch::x86_64::{msrs, vcpu_state, vm_state};
-use crate::devices::bus::lock;
 use crate::disk::overlay_capture::{self, CaptureStats, OverlayManifest};
+use crate::formats::{Persist, file};
 use crate::snapshot::manifest::{self, DEFAULT_CHUNK_SIZE, SaveStats};
 use crate::snapshot::microvm::{BlockSnapshot, MEMORY_FILE, MicrovmState, STATE_FILE};
-use crate::snapshot::{Persist, file};
 use crate::store::local::{LocalStore, LocalStoreOptions};
+use crate::util::lock;
 use crate::vmm::Vmm;
 use crate::vstate::dirty::{self, DirtyMethod, LogState};
 use crate::vstate::memory::GuestMemory;
@@ -72,7 +72,7 @@ pub enum CreateError {
     /// Writing the memory manifest and state file failed (an earlier snapshot in the
     /// directory is left as it was).
     #[error("writing the memory manifest and state file")]
-    Files(#[source] file::StateFileError),
+    Files(#[source] crate::util::IoError),
     /// Reading the dirty page log failed.
     #[error("reading the dirty page log")]
     Dirty(#[source] crate::vstate::dirty::DirtyError),
@@ -492,7 +492,7 @@ pub fn create_snapshot(
     let state_bytes =
         file::encode(&file::FileKind::STATE, &state).map_err(CreateError::StateFile)?;
     // Over an existing snapshot, never the new manifest beside the old state.
-    file::replace_pair(
+    crate::util::fs::replace_pair(
         (&dir.join(MEMORY_FILE), &manifest_bytes),
         (&dir.join(STATE_FILE), &state_bytes),
     )

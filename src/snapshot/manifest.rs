@@ -15,7 +15,8 @@ use std::sync::{Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
-use super::file::{self, FileKind, StateFileError};
+use crate::formats::MANIFEST_KIND;
+use crate::formats::file::{self, StateFileError};
 use crate::store::{ChunkId, ChunkStore, MAX_CHUNK_LEN, PutOutcome, StoreError};
 
 /// Default chunk size: 64 KiB (measurements in `docs/SNAPSHOT_FORMAT.md`).
@@ -23,14 +24,6 @@ pub const DEFAULT_CHUNK_SIZE: usize = 64 << 10;
 
 /// Chunk sizes must be a multiple of this (the page size).
 pub const CHUNK_ALIGN: usize = 4096;
-
-/// File kind of a memory manifest file.
-pub const MANIFEST_KIND: FileKind = FileKind {
-    magic: *b"VMMMEMM\0",
-    version: 1,
-    max_payload: 1 << 30,
-    name: "vmm memory manifest",
-};
 
 /// Errors of saving and restoring guest memory.
 #[derive(Debug, thiserror::Error)]

@@ -16,15 +16,13 @@ use crate::devices::legacy::SerialDeviceState;
 use crate::devices::virtio::block::BlockDeviceState;
 use crate::devices::virtio::mmio::MmioTransportState;
 use crate::disk::overlay_capture::OverlayManifest;
-use crate::snapshot::file::{self, FileKind, StateFileError};
+use crate::formats::OLDEST_STATE_VERSION;
+use crate::formats::file::{self, FileKind, StateFileError};
 
 /// File name of the state file inside a snapshot directory.
 pub const STATE_FILE: &str = "state";
 /// File name of the memory manifest inside a snapshot directory.
 pub const MEMORY_FILE: &str = "memory";
-/// The oldest state-file version this build reads ([`FileKind::STATE`] is the newest).
-pub const OLDEST_STATE_VERSION: u32 = 2;
-
 /// One virtio-block disk's saved state.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BlockSnapshot {

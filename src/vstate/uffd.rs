@@ -553,18 +553,6 @@ impl Drop for Handler {
     }
 }
 
-/// Formats an error with its chain of causes.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 impl Handler {
     fn uffd(&self) -> &Uffd {
         self.uffd

@@ -719,7 +719,7 @@ impl TinyVm {
             format!(
                 "snapshot to {}: {}",
                 dir.display(),
-                vmm::vmm::error_chain(&e)
+                vmm::util::error_chain(&e)
             )
         })
     }

@@ -131,7 +131,7 @@ pub struct SerialRestoreArgs {
     pub out: Box<dyn Write + Send>,
 }
 
-impl crate::snapshot::Persist for SerialDevice {
+impl crate::formats::Persist for SerialDevice {
     type State = SerialDeviceState;
     type Args = SerialRestoreArgs;
     type Error = SerialError;
@@ -179,7 +179,7 @@ impl crate::snapshot::Persist for SerialDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::Persist;
+    use crate::formats::Persist;
 
     #[test]
     fn state_round_trip() {

@@ -17,7 +17,8 @@ use super::{
     VirtioInterrupt,
 };
 use crate::devices::IrqLine;
-use crate::devices::bus::{BusDevice, lock};
+use crate::devices::bus::BusDevice;
+use crate::util::lock;
 
 /// Size of a virtio-mmio device's register window.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;

@@ -9,7 +9,7 @@ use crate::snapshot::manifest::{MemoryManifest, save_memory};
 use crate::store::ChunkId;
 use crate::store::codec::Compression;
 use crate::store::local::{LocalStore, LocalStoreOptions};
-use crate::store::testutil::{Rng, TempDir};
+use crate::util::testutil::{Rng, TempDir};
 
 const CHUNK: usize = 64 << 10;
 
