@@ -157,7 +157,8 @@ def expand_use_tree(tree):
 
 
 USE_RE = re.compile(r"(?<![\w:])(pub(?:\([^)]*\))?\s+)?use\s+([^;]+);")
-INLINE_RE = re.compile(r"(?<![\w:$])((?:crate|super|self)(?:::(?:super|\w+))+)")
+# A path written inline: `crate::a::B`, `super::x`, `child::f`, `Alias::g`, ...
+PATH_RE = re.compile(r"(?<![\w:$.])([A-Za-z_]\w*(?:::\w+)+)")
 
 
 def inline_mod_spans(text):
@@ -253,11 +254,27 @@ def build_graph():
             here = module_at(base, spans, m.start())
             for segs, _ in expand_use_tree(m.group(2)):
                 refs.append((segs, here))
-        for m in INLINE_RE.finditer(text):
+        # Names this file brings into scope with `use`: a path through one of them
+        # (`msrs::readable_msrs` after `use crate::arch::x86_64::msrs`) is followed too.
+        aliases = {}
+        for m in USE_RE.finditer(text):
+            here = module_at(base, spans, m.start())
+            for segs, name in expand_use_tree(m.group(2)):
+                target = resolve(segs, here, crate, modules)
+                if target is not None and segs[-1] != "*":
+                    aliases[name] = target
+        for m in PATH_RE.finditer(text):
             if any(s <= m.start() < e for s, e in used):
                 continue
             here = module_at(base, spans, m.start())
-            refs.append((m.group(1).split("::"), here))
+            segs = m.group(1).split("::")
+            if segs[0] in ("crate", "super", "self"):
+                refs.append((segs, here))
+            elif segs[0] in aliases:
+                crate_t, path_t = aliases[segs[0]]
+                refs.append((["crate", *path_t, *segs[1:]], here) if crate_t == crate else ([], here))
+            elif (crate, tuple(here) + (segs[0],)) in modules:
+                refs.append((["self", *segs], here))
         for segs, here in refs:
             target = resolve(segs, here, crate, modules)
             if target is None:

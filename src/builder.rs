@@ -29,7 +29,7 @@ use crate::disk::overlay::OverlayBackend;
 use crate::formats::Persist;
 use crate::store::http::HttpStoreOptions;
 use crate::util::lock;
-use crate::vmm::{ExitWaker, StdinInput, Subscriber, Vmm};
+use crate::vmm::{AttachedBlock, ExitWaker, StdinInput, Subscriber, Vmm};
 use crate::vstate::exit::ExitSignal;
 use crate::vstate::memory::{self, GuestMemory};
 use crate::vstate::vcpu::{RunState, VcpuContext, VcpuHandle};
@@ -172,18 +172,6 @@ pub fn setup_legacy(
     )
     .map_err(bus_err)?;
     Ok(LegacyDevices { serial })
-}
-
-/// A virtio-block disk attached to the VM.
-pub struct AttachedBlock {
-    /// The device (its I/O worker thread serves the queue).
-    pub device: Arc<Mutex<BlockDevice>>,
-    /// Its virtio-mmio transport on the MMIO bus.
-    pub transport: Arc<Mutex<MmioTransport>>,
-    /// MMIO window base.
-    pub base: u64,
-    /// Interrupt line.
-    pub gsi: u32,
 }
 
 /// First GSI used by virtio devices (ISA interrupts 0..=4 are taken by the PIT, COM ports…).

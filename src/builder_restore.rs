@@ -12,7 +12,7 @@ use crate::builder::{
     BuildError, Console, Platform, attach_blocks, open_disks, setup_platform, start_vcpus,
 };
 use crate::config::BlockConfig;
-use crate::snapshot::create::SnapshotBase;
+use crate::snapshot::SnapshotBase;
 use crate::snapshot::manifest::{MemoryManifest, ZeroChunks, restore_memory};
 use crate::snapshot::microvm::MicrovmState;
 use crate::store::local::{LocalStore, LocalStoreOptions};
@@ -279,7 +279,7 @@ pub fn build_from_parts(
     let lazy = if opts.eager_memory {
         // SAFETY: no vCPU exists yet and no device has been created, so nothing else
         // touches guest memory while these slices live.
-        let mut views = unsafe { crate::snapshot::create::memory_slices_mut(&mem) };
+        let mut views = unsafe { crate::vstate::memory::memory_slices_mut(&mem) };
         restore_memory(&manifest, &mut views, &*store, ZeroChunks::AlreadyZero)
             .map_err(|e| snap_err_chain("memory", memory_path, &e))?;
         None

@@ -204,7 +204,7 @@ fn export_and_import_killed_at_random_points() {
             // A plain snapshot directory becomes a repository snapshot via a VM restore
             // and a repository snapshot; simpler: restore in-process and create_in_repo.
             let mut vm = tiny::restore_eager(dir, None, true)?;
-            let rep = vmm::repo::create::create_in_repo(&mut vm.vmm, repo, None)
+            let rep = vmm::vmm::create_in_repo(&mut vm.vmm, repo, None)
                 .map_err(|e| vmm::util::error_chain(&e))?;
             Ok(rep.id.to_string())
         };
@@ -318,7 +318,7 @@ fn snapshot_create_killed_at_random_points() {
         // snapshot, so that every snapshot writes all of the big VM's memory.
         let seed = tmp.join("seed");
         let mut vm = tiny::restore_eager(&small, None, true)?;
-        let small_id = vmm::repo::create::create_in_repo(&mut vm.vmm, &seed, None)
+        let small_id = vmm::vmm::create_in_repo(&mut vm.vmm, &seed, None)
             .map_err(|e| vmm::util::error_chain(&e))?
             .id
             .to_string();

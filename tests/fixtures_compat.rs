@@ -467,12 +467,12 @@ fn write_set(set: &Path, work: &TempDir) -> Result<(), String> {
     // 2. A repository with two snapshots of the same VM (the second one's parent is the
     //    first), and an export of the second.
     let repo_dir = set.join("repo");
-    let first = vmm::repo::create::create_in_repo(&mut vm.vmm, &repo_dir, Some("first"))
+    let first = vmm::vmm::create_in_repo(&mut vm.vmm, &repo_dir, Some("first"))
         .map_err(s("repo first"))?;
     fs::write(consoles.join("first.txt"), &pre).map_err(io("console"))?;
     vm.resume()?;
     let pre2 = pause_at(&mut vm, 6)?;
-    let second = vmm::repo::create::create_in_repo(&mut vm.vmm, &repo_dir, Some("second"))
+    let second = vmm::vmm::create_in_repo(&mut vm.vmm, &repo_dir, Some("second"))
         .map_err(s("repo second"))?;
     fs::write(consoles.join("second.txt"), &pre2).map_err(io("console"))?;
     drop(vm);

@@ -33,11 +33,15 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::FileExt;
 
-use super::overlay_capture::CAPTURE_CHUNK_SIZE;
 use super::{BackendIdentity, BlockBackend, DiskError, check_range};
 use crate::formats::MAP_KIND;
 use crate::formats::file::{self, StateFileError};
 use crate::util::lock;
+
+/// Chunk size of captured overlays (`overlay_capture`): 64 KiB, like guest memory (or the
+/// overlay's block size when that is larger); an overlay tracks the spans written since
+/// its last capture in these units.
+pub const CAPTURE_CHUNK_SIZE: u32 = 64 << 10;
 
 /// Block size of new overlays: the copy-on-write granularity.
 pub const DEFAULT_BLOCK_SIZE: u32 = 4096;

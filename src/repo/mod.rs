@@ -18,7 +18,6 @@
 //! rename into `tmp/`. Its id is content-derived ([`SnapshotId::of_files`]).
 
 pub mod cli;
-pub mod create;
 pub mod export;
 pub mod gc;
 mod init;

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::formats::MANIFEST_KIND;
 use crate::formats::file::{self, StateFileError};
 use crate::store::{ChunkId, ChunkStore, MAX_CHUNK_LEN, PutOutcome, StoreError};
+pub use crate::vstate::memory::{ChunkEntry, RegionManifest};
 
 /// Default chunk size: 64 KiB (measurements in `docs/SNAPSHOT_FORMAT.md`).
 pub const DEFAULT_CHUNK_SIZE: usize = 64 << 10;
@@ -85,26 +86,6 @@ pub enum ManifestError {
 
 /// Result type of this module.
 pub type Result<T> = std::result::Result<T, ManifestError>;
-
-/// One chunk of a region.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ChunkEntry {
-    /// All zeros; not in the store.
-    Zero,
-    /// Stored under this id.
-    Chunk(ChunkId),
-}
-
-/// The chunks of one guest memory region.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RegionManifest {
-    /// Guest physical address of the region.
-    pub guest_addr: u64,
-    /// Size of the region in bytes.
-    pub size: u64,
-    /// `ceil(size / chunk_size)` entries, in address order.
-    pub chunks: Vec<ChunkEntry>,
-}
 
 /// Guest memory as chunks.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -61,8 +61,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use self::region::{ChunkState, Region, validate};
 use self::sys::{Uffd, UffdMsg};
-use crate::snapshot::manifest::{ChunkEntry, RegionManifest};
 use crate::store::{ChunkStore, MAX_CHUNK_LEN};
+use crate::vstate::memory::{ChunkEntry, RegionManifest};
 
 /// Page size the ranges and chunks are aligned to.
 const PAGE_SIZE: usize = 4096;

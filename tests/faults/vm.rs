@@ -105,7 +105,7 @@ impl Changing {
         repo: &Path,
     ) -> Result<Result<(SnapshotId, Expect), String>, String> {
         let expect = self.pause_and_change()?;
-        let r = vmm::repo::create::create_in_repo(&mut self.vm.vmm, repo, None)
+        let r = vmm::vmm::create_in_repo(&mut self.vm.vmm, repo, None)
             .map(|rep| (rep.id, expect))
             .map_err(|e| vmm::util::error_chain(&e));
         self.outcome(&r);
@@ -116,7 +116,7 @@ impl Changing {
     /// Like [`Changing::repo_snapshot`], into the snapshot directory `dir`.
     pub fn dir_snapshot(&mut self, dir: &Path) -> Result<Result<Expect, String>, String> {
         let expect = self.pause_and_change()?;
-        let r = vmm::snapshot::create::create_snapshot(&mut self.vm.vmm, dir, None)
+        let r = vmm::vmm::create_snapshot(&mut self.vm.vmm, dir, None)
             .map(|_| expect)
             .map_err(|e| vmm::util::error_chain(&e));
         self.outcome(&r);

@@ -714,8 +714,8 @@ impl TinyVm {
         &mut self,
         dir: &Path,
         store: Option<&Path>,
-    ) -> Result<vmm::snapshot::create::SnapshotReport, String> {
-        vmm::snapshot::create::create_snapshot(&mut self.vmm, dir, store).map_err(|e| {
+    ) -> Result<vmm::vmm::SnapshotReport, String> {
+        vmm::vmm::create_snapshot(&mut self.vmm, dir, store).map_err(|e| {
             format!(
                 "snapshot to {}: {}",
                 dir.display(),

@@ -2,8 +2,8 @@
 //! each chunk's progress as the handler sees it.
 
 use super::{PAGE_SIZE, UffdError};
-use crate::snapshot::manifest::{ChunkEntry, RegionManifest};
 use crate::store::MAX_CHUNK_LEN;
+use crate::vstate::memory::{ChunkEntry, RegionManifest};
 
 /// Progress of one chunk, known to the handler only.
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -6,13 +6,14 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::{
+use super::Vmm;
+use super::snapshot::{CreateError, SnapshotReport, create_snapshot};
+use crate::repo::lock::LockMode;
+use crate::repo::{
     AddedStats, CommitMeta, Repo, RepoError, RepoParent, STORE_FROM_SNAPSHOT, SnapshotId,
-    lock::LockMode, valid_name,
+    valid_name,
 };
-use crate::snapshot::create::{CreateError, SnapshotReport, create_snapshot};
 use crate::snapshot::microvm::{MicrovmState, STATE_FILE};
-use crate::vmm::Vmm;
 
 /// Errors of creating a snapshot into a repository.
 #[derive(Debug, thiserror::Error)]
