@@ -1,4 +1,5 @@
-//! Creating a repository atomically, and finishing one whose creation was interrupted.
+//! Opening a repository ([`Repo::open`], [`Repo::open_or_init`]), creating one atomically,
+//! and finishing one whose creation was interrupted.
 //!
 //! A new repository is built complete (layout and marker) under a temporary name next to
 //! where it goes, made durable, and published with one `rename`: whoever looks at the path
@@ -207,6 +208,46 @@ pub(crate) fn finish(path: &Path) -> Result<()> {
 }
 
 impl Repo {
+    /// Opens an existing repository (finishing it first if its creation was interrupted,
+    /// see `init.rs`).
+    pub fn open(path: &Path) -> Result<Self> {
+        use crate::formats::{MarkerError, read_marker};
+        let marker = path.join(MARKER_FILE);
+        let bad = |reason: String| RepoError::BadMarker {
+            path: marker.clone(),
+            reason,
+        };
+        match read_marker(
+            &marker,
+            REPO_FORMAT,
+            "vmm snapshot repository",
+            REPO_VERSION,
+            REPO_VERSION,
+        ) {
+            Ok(Some(_)) => {}
+            Ok(None) if classify(path)? == Found::HalfMade => {
+                finish(path)?;
+                return Self::open(path);
+            }
+            Ok(None) => {
+                return Err(RepoError::NotARepo {
+                    path: path.to_path_buf(),
+                    hint: if path.exists() {
+                        ""
+                    } else {
+                        " (the directory does not exist; `vmm snapshot create --repo` or `import` creates one)"
+                    },
+                });
+            }
+            Err(MarkerError::Io(e)) => return Err(RepoError::Io(e)),
+            Err(MarkerError::Invalid { reason, .. }) => return Err(bad(reason)),
+            Err(MarkerError::Version { source, .. }) => return Err(bad(source.to_string())),
+            Err(e) => return Err(bad(crate::util::error_chain(&e))),
+        }
+        let root = fs::canonicalize(path).map_err(io_err("resolve", path))?;
+        Ok(Self { root })
+    }
+
     /// Opens the repository at `path`, creating it if `path` does not exist or is an empty
     /// directory (atomically: see [`self`]), and finishing it if its creation was
     /// interrupted. Any other directory without the marker is refused.

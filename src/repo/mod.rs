@@ -36,7 +36,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::formats::REPO_VERSION;
 use crate::snapshot::microvm::{MEMORY_FILE, MicrovmState, STATE_FILE};
 use crate::store::local::{LocalStore, LocalStoreOptions};
 use crate::util::IoError;
@@ -343,46 +342,6 @@ pub struct Repo {
 }
 
 impl Repo {
-    /// Opens an existing repository (finishing it first if its creation was interrupted,
-    /// see `init.rs`).
-    pub fn open(path: &Path) -> Result<Self> {
-        use crate::formats::{MarkerError, read_marker};
-        let marker = path.join(MARKER_FILE);
-        let bad = |reason: String| RepoError::BadMarker {
-            path: marker.clone(),
-            reason,
-        };
-        match read_marker(
-            &marker,
-            REPO_FORMAT,
-            "vmm snapshot repository",
-            REPO_VERSION,
-            REPO_VERSION,
-        ) {
-            Ok(Some(_)) => {}
-            Ok(None) if init::classify(path)? == init::Found::HalfMade => {
-                init::finish(path)?;
-                return Self::open(path);
-            }
-            Ok(None) => {
-                return Err(RepoError::NotARepo {
-                    path: path.to_path_buf(),
-                    hint: if path.exists() {
-                        ""
-                    } else {
-                        " (the directory does not exist; `vmm snapshot create --repo` or `import` creates one)"
-                    },
-                });
-            }
-            Err(MarkerError::Io(e)) => return Err(RepoError::Io(e)),
-            Err(MarkerError::Invalid { reason, .. }) => return Err(bad(reason)),
-            Err(MarkerError::Version { source, .. }) => return Err(bad(source.to_string())),
-            Err(e) => return Err(bad(crate::util::error_chain(&e))),
-        }
-        let root = fs::canonicalize(path).map_err(io_err("resolve", path))?;
-        Ok(Self { root })
-    }
-
     /// The repository directory (canonical).
     pub fn root(&self) -> &Path {
         &self.root

@@ -198,7 +198,7 @@ fn worker_count_bench() {
         << 10;
     for round in 0..3 {
         for workers in [1, 2, 4, 8, 16] {
-            super::tests::WORKERS_OVERRIDE.store(workers, Ordering::Relaxed);
+            super::WORKERS_OVERRIDE.store(workers, Ordering::Relaxed);
             let dir = TempDir::new("worker-bench");
             let store = LocalStore::open(dir.path(), LocalStoreOptions::default()).unwrap();
             let t = Instant::now();
@@ -221,5 +221,5 @@ fn worker_count_bench() {
             );
         }
     }
-    super::tests::WORKERS_OVERRIDE.store(0, Ordering::Relaxed);
+    super::WORKERS_OVERRIDE.store(0, Ordering::Relaxed);
 }

@@ -216,10 +216,15 @@ fn is_zero(buf: &[u8]) -> bool {
 
 /// Worker threads for saving and restoring: more than the cores, because much of
 /// the time is spent waiting on file I/O (fsync above all), not hashing.
+/// When non-zero, the worker count used by save and restore (tests only, for
+/// measurements).
+#[cfg(test)]
+static WORKERS_OVERRIDE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn workers() -> usize {
     #[cfg(test)]
     {
-        let n = tests::WORKERS_OVERRIDE.load(Ordering::Relaxed);
+        let n = WORKERS_OVERRIDE.load(Ordering::Relaxed);
         if n != 0 {
             return n;
         }

@@ -7,10 +7,6 @@ use crate::util::testutil::{Rng, TempDir};
 
 const CS: usize = 16 << 10;
 
-/// When non-zero, the worker count used by save and restore (for measurements).
-pub(super) static WORKERS_OVERRIDE: std::sync::atomic::AtomicUsize =
-    std::sync::atomic::AtomicUsize::new(0);
-
 fn store(dir: &TempDir, name: &str, compression: Compression) -> LocalStore {
     LocalStore::open(
         dir.path().join(name),

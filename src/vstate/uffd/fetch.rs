@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use log::{error, warn};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::shared::{LazyOptions, Origin, Shared};
 use super::sys::Uffd;
-use super::{LazyOptions, Origin, Shared};
 use crate::store::{ChunkId, ChunkStore};
 use crate::util::error_chain;
 

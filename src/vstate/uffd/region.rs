@@ -1,7 +1,8 @@
 //! The regions a [`LazyMemory`](super::LazyMemory) serves: the arguments checked, and
 //! each chunk's progress as the handler sees it.
 
-use super::{PAGE_SIZE, UffdError};
+use super::shared::UffdError;
+use super::sys::PAGE_SIZE;
 use crate::store::MAX_CHUNK_LEN;
 use crate::vstate::memory::{ChunkEntry, RegionManifest};
 
