@@ -29,13 +29,11 @@ use common::*;
 use vmm::builder::{BootOptions, Console, build_for_boot};
 use vmm::builder_restore::{RestoreOptions, build_from_snapshot, snapshot_files};
 use vmm::config::{KernelConfig, VmConfig};
-use vmm::vmm::{SnapshotReport, create_snapshot};
-use vmm::vstate::memory::memory_slices;
 use vmm::snapshot::manifest::{MemoryManifest, SaveStats, ZeroChunks, restore_memory};
 use vmm::store::local::{LocalStore, LocalStoreOptions};
-use vmm::vmm::Vmm;
+use vmm::vmm::{SnapshotReport, Vmm, create_snapshot};
 use vmm::vstate::dirty::LogState;
-use vmm::vstate::memory::{GuestMemory, create_anonymous};
+use vmm::vstate::memory::{GuestMemory, create_anonymous, memory_slices};
 
 const PAGE: usize = 4096;
 const CHUNK: usize = vmm::snapshot::manifest::DEFAULT_CHUNK_SIZE;

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Reads the `use crate::…`, `super::…` and `self::…` paths of src/ and checks that no files
-import each other in a loop (docs/DESIGN.md, "Layers").
+import each other in a loop, and that every module imports only the layers below it
+(docs/DESIGN.md, "Layers").
 
 Each file is a node. An arrow A -> B means that A names an item of B: a `use` line, or a
 path written inline (`crate::store::ChunkId`), resolved to the file that holds the module
@@ -8,7 +9,8 @@ it ends in. A parent's `mod` line is not an arrow, nor is a module's own inline
 `mod tests { use super::*; }` (it stays inside its file). A `pub use` re-export in a parent
 is an arrow to the child, like any other use.
 
-  scripts/import-graph.py             exit 1 and list every cycle; exit 0 when there is none
+  scripts/import-graph.py             exit 1 and list every cycle and every import against
+                                      the layers; exit 0 when there is none
   scripts/import-graph.py --edges     also print every arrow with the names it takes
   scripts/import-graph.py --layers    print the files floor by floor (floor 1 imports nothing)
 
@@ -22,6 +24,24 @@ from collections import defaultdict
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SRC = os.path.join(ROOT, "src")
+
+# The layers of docs/DESIGN.md, bottom first, by module (a folder or file under src/). A
+# module may import any module of a lower layer; inside its layer only the pairs of WITHIN
+# (importer, imported).
+LAYERS = [
+    ["util"],
+    ["formats", "config"],
+    ["arch", "store", "image", "api"],
+    ["vstate", "disk"],
+    ["devices"],
+    ["snapshot"],
+    ["repo"],
+    ["vmm"],
+    ["builder", "builder_restore"],
+    ["archive"],
+    ["main"],
+]
+WITHIN = {("image", "store"), ("builder_restore", "builder")}
 
 
 def strip_comments_and_strings(text):
@@ -346,6 +366,33 @@ def floors(nodes, edges):
     return floor
 
 
+def module_of(path):
+    """`src/disk/http.rs` -> `disk`, `src/builder.rs` -> `builder`."""
+    first = os.path.relpath(path, SRC).split(os.sep)[0]
+    return first[:-3] if first.endswith(".rs") else first
+
+
+def layer_violations(files, edges):
+    """Arrows between modules that the layers do not allow, and files of no layer."""
+    layer = {m: i for i, ms in enumerate(LAYERS) for m in ms}
+    bad = []
+    for f in sorted(files):
+        m = module_of(f)
+        if m != "lib" and m not in layer:
+            bad.append(f"{os.path.relpath(f, ROOT)}: module {m} is in no layer (LAYERS)")
+    for (a, b), names in sorted(edges.items()):
+        ma, mb = module_of(a), module_of(b)
+        if ma == mb or ma not in layer or mb not in layer:
+            continue
+        if layer[ma] > layer[mb] or (ma, mb) in WITHIN:
+            continue
+        bad.append(
+            f"{os.path.relpath(a, ROOT)} -> {os.path.relpath(b, ROOT)}: {', '.join(sorted(names))}"
+            f" ({ma} may not import {mb})"
+        )
+    return bad
+
+
 def main():
     files, edges = build_graph()
     rel = lambda p: os.path.relpath(p, ROOT)
@@ -357,16 +404,23 @@ def main():
         for n in sorted(set(fl.values()), reverse=True):
             print(f"floor {n}: " + " ".join(sorted(rel(v) for v in fl if fl[v] == n)))
     found = cycles(files, edges)
-    if not found:
-        print(f"import-graph: {len(files)} files, {len(edges)} arrows, no cycle")
-        return 0
     for i, comp in enumerate(found, 1):
         members = set(comp)
         print(f"cycle {i}: {len(comp)} files")
         for (a, b), names in sorted(edges.items()):
             if a in members and b in members:
                 print(f"  {rel(a)} -> {rel(b)}: {', '.join(sorted(names))}")
-    print(f"import-graph: {len(found)} cycle(s) among the files of src/", file=sys.stderr)
+    against = layer_violations(files, edges)
+    for line in against:
+        print(f"against the layers: {line}")
+    if not found and not against:
+        print(f"import-graph: {len(files)} files, {len(edges)} arrows, no cycle, layers kept")
+        return 0
+    print(
+        f"import-graph: {len(found)} cycle(s) among the files of src/, "
+        f"{len(against)} import(s) against the layers (docs/DESIGN.md)",
+        file=sys.stderr,
+    )
     return 1
 
 

@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64 as arch;
 use crate::config::{self, VmConfig};
+use crate::devices::IrqLine;
 use crate::devices::legacy::{
     I8042, I8042_LEN, I8042_PORT, PVPANIC_PORT, PvPanic, SERIAL_PORTS, SerialDevice,
     SerialDeviceState, SerialRestoreArgs,
@@ -21,7 +22,6 @@ use crate::devices::virtio::block::{BlockConfig as BlockDeviceConfig, BlockDevic
 use crate::devices::virtio::mmio::{
     MMIO_WINDOW_SIZE, MmioTransport, NOTIFY_REG_OFFSET, kernel_cmdline_arg,
 };
-use crate::devices::{Bus, IrqLine, SharedDevice};
 use crate::disk::BlockBackend;
 use crate::disk::file::FileBackend;
 use crate::disk::http::{LazyHttpDisk, LazyHttpOptions, open_remote_disk};
@@ -30,6 +30,7 @@ use crate::formats::Persist;
 use crate::store::http::HttpStoreOptions;
 use crate::util::lock;
 use crate::vmm::{AttachedBlock, ExitWaker, StdinInput, Subscriber, Vmm};
+use crate::vstate::bus::{Bus, BusError, SharedDevice};
 use crate::vstate::exit::ExitSignal;
 use crate::vstate::memory::{self, GuestMemory};
 use crate::vstate::vcpu::{RunState, VcpuContext, VcpuHandle};
@@ -147,7 +148,7 @@ pub fn setup_legacy(
         .map_err(|e| BuildError::Device(e.to_string()))?,
     };
     let serial = Arc::new(Mutex::new(com1));
-    let bus_err = |e: crate::devices::BusError| BuildError::Device(e.to_string());
+    let bus_err = |e: BusError| BuildError::Device(e.to_string());
     pio.insert(serial.clone(), com1_port, 8).map_err(bus_err)?;
     for &(port, _) in &SERIAL_PORTS[1..] {
         // Silent UARTs: their interrupt eventfd is not wired to the irqchip.
@@ -546,7 +547,7 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
         serial,
         events,
     } = setup_platform(&vm, console, None)?;
-    let bus_err = |e: crate::devices::BusError| BuildError::Device(e.to_string());
+    let bus_err = |e: BusError| BuildError::Device(e.to_string());
     for (dev, base, len) in opts.extra_pio {
         pio.insert(dev, base, len).map_err(bus_err)?;
     }

@@ -467,8 +467,8 @@ fn write_set(set: &Path, work: &TempDir) -> Result<(), String> {
     // 2. A repository with two snapshots of the same VM (the second one's parent is the
     //    first), and an export of the second.
     let repo_dir = set.join("repo");
-    let first = vmm::vmm::create_in_repo(&mut vm.vmm, &repo_dir, Some("first"))
-        .map_err(s("repo first"))?;
+    let first =
+        vmm::vmm::create_in_repo(&mut vm.vmm, &repo_dir, Some("first")).map_err(s("repo first"))?;
     fs::write(consoles.join("first.txt"), &pre).map_err(io("console"))?;
     vm.resume()?;
     let pre2 = pause_at(&mut vm, 6)?;

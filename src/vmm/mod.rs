@@ -18,11 +18,11 @@ use event_manager::{EventManager, MutEventSubscriber};
 
 use crate::api::ApiChannel;
 use crate::config::VmConfig;
-use crate::devices::Bus;
 use crate::devices::legacy::SerialDevice;
 use crate::devices::virtio::block::BlockDevice;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::util::lock;
+use crate::vstate::bus::Bus;
 use crate::vstate::exit::ExitSignal;
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::vcpu::{RunState, VcpuError, VcpuHandle, VcpuRequest, VcpuResponse};

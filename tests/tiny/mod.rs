@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use vmm::builder::{BootOptions, Console, ExtraDevice, build_for_boot};
 use vmm::config::{KernelConfig, VmConfig};
-use vmm::devices::{BusDevice, SharedDevice};
 use vmm::vmm::Vmm;
+use vmm::vstate::bus::{BusDevice, SharedDevice};
 use vmm::vstate::exit::ExitReason;
 
 /// The guest's source and linker script; their hash names the cached ELF files.

@@ -5,7 +5,7 @@ use std::io::Write;
 use vm_superio::serial::NoEvents;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::BusDevice;
+use crate::vstate::bus::BusDevice;
 
 /// (port base, IRQ) of COM1..COM4. Only COM1 is wired to the console; the others exist so
 /// the guest's 8250 probe finds well-behaved silent UARTs.
