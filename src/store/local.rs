@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use super::codec::{self, ChunkHeader, Compression, Encoding, HEADER_LEN};
 use super::{ChunkId, ChunkStore, MAX_CHUNK_LEN, PutOutcome, Result, StoreError, verify};
 
-use crate::util::fs::Staged;
+use crate::util::fs::{Staged, fsync_dir};
 use crate::util::lock;
 
 /// Options of a [`LocalStore`].
@@ -126,10 +126,6 @@ pub(crate) fn syncfs(path: &Path) -> io::Result<()> {
     }
 }
 
-fn fsync_dir(path: &Path) -> Result<()> {
-    Ok(crate::util::fs::fsync_dir(path)?)
-}
-
 impl LocalStore {
     /// Opens the store rooted at `root`, creating `root/chunks` if needed.
     pub fn open(root: impl AsRef<Path>, options: LocalStoreOptions) -> Result<Self> {
@@ -209,14 +205,14 @@ impl LocalStore {
                 && let Err(e) = fsync_dir(&self.fanout_dir(idx))
             {
                 self.dirty[idx].store(true, Ordering::Release);
-                return Err(e);
+                return Err(e.into());
             }
         }
         if self.chunks_dir_dirty.swap(false, Ordering::AcqRel)
             && let Err(e) = fsync_dir(&self.chunks_dir)
         {
             self.chunks_dir_dirty.store(true, Ordering::Release);
-            return Err(e);
+            return Err(e.into());
         }
         Ok(())
     }
