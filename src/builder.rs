@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64 as arch;
 use crate::config::{self, VmConfig};
-use crate::devices::bus::lock;
+use crate::devices::IrqLine;
 use crate::devices::legacy::{
     I8042, I8042_LEN, I8042_PORT, PVPANIC_PORT, PvPanic, SERIAL_PORTS, SerialDevice,
     SerialDeviceState, SerialRestoreArgs,
@@ -22,14 +22,15 @@ use crate::devices::virtio::block::{BlockConfig as BlockDeviceConfig, BlockDevic
 use crate::devices::virtio::mmio::{
     MMIO_WINDOW_SIZE, MmioTransport, NOTIFY_REG_OFFSET, kernel_cmdline_arg,
 };
-use crate::devices::{Bus, IrqLine, SharedDevice};
 use crate::disk::BlockBackend;
 use crate::disk::file::FileBackend;
 use crate::disk::http::{LazyHttpDisk, LazyHttpOptions, open_remote_disk};
 use crate::disk::overlay::OverlayBackend;
-use crate::snapshot::Persist;
+use crate::formats::Persist;
 use crate::store::http::HttpStoreOptions;
-use crate::vmm::{ExitWaker, StdinInput, Subscriber, Vmm};
+use crate::util::lock;
+use crate::vmm::{AttachedBlock, ExitWaker, StdinInput, Subscriber, Vmm};
+use crate::vstate::bus::{Bus, BusError, SharedDevice};
 use crate::vstate::exit::ExitSignal;
 use crate::vstate::memory::{self, GuestMemory};
 use crate::vstate::vcpu::{RunState, VcpuContext, VcpuHandle};
@@ -147,7 +148,7 @@ pub fn setup_legacy(
         .map_err(|e| BuildError::Device(e.to_string()))?,
     };
     let serial = Arc::new(Mutex::new(com1));
-    let bus_err = |e: crate::devices::BusError| BuildError::Device(e.to_string());
+    let bus_err = |e: BusError| BuildError::Device(e.to_string());
     pio.insert(serial.clone(), com1_port, 8).map_err(bus_err)?;
     for &(port, _) in &SERIAL_PORTS[1..] {
         // Silent UARTs: their interrupt eventfd is not wired to the irqchip.
@@ -172,18 +173,6 @@ pub fn setup_legacy(
     )
     .map_err(bus_err)?;
     Ok(LegacyDevices { serial })
-}
-
-/// A virtio-block disk attached to the VM.
-pub struct AttachedBlock {
-    /// The device (its I/O worker thread serves the queue).
-    pub device: Arc<Mutex<BlockDevice>>,
-    /// Its virtio-mmio transport on the MMIO bus.
-    pub transport: Arc<Mutex<MmioTransport>>,
-    /// MMIO window base.
-    pub base: u64,
-    /// Interrupt line.
-    pub gsi: u32,
 }
 
 /// First GSI used by virtio devices (ISA interrupts 0..=4 are taken by the PIT, COM ports…).
@@ -218,7 +207,7 @@ pub fn open_disks(cfg: &VmConfig) -> Result<OpenedDisks, BuildError> {
         let backend: Arc<dyn BlockBackend> = match &b.url {
             None => Arc::new(
                 FileBackend::open(&b.path, b.read_only, b.direct)
-                    .map_err(|e| err(crate::vmm::error_chain(&e)))?,
+                    .map_err(|e| err(crate::util::error_chain(&e)))?,
             ),
             Some(url) => {
                 let opts = LazyHttpOptions {
@@ -232,13 +221,13 @@ pub fn open_disks(cfg: &VmConfig) -> Result<OpenedDisks, BuildError> {
                     prefetch: b.prefetch.clone(),
                 };
                 let (remote, top) = open_remote_disk(url, opts, None)
-                    .map_err(|e| err(crate::vmm::error_chain(&e)))?;
+                    .map_err(|e| err(crate::util::error_chain(&e)))?;
                 out.remote.push((i, remote.clone()));
                 match &b.overlay {
                     Some(path) => {
                         let ov = Arc::new(
                             OverlayBackend::open(path, remote as Arc<dyn BlockBackend>).map_err(
-                                |e| err(format!("overlay: {}", crate::vmm::error_chain(&e))),
+                                |e| err(format!("overlay: {}", crate::util::error_chain(&e))),
                             )?,
                         );
                         out.overlays.push(Some(ov.clone()));
@@ -265,7 +254,7 @@ pub fn enable_dirty_log(vm: &Vm, mem: &GuestMemory) -> crate::vstate::dirty::Log
         Err(e) => {
             log::warn!(
                 "dirty page logging unavailable, snapshots will re-hash memory: {}",
-                crate::vmm::error_chain(&e)
+                crate::util::error_chain(&e)
             );
             LogState::Off
         }
@@ -294,7 +283,7 @@ pub fn attach_blocks(
         }
         device
             .start_worker(&format!("virtio-blk{i}"))
-            .map_err(|e| BuildError::Device(crate::vmm::error_chain(&e)))?;
+            .map_err(|e| BuildError::Device(crate::util::error_chain(&e)))?;
         let device = Arc::new(Mutex::new(device));
         let gsi = VIRTIO_FIRST_GSI + i as u32;
         let base = match arch::layout::virtio_mmio_addr(i as u32) {
@@ -558,7 +547,7 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
         serial,
         events,
     } = setup_platform(&vm, console, None)?;
-    let bus_err = |e: crate::devices::BusError| BuildError::Device(e.to_string());
+    let bus_err = |e: BusError| BuildError::Device(e.to_string());
     for (dev, base, len) in opts.extra_pio {
         pio.insert(dev, base, len).map_err(bus_err)?;
     }

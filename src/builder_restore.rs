@@ -12,11 +12,11 @@ use crate::builder::{
     BuildError, Console, Platform, attach_blocks, open_disks, setup_platform, start_vcpus,
 };
 use crate::config::BlockConfig;
-use crate::devices::bus::lock;
-use crate::snapshot::create::SnapshotBase;
+use crate::snapshot::SnapshotBase;
 use crate::snapshot::manifest::{MemoryManifest, ZeroChunks, restore_memory};
 use crate::snapshot::microvm::MicrovmState;
 use crate::store::local::{LocalStore, LocalStoreOptions};
+use crate::util::lock;
 use crate::vmm::Vmm;
 use crate::vstate::memory;
 use crate::vstate::uffd::LazyMemory;
@@ -64,7 +64,7 @@ fn snap_err(what: &'static str, path: &Path, e: impl std::fmt::Display) -> Build
 }
 
 fn snap_err_chain(what: &'static str, path: &Path, e: &dyn std::error::Error) -> BuildError {
-    snap_err(what, path, crate::vmm::error_chain(e))
+    snap_err(what, path, crate::util::error_chain(e))
 }
 
 /// Paths of the state file and memory manifest inside a snapshot directory.
@@ -161,7 +161,7 @@ fn prepare_overlays(
             BuildError::Device(format!(
                 "disk {i}: restoring overlay {}: {}",
                 path.display(),
-                crate::vmm::error_chain(&e)
+                crate::util::error_chain(&e)
             ))
         })?;
         log::info!("disk {i}: overlay {}: {done:?}", path.display());
@@ -279,7 +279,7 @@ pub fn build_from_parts(
     let lazy = if opts.eager_memory {
         // SAFETY: no vCPU exists yet and no device has been created, so nothing else
         // touches guest memory while these slices live.
-        let mut views = unsafe { crate::snapshot::create::memory_slices_mut(&mem) };
+        let mut views = unsafe { crate::vstate::memory::memory_slices_mut(&mem) };
         restore_memory(&manifest, &mut views, &*store, ZeroChunks::AlreadyZero)
             .map_err(|e| snap_err_chain("memory", memory_path, &e))?;
         None
@@ -308,7 +308,7 @@ pub fn build_from_parts(
         // returned LazyMemory is kept in the Vmm next to `mem`, which outlives it.
         let lazy = unsafe { LazyMemory::start(regions, manifest.chunk_size as usize, store) }
             .map_err(|e| {
-                BuildError::Device(format!("lazy memory: {}", crate::vmm::error_chain(&e)))
+                BuildError::Device(format!("lazy memory: {}", crate::util::error_chain(&e)))
             })?;
         if background_fill {
             lazy.fill_in_background();

@@ -24,12 +24,14 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::snapshot::file::{self, FileKind, StateFileError};
+use crate::formats::INDEX_KIND;
+use crate::formats::file::{self, StateFileError};
 use crate::store::local::read_full;
 use crate::store::{
     ChunkId, ChunkStore, Compression, LocalStore, LocalStoreOptions, MAX_CHUNK_LEN, PutOutcome,
     StoreError,
 };
+use crate::util::IoError;
 
 /// Default chunk size of imported images: 256 KiB (see `docs/REMOTE_IMAGES.md` for the
 /// measurement behind the choice).
@@ -38,14 +40,6 @@ pub const DEFAULT_IMAGE_CHUNK_SIZE: u32 = 256 << 10;
 pub const MIN_IMAGE_CHUNK_SIZE: u32 = 4096;
 /// Disk sector size; image sizes are whole sectors (imports are padded with zeros).
 const SECTOR: u64 = 512;
-
-/// The container kind of image index files.
-pub const INDEX_KIND: FileKind = FileKind {
-    magic: *b"VMMIMG\0\0",
-    version: 1,
-    max_payload: 64 << 20,
-    name: "vmm image index",
-};
 
 /// Identity of an image's content: the BLAKE3 hash of its index payload (which is also
 /// the checksum at the end of the index file). Two imports of the same bytes with the
@@ -102,16 +96,8 @@ pub enum ImageError {
         stderr: String,
     },
     /// A file operation failed.
-    #[error("cannot {op} {}", path.display())]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// The file concerned.
-        path: PathBuf,
-        /// Underlying error.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// Storing a chunk failed.
     #[error("cannot store chunk of the image")]
     Store(#[source] StoreError),
@@ -380,11 +366,8 @@ pub fn import_image_with(
     let start = Instant::now();
     check_name(name)?;
     check_chunk_size(u64::from(opts.chunk_size))?;
-    crate::archive::prepare_archive(archive_dir).map_err(ImageError::Archive)?;
-    let io = |op, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ImageError::Io { op, path, source }
-    };
+    crate::formats::prepare_archive(archive_dir).map_err(ImageError::Archive)?;
+    let io = IoError::at;
     let images_dir = archive_dir.join("images");
     std::fs::create_dir_all(&images_dir).map_err(io("create directory", &images_dir))?;
 
@@ -483,10 +466,7 @@ fn chunk_file(
     progress: bool,
     name: &str,
 ) -> Result<(ImageIndex, Counts)> {
-    let io = |op| {
-        let path = path.to_path_buf();
-        move |source| ImageError::Io { op, path, source }
-    };
+    let io = |op| IoError::at(op, path);
     let mut f = File::open(path).map_err(io("open"))?;
     // Seeking to the end also sizes block devices, whose metadata length is 0.
     let raw_size = f.seek(SeekFrom::End(0)).map_err(io("seek"))?;
@@ -553,7 +533,7 @@ pub(crate) fn is_zero(buf: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::testutil::{Rng, TempDir};
+    use crate::util::testutil::{Rng, TempDir};
 
     fn write_image(path: &Path, size: usize, seed: u64) -> Vec<u8> {
         let mut data = vec![0u8; size];

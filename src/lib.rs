@@ -16,5 +16,6 @@ pub mod image;
 pub mod repo;
 pub mod snapshot;
 pub mod store;
+pub mod util;
 pub mod vmm;
 pub mod vstate;

@@ -9,7 +9,8 @@ use vmm::api::{self, ApiTarget};
 use vmm::builder::{self, BootOptions, Console};
 use vmm::builder_restore::{self, RestoreOptions};
 use vmm::config::{self, VmConfig};
-use vmm::vmm::{Vmm, error_chain};
+use vmm::util::error_chain;
+use vmm::vmm::Vmm;
 
 /// A KVM virtual machine monitor that boots Linux, snapshots and restores it.
 #[derive(Parser, Debug)]

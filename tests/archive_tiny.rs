@@ -18,7 +18,7 @@ use vmm::archive::restore::ArchiveSession;
 use vmm::archive::workingset::FillRate;
 use vmm::snapshot::{ChunkEntry, MemoryManifest};
 use vmm::store::http::HttpStoreOptions;
-use vmm::vmm::error_chain;
+use vmm::util::error_chain;
 use vmm::vstate::exit::ExitReason;
 
 /// Guest memory of the archived VMs.

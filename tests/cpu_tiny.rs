@@ -32,7 +32,7 @@ fn restore(dir: &std::path::Path, force: bool) -> Result<TinyVm, String> {
     opts.console = Console::Writer(Box::new(console.clone()));
     opts.force = force;
     let vmm = vmm::builder_restore::build_from_snapshot(&state, &memory, opts)
-        .map_err(|e| vmm::vmm::error_chain(&e))?;
+        .map_err(|e| vmm::util::error_chain(&e))?;
     Ok(TinyVm { vmm, console })
 }
 
@@ -116,7 +116,7 @@ fn template_is_applied_recorded_and_kept() {
         ensure(bytes[8..12] == 3u32.to_le_bytes(), || {
             format!("state format {:?}", &bytes[8..12])
         })?;
-        let st = MicrovmState::read(&state_file).map_err(|e| vmm::vmm::error_chain(&e))?;
+        let st = MicrovmState::read(&state_file).map_err(|e| vmm::util::error_chain(&e))?;
         ensure(
             st.config.cpu_template == CpuTemplate::X86_64V2 && st.cpu == p.record,
             || format!("state records {:?} / {:?}", st.config.cpu_template, st.cpu),

@@ -19,7 +19,7 @@ use support::faults::vm::{Changing, Expect, check_archive, restore_and_check, ve
 use support::faults::{Tmpfs, root_or_skip, temp_files};
 use support::tiny::harness::{check, ensure};
 use vmm::repo::Repo;
-use vmm::vmm::error_chain;
+use vmm::util::error_chain;
 
 /// Bytes of fresh guest memory per snapshot (32 incompressible chunks).
 const AREA: usize = 2 << 20;

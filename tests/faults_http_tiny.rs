@@ -25,7 +25,7 @@ use support::tiny::{Scenario, Spec, TinyVm, guest};
 use vmm::archive::workingset::FillRate;
 use vmm::config::BlockConfig;
 use vmm::snapshot::{ChunkEntry, MemoryManifest};
-use vmm::vmm::error_chain;
+use vmm::util::error_chain;
 use vmm::vstate::exit::ExitReason;
 
 fn check(name: &str, body: impl FnOnce() -> Result<(), String>) {

@@ -182,10 +182,10 @@ fn image_import_killed_at_random_points() {
             ..Default::default()
         };
         let (_, disk) = vmm::disk::http::open_remote_disk(&url, opts, None)
-            .map_err(|e| vmm::vmm::error_chain(&e))?;
+            .map_err(|e| vmm::util::error_chain(&e))?;
         let mut got = vec![0u8; data.len()];
         disk.read_at(&mut got, 0)
-            .map_err(|e| vmm::vmm::error_chain(&e))?;
+            .map_err(|e| vmm::util::error_chain(&e))?;
         ensure(got == data, || {
             "the imported image reads differently".into()
         })
@@ -208,8 +208,8 @@ fn export_and_import_killed_at_random_points() {
             // A plain snapshot directory becomes a repository snapshot via a VM restore
             // and a repository snapshot; simpler: restore in-process and create_in_repo.
             let mut vm = tiny::restore_eager(dir, None, true)?;
-            let rep = vmm::repo::create::create_in_repo(&mut vm.vmm, repo, None)
-                .map_err(|e| vmm::vmm::error_chain(&e))?;
+            let rep = vmm::vmm::create_in_repo(&mut vm.vmm, repo, None)
+                .map_err(|e| vmm::util::error_chain(&e))?;
             Ok(rep.id.to_string())
         };
         let big_id = import_dir(&big, &src)?;
@@ -322,8 +322,8 @@ fn snapshot_create_killed_at_random_points() {
         // snapshot, so that every snapshot writes all of the big VM's memory.
         let seed = tmp.join("seed");
         let mut vm = tiny::restore_eager(&small, None, true)?;
-        let small_id = vmm::repo::create::create_in_repo(&mut vm.vmm, &seed, None)
-            .map_err(|e| vmm::vmm::error_chain(&e))?
+        let small_id = vmm::vmm::create_in_repo(&mut vm.vmm, &seed, None)
+            .map_err(|e| vmm::util::error_chain(&e))?
             .id
             .to_string();
         drop(vm);

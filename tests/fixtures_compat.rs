@@ -29,7 +29,7 @@ use vmm::image::ImageEntry;
 use vmm::repo::Repo;
 use vmm::store::ChunkStore;
 use vmm::store::local::{LocalStore, LocalStoreOptions};
-use vmm::vmm::error_chain;
+use vmm::util::error_chain;
 
 /// Guest memory of the fixture VMs: small, the fixtures are committed.
 const MEM_MIB: u64 = 16;
@@ -485,12 +485,12 @@ fn write_set(set: &Path, work: &TempDir) -> Result<(), String> {
     // 2. A repository with two snapshots of the same VM (the second one's parent is the
     //    first), and an export of the second.
     let repo_dir = set.join("repo");
-    let first = vmm::repo::create::create_in_repo(&mut vm.vmm, &repo_dir, Some("first"))
-        .map_err(s("repo first"))?;
+    let first =
+        vmm::vmm::create_in_repo(&mut vm.vmm, &repo_dir, Some("first")).map_err(s("repo first"))?;
     fs::write(consoles.join("first.txt"), &pre).map_err(io("console"))?;
     vm.resume()?;
     let pre2 = pause_at(&mut vm, 6)?;
-    let second = vmm::repo::create::create_in_repo(&mut vm.vmm, &repo_dir, Some("second"))
+    let second = vmm::vmm::create_in_repo(&mut vm.vmm, &repo_dir, Some("second"))
         .map_err(s("repo second"))?;
     fs::write(consoles.join("second.txt"), &pre2).map_err(io("console"))?;
     drop(vm);

@@ -13,10 +13,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use vm_memory::Bytes;
-use vmm::snapshot::create::{SnapshotReport, memory_slices, memory_slices_mut};
 use vmm::snapshot::{ChunkEntry, MemoryManifest, save_memory};
 use vmm::store::local::{LocalStore, LocalStoreOptions};
+use vmm::vmm::SnapshotReport;
 use vmm::vstate::dirty::{DirtyMethod, LogState};
+use vmm::vstate::memory::{memory_slices, memory_slices_mut};
 
 use support::env::TempDir;
 use support::tiny;

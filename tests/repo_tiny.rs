@@ -76,7 +76,7 @@ impl Changing {
         repo: &Path,
         area_len: usize,
         name: Option<&str>,
-    ) -> Result<(SnapshotId, Expect, vmm::repo::create::RepoCreateReport), String> {
+    ) -> Result<(SnapshotId, Expect, vmm::vmm::RepoCreateReport), String> {
         self.seq += 1;
         self.vm.pause()?;
         let hot = random_bytes(self.seq * 1000, HOT_LEN);
@@ -86,8 +86,8 @@ impl Changing {
         let fresh = random_bytes(self.seq * 1000 + 1, area_len);
         write_mem(&self.vm, area, &fresh)?;
         self.written.insert(area, fresh);
-        let rep = vmm::repo::create::create_in_repo(&mut self.vm.vmm, repo, name)
-            .map_err(|e| vmm::vmm::error_chain(&e))?;
+        let rep = vmm::vmm::create_in_repo(&mut self.vm.vmm, repo, name)
+            .map_err(|e| vmm::util::error_chain(&e))?;
         let expect = self.written.iter().map(|(a, b)| (*a, b.clone())).collect();
         self.vm.resume()?;
         let ticks = self.vm.console.text().matches("tick ").count();

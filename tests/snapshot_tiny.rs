@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use vmm::config::BlockConfig;
-use vmm::devices::bus::lock;
+use vmm::util::lock;
 use vmm::vstate::exit::ExitReason;
 
 use support::env::TempDir;
@@ -345,9 +345,7 @@ fn virtio_in_flight(mode: InFlight) -> Result<(), String> {
     let mut spec = Spec::new(Scenario::SnapVirtio);
     spec.start_paused = true;
     let mut vm = tiny::boot(spec, vec![disk])?;
-    let gate = vmm::devices::bus::lock(&vm.vmm.blocks[0].device)
-        .io_gate()
-        .clone();
+    let gate = vmm::util::lock(&vm.vmm.blocks[0].device).io_gate().clone();
     if mode == InFlight::Pending {
         gate.hold();
     }

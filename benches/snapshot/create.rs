@@ -5,7 +5,7 @@ use std::fs;
 use std::path::Path;
 use std::time::Instant;
 
-use vmm::snapshot::create::{SnapshotReport, create_snapshot};
+use vmm::vmm::{SnapshotReport, create_snapshot};
 
 use crate::memory::{Content, PAGE, Pattern, scan};
 use crate::restore::Restores;

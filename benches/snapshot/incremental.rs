@@ -5,7 +5,7 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use vmm::snapshot::create::create_snapshot;
+use vmm::vmm::create_snapshot;
 use vmm::vstate::dirty::LogState;
 
 use crate::memory::{Pattern, scan};

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use vmm::snapshot::create::SnapshotReport;
+use vmm::vmm::SnapshotReport;
 use vmm::snapshot::manifest::SaveStats;
 
 use crate::create::Creates;

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use vmm::snapshot::create::memory_slices;
+use vmm::vstate::memory::memory_slices;
 use vmm::vstate::memory::GuestMemory;
 
 use crate::support::rng::Rng;

@@ -31,11 +31,7 @@ mod tests;
 
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -43,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use client::{ApiTarget, ClientError, DEFAULT_CLIENT_TIMEOUT, request, request_with_timeout};
+pub use server::{ApiServerHandle, start, start_with_config};
 
 /// A request forwarded by the API server to the VMM's main thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -283,74 +280,4 @@ struct SocketFile {
     path: PathBuf,
     dev: u64,
     ino: u64,
-}
-
-/// Owns the server threads. Dropping it (or calling [`Self::shutdown`]) stops accepting,
-/// closes open connections, fails in-flight requests with 503 and removes the socket file.
-#[derive(Debug)]
-pub struct ApiServerHandle {
-    shared: Arc<server::Shared>,
-    stop_evt: EventFd,
-    stop_tx: Option<Sender<()>>,
-    threads: Vec<JoinHandle<()>>,
-    tcp_addr: Option<SocketAddr>,
-    socket_file: Option<SocketFile>,
-}
-
-impl ApiServerHandle {
-    /// The bound TCP address (useful with port 0).
-    pub fn tcp_addr(&self) -> Option<SocketAddr> {
-        self.tcp_addr
-    }
-
-    /// The unix socket path, if serving on one.
-    pub fn unix_path(&self) -> Option<&Path> {
-        self.socket_file.as_ref().map(|s| s.path.as_path())
-    }
-
-    /// Stops the server (same as dropping the handle).
-    pub fn shutdown(mut self) {
-        self.stop();
-    }
-
-    fn stop(&mut self) {
-        if self.stop_tx.is_none() {
-            return;
-        }
-        self.shared.stopping.store(true, Ordering::SeqCst);
-        // Disconnecting the stop channel wakes connection threads waiting for a reply.
-        self.stop_tx = None;
-        if let Err(e) = self.stop_evt.write(1) {
-            log::error!("api: cannot signal accept threads to stop: {e}");
-        }
-        self.shared.close_all_connections();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-        if let Some(file) = self.socket_file.take() {
-            server::remove_socket_file(&file);
-        }
-    }
-}
-
-impl Drop for ApiServerHandle {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// Starts the API server with default tunables; see [`start_with_config`].
-pub fn start(
-    port: Option<u16>,
-    sock: Option<&Path>,
-) -> Result<(ApiServerHandle, ApiChannel), ApiServerError> {
-    start_with_config(ApiServerConfig::new(port, sock))
-}
-
-/// Binds `127.0.0.1:port` and/or the unix socket (a stale socket file is replaced; the new
-/// one has mode 0600) and spawns the accept threads `api-tcp` / `api-unix`.
-pub fn start_with_config(
-    config: ApiServerConfig,
-) -> Result<(ApiServerHandle, ApiChannel), ApiServerError> {
-    server::start(config)
 }

@@ -1,16 +1,17 @@
-//! Listeners, accept threads, per-connection threads and routing.
+//! The server: [`start`] and its [`ApiServerHandle`], listeners, accept threads,
+//! per-connection threads and routing.
 
 use std::collections::HashMap;
 use std::fs;
 use std::io::{self, ErrorKind, Read};
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread;
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, select};
@@ -20,8 +21,78 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use super::http::{Conn, Head, ReadError, Response, Stream};
 use super::{
     ActionRequest, ActionType, ApiChannel, ApiReply, ApiRequest, ApiServerConfig, ApiServerError,
-    ApiServerHandle, SnapshotCreateRequest, SocketFile, VmStatePatch,
+    SnapshotCreateRequest, SocketFile, VmStatePatch,
 };
+
+/// Owns the server threads. Dropping it (or calling [`Self::shutdown`]) stops accepting,
+/// closes open connections, fails in-flight requests with 503 and removes the socket file.
+#[derive(Debug)]
+pub struct ApiServerHandle {
+    shared: Arc<Shared>,
+    stop_evt: EventFd,
+    stop_tx: Option<Sender<()>>,
+    threads: Vec<JoinHandle<()>>,
+    tcp_addr: Option<SocketAddr>,
+    socket_file: Option<SocketFile>,
+}
+
+impl ApiServerHandle {
+    /// The bound TCP address (useful with port 0).
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
+    }
+
+    /// The unix socket path, if serving on one.
+    pub fn unix_path(&self) -> Option<&Path> {
+        self.socket_file.as_ref().map(|s| s.path.as_path())
+    }
+
+    /// Stops the server (same as dropping the handle).
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if self.stop_tx.is_none() {
+            return;
+        }
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        // Disconnecting the stop channel wakes connection threads waiting for a reply.
+        self.stop_tx = None;
+        if let Err(e) = self.stop_evt.write(1) {
+            log::error!("api: cannot signal accept threads to stop: {e}");
+        }
+        self.shared.close_all_connections();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        if let Some(file) = self.socket_file.take() {
+            remove_socket_file(&file);
+        }
+    }
+}
+
+impl Drop for ApiServerHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Starts the API server with default tunables; see [`start_with_config`].
+pub fn start(
+    port: Option<u16>,
+    sock: Option<&Path>,
+) -> Result<(ApiServerHandle, ApiChannel), ApiServerError> {
+    start_with_config(ApiServerConfig::new(port, sock))
+}
+
+/// Binds `127.0.0.1:port` and/or the unix socket (a stale socket file is replaced; the new
+/// one has mode 0600) and spawns the accept threads `api-tcp` / `api-unix`.
+pub fn start_with_config(
+    config: ApiServerConfig,
+) -> Result<(ApiServerHandle, ApiChannel), ApiServerError> {
+    start_server(config)
+}
 
 /// How long a closing connection's unread input is drained.
 const LINGER_TIME: Duration = Duration::from_secs(1);
@@ -145,9 +216,7 @@ impl Listener {
     }
 }
 
-pub(crate) fn start(
-    config: ApiServerConfig,
-) -> Result<(ApiServerHandle, ApiChannel), ApiServerError> {
+fn start_server(config: ApiServerConfig) -> Result<(ApiServerHandle, ApiChannel), ApiServerError> {
     if config.port.is_none() && config.sock.is_none() {
         return Err(ApiServerError::NoEndpoint);
     }

@@ -5,39 +5,17 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::util::testutil::TempDir;
+
 use super::client::read_response;
 use super::*;
-
-/// A unique, empty temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "vmm-api-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A stand-in for the VMM main thread: waits on the event fd, answers with `answer`, and
 /// records every request it saw.
@@ -515,8 +493,8 @@ fn busy_connections_are_kept_and_newcomers_get_503() {
 
 #[test]
 fn unix_socket_server() {
-    let dir = TempDir::new();
-    let sock = dir.0.join("api.sock");
+    let dir = TempDir::new("api");
+    let sock = dir.path().join("api.sock");
     // A stale socket file left by a dead VMM is replaced.
     drop(UnixListener::bind(&sock).unwrap());
     assert!(sock.exists());
@@ -528,7 +506,7 @@ fn unix_socket_server() {
     assert!(md.file_type().is_socket());
     assert_eq!(md.permissions().mode() & 0o777, 0o600);
     assert_eq!(
-        std::fs::read_dir(&dir.0).unwrap().count(),
+        std::fs::read_dir(dir.path()).unwrap().count(),
         1,
         "temp socket left behind"
     );
@@ -562,7 +540,7 @@ fn unix_socket_server() {
         start(None, Some(&sock)),
         Err(ApiServerError::SocketInUse(_))
     ));
-    let file = dir.0.join("file");
+    let file = dir.path().join("file");
     std::fs::write(&file, b"data").unwrap();
     assert!(matches!(
         start(None, Some(&file)),
@@ -578,8 +556,8 @@ fn unix_socket_server() {
 #[test]
 fn both_endpoints_and_no_endpoint() {
     assert!(matches!(start(None, None), Err(ApiServerError::NoEndpoint)));
-    let dir = TempDir::new();
-    let sock = dir.0.join("both.sock");
+    let dir = TempDir::new("api");
+    let sock = dir.path().join("both.sock");
     let (handle, channel) = start(Some(0), Some(&sock)).unwrap();
     let _vmm = FakeVmm::new(channel, answer);
     let tcp = ApiTarget::Tcp(handle.tcp_addr().unwrap().port());

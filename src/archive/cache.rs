@@ -23,6 +23,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use crate::store::codec::{self, Compression};
 use crate::store::local::{LocalStore, LocalStoreOptions};
 use crate::store::{ChunkId, ChunkStore, PutOutcome, Result, StoreError};
+use crate::util::IoError;
+use crate::util::fs::Staged;
 
 /// Errors of opening a chunk cache.
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +95,6 @@ fn add(c: &AtomicU64, n: u64) {
 pub struct CachedStore {
     upstream: Arc<dyn ChunkStore>,
     cache: Option<LocalStore>,
-    seq: AtomicU64,
     counters: Counters,
     /// Chunk ids read through [`ChunkStore::get_into`] while recording, in order.
     recording: Mutex<Option<Vec<ChunkId>>>,
@@ -134,7 +135,6 @@ impl CachedStore {
         Ok(CachedStore {
             upstream,
             cache,
-            seq: AtomicU64::new(0),
             counters: Counters::default(),
             recording: Mutex::new(None),
         })
@@ -232,7 +232,7 @@ impl CachedStore {
                 log::warn!(
                     "chunk cache {}: {}; removing it and fetching the chunk again",
                     cache.root().display(),
-                    crate::vmm::error_chain(&e)
+                    crate::util::error_chain(&e)
                 );
                 let _ = fs::remove_file(cache.chunk_path(id));
                 false
@@ -246,24 +246,17 @@ impl CachedStore {
             return;
         };
         let dest = cache.chunk_path(id);
+        // Not fsynced: a chunk lost in a crash is fetched again.
         let result = (|| -> io::Result<()> {
             let dir = dest.parent().unwrap_or(cache.root());
             fs::create_dir_all(dir)?;
-            let tmp = dir.join(format!(
-                ".{id}.tmp.{}.{}",
-                std::process::id(),
-                self.seq.fetch_add(1, Ordering::Relaxed)
-            ));
             let enc = codec::encode(id, data, Compression::None).map_err(io::Error::other)?;
-            let written = fs::File::create(&tmp).and_then(|mut f| {
+            Staged::write(&dest, false, |f| {
                 f.write_all(&enc.header)?;
                 f.write_all(&enc.body)
-            });
-            if let Err(e) = written.and_then(|()| fs::rename(&tmp, &dest)) {
-                let _ = fs::remove_file(&tmp);
-                return Err(e);
-            }
-            Ok(())
+            })
+            .and_then(|mut staged| staged.commit())
+            .map_err(io::Error::other)
         })();
         if let Err(e) = result
             && self.counters.write_errors.fetch_add(1, Ordering::Relaxed) == 0
@@ -276,14 +269,14 @@ impl CachedStore {
     }
 
     fn read_only(&self) -> StoreError {
-        StoreError::Io {
+        StoreError::Io(IoError {
             op: "write to",
             path: self.cache_root().map(Path::to_path_buf).unwrap_or_default(),
             source: io::Error::new(
                 io::ErrorKind::ReadOnlyFilesystem,
                 "an archive chunk cache is read-only",
             ),
-        }
+        })
     }
 }
 
@@ -310,7 +303,7 @@ impl ChunkStore for CachedStore {
                     add(&self.counters.corrupt_in_cache, 1);
                     log::warn!(
                         "chunk cache: {}; fetching it again",
-                        crate::vmm::error_chain(&e)
+                        crate::util::error_chain(&e)
                     );
                     let _ = fs::remove_file(cache.chunk_path(id));
                 }
@@ -347,7 +340,7 @@ impl ChunkStore for CachedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::testutil::{Rng, TempDir};
+    use crate::util::testutil::{Rng, TempDir};
 
     fn chunk(seed: u64) -> Vec<u8> {
         let mut v = vec![0u8; 64 << 10];

@@ -10,7 +10,8 @@ use super::workingset::FillRate;
 use super::{Source, WORKINGSET_FILE};
 use crate::builder::Console;
 use crate::store::http::HttpStoreOptions;
-use crate::vmm::{Vmm, error_chain};
+use crate::util::error_chain;
+use crate::vmm::Vmm;
 use crate::vstate::exit::ExitReason;
 
 /// `vmm archive …` subcommands.

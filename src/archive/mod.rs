@@ -28,52 +28,7 @@ pub mod push;
 pub mod restore;
 pub mod workingset;
 
-use std::path::{Path, PathBuf};
-
-use crate::formats::MarkerError;
-
-/// The marker file of an archive. Archives written before markers existed have none and
-/// are version 1.
-pub const ARCHIVE_MARKER: &str = "vmm-archive.json";
-/// `format` value of the marker.
-pub const ARCHIVE_FORMAT: &str = "vmm-archive";
-/// Archive layout version this build reads and writes.
-pub const ARCHIVE_VERSION: u32 = 1;
-
-/// Checks that the archive at `root` has a layout this build reads (its marker, if any).
-/// Resumes over HTTP do not fetch the marker: there the state file's and the chunks' own
-/// versions are checked.
-pub fn check_archive(root: &Path) -> Result<(), MarkerError> {
-    crate::formats::read_marker(
-        &root.join(ARCHIVE_MARKER),
-        ARCHIVE_FORMAT,
-        "vmm archive",
-        1,
-        ARCHIVE_VERSION,
-    )
-    .map(drop)
-}
-
-/// Before writing into the archive at `root` (created if missing): checks its layout and
-/// marks it if it has no marker yet, so an older `vmm` never writes into a newer layout.
-pub fn prepare_archive(root: &Path) -> Result<(), MarkerError> {
-    check_archive(root)?;
-    let marker = root.join(ARCHIVE_MARKER);
-    if marker.exists() {
-        return Ok(());
-    }
-    std::fs::create_dir_all(root).map_err(|source| MarkerError::Io {
-        op: "create directory",
-        path: root.to_path_buf(),
-        source,
-    })?;
-    crate::formats::write_marker(&marker, ARCHIVE_FORMAT, ARCHIVE_VERSION).map_err(|source| {
-        MarkerError::Write {
-            path: marker,
-            source,
-        }
-    })
-}
+use std::path::PathBuf;
 
 /// Directory of archived VMs inside an archive.
 pub const VMS_DIR: &str = "vms";

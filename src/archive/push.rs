@@ -15,7 +15,7 @@
 //!    stale one), and `vms/NAME/state` last, with its store set to `../..`.
 
 use std::collections::BTreeSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -24,12 +24,14 @@ use std::time::Instant;
 
 use super::{INSTANCE_OVERLAY, STORE_FROM_VM_DIR, VMS_DIR, WORKINGSET_FILE};
 use crate::disk::BackendIdentity;
+use crate::formats::file::{self, FileKind, StateFileError};
 use crate::image::{self, ImageError};
-use crate::snapshot::file::{self, FileKind, StateFileError};
 use crate::snapshot::manifest::{ManifestError, MemoryManifest};
 use crate::snapshot::microvm::{MEMORY_FILE, MicrovmState, STATE_FILE};
 use crate::snapshot::refs::{RefsError, chunk_refs};
 use crate::store::{ChunkId, StoreError, codec};
+use crate::util::IoError;
+use crate::util::fs::{Staged, fsync_dir, replace_pair};
 
 /// Errors of `archive push`.
 #[derive(Debug, thiserror::Error)]
@@ -71,16 +73,8 @@ pub enum PushError {
         source: StoreError,
     },
     /// A file operation in the archive failed.
-    #[error("cannot {op} {}", path.display())]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// The file or directory.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// Importing a local disk as an image failed.
     #[error("cannot import disk {index} ({}) into the archive", path.display())]
     Import {
@@ -150,15 +144,8 @@ impl std::fmt::Display for PushReport {
     }
 }
 
-fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PushError {
-    let path = path.to_path_buf();
-    move |source| PushError::Io { op, path, source }
-}
-
-fn fsync_dir(dir: &Path) -> Result<(), PushError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("fsync directory", dir))
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PushError + use<> {
+    crate::util::io_err(op, path)
 }
 
 /// Pushes the snapshot in `snapshot_dir` into `archive` as VM `name` (see the module
@@ -166,7 +153,7 @@ fn fsync_dir(dir: &Path) -> Result<(), PushError> {
 pub fn push(snapshot_dir: &Path, archive: &Path, name: &str) -> Result<PushReport, PushError> {
     let t0 = Instant::now();
     super::check_vm_name(name).map_err(PushError::Name)?;
-    super::prepare_archive(archive).map_err(PushError::Archive)?;
+    crate::formats::prepare_archive(archive).map_err(PushError::Archive)?;
     let state_path = snapshot_dir.join(STATE_FILE);
     let mut state = MicrovmState::read(&state_path).map_err(|source| PushError::State {
         path: state_path.clone(),
@@ -222,11 +209,14 @@ pub fn push(snapshot_dir: &Path, archive: &Path, name: &str) -> Result<PushRepor
         })?;
     // Pushing over an archived VM: never its old state beside the new manifest (a working
     // set written above names the manifest it was recorded for, so a stale one is ignored).
-    file::replace_pair(
+    replace_pair(
         (&vm_dir.join(MEMORY_FILE), &mem_bytes),
         (&dest, &state_bytes),
     )
-    .map_err(|source| PushError::Write { path: dest, source })?;
+    .map_err(|source| PushError::Write {
+        path: dest,
+        source: source.into(),
+    })?;
     Ok(PushReport {
         vm_dir,
         chunks_total: refs.len() as u64,
@@ -291,27 +281,16 @@ fn copy_chunks(
             });
         }
     });
-    let pending = pending.into_inner().unwrap_or_default();
-    let discard = |pending: &[Written]| {
-        for w in pending {
-            let _ = fs::remove_file(&w.tmp);
-        }
-    };
+    // Dropping a `Written` that was not committed removes its temp file.
+    let mut pending = pending.into_inner().unwrap_or_default();
     if let Some(e) = first_err.into_inner().ok().flatten() {
-        discard(&pending);
         return Err(e);
     }
     if !pending.is_empty() {
         let chunks = archive.join("chunks");
-        if let Err(e) = crate::store::local::syncfs(&chunks) {
-            discard(&pending);
-            return Err(io("syncfs", &chunks)(e));
-        }
-        for (i, w) in pending.iter().enumerate() {
-            if let Err(e) = fs::rename(&w.tmp, &w.dest) {
-                discard(&pending[i..]);
-                return Err(io("rename", &w.dest)(e));
-            }
+        crate::store::local::syncfs(&chunks).map_err(io("syncfs", &chunks))?;
+        for w in &mut pending {
+            w.staged.commit()?;
         }
     }
     let dirs = dirs.into_inner().unwrap_or_default();
@@ -328,12 +307,11 @@ fn copy_chunks(
     ))
 }
 
-/// A chunk file written under a temp name, to be renamed to `dest` once durable.
+/// A chunk file written under a temp name, to be renamed into place once durable.
 struct Written {
     len: u64,
     dir: PathBuf,
-    tmp: PathBuf,
-    dest: PathBuf,
+    staged: Staged,
 }
 
 /// Writes one chunk file (verified) to a temp name in its fan-out directory unless the
@@ -361,26 +339,11 @@ fn copy_one(id: &ChunkId, src_store: &Path, archive: &Path) -> Result<Option<Wri
     })?;
     let dir = dest.parent().unwrap_or(archive).to_path_buf();
     fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let tmp = dir.join(format!(
-        ".{id}.tmp.{}.{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    let written = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(&bytes));
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(io("write", &dest)(e));
-    }
+    let staged = Staged::write(&dest, false, |f| f.write_all(&bytes))?;
     Ok(Some(Written {
         len: bytes.len() as u64,
         dir,
-        tmp,
-        dest,
+        staged,
     }))
 }
 
@@ -419,7 +382,7 @@ fn archive_disk(
             let (_, img) =
                 crate::disk::http::split_image_url(url).map_err(|e| PushError::Disk {
                     index: i,
-                    reason: crate::vmm::error_chain(&e),
+                    reason: crate::util::error_chain(&e),
                 })?;
             let stamp = recorded_image_id(&saved.identity);
             // Same image in this archive (same content id)? Then refer to it relatively.

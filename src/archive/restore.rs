@@ -26,13 +26,15 @@ use crate::builder::{BuildError, Console};
 use crate::builder_restore::{RestoreOptions, build_from_parts};
 use crate::disk::BackendIdentity;
 use crate::disk::http::LazyHttpDisk;
-use crate::snapshot::file::{self, FileKind, StateFileError};
-use crate::snapshot::manifest::{MANIFEST_KIND, ManifestError, MemoryManifest};
+use crate::formats::file::{self, FileKind, StateFileError};
+use crate::formats::{MANIFEST_KIND, WORKINGSET_KIND};
+use crate::snapshot::manifest::{ManifestError, MemoryManifest};
 use crate::snapshot::microvm::{MEMORY_FILE, MicrovmState, STATE_FILE};
 use crate::store::http::{HttpError, HttpStats, HttpStore, HttpStoreOptions};
 use crate::store::local::{LocalStore, LocalStoreOptions};
 use crate::store::{ChunkId, ChunkStore, StoreError};
-use crate::vmm::{Vmm, error_chain};
+use crate::util::error_chain;
+use crate::vmm::Vmm;
 use crate::vstate::uffd::LazyHandle;
 
 /// Errors of resuming an archived VM.
@@ -417,19 +419,18 @@ fn load(source: &Source, http: &HttpStoreOptions) -> Result<Loaded, RestoreError
                 })?;
             let mem_bytes = fetch(MEMORY_FILE, &MANIFEST_KIND)?;
             let manifest = decode_manifest(&mem_bytes, &url(MEMORY_FILE))?;
-            let working_set =
-                match meta.fetch(WORKINGSET_FILE, cap(&super::workingset::WORKINGSET_KIND)) {
-                    Ok(b) => WorkingSet::decode(&b)
-                        .map_err(|e| {
-                            log::warn!("ignoring {}: {}", url(WORKINGSET_FILE), error_chain(&e))
-                        })
-                        .ok(),
-                    Err(e) if e.is_not_found() => None,
-                    Err(e) => {
-                        log::warn!("no working set: {}", error_chain(&e));
-                        None
-                    }
-                };
+            let working_set = match meta.fetch(WORKINGSET_FILE, cap(&WORKINGSET_KIND)) {
+                Ok(b) => WorkingSet::decode(&b)
+                    .map_err(|e| {
+                        log::warn!("ignoring {}: {}", url(WORKINGSET_FILE), error_chain(&e))
+                    })
+                    .ok(),
+                Err(e) if e.is_not_found() => None,
+                Err(e) => {
+                    log::warn!("no working set: {}", error_chain(&e));
+                    None
+                }
+            };
             let base = match &state.store {
                 None => vm_url.clone(),
                 Some(p) if p.is_absolute() => {
@@ -490,7 +491,7 @@ fn load(source: &Source, http: &HttpStoreOptions) -> Result<Loaded, RestoreError
                 })
                 .flatten();
             let store_dir = state.store_dir(vm_dir);
-            super::check_archive(&store_dir).map_err(RestoreError::Archive)?;
+            crate::formats::check_archive(&store_dir).map_err(RestoreError::Archive)?;
             let store = LocalStore::open(&store_dir, LocalStoreOptions::default())
                 .map_err(RestoreError::Store)?;
             Ok(Loaded {

@@ -22,17 +22,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::cache::{CachedStore, Purpose};
-use crate::snapshot::file::{self, FileKind, StateFileError};
+use crate::formats::WORKINGSET_KIND;
+use crate::formats::file::{self, StateFileError};
 use crate::store::ChunkId;
 use crate::vstate::uffd::LazyHandle;
-
-/// The working-set file kind.
-pub const WORKINGSET_KIND: FileKind = FileKind {
-    magic: *b"VMMWSET\0",
-    version: 1,
-    max_payload: 256 << 20,
-    name: "vmm working-set file",
-};
 
 /// Errors of working-set files.
 #[derive(Debug, thiserror::Error)]
@@ -227,7 +220,7 @@ fn run(
         if !progress.failed.swap(true, Ordering::AcqRel) {
             log::warn!(
                 "archive {what} stopped: chunk {id}: {} (page faults still fetch on demand)",
-                crate::vmm::error_chain(e)
+                crate::util::error_chain(e)
             );
         }
     };
@@ -322,7 +315,7 @@ mod tests {
     use super::*;
     use crate::store::ChunkStore;
     use crate::store::local::{LocalStore, LocalStoreOptions};
-    use crate::store::testutil::TempDir;
+    use crate::util::testutil::TempDir;
 
     #[test]
     fn file_round_trip_and_rejects_damage() {

@@ -1,10 +1,8 @@
-//! Emulated devices: the buses vCPU exits are dispatched on, legacy PC devices and virtio.
+//! Emulated devices: legacy PC devices and virtio, on the buses vCPU exits are dispatched
+//! on ([`crate::vstate::bus`]).
 
-pub mod bus;
 pub mod legacy;
 pub mod virtio;
-
-pub use bus::{Bus, BusDevice, BusError, SharedDevice};
 
 use vmm_sys_util::eventfd::EventFd;
 

@@ -29,23 +29,17 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
+use crate::formats::PRESENT_KIND;
+use crate::formats::file::{self, StateFileError};
 use crate::image::{ImageId, ImageIndex};
-use crate::snapshot::file::{self, FileKind, StateFileError};
+use crate::util::{IoError, lock};
 
 /// New chunks cached between two automatic persists of the bitmap.
 pub const PERSIST_EVERY: u64 = 256;
-
-/// Container kind of the presence bitmap file.
-pub const PRESENT_KIND: FileKind = FileKind {
-    magic: *b"VMMCACH\0",
-    version: 1,
-    max_payload: 64 << 20,
-    name: "vmm image cache bitmap",
-};
 
 /// Errors of the chunk cache.
 #[derive(Debug, thiserror::Error)]
@@ -140,10 +134,6 @@ impl std::fmt::Debug for ChunkCache {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl ChunkCache {
     /// Opens (or creates) the cache of image `image_id` with `index` under `root`, keeping
     /// at most `max_bytes` of chunks (`None`: no limit). A bitmap that is unreadable or
@@ -179,13 +169,15 @@ impl ChunkCache {
         let words = index.chunk_count().div_ceil(64);
         let mut saved: Option<PresentFile> = match file::read_file(&present_path, &PRESENT_KIND) {
             Ok(p) => Some(p),
-            Err(StateFileError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            Err(StateFileError::Io(IoError { source, .. }))
+                if source.kind() == io::ErrorKind::NotFound =>
+            {
                 None
             }
             Err(e) => {
                 log::warn!(
                     "discarding image cache bitmap: {}",
-                    crate::vmm::error_chain(&e)
+                    crate::util::error_chain(&e)
                 );
                 None
             }
@@ -457,7 +449,7 @@ impl ChunkCache {
 impl Drop for ChunkCache {
     fn drop(&mut self) {
         if let Err(e) = self.persist() {
-            log::warn!("{}", crate::vmm::error_chain(&e));
+            log::warn!("{}", crate::util::error_chain(&e));
         }
     }
 }
@@ -467,7 +459,7 @@ mod tests {
     use super::*;
     use crate::image::ImageEntry;
     use crate::store::ChunkId;
-    use crate::store::testutil::TempDir;
+    use crate::util::testutil::TempDir;
 
     fn index(chunks: usize) -> ImageIndex {
         ImageIndex {

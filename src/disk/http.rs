@@ -15,17 +15,19 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use super::cache::{CacheError, CacheStats, ChunkCache};
 use super::overlay::{OverlayBackend, OverlayError};
 use super::{BackendIdentity, BlockBackend, DiskError, check_range};
+use crate::formats::file::{HEADER_LEN, TRAILER_LEN};
 use crate::image::{self, ImageEntry, ImageId, ImageIndex};
-use crate::snapshot::file::{HEADER_LEN, TRAILER_LEN, write_atomic};
 use crate::store::http::{HttpError, HttpStats, HttpStore, HttpStoreOptions};
-use crate::vmm::error_chain;
+use crate::util::error_chain;
+use crate::util::fs::write_atomic;
+use crate::util::lock;
 
 /// First line of a prefetch list file.
 const PREFETCH_MAGIC: &str = "vmm-prefetch v1";
@@ -223,10 +225,6 @@ impl std::fmt::Debug for LazyHttpDisk {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl LazyHttpDisk {
     /// Opens the image at `url` (`http://HOST/ARCHIVE/images/NAME`): fetches and checks its
     /// index (a missing, truncated or corrupt index is an error here), opens the cache, and
@@ -235,7 +233,7 @@ impl LazyHttpDisk {
         let (base, name) = split_image_url(url)?;
         let url = format!("{base}/images/{name}");
         let store = HttpStore::new(&base, opts.http.clone()).map_err(RemoteDiskError::Http)?;
-        let max = (HEADER_LEN + TRAILER_LEN) as u64 + image::INDEX_KIND.max_payload;
+        let max = (HEADER_LEN + TRAILER_LEN) as u64 + crate::formats::INDEX_KIND.max_payload;
         let t = Instant::now();
         let index = store
             .fetch_with(&format!("images/{name}"), max, |u, bytes| {
@@ -596,7 +594,7 @@ mod tests {
 
     #[test]
     fn prefetch_list_parsing() {
-        let dir = crate::store::testutil::TempDir::new("prefetch-list");
+        let dir = crate::util::testutil::TempDir::new("prefetch-list");
         let id = crate::store::ChunkId::of(b"img");
         let p = dir.path().join("list");
         std::fs::write(&p, format!("{PREFETCH_MAGIC} {id}\n3\n1\n\n7\n")).unwrap();

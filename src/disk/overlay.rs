@@ -28,25 +28,23 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::FileExt;
 
-use super::overlay_capture::CAPTURE_CHUNK_SIZE;
 use super::{BackendIdentity, BlockBackend, DiskError, check_range};
-use crate::snapshot::file::{self, FileKind, StateFileError};
+use crate::formats::MAP_KIND;
+use crate::formats::file::{self, StateFileError};
+use crate::util::lock;
+
+/// Chunk size of captured overlays (`overlay_capture`): 64 KiB, like guest memory (or the
+/// overlay's block size when that is larger); an overlay tracks the spans written since
+/// its last capture in these units.
+pub const CAPTURE_CHUNK_SIZE: u32 = 64 << 10;
 
 /// Block size of new overlays: the copy-on-write granularity.
 pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
-
-/// Container kind of overlay map files.
-pub const MAP_KIND: FileKind = FileKind {
-    magic: *b"VMMOVLY\0",
-    version: 1,
-    max_payload: 256 << 20,
-    name: "vmm overlay map",
-};
 
 /// Errors of opening an overlay.
 #[derive(Debug, thiserror::Error)]
@@ -150,10 +148,6 @@ impl std::fmt::Debug for OverlayBackend {
             .field("block", &self.block)
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Path of the map file of overlay `path`: `path` with `.map` appended.
@@ -470,7 +464,7 @@ impl BlockBackend for OverlayBackend {
                     bits,
                 };
                 file::write_file(&self.map_path, &MAP_KIND, &map)
-                    .map_err(|e| disk_io("flush")(io::Error::other(crate::vmm::error_chain(&e))))
+                    .map_err(|e| disk_io("flush")(io::Error::other(crate::util::error_chain(&e))))
             });
         if result.is_err() {
             self.dirty.store(true, Ordering::Release);
@@ -499,7 +493,7 @@ impl Drop for OverlayBackend {
             log::error!(
                 "overlay {}: final flush failed: {}",
                 self.path.display(),
-                crate::vmm::error_chain(&e)
+                crate::util::error_chain(&e)
             );
         }
     }
@@ -509,7 +503,7 @@ impl Drop for OverlayBackend {
 mod tests {
     use super::*;
     use crate::disk::MemBackend;
-    use crate::store::testutil::{Rng, TempDir};
+    use crate::util::testutil::{Rng, TempDir};
 
     fn base(size: usize, seed: u64) -> (Arc<dyn BlockBackend>, Vec<u8>) {
         let mut data = vec![0u8; size];

@@ -22,13 +22,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::BackendIdentity;
-use super::overlay::{MAP_KIND, OverlayBackend, OverlayMap, map_path};
-use crate::snapshot::file::{self, StateFileError};
+use super::overlay::{CAPTURE_CHUNK_SIZE, OverlayBackend, OverlayMap, map_path};
+use crate::formats::MAP_KIND;
+use crate::formats::file::{self, StateFileError};
 use crate::store::{ChunkId, ChunkStore, PutOutcome, StoreError};
-
-/// Chunk size of captured overlays: 64 KiB, like guest memory (or the overlay's block
-/// size when that is larger).
-pub const CAPTURE_CHUNK_SIZE: u32 = 64 << 10;
 
 /// An overlay's content at snapshot time: which blocks it held and their bytes, as
 /// content-addressed chunks of `chunk_size` bytes of the overlay's data file.

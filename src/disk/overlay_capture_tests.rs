@@ -4,7 +4,7 @@ use super::*;
 use crate::disk::BlockBackend;
 use crate::disk::mem::MemBackend;
 use crate::store::local::{LocalStore, LocalStoreOptions};
-use crate::store::testutil::{Rng, TempDir};
+use crate::util::testutil::{Rng, TempDir};
 
 const DISK: usize = 1 << 20;
 

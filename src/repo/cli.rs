@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::gc::Usage;
 use super::{Repo, RepoError, SnapshotId, SnapshotMeta};
-use crate::vmm::error_chain;
+use crate::util::error_chain;
 
 /// Options every repository command takes.
 #[derive(Args, Debug, Clone)]

@@ -24,14 +24,15 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::progress::Progress;
-use super::{CommitMeta, Repo, RepoError, SnapshotId, SnapshotMeta, fsync_dir, lock::LockMode};
+use super::{CommitMeta, Repo, RepoError, SnapshotId, SnapshotMeta, lock::LockMode};
+use crate::formats::EXPORT_VERSION;
 use crate::snapshot::microvm::{MEMORY_FILE, STATE_FILE};
 use crate::store::{ChunkId, ChunkStore, MAX_CHUNK_LEN, codec};
+use crate::util::IoError;
+use crate::util::fs::{Staged, fsync_dir, parent_dir};
 
 const MAGIC: &[u8; 8] = b"VMMEXPRT";
 const END: &[u8; 8] = b"VMMEXEND";
-/// The export file format version written and read.
-pub const VERSION: u32 = 1;
 const MAX_HEADER: u32 = 1 << 20;
 const MAX_STATE: u64 = 64 << 20;
 const MAX_MEMORY: u64 = 1 << 30;
@@ -44,16 +45,8 @@ pub enum ExportError {
     #[error(transparent)]
     Repo(#[from] RepoError),
     /// Reading or writing the export file failed.
-    #[error("cannot {op} {}", path.display())]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// A chunk of the snapshot could not be read from the repository.
     #[error("snapshot {id} cannot be exported")]
     Chunk {
@@ -136,10 +129,12 @@ pub fn export(
     let dir = repo.snapshot_dir(id);
     let read = |name: &str| {
         let p = dir.join(name);
-        fs::read(&p).map_err(|source| ExportError::Io {
-            op: "read",
-            path: p,
-            source,
+        fs::read(&p).map_err(|source| {
+            ExportError::Io(IoError {
+                op: "read",
+                path: p,
+                source,
+            })
         })
     };
     let state = read(STATE_FILE)?;
@@ -154,21 +149,11 @@ pub fn export(
     let meta = repo.read_meta(id).ok();
     let store = repo.store()?;
 
-    let parent = match file.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let fname = file
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "export".into());
-    let tmp = parent.join(format!(".{fname}.tmp.{}", std::process::id()));
-    let io_tmp = |op| {
-        let path = tmp.clone();
-        move |source| ExportError::Io { op, path, source }
-    };
-    let f = File::create(&tmp).map_err(io_tmp("create"))?;
-    let result = (|| -> Result<u64> {
+    // Written under a temp name beside `file` (removed on failure), then renamed over it.
+    let (mut staged, f) = Staged::create(file)?;
+    let tmp = staged.tmp().to_path_buf();
+    let io_tmp = |op| IoError::at(op, &tmp);
+    let n = (|| -> Result<u64> {
         let mut w = HashWriter {
             inner: BufWriter::with_capacity(1 << 20, f),
             hash: blake3::Hasher::new(),
@@ -178,7 +163,7 @@ pub fn export(
         let bar = Progress::new("export", refs.len() as u64, progress);
         (|| -> io::Result<()> {
             w.write_all(MAGIC)?;
-            w.write_all(&VERSION.to_le_bytes())?;
+            w.write_all(&EXPORT_VERSION.to_le_bytes())?;
             w.write_all(&(header.len() as u32).to_le_bytes())?;
             w.write_all(&header)?;
             w.write_all(&(state.len() as u64).to_le_bytes())?;
@@ -196,11 +181,11 @@ pub fn export(
                 source: if e.kind() == io::ErrorKind::NotFound {
                     crate::store::StoreError::NotFound { id: *c }
                 } else {
-                    crate::store::StoreError::Io {
+                    crate::store::StoreError::Io(IoError {
                         op: "read",
                         path: p.clone(),
                         source: e,
-                    }
+                    })
                 },
             })?;
             // Never export damage: the importer would refuse it anyway.
@@ -229,23 +214,9 @@ pub fn export(
             .map_err(|e| io_tmp("write")(e.into_error()))?;
         f.sync_all().map_err(io_tmp("fsync"))?;
         Ok(n)
-    })();
-    let n = match result {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-    };
-    fs::rename(&tmp, file).map_err(|source| {
-        let _ = fs::remove_file(&tmp);
-        ExportError::Io {
-            op: "rename into place",
-            path: file.to_path_buf(),
-            source,
-        }
-    })?;
-    fsync_dir(&parent)?;
+    })()?;
+    staged.commit()?;
+    fsync_dir(parent_dir(file))?;
     Ok(TransferReport {
         id: *id,
         file: file.to_path_buf(),
@@ -310,17 +281,19 @@ pub fn import(
         if e.kind() == io::ErrorKind::UnexpectedEof {
             invalid("truncated".into())
         } else {
-            ExportError::Io {
+            ExportError::Io(IoError {
                 op: "read",
                 path: file.to_path_buf(),
                 source: e,
-            }
+            })
         }
     };
-    let f = File::open(file).map_err(|source| ExportError::Io {
-        op: "open",
-        path: file.to_path_buf(),
-        source,
+    let f = File::open(file).map_err(|source| {
+        ExportError::Io(IoError {
+            op: "open",
+            path: file.to_path_buf(),
+            source,
+        })
     })?;
     let file_len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let mut r = HashReader {
@@ -334,12 +307,16 @@ pub fn import(
         return Err(invalid("bad magic".into()));
     }
     let version = r.u32().map_err(trunc)?;
-    crate::formats::check_version("vmm snapshot export", version, VERSION, VERSION).map_err(
-        |source| ExportError::Version {
-            path: file.to_path_buf(),
-            source,
-        },
-    )?;
+    crate::formats::check_version(
+        "vmm snapshot export",
+        version,
+        EXPORT_VERSION,
+        EXPORT_VERSION,
+    )
+    .map_err(|source| ExportError::Version {
+        path: file.to_path_buf(),
+        source,
+    })?;
     let hlen = r.u32().map_err(trunc)?;
     if hlen > MAX_HEADER {
         return Err(invalid(format!("header of {hlen} bytes")));
@@ -422,10 +399,8 @@ pub fn import(
     let result = (|| -> Result<(SnapshotId, bool)> {
         for (n, bytes) in [(STATE_FILE, &state), (MEMORY_FILE, &memory)] {
             let p = work.join(n);
-            crate::snapshot::file::write_atomic(&p, bytes).map_err(|source| RepoError::Write {
-                path: p,
-                source: Box::new(source),
-            })?;
+            crate::util::fs::write_atomic(&p, bytes)
+                .map_err(|source| RepoError::Write { path: p, source })?;
         }
         let refs =
             crate::snapshot::refs::chunk_refs(&work).map_err(|source| RepoError::Snapshot {

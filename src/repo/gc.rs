@@ -17,8 +17,10 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::progress::Progress;
-use super::{Repo, RepoError, Result, SnapshotId, fsync_dir, lock::LockMode};
+use super::{Repo, RepoError, Result, SnapshotId, lock::LockMode};
 use crate::store::ChunkId;
+use crate::util::IoError;
+use crate::util::fs::fsync_dir;
 
 /// Test hook: microseconds to sleep after each chunk file gc deletes, so a test can kill gc
 /// in the middle of its sweep. Not for production use.
@@ -110,7 +112,7 @@ pub fn rm(repo: &Repo, ids: &[SnapshotId]) -> Result<RmReport> {
             Ok(r) if gone.contains(&id) => gone_chunks.extend(r),
             Ok(r) => kept_chunks.extend(r),
             Err(e) if !gone.contains(&id) => {
-                log::warn!("{}", crate::vmm::error_chain(&e));
+                log::warn!("{}", crate::util::error_chain(&e));
                 kept_complete = false;
             }
             Err(_) => {}
@@ -131,20 +133,24 @@ pub fn rm(repo: &Repo, ids: &[SnapshotId]) -> Result<RmReport> {
         let dir = repo.snapshot_dir(id);
         let trash = repo.new_work_dir(&format!("rm-{}", id.short()))?;
         // Renaming onto an empty directory replaces it atomically.
-        fs::rename(&dir, &trash).map_err(|source| RepoError::Io {
-            op: "move out of the listing",
-            path: dir.clone(),
-            source,
+        fs::rename(&dir, &trash).map_err(|source| {
+            RepoError::Io(IoError {
+                op: "move out of the listing",
+                path: dir.clone(),
+                source,
+            })
         })?;
         fsync_dir(&repo.snapshots_dir())?;
         let n = names.get(id).cloned().unwrap_or_default();
         for name in &n {
             repo.remove_name(name)?;
         }
-        fs::remove_dir_all(&trash).map_err(|source| RepoError::Io {
-            op: "remove",
-            path: trash.clone(),
-            source,
+        fs::remove_dir_all(&trash).map_err(|source| {
+            RepoError::Io(IoError {
+                op: "remove",
+                path: trash.clone(),
+                source,
+            })
         })?;
         removed.push(Removed { id: *id, names: n });
     }
@@ -214,27 +220,31 @@ pub fn gc(repo: &Repo, progress: Option<bool>) -> Result<GcReport> {
             .collect(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
         Err(source) => {
-            return Err(RepoError::Io {
+            return Err(RepoError::Io(IoError {
                 op: "read directory",
                 path: chunks_dir,
                 source,
-            });
+            }));
         }
     };
     fanouts.sort();
     let bar = Progress::new("gc", fanouts.len() as u64, progress);
     for dir in fanouts {
-        let rd = fs::read_dir(&dir).map_err(|source| RepoError::Io {
-            op: "read directory",
-            path: dir.clone(),
-            source,
-        })?;
-        let mut deleted_here = false;
-        for e in rd {
-            let e = e.map_err(|source| RepoError::Io {
+        let rd = fs::read_dir(&dir).map_err(|source| {
+            RepoError::Io(IoError {
                 op: "read directory",
                 path: dir.clone(),
                 source,
+            })
+        })?;
+        let mut deleted_here = false;
+        for e in rd {
+            let e = e.map_err(|source| {
+                RepoError::Io(IoError {
+                    op: "read directory",
+                    path: dir.clone(),
+                    source,
+                })
             })?;
             let name = e.file_name();
             let name = name.to_string_lossy();

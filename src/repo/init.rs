@@ -1,4 +1,5 @@
-//! Creating a repository atomically, and finishing one whose creation was interrupted.
+//! Opening a repository ([`Repo::open`], [`Repo::open_or_init`]), creating one atomically,
+//! and finishing one whose creation was interrupted.
 //!
 //! A new repository is built complete (layout and marker) under a temporary name next to
 //! where it goes, made durable, and published with one `rename`: whoever looks at the path
@@ -18,10 +19,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{
-    LOCK_FILE, MARKER_FILE, NAMES_DIR, REPO_FORMAT, REPO_VERSION, Repo, RepoError, Result,
-    SNAPSHOTS_DIR, TMP_DIR, fsync_dir, io_err,
+    LOCK_FILE, MARKER_FILE, NAMES_DIR, REPO_FORMAT, Repo, RepoError, Result, SNAPSHOTS_DIR,
+    TMP_DIR, io_err,
 };
+use crate::formats::REPO_VERSION;
 use crate::store::local::{LocalStore, LocalStoreOptions};
+use crate::util::fs::fsync_dir;
 
 /// The chunk store's directory inside a repository.
 const CHUNKS_DIR: &str = "chunks";
@@ -100,10 +103,10 @@ fn make_layout(dir: &Path) -> Result<()> {
     crate::formats::write_marker(&mpath, REPO_FORMAT, REPO_VERSION).map_err(|source| {
         RepoError::Write {
             path: mpath,
-            source: Box::new(source),
+            source,
         }
     })?;
-    fsync_dir(dir)
+    Ok(fsync_dir(dir)?)
 }
 
 /// The directory `path` is in (`.` for a bare name), and its last component.
@@ -173,7 +176,7 @@ pub(crate) fn create(path: &Path) -> Result<()> {
         let _ = fs::remove_dir_all(&temp);
     }
     match renamed {
-        Ok(()) => fsync_dir(&parent),
+        Ok(()) => Ok(fsync_dir(&parent)?),
         Err(e) if rename_cannot_work(&e) => in_place(path),
         // Someone else published a repository (or something else) there meanwhile.
         Err(e) if classify(path)? == Found::Repo => {
@@ -190,7 +193,7 @@ fn in_place(path: &Path) -> Result<()> {
     fs::create_dir_all(path).map_err(io_err("create directory", path))?;
     make_layout(path)?;
     match split(path) {
-        Some((parent, _)) => fsync_dir(&parent),
+        Some((parent, _)) => Ok(fsync_dir(&parent)?),
         None => Ok(()),
     }
 }
@@ -205,6 +208,46 @@ pub(crate) fn finish(path: &Path) -> Result<()> {
 }
 
 impl Repo {
+    /// Opens an existing repository (finishing it first if its creation was interrupted,
+    /// see `init.rs`).
+    pub fn open(path: &Path) -> Result<Self> {
+        use crate::formats::{MarkerError, read_marker};
+        let marker = path.join(MARKER_FILE);
+        let bad = |reason: String| RepoError::BadMarker {
+            path: marker.clone(),
+            reason,
+        };
+        match read_marker(
+            &marker,
+            REPO_FORMAT,
+            "vmm snapshot repository",
+            REPO_VERSION,
+            REPO_VERSION,
+        ) {
+            Ok(Some(_)) => {}
+            Ok(None) if classify(path)? == Found::HalfMade => {
+                finish(path)?;
+                return Self::open(path);
+            }
+            Ok(None) => {
+                return Err(RepoError::NotARepo {
+                    path: path.to_path_buf(),
+                    hint: if path.exists() {
+                        ""
+                    } else {
+                        " (the directory does not exist; `vmm snapshot create --repo` or `import` creates one)"
+                    },
+                });
+            }
+            Err(MarkerError::Io(e)) => return Err(RepoError::Io(e)),
+            Err(MarkerError::Invalid { reason, .. }) => return Err(bad(reason)),
+            Err(MarkerError::Version { source, .. }) => return Err(bad(source.to_string())),
+            Err(e) => return Err(bad(crate::util::error_chain(&e))),
+        }
+        let root = fs::canonicalize(path).map_err(io_err("resolve", path))?;
+        Ok(Self { root })
+    }
+
     /// Opens the repository at `path`, creating it if `path` does not exist or is an empty
     /// directory (atomically: see [`self`]), and finishing it if its creation was
     /// interrupted. Any other directory without the marker is refused.

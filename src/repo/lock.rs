@@ -1,12 +1,12 @@
-//! The repository lock: an `flock(2)` on `REPO/lock`.
+//! The repository lock: a file lock on `REPO/lock` (std's `File::try_lock`, an `flock(2)`
+//! on Linux).
 //!
 //! Writers that add chunks and snapshots (create, import, rm) hold it shared; `gc` holds it
 //! exclusive, so a sweep never runs while a snapshot whose chunks are not yet listed is being
 //! written. The kernel drops the lock when its holder dies (even by SIGKILL), so a crashed
 //! process never leaves the repository locked.
 
-use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,7 @@ pub enum LockError {
         #[source]
         source: std::io::Error,
     },
-    /// `flock` failed for another reason than contention.
+    /// Locking failed for another reason than contention.
     #[error("cannot lock {}", path.display())]
     Flock {
         /// The lock file.
@@ -86,23 +86,18 @@ pub fn acquire(
             path: path.to_path_buf(),
             source,
         })?;
-    let op = match mode {
-        LockMode::Shared => libc::LOCK_SH,
-        LockMode::Exclusive => libc::LOCK_EX,
-    } | libc::LOCK_NB;
     let start = Instant::now();
     let mut told = false;
     loop {
-        // SAFETY: flock only operates on the open descriptor owned by `file`.
-        let r = unsafe { libc::flock(file.as_raw_fd(), op) };
-        if r == 0 {
-            return Ok(RepoLock { _file: file, mode });
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EWOULDBLOCK) => {}
-            Some(libc::EINTR) => continue,
-            _ => {
+        let r = match mode {
+            LockMode::Shared => file.try_lock_shared(),
+            LockMode::Exclusive => file.try_lock(),
+        };
+        match r {
+            Ok(()) => return Ok(RepoLock { _file: file, mode }),
+            Err(TryLockError::WouldBlock) => {}
+            Err(TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(TryLockError::Error(e)) => {
                 return Err(LockError::Flock {
                     path: path.to_path_buf(),
                     source: e,
@@ -128,7 +123,7 @@ pub fn acquire(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::testutil::TempDir;
+    use crate::util::testutil::TempDir;
 
     #[test]
     fn shared_locks_coexist_and_exclusive_waits() {

@@ -18,7 +18,6 @@
 //! rename into `tmp/`. Its id is content-derived ([`SnapshotId::of_files`]).
 
 pub mod cli;
-pub mod create;
 pub mod export;
 pub mod gc;
 mod init;
@@ -39,6 +38,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::snapshot::microvm::{MEMORY_FILE, MicrovmState, STATE_FILE};
 use crate::store::local::{LocalStore, LocalStoreOptions};
+use crate::util::IoError;
+use crate::util::fs::fsync_dir;
 use lock::{LockMode, RepoLock};
 
 /// The marker file that makes a directory a repository.
@@ -55,8 +56,6 @@ pub const TMP_DIR: &str = "tmp";
 pub const META_FILE: &str = "meta.json";
 /// `format` value of the marker file.
 pub const REPO_FORMAT: &str = "vmm-snapshot-repository";
-/// Repository layout version this build reads and writes.
-pub const REPO_VERSION: u32 = 1;
 /// The chunk store as seen from a snapshot directory (`REPO/snapshots/<id>` and
 /// `REPO/tmp/<work>` are both two levels down).
 pub const STORE_FROM_SNAPSHOT: &str = "../..";
@@ -73,16 +72,8 @@ pub const MIN_PREFIX_LEN: usize = 4;
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
     /// A file system operation failed.
-    #[error("cannot {op} {}", path.display())]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// The path concerned.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// The directory is not a repository.
     #[error("{} is not a vmm snapshot repository (no {MARKER_FILE}){hint}", path.display())]
     NotARepo {
@@ -152,7 +143,7 @@ pub enum RepoError {
         path: PathBuf,
         /// Cause.
         #[source]
-        source: Box<crate::snapshot::StateFileError>,
+        source: IoError,
     },
     /// The repository lock could not be taken.
     #[error(transparent)]
@@ -162,16 +153,8 @@ pub enum RepoError {
 /// Result type of this module.
 pub type Result<T> = std::result::Result<T, RepoError>;
 
-fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> RepoError {
-    let path = path.to_path_buf();
-    move |source| RepoError::Io { op, path, source }
-}
-
-/// fsyncs a directory so the entries created, renamed or removed in it are durable.
-pub(crate) fn fsync_dir(path: &Path) -> Result<()> {
-    fs::File::open(path)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync directory", path))
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> RepoError + use<> {
+    crate::util::io_err(op, path)
 }
 
 /// A snapshot's id: BLAKE3 over its state file and memory manifest bytes, so equal ids mean
@@ -359,48 +342,6 @@ pub struct Repo {
 }
 
 impl Repo {
-    /// Opens an existing repository (finishing it first if its creation was interrupted,
-    /// see `init.rs`).
-    pub fn open(path: &Path) -> Result<Self> {
-        use crate::formats::{MarkerError, read_marker};
-        let marker = path.join(MARKER_FILE);
-        let bad = |reason: String| RepoError::BadMarker {
-            path: marker.clone(),
-            reason,
-        };
-        match read_marker(
-            &marker,
-            REPO_FORMAT,
-            "vmm snapshot repository",
-            REPO_VERSION,
-            REPO_VERSION,
-        ) {
-            Ok(Some(_)) => {}
-            Ok(None) if init::classify(path)? == init::Found::HalfMade => {
-                init::finish(path)?;
-                return Self::open(path);
-            }
-            Ok(None) => {
-                return Err(RepoError::NotARepo {
-                    path: path.to_path_buf(),
-                    hint: if path.exists() {
-                        ""
-                    } else {
-                        " (the directory does not exist; `vmm snapshot create --repo` or `import` creates one)"
-                    },
-                });
-            }
-            Err(MarkerError::Io { op, path, source }) => {
-                return Err(RepoError::Io { op, path, source });
-            }
-            Err(MarkerError::Invalid { reason, .. }) => return Err(bad(reason)),
-            Err(MarkerError::Version { source, .. }) => return Err(bad(source.to_string())),
-            Err(e) => return Err(bad(crate::vmm::error_chain(&e))),
-        }
-        let root = fs::canonicalize(path).map_err(io_err("resolve", path))?;
-        Ok(Self { root })
-    }
-
     /// The repository directory (canonical).
     pub fn root(&self) -> &Path {
         &self.root
@@ -547,12 +488,8 @@ impl Repo {
         let dir = self.names_dir();
         fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
         let p = dir.join(name);
-        crate::snapshot::file::write_atomic(&p, format!("{id}\n").as_bytes()).map_err(|source| {
-            RepoError::Write {
-                path: p,
-                source: Box::new(source),
-            }
-        })
+        crate::util::fs::write_atomic(&p, format!("{id}\n").as_bytes())
+            .map_err(|source| RepoError::Write { path: p, source })
     }
 
     /// Removes a name; returns whether it existed.
@@ -645,14 +582,11 @@ impl Repo {
             added: input.added,
         };
         let mp = work.join(META_FILE);
-        crate::snapshot::file::write_atomic(
+        crate::util::fs::write_atomic(
             &mp,
             &serde_json::to_vec_pretty(&meta).expect("meta serializes"),
         )
-        .map_err(|source| RepoError::Write {
-            path: mp,
-            source: Box::new(source),
-        })?;
+        .map_err(|source| RepoError::Write { path: mp, source })?;
         fsync_dir(work)?;
         let dest = self.snapshot_dir(&id);
         let snaps = self.snapshots_dir();

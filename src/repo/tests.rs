@@ -6,7 +6,7 @@ use std::path::Path;
 use super::*;
 use crate::config::{KernelConfig, VmConfig};
 use crate::snapshot::manifest::{DEFAULT_CHUNK_SIZE, save_memory};
-use crate::store::testutil::{Rng, TempDir};
+use crate::util::testutil::{Rng, TempDir};
 
 /// A MicrovmState with no vCPU, good enough for everything but restoring.
 pub(crate) fn fake_state(created_unix: u64) -> MicrovmState {
@@ -66,7 +66,7 @@ pub(crate) fn fake_snapshot(
     let store = repo.store().unwrap();
     let (manifest, _) = save_memory(&[(0, mem)], DEFAULT_CHUNK_SIZE, &store).unwrap();
     manifest.write_to(work.join(MEMORY_FILE)).unwrap();
-    crate::snapshot::write_state_file(work.join(STATE_FILE), &fake_state(created)).unwrap();
+    crate::formats::file::write_state_file(work.join(STATE_FILE), &fake_state(created)).unwrap();
     let (id, new) = repo
         .commit(
             &work,
@@ -400,7 +400,7 @@ fn export_import_round_trip_and_damaged_files() {
         let f = t.path().join("damaged");
         fs::write(&f, &damaged).unwrap();
         let err = export::import(&r3, &f, None, Some(false)).unwrap_err();
-        let msg = crate::vmm::error_chain(&err);
+        let msg = crate::util::error_chain(&err);
         assert!(msg.contains(what) || msg.contains("hash"), "{what}: {msg}");
         assert!(r3.list().unwrap().is_empty());
     }

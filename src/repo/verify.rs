@@ -68,7 +68,7 @@ pub fn verify(
                 actual.short()
             )),
             Ok(_) => {}
-            Err(e) => c.errors.push(crate::vmm::error_chain(&e)),
+            Err(e) => c.errors.push(crate::util::error_chain(&e)),
         }
         if let Err(e) = repo.read_meta(id) {
             c.errors.push(e.to_string());
@@ -78,7 +78,7 @@ pub fn verify(
                 c.chunks = r.len() as u64;
                 refs.insert(*id, r);
             }
-            Err(e) => c.errors.push(crate::vmm::error_chain(&e)),
+            Err(e) => c.errors.push(crate::util::error_chain(&e)),
         }
         checks.push(c);
     }
@@ -107,7 +107,7 @@ pub fn verify(
                     let verdict = match store.get(id) {
                         Ok(_) => None,
                         Err(StoreError::NotFound { .. }) => Some(None),
-                        Err(e) => Some(Some(crate::vmm::error_chain(&e))),
+                        Err(e) => Some(Some(crate::util::error_chain(&e))),
                     };
                     if let Some(v) = verdict {
                         bad.lock().unwrap_or_else(|e| e.into_inner()).insert(*id, v);

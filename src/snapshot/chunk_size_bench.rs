@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use super::*;
 use crate::store::codec::Compression;
-use crate::store::testutil::{Rng, TempDir};
 use crate::store::{LocalStore, LocalStoreOptions};
+use crate::util::testutil::{Rng, TempDir};
 
 const PAGE: usize = 4096;
 
@@ -159,7 +159,9 @@ fn chunk_size_bench() {
             let (_, st2) = save_memory(&[(0, &changed)], chunk_size, &store).unwrap();
             store.sync().unwrap();
             let incr_s = t.elapsed().as_secs_f64();
-            let manifest_len = file::encode(&MANIFEST_KIND, &m).unwrap().len();
+            let manifest_len = file::encode(&crate::formats::MANIFEST_KIND, &m)
+                .unwrap()
+                .len();
             println!(
                 "{:>5}K {:>5} | {:>8.2} {:>7.1} {:>7} {:>7} {:>9.1} {:>9.1} {:>8} | {:>9.3} | {:>6.2} {:>8} {:>9.2}",
                 chunk_size >> 10,
@@ -196,7 +198,7 @@ fn worker_count_bench() {
         << 10;
     for round in 0..3 {
         for workers in [1, 2, 4, 8, 16] {
-            super::tests::WORKERS_OVERRIDE.store(workers, Ordering::Relaxed);
+            super::WORKERS_OVERRIDE.store(workers, Ordering::Relaxed);
             let dir = TempDir::new("worker-bench");
             let store = LocalStore::open(dir.path(), LocalStoreOptions::default()).unwrap();
             let t = Instant::now();
@@ -219,5 +221,5 @@ fn worker_count_bench() {
             );
         }
     }
-    super::tests::WORKERS_OVERRIDE.store(0, Ordering::Relaxed);
+    super::WORKERS_OVERRIDE.store(0, Ordering::Relaxed);
 }

@@ -15,22 +15,16 @@ use std::sync::{Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
-use super::file::{self, FileKind, StateFileError};
+use crate::formats::MANIFEST_KIND;
+use crate::formats::file::{self, StateFileError};
 use crate::store::{ChunkId, ChunkStore, MAX_CHUNK_LEN, PutOutcome, StoreError};
+pub use crate::vstate::memory::{ChunkEntry, RegionManifest};
 
 /// Default chunk size: 64 KiB (measurements in `docs/SNAPSHOT_FORMAT.md`).
 pub const DEFAULT_CHUNK_SIZE: usize = 64 << 10;
 
 /// Chunk sizes must be a multiple of this (the page size).
 pub const CHUNK_ALIGN: usize = 4096;
-
-/// File kind of a memory manifest file.
-pub const MANIFEST_KIND: FileKind = FileKind {
-    magic: *b"VMMMEMM\0",
-    version: 1,
-    max_payload: 1 << 30,
-    name: "vmm memory manifest",
-};
 
 /// Errors of saving and restoring guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -92,26 +86,6 @@ pub enum ManifestError {
 
 /// Result type of this module.
 pub type Result<T> = std::result::Result<T, ManifestError>;
-
-/// One chunk of a region.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ChunkEntry {
-    /// All zeros; not in the store.
-    Zero,
-    /// Stored under this id.
-    Chunk(ChunkId),
-}
-
-/// The chunks of one guest memory region.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RegionManifest {
-    /// Guest physical address of the region.
-    pub guest_addr: u64,
-    /// Size of the region in bytes.
-    pub size: u64,
-    /// `ceil(size / chunk_size)` entries, in address order.
-    pub chunks: Vec<ChunkEntry>,
-}
 
 /// Guest memory as chunks.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -242,10 +216,15 @@ fn is_zero(buf: &[u8]) -> bool {
 
 /// Worker threads for saving and restoring: more than the cores, because much of
 /// the time is spent waiting on file I/O (fsync above all), not hashing.
+/// When non-zero, the worker count used by save and restore (tests only, for
+/// measurements).
+#[cfg(test)]
+static WORKERS_OVERRIDE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn workers() -> usize {
     #[cfg(test)]
     {
-        let n = tests::WORKERS_OVERRIDE.load(Ordering::Relaxed);
+        let n = WORKERS_OVERRIDE.load(Ordering::Relaxed);
         if n != 0 {
             return n;
         }

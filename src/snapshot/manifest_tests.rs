@@ -2,14 +2,10 @@
 
 use super::*;
 use crate::store::codec::{Compression, HEADER_LEN};
-use crate::store::testutil::{Rng, TempDir};
 use crate::store::{LocalStore, LocalStoreOptions, StoreStats};
+use crate::util::testutil::{Rng, TempDir};
 
 const CS: usize = 16 << 10;
-
-/// When non-zero, the worker count used by save and restore (for measurements).
-pub(super) static WORKERS_OVERRIDE: std::sync::atomic::AtomicUsize =
-    std::sync::atomic::AtomicUsize::new(0);
 
 fn store(dir: &TempDir, name: &str, compression: Compression) -> LocalStore {
     LocalStore::open(
@@ -384,7 +380,7 @@ fn manifest_file_round_trip_and_corruption() {
     assert!(MemoryManifest::read_from(&path).is_err());
 
     // A state file is not a manifest.
-    crate::snapshot::write_state_file(&path, &m).unwrap();
+    crate::formats::file::write_state_file(&path, &m).unwrap();
     let e = MemoryManifest::read_from(&path).unwrap_err();
     let ManifestError::File(StateFileError::Invalid { source, .. }) = &e else {
         panic!("{e:?}")

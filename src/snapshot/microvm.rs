@@ -8,38 +8,21 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::arch::x86_64::cpu_template::CpuRecord;
+use super::BlockSnapshot;
+use super::legacy::{StateV2, V2_HOST};
+use crate::arch::x86_64::cpu_features::CpuFeatures;
+use crate::arch::x86_64::cpu_template::{CpuRecord, CpuTemplate};
 use crate::arch::x86_64::vcpu_state::VcpuState;
 use crate::arch::x86_64::vm_state::VmState;
 use crate::config::VmConfig;
 use crate::devices::legacy::SerialDeviceState;
-use crate::devices::virtio::block::BlockDeviceState;
-use crate::devices::virtio::mmio::MmioTransportState;
-use crate::disk::overlay_capture::OverlayManifest;
-use crate::snapshot::file::{self, FileKind, StateFileError};
+use crate::formats::OLDEST_STATE_VERSION;
+use crate::formats::file::{self, FileKind, StateFileError};
 
 /// File name of the state file inside a snapshot directory.
 pub const STATE_FILE: &str = "state";
 /// File name of the memory manifest inside a snapshot directory.
 pub const MEMORY_FILE: &str = "memory";
-/// The oldest state-file version this build reads ([`FileKind::STATE`] is the newest).
-pub const OLDEST_STATE_VERSION: u32 = 2;
-
-/// One virtio-block disk's saved state.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct BlockSnapshot {
-    /// MMIO window base.
-    pub base: u64,
-    /// Interrupt line.
-    pub gsi: u32,
-    /// Transport registers and queues.
-    pub transport: MmioTransportState,
-    /// Device state, including the backend's identity.
-    pub device: BlockDeviceState,
-    /// The content of the disk's copy-on-write overlay, if it has one.
-    pub overlay: Option<OverlayManifest>,
-}
-
 /// Everything but guest memory.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MicrovmState {
@@ -71,7 +54,7 @@ impl MicrovmState {
     pub fn decode(bytes: &[u8]) -> Result<Self, StateFileError> {
         let (version, payload) = file::decode_frame(&FileKind::STATE, bytes, OLDEST_STATE_VERSION)?;
         match version {
-            2 => Ok(file::decode_payload::<super::legacy::StateV2>(payload)?.into()),
+            2 => Ok(file::decode_payload::<StateV2>(payload)?.into()),
             _ => file::decode_payload(payload),
         }
     }
@@ -93,6 +76,43 @@ impl MicrovmState {
             None => snapshot_dir.to_path_buf(),
             Some(p) if p.is_absolute() => p.clone(),
             Some(p) => snapshot_dir.join(p),
+        }
+    }
+}
+
+impl From<StateV2> for MicrovmState {
+    fn from(s: StateV2) -> Self {
+        // Version 2 did not record the features given; they were those each vCPU's CPUID
+        // was set up with (host passthrough: there were no templates).
+        let features = s
+            .vcpus
+            .iter()
+            .map(|v| CpuFeatures::from_cpuid(&v.cpuid))
+            .fold(CpuFeatures::default(), |a, b| a.union(&b))
+            .without_managed();
+        let c = s.config;
+        MicrovmState {
+            config: VmConfig {
+                kernel: c.kernel,
+                initrd: c.initrd,
+                mem_mib: c.mem_mib,
+                vcpus: c.vcpus,
+                blocks: c.blocks,
+                host_quirks: c.host_quirks,
+                cpu_template: CpuTemplate::None,
+            },
+            cmdline: s.cmdline,
+            memory_regions: s.memory_regions,
+            vcpus: s.vcpus,
+            vm: s.vm,
+            serial: s.serial,
+            blocks: s.blocks,
+            store: s.store,
+            created_unix: s.created_unix,
+            cpu: CpuRecord {
+                features,
+                host: V2_HOST.into(),
+            },
         }
     }
 }

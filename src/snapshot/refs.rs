@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use crate::snapshot::file::StateFileError;
+use crate::formats::StateFileError;
 use crate::snapshot::manifest::{ManifestError, MemoryManifest};
 use crate::snapshot::microvm::{MEMORY_FILE, MicrovmState, STATE_FILE};
 use crate::store::ChunkId;

@@ -17,14 +17,12 @@ use std::borrow::Cow;
 use std::cell::RefCell;
 
 use super::{ChunkId, MAX_CHUNK_LEN, Result, StoreError, verify};
+use crate::formats::CHUNK_VERSION;
 
 /// Length of the chunk file header.
 pub const HEADER_LEN: usize = 8;
 /// First two bytes of every chunk file.
 pub const MAGIC: [u8; 2] = *b"VC";
-/// The chunk file format version written and understood.
-pub const VERSION: u8 = 1;
-
 /// How a chunk's body is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Encoding {
@@ -60,7 +58,7 @@ impl ChunkHeader {
     pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
         let mut h = [0u8; HEADER_LEN];
         h[..2].copy_from_slice(&MAGIC);
-        h[2] = VERSION;
+        h[2] = CHUNK_VERSION;
         h[3] = self.encoding as u8;
         // `len` never exceeds MAX_CHUNK_LEN, which fits in a u32.
         h[4..].copy_from_slice(&(self.len as u32).to_le_bytes());
@@ -79,7 +77,7 @@ impl ChunkHeader {
         if file[..2] != MAGIC {
             return Err(corrupt("bad magic, not a chunk file".into()));
         }
-        let v = u32::from(VERSION);
+        let v = u32::from(CHUNK_VERSION);
         crate::formats::check_version("chunk file", u32::from(file[2]), v, v).map_err(|e| {
             StoreError::Version {
                 id: *id,
@@ -239,7 +237,7 @@ pub fn decode_body(id: &ChunkId, header: &ChunkHeader, body: &[u8], buf: &mut [u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::testutil::Rng;
+    use crate::util::testutil::Rng;
 
     fn file_of(e: &Encoded<'_>) -> Vec<u8> {
         let mut f = e.header.to_vec();

@@ -27,12 +27,13 @@ use std::collections::HashMap;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::codec::{self, HEADER_LEN};
 use super::{ChunkId, ChunkStore, MAX_CHUNK_LEN, PutOutcome, Result, StoreError};
-use crate::vmm::error_chain;
+use crate::util::lock;
+use crate::util::{IoError, error_chain};
 
 /// Errors of HTTP fetches.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -165,11 +166,11 @@ impl HttpError {
                     | HttpError::GaveUp { url, .. } => url.clone(),
                     _ => id.relative_path(),
                 };
-                StoreError::Io {
+                StoreError::Io(IoError {
                     op: "fetch",
                     path: PathBuf::from(url),
                     source: io::Error::other(e),
-                }
+                })
             }
         }
     }
@@ -275,10 +276,6 @@ impl Drop for Permit<'_> {
         *lock(&self.0.free) += 1;
         self.0.cv.notify_one();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A read-only chunk store served over HTTP (see the module documentation).
@@ -652,7 +649,7 @@ impl HttpStore {
     }
 
     fn read_only_error(&self) -> StoreError {
-        StoreError::Io {
+        StoreError::Io(IoError {
             op: "write to",
             path: PathBuf::from(&self.bases[0]),
             source: io::Error::new(
@@ -661,7 +658,7 @@ impl HttpStore {
                     base: self.bases[0].clone(),
                 },
             ),
-        }
+        })
     }
 }
 
@@ -747,7 +744,7 @@ mod tests {
     fn a_file_url_reads_a_local_archive_directory() {
         assert_eq!(normalize_base("file:///srv/a/").unwrap(), "file:///srv/a");
         assert!(normalize_base("file://srv/a").is_err(), "relative file URL");
-        let dir = crate::store::testutil::TempDir::new("http-file");
+        let dir = crate::util::testutil::TempDir::new("http-file");
         std::fs::write(dir.path().join("x"), b"hello").unwrap();
         let base = format!("file://{}", dir.path().display());
         let store = HttpStore::new(&base, HttpStoreOptions::default()).unwrap();

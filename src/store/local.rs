@@ -15,15 +15,18 @@
 //! fsyncs are batched: call [`LocalStore::sync`] once after a whole snapshot.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::codec::{self, ChunkHeader, Compression, Encoding, HEADER_LEN};
 use super::{ChunkId, ChunkStore, MAX_CHUNK_LEN, PutOutcome, Result, StoreError, verify};
+
+use crate::util::fs::{Staged, fsync_dir};
+use crate::util::lock;
 
 /// Options of a [`LocalStore`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,7 +80,6 @@ pub struct LocalStore {
     dirty: [AtomicBool; 256],
     /// `chunks/` has new fan-out directories not yet fsynced.
     chunks_dir_dirty: AtomicBool,
-    tmp_seq: AtomicU64,
     /// With `batch_durability`: chunks written to temp files, not yet renamed.
     pending: Mutex<HashMap<ChunkId, Pending>>,
     chunks_written: AtomicU64,
@@ -86,25 +88,20 @@ pub struct LocalStore {
     raw_bytes_written: AtomicU64,
 }
 
-fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
-    let path = path.to_path_buf();
-    move |source| StoreError::Io { op, path, source }
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError + use<> {
+    crate::util::io_err(op, path)
 }
 
 /// A chunk written to a temp file, renamed at the next `sync` (`batch_durability`).
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Pending {
-    tmp: PathBuf,
-    dest: PathBuf,
+    staged: Staged,
     idx: usize,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl Drop for LocalStore {
-    /// Deletes pending chunks never synced: nothing durable refers to them.
+    /// Deletes pending chunks never synced (dropping them removes their temp files):
+    /// nothing durable refers to them.
     fn drop(&mut self) {
         let pending = std::mem::take(&mut *lock(&self.pending));
         if !pending.is_empty() {
@@ -113,9 +110,6 @@ impl Drop for LocalStore {
                 self.root.display(),
                 pending.len()
             );
-        }
-        for p in pending.values() {
-            let _ = fs::remove_file(&p.tmp);
         }
     }
 }
@@ -130,12 +124,6 @@ pub(crate) fn syncfs(path: &Path) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
-}
-
-fn fsync_dir(path: &Path) -> Result<()> {
-    File::open(path)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync directory", path))
 }
 
 impl LocalStore {
@@ -158,7 +146,6 @@ impl LocalStore {
             made: std::array::from_fn(|_| AtomicBool::new(false)),
             dirty: std::array::from_fn(|_| AtomicBool::new(false)),
             chunks_dir_dirty: AtomicBool::new(false),
-            tmp_seq: AtomicU64::new(0),
             pending: Mutex::new(HashMap::new()),
             chunks_written: AtomicU64::new(0),
             chunks_deduped: AtomicU64::new(0),
@@ -203,12 +190,12 @@ impl LocalStore {
                 return Err(io_err("syncfs", &self.chunks_dir)(e));
             }
             let mut iter = pending.into_iter();
-            while let Some((id, p)) = iter.next() {
-                if let Err(e) = fs::rename(&p.tmp, &p.dest) {
+            while let Some((id, mut p)) = iter.next() {
+                if let Err(e) = p.staged.commit() {
                     let mut left = lock(&self.pending);
-                    left.insert(id, p.clone());
+                    left.insert(id, p);
                     left.extend(iter);
-                    return Err(io_err("rename temp file to", &p.dest)(e));
+                    return Err(e.into());
                 }
                 self.dirty[p.idx].store(true, Ordering::Release);
             }
@@ -218,14 +205,14 @@ impl LocalStore {
                 && let Err(e) = fsync_dir(&self.fanout_dir(idx))
             {
                 self.dirty[idx].store(true, Ordering::Release);
-                return Err(e);
+                return Err(e.into());
             }
         }
         if self.chunks_dir_dirty.swap(false, Ordering::AcqRel)
             && let Err(e) = fsync_dir(&self.chunks_dir)
         {
             self.chunks_dir_dirty.store(true, Ordering::Release);
-            return Err(e);
+            return Err(e.into());
         }
         Ok(())
     }
@@ -247,51 +234,28 @@ impl LocalStore {
         Ok(dir)
     }
 
-    /// Writes `header` + `body` to a temp file in `dir`, fsyncs it and renames it to
+    /// Writes `header` + `body` to a temp file beside `dest`, fsyncs it and renames it to
     /// `dest` — or, with `batch_durability`, leaves it pending for [`sync`](Self::sync).
     fn write_file(
         &self,
         id: &ChunkId,
         idx: usize,
-        dir: &Path,
         dest: &Path,
         header: &[u8],
         body: &[u8],
     ) -> Result<()> {
-        let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("chunk");
-        let tmp = dir.join(format!(
-            ".{name}.tmp.{}.{}",
-            std::process::id(),
-            self.tmp_seq.fetch_add(1, Ordering::Relaxed)
-        ));
-        let result = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .map_err(io_err("create", &tmp))?;
-            f.write_all(header).map_err(io_err("write", &tmp))?;
-            f.write_all(body).map_err(io_err("write", &tmp))?;
-            if self.options.batch_durability {
-                lock(&self.pending).insert(
-                    *id,
-                    Pending {
-                        tmp: tmp.clone(),
-                        dest: dest.to_path_buf(),
-                        idx,
-                    },
-                );
-                return Ok(());
-            }
-            f.sync_all().map_err(io_err("fsync", &tmp))?;
-            fs::rename(&tmp, dest).map_err(io_err("rename temp file to", dest))?;
-            self.dirty[idx].store(true, Ordering::Release);
-            Ok(())
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
+        let batch = self.options.batch_durability;
+        let mut staged = Staged::write(dest, !batch, |f| {
+            f.write_all(header)?;
+            f.write_all(body)
+        })?;
+        if batch {
+            lock(&self.pending).insert(*id, Pending { staged, idx });
+            return Ok(());
         }
-        result
+        staged.commit()?;
+        self.dirty[idx].store(true, Ordering::Release);
+        Ok(())
     }
 
     fn open_chunk(&self, id: &ChunkId) -> Result<(File, PathBuf)> {
@@ -299,7 +263,9 @@ impl LocalStore {
         match File::open(&path) {
             Ok(f) => Ok((f, path)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let tmp = lock(&self.pending).get(id).map(|p| p.tmp.clone());
+                let tmp = lock(&self.pending)
+                    .get(id)
+                    .map(|p| p.staged.tmp().to_path_buf());
                 match tmp {
                     Some(tmp) => File::open(&tmp)
                         .map(|f| (f, tmp.clone()))
@@ -347,10 +313,10 @@ impl ChunkStore for LocalStore {
             return Ok(PutOutcome::Present);
         }
         let idx = id.as_bytes()[0] as usize;
-        let dir = self.ensure_fanout_dir(idx)?;
+        self.ensure_fanout_dir(idx)?;
         let encoded = codec::encode(id, data, self.options.compression)?;
         let dest = self.chunk_path(id);
-        self.write_file(id, idx, &dir, &dest, &encoded.header, &encoded.body)?;
+        self.write_file(id, idx, &dest, &encoded.header, &encoded.body)?;
         let stored_bytes = encoded.file_len() as u64;
         self.chunks_written.fetch_add(1, Ordering::Relaxed);
         self.bytes_written
@@ -437,7 +403,7 @@ pub(crate) fn read_full(f: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::testutil::{Rng, TempDir};
+    use crate::util::testutil::{Rng, TempDir};
 
     fn open(dir: &TempDir, compression: Compression) -> LocalStore {
         LocalStore::open(

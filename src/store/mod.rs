@@ -19,10 +19,11 @@ pub use local::{LocalStore, LocalStoreOptions, StoreStats};
 
 use std::fmt;
 use std::io;
-use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::util::IoError;
 
 /// Largest chunk any store accepts or returns (16 MiB).
 ///
@@ -90,16 +91,8 @@ pub enum StoreError {
         source: io::Error,
     },
     /// A file system operation failed.
-    #[error("cannot {op} {}", path.display())]
-    Io {
-        /// What was being done ("open", "read", "rename", ...).
-        op: &'static str,
-        /// The file or directory concerned.
-        path: PathBuf,
-        /// Underlying error.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
 }
 
 /// Result type of this module.
@@ -288,73 +281,6 @@ pub(crate) fn verify(id: &ChunkId, data: &[u8]) -> Result<()> {
         });
     }
     Ok(())
-}
-
-/// Test helpers shared by the store and snapshot tests.
-#[cfg(test)]
-pub(crate) mod testutil {
-    use std::path::{Path, PathBuf};
-    use std::sync::atomic::{AtomicU64, Ordering};
-
-    /// A directory under the system temp dir, removed on drop.
-    pub(crate) struct TempDir(PathBuf);
-
-    impl TempDir {
-        /// Creates a fresh empty directory.
-        pub(crate) fn new(tag: &str) -> Self {
-            static NEXT: AtomicU64 = AtomicU64::new(0);
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let path = std::env::temp_dir().join(format!(
-                "vmm-test-{tag}-{}-{n}-{}",
-                std::process::id(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos())
-                    .unwrap_or(0)
-            ));
-            std::fs::create_dir_all(&path).expect("create temp dir");
-            TempDir(path)
-        }
-
-        /// The directory.
-        pub(crate) fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    /// Deterministic xorshift64* byte generator for test data.
-    pub(crate) struct Rng(u64);
-
-    impl Rng {
-        /// A generator from a non-zero seed.
-        pub(crate) fn new(seed: u64) -> Self {
-            Rng(seed | 1)
-        }
-
-        /// Next 64 random bits.
-        pub(crate) fn next_u64(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            self.0 = x;
-            x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-
-        /// Fills `buf` with random bytes.
-        pub(crate) fn fill(&mut self, buf: &mut [u8]) {
-            for c in buf.chunks_mut(8) {
-                let v = self.next_u64().to_le_bytes();
-                c.copy_from_slice(&v[..c.len()]);
-            }
-        }
-    }
 }
 
 #[cfg(test)]

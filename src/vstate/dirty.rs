@@ -234,7 +234,7 @@ pub fn selftest_passed(kvm: &Kvm) -> bool {
             Err(e) => {
                 log::info!(
                     "dirty-log self-test could not run: {}",
-                    crate::vmm::error_chain(&e)
+                    crate::util::error_chain(&e)
                 );
                 false
             }

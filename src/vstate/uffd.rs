@@ -45,6 +45,7 @@
 
 mod fetch;
 mod region;
+mod shared;
 mod sys;
 #[cfg(test)]
 mod tests;
@@ -60,108 +61,14 @@ use log::{debug, error, warn};
 use vmm_sys_util::eventfd::EventFd;
 
 use self::region::{ChunkState, Region, validate};
-use self::sys::{Uffd, UffdMsg};
-use crate::snapshot::manifest::{ChunkEntry, RegionManifest};
-use crate::store::{ChunkStore, MAX_CHUNK_LEN};
-
-/// Page size the ranges and chunks are aligned to.
-const PAGE_SIZE: usize = 4096;
+pub use self::shared::{LazyOptions, UffdError};
+use self::shared::{Origin, Shared};
+use self::sys::{PAGE_SIZE, Uffd, UffdMsg};
+use crate::store::ChunkStore;
+use crate::vstate::memory::{ChunkEntry, RegionManifest};
 
 /// Events read from the userfaultfd per `read`.
 const MSGS_PER_READ: usize = 64;
-
-/// Errors of starting lazy memory restore.
-#[derive(Debug, thiserror::Error)]
-pub enum UffdError {
-    /// No userfaultfd could be opened (neither the system call nor
-    /// `/dev/userfaultfd`).
-    #[error("cannot open a userfaultfd")]
-    Open(#[source] io::Error),
-    /// The `UFFDIO_API` handshake failed.
-    #[error("userfaultfd API handshake failed")]
-    Api(#[source] io::Error),
-    /// The chunk size is not usable.
-    #[error(
-        "chunk size {size} is invalid: it must be a non-zero multiple of {PAGE_SIZE} \
-         and at most {MAX_CHUNK_LEN}"
-    )]
-    InvalidChunkSize {
-        /// The rejected size.
-        size: usize,
-    },
-    /// A region is malformed, overlaps another, or does not match its manifest.
-    #[error("guest memory region {index} at host address {host_addr:#x}: {detail}")]
-    InvalidRegion {
-        /// Index of the region in the list given to [`LazyMemory::start`].
-        index: usize,
-        /// Its host address.
-        host_addr: usize,
-        /// What is wrong.
-        detail: String,
-    },
-    /// Dropping the previous contents of a region failed.
-    #[error("cannot discard the contents of {len:#x} bytes at host address {host_addr:#x}")]
-    Discard {
-        /// Start of the range.
-        host_addr: usize,
-        /// Its length.
-        len: usize,
-        /// The `madvise` error.
-        #[source]
-        source: io::Error,
-    },
-    /// `UFFDIO_REGISTER` failed (for instance on memory that is not anonymous).
-    #[error("cannot register {len:#x} bytes at host address {host_addr:#x} with userfaultfd")]
-    Register {
-        /// Start of the range.
-        host_addr: usize,
-        /// Its length.
-        len: usize,
-        /// The ioctl error.
-        #[source]
-        source: io::Error,
-    },
-    /// The kernel does not offer copy, zero-page and wake on a registered range.
-    #[error(
-        "userfaultfd range at host address {host_addr:#x} lacks copy/zeropage/wake \
-         (ioctls {ioctls:#x})"
-    )]
-    MissingIoctls {
-        /// Start of the range.
-        host_addr: usize,
-        /// The ioctl bits the kernel reported.
-        ioctls: u64,
-    },
-    /// Creating an eventfd failed.
-    #[error("cannot create an eventfd")]
-    EventFd(#[source] io::Error),
-    /// The handler thread could not be started.
-    #[error("cannot start the userfaultfd handler thread")]
-    Spawn(#[source] io::Error),
-}
-
-/// Tuning of [`LazyMemory`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LazyOptions {
-    /// Tries per chunk before a fetch error becomes fatal (at least 1).
-    pub fetch_attempts: u32,
-    /// Wait before the second try; doubled before each further one.
-    pub retry_backoff: Duration,
-    /// Chunks fetched and placed at once (worker threads); at least 1.
-    pub fetch_threads: usize,
-}
-
-impl Default for LazyOptions {
-    /// 4 tries, 20 + 40 + 80 ms of waiting: rides out transient store errors, gives
-    /// up on a missing chunk in well under a second.
-    fn default() -> Self {
-        LazyOptions {
-            fetch_attempts: 4,
-            retry_backoff: Duration::from_millis(20),
-            fetch_threads: 4,
-        }
-    }
-}
 
 /// Counters of a [`LazyMemory`] since it started.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -188,54 +95,6 @@ pub struct LazyStats {
     /// Total time the handler spent serving faults, in nanoseconds (from reading the
     /// event to the waking copy).
     pub fault_service_ns: u64,
-}
-
-/// State shared by [`LazyMemory`] and its handler thread.
-#[derive(Debug)]
-struct Shared {
-    faults: AtomicU64,
-    repeat_faults: AtomicU64,
-    chunks_fetched: AtomicU64,
-    chunks_prefetched: AtomicU64,
-    chunks_zero: AtomicU64,
-    bytes_copied: AtomicU64,
-    errors: AtomicU64,
-    data_chunks_total: u64,
-    data_chunks_remaining: AtomicU64,
-    fault_service_ns: AtomicU64,
-    /// The first fatal error.
-    fatal: Mutex<Option<String>>,
-    /// Signalled when `fatal` is set.
-    fatal_evt: EventFd,
-    /// The handler must exit.
-    stop: AtomicBool,
-    /// The handler should fill remaining chunks when idle.
-    fill: AtomicBool,
-}
-
-impl Shared {
-    fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-
-    fn is_fatal(&self) -> bool {
-        self.fatal
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
-    }
-
-    /// Records `msg` as the fatal error, unless one is already recorded.
-    fn set_fatal(&self, msg: String) {
-        error!("lazy memory restore: {msg}");
-        let mut fatal = self.fatal.lock().unwrap_or_else(PoisonError::into_inner);
-        if fatal.is_none() {
-            *fatal = Some(msg);
-            if let Err(e) = self.fatal_evt.write(1) {
-                error!("cannot signal the lazy memory fatal error eventfd: {e}");
-            }
-        }
-    }
 }
 
 /// Serves page faults on guest memory regions from a memory manifest and a chunk
@@ -504,13 +363,6 @@ impl Drop for LazyMemory {
     }
 }
 
-/// Why a chunk is being placed.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Origin {
-    Fault,
-    Fill,
-}
-
 /// The handler thread's state.
 struct Handler {
     /// `None` only once leaked or closed in `Drop`. Shared with the fetch workers.
@@ -551,18 +403,6 @@ impl Drop for Handler {
             }
         }
     }
-}
-
-/// Formats an error with its chain of causes.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 impl Handler {

@@ -15,7 +15,7 @@ use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
-use crate::devices::Bus;
+use crate::vstate::bus::Bus;
 use crate::vstate::exit::{ExitReason, ExitSignal};
 
 /// Errors of the vCPU module.

@@ -371,7 +371,7 @@ fn pvm_clearcpuid_fits_and_leaves_out_what_linux_clears_anyway() {
 
 #[test]
 fn kvm_accepts_a_masked_cpuid() {
-    let Some(kvm) = crate::arch::x86_64::test_kvm() else {
+    let Some(kvm) = crate::arch::x86_64::test_support::kvm_or_skip() else {
         return;
     };
     let h = HostCpu::probe(&kvm, crate::config::pvm_host()).unwrap();

@@ -325,7 +325,7 @@ mod tests {
 
     #[test]
     fn kvm_accepts_normalized_cpuid() {
-        let Some(kvm) = crate::arch::x86_64::test_kvm() else {
+        let Some(kvm) = crate::arch::x86_64::test_support::kvm_or_skip() else {
             return;
         };
         let vm = kvm.create_vm().unwrap();

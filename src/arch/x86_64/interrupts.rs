@@ -122,7 +122,7 @@ mod tests {
 
     #[test]
     fn kvm_set_lint() {
-        let Some(kvm) = crate::arch::x86_64::test_kvm() else {
+        let Some(kvm) = crate::arch::x86_64::test_support::kvm_or_skip() else {
             return;
         };
         let vm = kvm.create_vm().unwrap();

@@ -19,6 +19,8 @@ pub mod layout;
 pub mod mptable;
 pub mod msrs;
 pub mod regs;
+#[cfg(test)]
+pub(crate) mod test_support;
 pub mod vcpu_state;
 pub mod vm_state;
 
@@ -58,16 +60,4 @@ pub enum Error {
     /// Registers, segments and page tables.
     #[error(transparent)]
     Regs(#[from] RegsError),
-}
-
-/// Opens `/dev/kvm` for a test, or prints why the test is skipped.
-#[cfg(test)]
-pub(crate) fn test_kvm() -> Option<kvm_ioctls::Kvm> {
-    match kvm_ioctls::Kvm::new() {
-        Ok(kvm) => Some(kvm),
-        Err(e) => {
-            eprintln!("skipping KVM test: cannot open /dev/kvm: {e}");
-            None
-        }
-    }
 }

@@ -216,7 +216,7 @@ mod tests {
 
     #[test]
     fn kvm_msrs() {
-        let Some(kvm) = crate::arch::x86_64::test_kvm() else {
+        let Some(kvm) = crate::arch::x86_64::test_support::kvm_or_skip() else {
             return;
         };
         let save = msrs_to_save(&kvm).unwrap();

@@ -308,7 +308,7 @@ mod tests {
     /// 1 GiB (second page directory) and a port write that exits to us.
     #[test]
     fn kvm_runs_long_mode_code() {
-        let Some(kvm) = crate::arch::x86_64::test_kvm() else {
+        let Some(kvm) = crate::arch::x86_64::test_support::kvm_or_skip() else {
             return;
         };
         let vm = kvm.create_vm().unwrap();

@@ -517,7 +517,7 @@ mod tests {
     use super::MSR_IA32_TSC;
     use super::*;
     use crate::arch::x86_64::msrs::{MSR_LSTAR, msrs_to_save, readable_msrs};
-    use crate::arch::x86_64::vm_state::test_support::{kvm_or_skip, test_vm};
+    use crate::arch::x86_64::test_support::{kvm_or_skip, test_vm};
 
     #[test]
     fn bad_state_is_an_error() {

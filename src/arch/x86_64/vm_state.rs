@@ -195,77 +195,14 @@ pub fn restore_vm(vm: &VmFd, kvm: &Kvm, state: &VmState, clock_mode: ClockMode) 
     Ok(())
 }
 
-/// Test VMs shared by this module's and `vcpu_state`'s tests.
-#[cfg(test)]
-pub(crate) mod test_support {
-    use kvm_bindings::{
-        KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
-    };
-    use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-    use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-
-    const MEM_SIZE: usize = 0x10_0000;
-
-    /// A VM with irqchip, PIT, 1 MiB of memory and one vCPU with KVM's supported CPUID.
-    /// Fields drop in order: vCPU, VM, then the memory the VM's slot points at.
-    pub(crate) struct TestVm {
-        pub(crate) vcpu: VcpuFd,
-        pub(crate) vm: VmFd,
-        _mem: GuestMemoryMmap,
-    }
-
-    pub(crate) fn kvm_or_skip() -> Option<Kvm> {
-        match Kvm::new() {
-            Ok(kvm) => Some(kvm),
-            Err(e) => {
-                eprintln!("SKIP: cannot open /dev/kvm: {e}");
-                None
-            }
-        }
-    }
-
-    pub(crate) fn test_vm(kvm: &Kvm, set_cpuid: bool) -> TestVm {
-        let vm = kvm.create_vm().unwrap();
-        vm.set_tss_address(0xfffb_d000).unwrap();
-        vm.create_irq_chip().unwrap();
-        vm.create_pit2(kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-        .unwrap();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let host = mem.get_host_address(GuestAddress(0)).unwrap();
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: MEM_SIZE as u64,
-            userspace_addr: host as u64,
-        };
-        // SAFETY: `host` is a live MEM_SIZE-byte mapping owned by `mem`, which the returned
-        // TestVm keeps until after the VM is closed.
-        unsafe { vm.set_user_memory_region(region) }.unwrap();
-        let vcpu = vm.create_vcpu(0).unwrap();
-        if set_cpuid {
-            let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
-            vcpu.set_cpuid2(&cpuid).unwrap();
-        }
-        TestVm {
-            vcpu,
-            vm,
-            _mem: mem,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::test_support::{kvm_or_skip, test_vm};
     use super::*;
     use crate::arch::x86_64::msrs::{
         MSR_IA32_SYSENTER_CS, MSR_IA32_TSC, MSR_KERNEL_GS_BASE, MSR_LSTAR, msrs_to_save,
         readable_msrs,
     };
+    use crate::arch::x86_64::test_support::{self, kvm_or_skip, test_vm};
     use crate::arch::x86_64::vcpu_state::{
         FpuState, VcpuState, kvmclock_ctrl, restore_vcpu, save_vcpu,
     };

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use vm_superio::I8042Device;
 
-use crate::devices::BusDevice;
+use crate::vstate::bus::BusDevice;
 use crate::vstate::exit::{ExitReason, ExitSignal};
 
 /// Port of the i8042 data register; the device covers 0x60..=0x64.

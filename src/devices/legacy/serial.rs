@@ -5,7 +5,7 @@ use std::io::Write;
 use vm_superio::serial::NoEvents;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::BusDevice;
+use crate::vstate::bus::BusDevice;
 
 /// (port base, IRQ) of COM1..COM4. Only COM1 is wired to the console; the others exist so
 /// the guest's 8250 probe finds well-behaved silent UARTs.
@@ -131,7 +131,7 @@ pub struct SerialRestoreArgs {
     pub out: Box<dyn Write + Send>,
 }
 
-impl crate::snapshot::Persist for SerialDevice {
+impl crate::formats::Persist for SerialDevice {
     type State = SerialDeviceState;
     type Args = SerialRestoreArgs;
     type Error = SerialError;
@@ -179,7 +179,7 @@ impl crate::snapshot::Persist for SerialDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::Persist;
+    use crate::formats::Persist;
 
     #[test]
     fn state_round_trip() {

@@ -17,7 +17,8 @@ use super::{
     VirtioInterrupt,
 };
 use crate::devices::IrqLine;
-use crate::devices::bus::{BusDevice, lock};
+use crate::util::lock;
+use crate::vstate::bus::BusDevice;
 
 /// Size of a virtio-mmio device's register window.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;

@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 use log::{error, warn};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::shared::{LazyOptions, Origin, Shared};
 use super::sys::Uffd;
-use super::{LazyOptions, Origin, Shared, chain};
 use crate::store::{ChunkId, ChunkStore};
+use crate::util::error_chain;
 
 /// A chunk to fetch and place.
 pub(super) struct Job {
@@ -204,7 +205,7 @@ fn fetch(ctx: &Ctx, id: &ChunkId, buf: &mut [u8]) -> Result<(), String> {
                 Shared::add(&ctx.shared.errors, 1);
                 warn!("fetching chunk {id} failed (try {attempt}/{attempts}): {e}");
                 if attempt >= attempts || ctx.shared.stop.load(Ordering::Acquire) {
-                    return Err(chain(&e));
+                    return Err(error_chain(&e));
                 }
             }
         }

@@ -1,9 +1,10 @@
 //! The regions a [`LazyMemory`](super::LazyMemory) serves: the arguments checked, and
 //! each chunk's progress as the handler sees it.
 
-use super::{PAGE_SIZE, UffdError};
-use crate::snapshot::manifest::{ChunkEntry, RegionManifest};
+use super::shared::UffdError;
+use super::sys::PAGE_SIZE;
 use crate::store::MAX_CHUNK_LEN;
+use crate::vstate::memory::{ChunkEntry, RegionManifest};
 
 /// Progress of one chunk, known to the handler only.
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -6,9 +6,10 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-use super::PAGE_SIZE;
-
 /// `UFFD_API`: the only API version.
+/// Page size the ranges and chunks are aligned to.
+pub(super) const PAGE_SIZE: usize = 4096;
+
 const UFFD_API: u64 = 0xAA;
 /// The ioctl type of userfaultfd ioctls (`UFFDIO`, also `USERFAULTFD_IOC`).
 const UFFDIO: u64 = 0xAA;

@@ -5,11 +5,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::snapshot::manifest::{MemoryManifest, save_memory};
-use crate::store::ChunkId;
 use crate::store::codec::Compression;
 use crate::store::local::{LocalStore, LocalStoreOptions};
-use crate::store::testutil::{Rng, TempDir};
+use crate::store::{ChunkId, ChunkStore};
+use crate::util::testutil::{Rng, TempDir};
 
 const CHUNK: usize = 64 << 10;
 
@@ -112,12 +111,41 @@ fn compressible(buf: &mut [u8], rng: &mut Rng) {
     }
 }
 
+/// Guest memory cut into chunks, as a snapshot's memory manifest records it (built here:
+/// `snapshot::manifest` is a layer above this module).
+struct Chunked {
+    regions: Vec<RegionManifest>,
+}
+
+/// Cuts `regions` (guest address, bytes) into `CHUNK`-byte chunks: all-zero ones are
+/// `ChunkEntry::Zero`, the others are put in `store`.
+fn chunk_memory(regions: &[(u64, &[u8])], store: &dyn ChunkStore) -> Chunked {
+    let regions = regions
+        .iter()
+        .map(|&(guest_addr, bytes)| RegionManifest {
+            guest_addr,
+            size: bytes.len() as u64,
+            chunks: bytes
+                .chunks(CHUNK)
+                .map(|c| {
+                    if c.iter().all(|&b| b == 0) {
+                        ChunkEntry::Zero
+                    } else {
+                        ChunkEntry::Chunk(store.put(c).unwrap())
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    Chunked { regions }
+}
+
 /// A store in a temp dir holding the chunks of `src`, cut into regions of `sizes`.
 struct Fixture {
     _dir: TempDir,
     store: Arc<LocalStore>,
     src: Vec<u8>,
-    manifest: MemoryManifest,
+    manifest: Chunked,
 }
 
 fn fixture(sizes: &[usize], compression: Compression, seed: u64) -> Fixture {
@@ -139,7 +167,7 @@ fn fixture(sizes: &[usize], compression: Compression, seed: u64) -> Fixture {
         regions.push(((i as u64) << 32, &src[off..off + size]));
         off += size;
     }
-    let (manifest, _) = save_memory(&regions, CHUNK, &*store).unwrap();
+    let manifest = chunk_memory(&regions, &*store);
     Fixture {
         _dir: dir,
         store,
@@ -179,7 +207,7 @@ fn layout(maps: &[Mapping]) -> Vec<(usize, usize, usize)> {
         .collect()
 }
 
-fn count_entries(m: &MemoryManifest, zero: bool) -> u64 {
+fn count_entries(m: &Chunked, zero: bool) -> u64 {
     let n = m
         .regions
         .iter()
@@ -525,7 +553,7 @@ fn fault_latency_raw_and_zstd() {
         let mut src = vec![0u8; size];
         let mut rng = Rng::new(37);
         compressible(&mut src, &mut rng);
-        let (manifest, _) = save_memory(&[(0, &src[..])], CHUNK, &*store).unwrap();
+        let manifest = chunk_memory(&[(0, &src[..])], &*store);
         let ratio = store.stats().raw_bytes_written as f64 / store.stats().bytes_written as f64;
         let map = Mapping::new(size);
         let regions = vec![(map.addr, size, manifest.regions[0].clone())];

@@ -90,9 +90,9 @@ impl Changing {
         repo: &Path,
     ) -> Result<Result<(SnapshotId, Expect), String>, String> {
         let expect = self.pause_and_change()?;
-        let r = vmm::repo::create::create_in_repo(&mut self.vm.vmm, repo, None)
+        let r = vmm::vmm::create_in_repo(&mut self.vm.vmm, repo, None)
             .map(|rep| (rep.id, expect))
-            .map_err(|e| vmm::vmm::error_chain(&e));
+            .map_err(|e| vmm::util::error_chain(&e));
         self.outcome(&r);
         self.resume_and_tick()?;
         Ok(r)
@@ -101,9 +101,9 @@ impl Changing {
     /// Like [`Changing::repo_snapshot`], into the snapshot directory `dir`.
     pub fn dir_snapshot(&mut self, dir: &Path) -> Result<Result<Expect, String>, String> {
         let expect = self.pause_and_change()?;
-        let r = vmm::snapshot::create::create_snapshot(&mut self.vm.vmm, dir, None)
+        let r = vmm::vmm::create_snapshot(&mut self.vm.vmm, dir, None)
             .map(|_| expect)
-            .map_err(|e| vmm::vmm::error_chain(&e));
+            .map_err(|e| vmm::util::error_chain(&e));
         self.outcome(&r);
         self.resume_and_tick()?;
         Ok(r)
@@ -163,7 +163,7 @@ pub fn check_archive(archive: &Path) -> Result<(Vec<String>, Vec<String>), Strin
                 continue;
             }
             let refs = vmm::snapshot::refs::chunk_refs(&dir)
-                .map_err(|e| format!("{}: {}", dir.display(), vmm::vmm::error_chain(&e)))?;
+                .map_err(|e| format!("{}: {}", dir.display(), vmm::util::error_chain(&e)))?;
             for id in refs {
                 store
                     .get(&id)

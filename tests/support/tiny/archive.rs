@@ -7,7 +7,7 @@ use vmm::archive::Source;
 use vmm::archive::restore::{ArchiveRestoreOptions, ArchiveSession, restore};
 use vmm::archive::workingset::FillRate;
 use vmm::builder::Console;
-use vmm::vmm::error_chain;
+use vmm::util::error_chain;
 
 use super::harness::deadline;
 use super::{Capture, Scenario, Spec, TinyVm};

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use vmm::builder::{BootOptions, Console, ExtraDevice, build_for_boot};
 use vmm::config::{KernelConfig, VmConfig};
-use vmm::devices::{BusDevice, SharedDevice};
 use vmm::vmm::Vmm;
+use vmm::vstate::bus::{BusDevice, SharedDevice};
 use vmm::vstate::exit::ExitReason;
 
 /// The guest's source and linker script; their hash names the cached ELF files.
@@ -611,12 +611,12 @@ impl TinyVm {
         &mut self,
         dir: &Path,
         store: Option<&Path>,
-    ) -> Result<vmm::snapshot::create::SnapshotReport, String> {
-        vmm::snapshot::create::create_snapshot(&mut self.vmm, dir, store).map_err(|e| {
+    ) -> Result<vmm::vmm::SnapshotReport, String> {
+        vmm::vmm::create_snapshot(&mut self.vmm, dir, store).map_err(|e| {
             format!(
                 "snapshot to {}: {}",
                 dir.display(),
-                vmm::vmm::error_chain(&e)
+                vmm::util::error_chain(&e)
             )
         })
     }

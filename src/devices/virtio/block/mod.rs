@@ -18,8 +18,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use gate::IoGate;
 pub use request::{
-    Completion, DISK_ID_LEN, MAX_SEGMENT_BYTES, MAX_SEGMENTS, RequestScratch, RequestStatus,
-    process_request, process_request_gated,
+    Completion, DISK_ID_LEN, MAX_SEGMENT_BYTES, MAX_SEGMENTS, QUEUE_SIZE, RequestScratch,
+    RequestStatus, process_request, process_request_gated,
 };
 pub use worker::{MAX_REQUESTS_PER_EVENT, WORKER_STOP_TIMEOUT};
 
@@ -30,8 +30,6 @@ use super::{
 use crate::disk::{BackendIdentity, BlockBackend, DiskError, SECTOR_SIZE};
 use worker::{Engine, Worker};
 
-/// Size of the request queue.
-pub const QUEUE_SIZE: u16 = 256;
 /// Logical block size reported to the guest.
 pub const BLOCK_SIZE: u32 = SECTOR_SIZE as u32;
 

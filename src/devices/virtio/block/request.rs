@@ -23,6 +23,8 @@ use crate::disk::{BlockBackend, DiskError, SECTOR_SIZE};
 
 /// Length of the request header (`struct virtio_blk_outhdr`).
 pub const HEADER_LEN: u64 = 16;
+/// Size of the request queue.
+pub const QUEUE_SIZE: u16 = 256;
 /// Length of the device ID returned by GET_ID.
 pub const DISK_ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
 /// Largest descriptor the device accepts (advertised as `size_max`).

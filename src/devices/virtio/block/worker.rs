@@ -13,7 +13,7 @@
 
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -23,18 +23,15 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::gate::{ActivationGate, IoGate, WriteGate};
-use super::request::{DISK_ID_LEN, RequestScratch, process_request_gated};
+use super::request::{DISK_ID_LEN, QUEUE_SIZE, RequestScratch, process_request_gated};
 use crate::devices::virtio::{GuestMem, VirtioInterrupt};
 use crate::disk::BlockBackend;
+use crate::util::lock;
 
 /// Requests handled per queue event before the worker checks for a stop (and re-kicks).
-pub const MAX_REQUESTS_PER_EVENT: usize = 4 * super::QUEUE_SIZE as usize;
+pub const MAX_REQUESTS_PER_EVENT: usize = 4 * QUEUE_SIZE as usize;
 /// How long dropping a device waits for its worker to leave a backend call.
 pub const WORKER_STOP_TIMEOUT: Duration = Duration::from_secs(1);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The queue of an activation and what the worker knows about it.
 struct Ring {

@@ -446,6 +446,6 @@ fn shareable_with_the_vmm() {
     bus_and_threads::<BlockDevice>();
     let mem = guest_mem();
     let vm = Vm::new(&mem, disk());
-    let _: crate::devices::SharedDevice = Arc::new(Mutex::new(vm.t));
+    let _: crate::vstate::bus::SharedDevice = Arc::new(Mutex::new(vm.t));
     let _: Arc<Mutex<dyn VirtioDevice>> = vm.block;
 }

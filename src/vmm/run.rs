@@ -1,96 +1,21 @@
-//! The running VMM: VM, vCPU handles, devices and the event loop.
+//! The event loop of a running VM ([`Vmm::run`]): it waits on the exit latch, stdin, the
+//! lazy memory handler and the control API, and serves the API's requests — state changes
+//! and snapshots ([`super::snapshot`], [`super::repo_snapshot`]).
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 
+use super::repo_snapshot::{RepoCreateError, create_in_repo};
+use super::snapshot::create_snapshot;
+use super::{Vmm, VmmError};
 use crate::api::{ApiChannel, ApiError, ApiReply, ApiRequest, VmStateRequest};
-use crate::config::VmConfig;
-use crate::devices::Bus;
-use crate::devices::bus::lock;
 use crate::devices::legacy::SerialDevice;
+use crate::util::{error_chain, lock};
 use crate::vstate::exit::{ExitReason, ExitSignal};
-use crate::vstate::memory::GuestMemory;
-use crate::vstate::vcpu::{RunState, VcpuError, VcpuHandle, VcpuRequest, VcpuResponse};
-use crate::vstate::vm::Vm;
-
-/// Errors of the running VMM.
-#[derive(Debug, thiserror::Error)]
-pub enum VmmError {
-    /// The event loop failed.
-    #[error("event loop failed: {0:?}")]
-    EventLoop(event_manager::Error),
-    /// A vCPU request failed.
-    #[error("vcpu request failed")]
-    Vcpu(#[source] VcpuError),
-    /// The operation is not valid in the current state.
-    #[error("VM is {current:?}; {what} needs {needed:?}")]
-    WrongState {
-        /// What was attempted.
-        what: &'static str,
-        /// The state it needs.
-        needed: RunState,
-        /// The state the VM is in.
-        current: RunState,
-    },
-}
-
-/// The event-manager subscriber type used by the VMM.
-pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
-
-/// A section of `GET /vm` computed on request.
-pub type StatusFn = Box<dyn Fn() -> serde_json::Value + Send>;
-
-/// A running VM and everything attached to it.
-pub struct Vmm {
-    /// VM configuration.
-    pub config: VmConfig,
-    /// The CPU features the guest was given at boot (kept across restores).
-    pub cpu: crate::arch::x86_64::cpu_template::CpuRecord,
-    /// The final kernel command line given to the guest.
-    pub cmdline: String,
-    /// The KVM VM.
-    pub vm: Vm,
-    /// Guest memory.
-    pub mem: GuestMemory,
-    /// vCPU threads.
-    pub vcpus: Vec<VcpuHandle>,
-    /// Exit latch.
-    pub exit: Arc<ExitSignal>,
-    /// Port-I/O bus.
-    pub pio: Arc<Bus>,
-    /// MMIO bus.
-    pub mmio: Arc<Bus>,
-    /// COM1.
-    pub serial: Arc<Mutex<SerialDevice>>,
-    /// virtio-block disks in attach order.
-    pub blocks: Vec<crate::builder::AttachedBlock>,
-    /// Device event loop.
-    pub events: EventManager<Subscriber>,
-    /// Whole-VM run state.
-    pub state: RunState,
-    /// Control API requests, when an API server runs.
-    pub api: Option<ApiChannel>,
-    /// Lazily restored memory: the userfaultfd handler serving guest page faults.
-    /// Declared after the vCPUs so that it is dropped after them.
-    pub lazy: Option<crate::vstate::uffd::LazyMemory>,
-    /// Lazy remote disk images, by disk index (for their fetch statistics).
-    pub remote: Vec<(usize, Arc<crate::disk::http::LazyHttpDisk>)>,
-    /// Copy-on-write overlays by disk index (captured into snapshots).
-    pub overlays: Vec<Option<Arc<crate::disk::overlay::OverlayBackend>>>,
-    /// What the next snapshot can be incremental against.
-    pub snapshot_base: Option<crate::snapshot::create::SnapshotBase>,
-    /// Where the KVM dirty log stands (see [`crate::vstate::dirty`]).
-    pub dirty_log: crate::vstate::dirty::LogState,
-    /// Extra sections of `GET /vm`, by key (e.g. `archive`: the fetch report of a VM
-    /// resumed from an archive), computed when asked.
-    pub status_extras: Vec<(&'static str, StatusFn)>,
-    /// The repository snapshot the VM was last snapshotted into or restored from: the parent
-    /// of its next snapshot in that repository (src/repo/).
-    pub repo_parent: Option<crate::repo::RepoParent>,
-}
+use crate::vstate::vcpu::RunState;
 
 impl Vmm {
     /// Runs the event loop until the guest or the user ends the VM; stops the vCPUs.
@@ -177,19 +102,16 @@ impl Vmm {
                     )));
                 }
                 if let Some(repo) = &r.repo {
-                    let report = crate::repo::create::create_in_repo(self, repo, r.name.as_deref())
-                        .map_err(|e| match e {
-                            crate::repo::create::RepoCreateError::BadName(_) => {
-                                ApiError::bad_request(e.to_string())
-                            }
+                    let report =
+                        create_in_repo(self, repo, r.name.as_deref()).map_err(|e| match e {
+                            RepoCreateError::BadName(_) => ApiError::bad_request(e.to_string()),
                             _ => ApiError::internal(error_chain(&e)),
                         })?;
                     return serde_json::to_value(report)
                         .map_err(|e| ApiError::internal(e.to_string()));
                 }
-                let report =
-                    crate::snapshot::create::create_snapshot(self, &r.path, r.store.as_deref())
-                        .map_err(|e| ApiError::internal(error_chain(&e)))?;
+                let report = create_snapshot(self, &r.path, r.store.as_deref())
+                    .map_err(|e| ApiError::internal(error_chain(&e)))?;
                 serde_json::to_value(report).map_err(|e| ApiError::internal(e.to_string()))
             }
             ApiRequest::Shutdown => {
@@ -226,97 +148,6 @@ impl Vmm {
         }
         Ok(())
     }
-
-    /// Stops and joins every vCPU thread.
-    pub fn stop_vcpus(&mut self) {
-        for v in &self.vcpus {
-            let _ = v.send(VcpuRequest::Exit);
-        }
-        for v in &mut self.vcpus {
-            v.stop();
-        }
-        self.state = RunState::Exited;
-    }
-
-    /// Pauses every vCPU (they leave KVM_RUN and wait), then holds every disk's I/O gate:
-    /// from then on no device writes guest memory or raises an interrupt. A disk request
-    /// stuck in a slow backend is not waited for; it is recorded as pending (module
-    /// `devices::virtio::block::worker`).
-    pub fn pause(&mut self) -> Result<(), VmmError> {
-        self.expect(RunState::Running, "pause")?;
-        for v in &self.vcpus {
-            v.send(VcpuRequest::Pause).map_err(VmmError::Vcpu)?;
-        }
-        for v in &self.vcpus {
-            expect_response(v, |r| matches!(r, VcpuResponse::Paused))?;
-        }
-        for g in self.io_gates() {
-            g.hold();
-        }
-        self.state = RunState::Paused;
-        self.kvmclock_ctrl();
-        Ok(())
-    }
-
-    /// Releases the disks' I/O gates (completions held meanwhile are published), then
-    /// resumes every vCPU.
-    pub fn resume(&mut self) -> Result<(), VmmError> {
-        self.expect(RunState::Paused, "resume")?;
-        self.kvmclock_ctrl();
-        let gates = self.io_gates();
-        for g in &gates {
-            g.release();
-        }
-        let resumed = (|| {
-            for v in &self.vcpus {
-                v.send(VcpuRequest::Resume).map_err(VmmError::Vcpu)?;
-            }
-            for v in &self.vcpus {
-                expect_response(v, |r| matches!(r, VcpuResponse::Resumed))?;
-            }
-            Ok(())
-        })();
-        if let Err(e) = resumed {
-            // Still paused as far as the state says: keep the devices quiet too.
-            for g in &gates {
-                g.hold();
-            }
-            return Err(e);
-        }
-        self.state = RunState::Running;
-        Ok(())
-    }
-
-    /// The I/O gate of every disk.
-    fn io_gates(&self) -> Vec<Arc<crate::devices::virtio::IoGate>> {
-        self.blocks
-            .iter()
-            .map(|b| lock(&b.device).io_gate().clone())
-            .collect()
-    }
-
-    /// Tells KVM the vCPUs were stopped (KVM_KVMCLOCK_CTRL), so a guest using kvmclock does
-    /// not report soft lockups for the paused time. Guests without kvmclock ignore it.
-    fn kvmclock_ctrl(&self) {
-        for v in &self.vcpus {
-            match v.with(|fd| crate::arch::x86_64::vcpu_state::kvmclock_ctrl(fd)) {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => log::debug!("vcpu{}: {e}", v.id()),
-                Err(e) => log::warn!("vcpu{}: {e}", v.id()),
-            }
-        }
-    }
-
-    fn expect(&self, needed: RunState, what: &'static str) -> Result<(), VmmError> {
-        if self.state != needed {
-            return Err(VmmError::WrongState {
-                what,
-                needed,
-                current: self.state,
-            });
-        }
-        Ok(())
-    }
 }
 
 fn api_error(e: VmmError) -> ApiError {
@@ -324,18 +155,6 @@ fn api_error(e: VmmError) -> ApiError {
         VmmError::WrongState { .. } => ApiError::conflict(e.to_string()),
         other => ApiError::internal(error_chain(&other)),
     }
-}
-
-/// An error and its causes on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 /// Drains an eventfd that only exists to wake the event loop.
@@ -349,29 +168,6 @@ impl MutEventSubscriber for EventFdDrain {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
             log::error!("cannot watch an eventfd: {e:?}");
-        }
-    }
-}
-
-fn expect_response(v: &VcpuHandle, ok: impl Fn(&VcpuResponse) -> bool) -> Result<(), VmmError> {
-    let r = v
-        .recv(crate::vstate::vcpu::VCPU_ANSWER_TIMEOUT)
-        .map_err(VmmError::Vcpu)?;
-    if ok(&r) {
-        Ok(())
-    } else {
-        Err(VmmError::Vcpu(VcpuError::Unexpected(
-            v.id(),
-            format!("{r:?}"),
-        )))
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        self.stop_vcpus();
-        if let Some(l) = self.lazy.take() {
-            l.stop();
         }
     }
 }

@@ -4,18 +4,18 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
-use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
 
+use super::Vmm;
 use crate::arch::x86_64::{msrs, vcpu_state, vm_state};
-use crate::devices::bus::lock;
-use crate::disk::overlay_capture::{self, CaptureStats, OverlayManifest};
+use crate::disk::overlay_capture::{self, CaptureStats};
+use crate::formats::{Persist, file};
 use crate::snapshot::manifest::{self, DEFAULT_CHUNK_SIZE, SaveStats};
-use crate::snapshot::microvm::{BlockSnapshot, MEMORY_FILE, MicrovmState, STATE_FILE};
-use crate::snapshot::{Persist, file};
+use crate::snapshot::microvm::{MEMORY_FILE, MicrovmState, STATE_FILE};
+use crate::snapshot::{BlockSnapshot, SnapshotBase};
 use crate::store::local::{LocalStore, LocalStoreOptions};
-use crate::vmm::Vmm;
+use crate::util::lock;
 use crate::vstate::dirty::{self, DirtyMethod, LogState};
-use crate::vstate::memory::GuestMemory;
+use crate::vstate::memory::memory_slices;
 use crate::vstate::vcpu::RunState;
 
 /// Errors while creating a snapshot.
@@ -72,7 +72,7 @@ pub enum CreateError {
     /// Writing the memory manifest and state file failed (an earlier snapshot in the
     /// directory is left as it was).
     #[error("writing the memory manifest and state file")]
-    Files(#[source] file::StateFileError),
+    Files(#[source] crate::util::IoError),
     /// Reading the dirty page log failed.
     #[error("reading the dirty page log")]
     Dirty(#[source] crate::vstate::dirty::DirtyError),
@@ -85,19 +85,6 @@ pub enum CreateError {
         #[source]
         source: crate::disk::overlay_capture::CaptureError,
     },
-}
-
-/// What the next snapshot of a VM can be incremental against: the content of its
-/// memory and overlays as of its last snapshot (or the snapshot it was restored from),
-/// from which the dirty tracking counts.
-#[derive(Clone, Debug)]
-pub struct SnapshotBase {
-    /// Canonical path of the chunk store holding the base's chunks.
-    pub store: PathBuf,
-    /// The memory manifest.
-    pub memory: manifest::MemoryManifest,
-    /// Captured overlays, by disk index.
-    pub overlays: Vec<Option<OverlayManifest>>,
 }
 
 /// What a snapshot cost, reported to the caller.
@@ -225,40 +212,6 @@ fn spot_check_log(
             now != parent.regions[r].chunks[c]
         })
         .count()
-}
-
-/// Host views of every guest memory region, as (guest address, bytes).
-///
-/// # Safety
-/// The caller must make sure nothing writes guest memory while the slices live: the vCPUs
-/// are paused and every disk's I/O gate is held (as [`Vmm::pause`] does).
-pub unsafe fn memory_slices(mem: &GuestMemory) -> Vec<(u64, &[u8])> {
-    mem.iter()
-        .map(|r| {
-            // SAFETY: the region maps `len()` bytes at `as_ptr()` for as long as `mem`
-            // lives; the caller guarantees no concurrent writers.
-            let s =
-                unsafe { std::slice::from_raw_parts(r.as_ptr() as *const u8, r.len() as usize) };
-            (r.start_addr().0, s)
-        })
-        .collect()
-}
-
-/// Mutable host views of every guest memory region, as (guest address, bytes).
-///
-/// # Safety
-/// The caller must make sure nothing else reads or writes guest memory while the slices
-/// live (no vCPU runs, no device is active).
-#[allow(clippy::mut_from_ref)]
-pub unsafe fn memory_slices_mut(mem: &GuestMemory) -> Vec<(u64, &mut [u8])> {
-    mem.iter()
-        .map(|r| {
-            // SAFETY: the region maps `len()` bytes at `as_ptr()` for as long as `mem`
-            // lives; regions are disjoint and the caller guarantees exclusive access.
-            let s = unsafe { std::slice::from_raw_parts_mut(r.as_ptr(), r.len() as usize) };
-            (r.start_addr().0, s)
-        })
-        .collect()
 }
 
 /// Writes a snapshot of the paused `vmm` into `dir`, memory chunks into `store`
@@ -492,7 +445,7 @@ pub fn create_snapshot(
     let state_bytes =
         file::encode(&file::FileKind::STATE, &state).map_err(CreateError::StateFile)?;
     // Over an existing snapshot, never the new manifest beside the old state.
-    file::replace_pair(
+    crate::util::fs::replace_pair(
         (&dir.join(MEMORY_FILE), &manifest_bytes),
         (&dir.join(STATE_FILE), &state_bytes),
     )

@@ -6,13 +6,14 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::{
+use super::Vmm;
+use super::snapshot::{CreateError, SnapshotReport, create_snapshot};
+use crate::repo::lock::LockMode;
+use crate::repo::{
     AddedStats, CommitMeta, Repo, RepoError, RepoParent, STORE_FROM_SNAPSHOT, SnapshotId,
-    lock::LockMode, valid_name,
+    valid_name,
 };
-use crate::snapshot::create::{CreateError, SnapshotReport, create_snapshot};
 use crate::snapshot::microvm::{MicrovmState, STATE_FILE};
-use crate::vmm::Vmm;
 
 /// Errors of creating a snapshot into a repository.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +35,7 @@ pub enum RepoCreateError {
     Create(#[source] CreateError),
     /// Rewriting the state file's store path failed.
     #[error("recording the repository-relative chunk store in the state file")]
-    State(#[source] crate::snapshot::StateFileError),
+    State(#[source] crate::formats::StateFileError),
 }
 
 /// What a repository snapshot produced: the id, its place in the tree, and the snapshot's own

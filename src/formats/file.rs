@@ -15,16 +15,22 @@
 //! or a huge allocation.
 //!
 //! Files are written to a temp name in the same directory, fsynced, renamed into
-//! place, and the directory is fsynced ([`write_atomic`]).
+//! place, and the directory is fsynced ([`write_atomic`](crate::util::fs::write_atomic)).
+//!
+//! Every file kind written in this container, with its magic and version, is listed in
+//! [`crate::formats`].
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use bincode::Options;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+
+use super::version::{VersionError, check_version};
+use crate::util::IoError;
+use crate::util::fs::write_atomic;
 
 /// Length of the fixed header (magic, version, payload length).
 pub const HEADER_LEN: usize = 20;
@@ -42,7 +48,7 @@ pub enum StateFileError {
     },
     /// The file has a format version this build does not read.
     #[error(transparent)]
-    UnsupportedVersion(#[from] crate::formats::VersionError),
+    UnsupportedVersion(#[from] VersionError),
     /// The recorded payload length is above the kind's cap.
     #[error("payload length {len} exceeds the limit of {max} bytes")]
     TooLarge {
@@ -86,16 +92,8 @@ pub enum StateFileError {
         source: Box<StateFileError>,
     },
     /// A file system operation failed.
-    #[error("cannot {op} {}", path.display())]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// The file or directory concerned.
-        path: PathBuf,
-        /// Underlying error.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
 }
 
 /// Result type of this module.
@@ -177,7 +175,7 @@ pub fn decode_frame<'a>(kind: &FileKind, bytes: &'a [u8], oldest: u32) -> Result
         });
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    crate::formats::check_version(kind.name, version, oldest, kind.version)?;
+    check_version(kind.name, version, oldest, kind.version)?;
     let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
     if len > kind.max_payload {
         return Err(StateFileError::TooLarge {
@@ -211,7 +209,7 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T> {
 
 /// Writes `value` to `path` as a file of the given kind, atomically and durably.
 pub fn write_file<T: Serialize + ?Sized>(path: &Path, kind: &FileKind, value: &T) -> Result<()> {
-    write_atomic(path, &encode(kind, value)?)
+    Ok(write_atomic(path, &encode(kind, value)?)?)
 }
 
 /// Reads, checks and decodes a file of the given kind.
@@ -223,14 +221,12 @@ pub fn read_file<T: DeserializeOwned>(path: &Path, kind: &FileKind) -> Result<T>
 /// Reads the bytes of a file of the given kind (at most one byte more than its largest
 /// valid size, so oversized files are reported without reading them whole).
 pub fn read_bytes(path: &Path, kind: &FileKind) -> Result<Vec<u8>> {
-    let io = |op| {
-        let path = path.to_path_buf();
-        move |source| StateFileError::Io { op, path, source }
-    };
-    let f = File::open(path).map_err(io("open"))?;
+    let f = File::open(path).map_err(IoError::at("open", path))?;
     let cap = HEADER_LEN as u64 + kind.max_payload + TRAILER_LEN as u64 + 1;
     let mut bytes = Vec::new();
-    f.take(cap).read_to_end(&mut bytes).map_err(io("read"))?;
+    f.take(cap)
+        .read_to_end(&mut bytes)
+        .map_err(IoError::at("read", path))?;
     Ok(bytes)
 }
 
@@ -254,159 +250,10 @@ pub fn read_state_file<T: DeserializeOwned>(path: impl AsRef<Path>) -> Result<T>
     read_file(path.as_ref(), &FileKind::STATE)
 }
 
-/// A file written under a temp name in its destination's directory and made durable, not
-/// yet renamed into place ([`stage`]); the temp file is removed if it is dropped
-/// uncommitted.
-#[derive(Debug)]
-pub struct Staged {
-    tmp: PathBuf,
-    dest: PathBuf,
-    committed: bool,
-}
-
-fn io_err(op: &'static str, p: &Path) -> impl FnOnce(io::Error) -> StateFileError {
-    let path = p.to_path_buf();
-    move |source| StateFileError::Io { op, path, source }
-}
-
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    }
-}
-
-fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync directory", dir))
-}
-
-/// Writes `bytes` to a temp file next to `path` and fsyncs it; [`Staged::commit`] renames
-/// it over `path`.
-pub fn stage(path: &Path, bytes: &[u8]) -> Result<Staged> {
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let name = path
-        .file_name()
-        .ok_or_else(|| {
-            io_err("write", path)(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "path has no file name",
-            ))
-        })?
-        .to_string_lossy();
-    let tmp = parent_dir(path).join(format!(
-        ".{name}.tmp.{}.{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    let mut staged = Staged {
-        tmp,
-        dest: path.to_path_buf(),
-        committed: true,
-    };
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&staged.tmp)
-        .map_err(io_err("create", &staged.tmp))?;
-    // From here on the temp file exists: remove it on any failure.
-    staged.committed = false;
-    f.write_all(bytes).map_err(io_err("write", &staged.tmp))?;
-    f.sync_all().map_err(io_err("fsync", &staged.tmp))?;
-    Ok(staged)
-}
-
-impl Staged {
-    /// Renames the temp file over the destination (the directory is not fsynced).
-    pub fn commit(mut self) -> Result<()> {
-        std::fs::rename(&self.tmp, &self.dest)
-            .map_err(io_err("rename temp file to", &self.dest))?;
-        self.committed = true;
-        Ok(())
-    }
-}
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
-}
-
-/// Replaces `path` with `bytes` atomically: writes a temp file in the same
-/// directory, fsyncs it, renames it over `path` and fsyncs the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    stage(path, bytes)?.commit()?;
-    fsync_dir(parent_dir(path))
-}
-
-/// Moves `path` aside to `.NAME.prev` in its directory; None if it does not exist.
-fn move_aside(path: &Path) -> Result<Option<(PathBuf, PathBuf)>> {
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let aside = parent_dir(path).join(format!(".{name}.prev"));
-    match std::fs::rename(path, &aside) {
-        Ok(()) => Ok(Some((aside, path.to_path_buf()))),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_err("move aside", path)(e)),
-    }
-}
-
-/// Renames files moved aside by [`move_aside`] back (best effort: this runs on an error
-/// path).
-fn move_back(moved: &[Option<(PathBuf, PathBuf)>]) {
-    for (aside, path) in moved.iter().flatten() {
-        if let Err(e) = std::fs::rename(aside, path) {
-            log::error!(
-                "cannot move {} back to {}: {e}",
-                aside.display(),
-                path.display()
-            );
-        }
-    }
-}
-
-/// Replaces two files of one directory that belong together — `first` (e.g. a memory
-/// manifest) and `last` (the state file whose presence marks the pair complete) — so that
-/// neither a failure nor a crash leaves the new `first` beside the old `last`:
-///
-/// 1. both are written and made durable under temp names (a failure here, e.g. a full
-///    disk, leaves the old pair untouched);
-/// 2. the old `last`, then the old `first`, are moved aside (`.NAME.prev`), durably;
-/// 3. the new `first`, then the new `last`, are renamed into place, the directory is
-///    fsynced and the old files are deleted.
-///
-/// A failure in steps 2–3 moves the old pair back. A crash there leaves the directory
-/// without `last`: incomplete, never mixed.
-pub fn replace_pair(first: (&Path, &[u8]), last: (&Path, &[u8])) -> Result<()> {
-    let dir = parent_dir(last.0);
-    let a = stage(first.0, first.1)?;
-    let b = stage(last.0, last.1)?;
-    let mut moved = vec![move_aside(last.0)?];
-    let swap = (|| {
-        moved.push(move_aside(first.0)?);
-        fsync_dir(dir)?;
-        a.commit()?;
-        b.commit()?;
-        fsync_dir(dir)
-    })();
-    if let Err(e) = swap {
-        // Whatever got into place is replaced by the old files again.
-        move_back(&moved);
-        let _ = fsync_dir(dir);
-        return Err(e);
-    }
-    for (aside, _) in moved.iter().flatten() {
-        let _ = std::fs::remove_file(aside);
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::testutil::TempDir;
+    use crate::util::testutil::TempDir;
     use serde::Deserialize;
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -443,27 +290,6 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[..8], b"VMMSNAP\0");
         assert_eq!(decode::<Sample>(&FileKind::STATE, &bytes).unwrap(), other);
-    }
-
-    #[test]
-    fn replace_pair_replaces_both_and_leaves_nothing_behind() {
-        let dir = TempDir::new("statefile-pair");
-        let (a, b) = (dir.path().join("memory"), dir.path().join("state"));
-        replace_pair((&a, b"m1"), (&b, b"s1")).unwrap();
-        replace_pair((&a, b"m2"), (&b, b"s2")).unwrap();
-        assert_eq!(std::fs::read(&a).unwrap(), b"m2");
-        assert_eq!(std::fs::read(&b).unwrap(), b"s2");
-        let names: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        assert_eq!(names.len(), 2, "{names:?}");
-        // A failure before anything is replaced (here: `last` cannot be staged because
-        // its directory is missing) leaves the old pair and no temp file.
-        let gone = dir.path().join("missing/state");
-        assert!(replace_pair((&a, b"m3"), (&gone, b"s3")).is_err());
-        assert_eq!(std::fs::read(&a).unwrap(), b"m2");
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 
     #[test]
@@ -532,7 +358,7 @@ mod tests {
         );
 
         let e = read_state_file::<Sample>(dir.path().join("absent")).unwrap_err();
-        assert!(matches!(e, StateFileError::Io { op: "open", .. }));
+        assert!(matches!(e, StateFileError::Io(IoError { op: "open", .. })));
     }
 
     #[test]

@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use crate::util::lock;
+
 /// A device that answers reads and writes at offsets within its bus range.
 ///
 /// Implementations must never panic on any offset or data length: both are guest-controlled.
@@ -101,11 +103,6 @@ impl Bus {
             None => false,
         }
     }
-}
-
-/// Locks a device mutex, recovering the guard if another thread panicked while holding it.
-pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
