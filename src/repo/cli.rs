@@ -382,6 +382,18 @@ pub fn catalogue(repo: &Repo) -> Result<Catalogue, RepoError> {
         });
     }
     let usage = super::gc::usage(repo, &refs);
+    Ok(link_catalogue(repo.root().to_path_buf(), entries, &usage))
+}
+
+/// Completes the entries read from a repository into its catalogue: sorts them (oldest
+/// first), adds their usage, and links each to its parent when that one is listed too.
+pub fn link_catalogue(
+    repo: PathBuf,
+    mut entries: Vec<Entry>,
+    usage: &BTreeMap<SnapshotId, Usage>,
+) -> Catalogue {
+    let mut ids: Vec<SnapshotId> = entries.iter().map(|e| e.id).collect();
+    ids.sort();
     entries.sort_by_key(|e| (e.meta.as_ref().map_or(0, |m| m.created_unix), e.id));
     let mut children: BTreeMap<SnapshotId, Vec<SnapshotId>> = BTreeMap::new();
     for e in &entries {
@@ -398,11 +410,11 @@ pub fn catalogue(repo: &Repo) -> Result<Catalogue, RepoError> {
             roots.push(e.id);
         }
     }
-    Ok(Catalogue {
-        repo: repo.root().to_path_buf(),
+    Catalogue {
+        repo,
         roots,
         snapshots: entries,
-    })
+    }
 }
 
 /// Bytes as B / KiB / MiB / GiB with one decimal.
