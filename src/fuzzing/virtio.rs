@@ -64,38 +64,73 @@ fn irq_line() -> IrqLine {
     IrqLine::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"), 5)
 }
 
-/// The device-writable ranges a driver offered in descriptor table `table` of `size`
-/// entries as `mem` holds it (indirect tables included), and their total length.
-fn writable_ranges(mem: &GuestMem, table: u64, size: u16) -> (Vec<(u64, u64)>, u64) {
+/// Byte `gpa` of guest memory as held in a [`snapshot`].
+fn snapshot_index(gpa: u64) -> Option<usize> {
+    let mut base = 0usize;
+    for &(a, l) in &REGIONS {
+        if gpa >= a && gpa - a < l as u64 {
+            return Some(base + (gpa - a) as usize);
+        }
+        base += l;
+    }
+    None
+}
+
+/// The descriptor at `gpa` in guest memory `snap`: (addr, len, flags).
+fn read_desc(snap: &[u8], gpa: u64) -> Option<(u64, u32, u16)> {
+    let i = snapshot_index(gpa)?;
+    let j = snapshot_index(gpa.checked_add(15)?)?;
+    let d = snap.get(i..i + 16).filter(|_| j == i + 15)?;
+    let addr = u64::from_le_bytes(d[..8].try_into().ok()?);
+    let len = u32::from_le_bytes(d[8..12].try_into().ok()?);
+    Some((addr, len, u16::from_le_bytes([d[12], d[13]])))
+}
+
+/// Descriptor flags the harness looks at.
+const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
+const F_INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
+
+/// What a descriptor table offers the device: its device-writable ranges, their total
+/// length, and the ranges holding descriptors (the table and its indirect tables).
+#[derive(Default)]
+struct Offered {
+    writable: Vec<(u64, u64)>,
+    total: u64,
+    tables: Vec<(u64, u64)>,
+}
+
+/// What descriptor table `table` of `size` entries offers as `snap` holds it — with
+/// `indirect`, the indirect tables it points to included.
+fn writable_ranges(snap: &[u8], table: u64, size: u16, indirect: bool) -> Offered {
     let mut out = Vec::new();
     let mut total = 0u64;
-    let read_desc = |at: u64| -> Option<(u64, u32, u16)> {
-        let mut d = [0u8; 16];
-        mem.read_slice(&mut d, GuestAddress(at)).ok()?;
-        let addr = u64::from_le_bytes(d[..8].try_into().ok()?);
-        let len = u32::from_le_bytes(d[8..12].try_into().ok()?);
-        Some((addr, len, u16::from_le_bytes([d[12], d[13]])))
-    };
-    let mut add = |addr: u64, len: u32, flags: u16| {
-        if flags & VRING_DESC_F_WRITE as u16 != 0 {
+    let mut tables = vec![(table, table + 16 * u64::from(size))];
+    let mut add = |(addr, len, flags): (u64, u32, u16)| {
+        if flags & F_WRITE != 0 {
             out.push((addr, addr.saturating_add(len.into())));
             total += u64::from(len);
         }
     };
     for i in 0..u64::from(size) {
-        let Some((addr, len, flags)) = read_desc(table + 16 * i) else {
+        let Some(d) = read_desc(snap, table + 16 * i) else {
             continue;
         };
-        add(addr, len, flags);
-        if flags & VRING_DESC_F_INDIRECT as u16 != 0 {
-            for j in 0..u64::from(len / 16).min(1024) {
-                if let Some((a, l, f)) = read_desc(addr.wrapping_add(16 * j)) {
-                    add(a, l, f);
+        add(d);
+        if indirect && d.2 & F_INDIRECT != 0 {
+            tables.push((d.0, d.0.saturating_add(d.1.into())));
+            for j in 0..u64::from(d.1 / 16) {
+                match read_desc(snap, d.0.wrapping_add(16 * j)) {
+                    Some(e) => add(e),
+                    None => break,
                 }
             }
         }
     }
-    (out, total)
+    Offered {
+        writable: out,
+        total,
+        tables,
+    }
 }
 
 /// A block device over a small in-memory disk of `sectors` sectors.
@@ -163,7 +198,10 @@ pub fn virtio_blk(data: &[u8]) {
     if !q.is_valid(&mem) {
         return;
     }
-    let (desc, used) = (q.desc_table(), q.used_ring());
+    let rings = [q.desc_table(), q.avail_ring(), q.used_ring()];
+    // A driver starts with an empty used ring (the device never reads it).
+    let used_len = 6 + 8 * usize::from(size);
+    let _ = mem.write_slice(&vec![0u8; used_len], GuestAddress(rings[2]));
     let before = snapshot(&mem);
     let disk_before = disk.contents();
     let interrupt = Arc::new(VirtioInterrupt::new(irq_line()));
@@ -174,7 +212,7 @@ pub fn virtio_blk(data: &[u8]) {
     d.reset();
     drop(d);
     let after = snapshot(&mem);
-    check_blk_writes(&mem, &before, &after, desc, used, size, avail_idx);
+    check_blk_writes(&mem, &before, &after, rings, size, avail_idx);
     if disk.read_only() {
         assert!(
             disk.contents() == disk_before,
@@ -187,30 +225,58 @@ fn check_blk_writes(
     mem: &GuestMem,
     before: &[u8],
     after: &[u8],
-    desc: u64,
-    used: u64,
+    [desc, avail, used]: [u64; 3],
     size: u16,
     avail_idx: u16,
 ) {
-    // Writable as offered before processing, or (a guest buffer may overlap a descriptor
-    // table) as the tables read afterwards.
-    let (mut allowed, total) = writable_ranges(&guest_mem_from(before), desc, size);
-    let (late, late_total) = writable_ranges(mem, desc, size);
-    allowed.extend(late);
     let used_end = used + 6 + 8 * u64::from(size);
-    // Completions are checked only when no data buffer overlaps the used ring.
-    let used_clean = !allowed.iter().any(|&(s, e)| s < used_end && used < e);
-    allowed.push((used, used_end));
-    for (i, (b, a)) in before.iter().zip(after).enumerate() {
+    // Block by block (memcmp), so the per-byte loop runs only where something changed.
+    let mut changed = Vec::new();
+    for (k, (b, a)) in before.chunks(256).zip(after.chunks(256)).enumerate() {
         if b != a {
-            let gpa = gpa_of(i);
+            let diff = b.iter().zip(a).enumerate().filter(|(_, (x, y))| x != y);
+            changed.extend(diff.map(|(i, _)| gpa_of(k * 256 + i)));
+        }
+    }
+    // Writable as offered before processing, or (a guest buffer may overlap a descriptor
+    // table) as the tables read afterwards; indirect tables only when needed (slow).
+    let mut total = 0;
+    let mut allowed = vec![(used, used_end)];
+    let mut tables = Vec::new();
+    let overlap = |a: &[(u64, u64)], b: &[(u64, u64)]| {
+        a.iter()
+            .any(|&(s, e)| b.iter().any(|&(s2, e2)| s < e2 && s2 < e))
+    };
+    for indirect in [false, true] {
+        for snap in [before, after] {
+            let o = writable_ranges(snap, desc, size, indirect);
+            allowed.extend(o.writable);
+            tables.extend(o.tables);
+            total = total.max(o.total);
+        }
+        let covered = |g: &u64| allowed.iter().any(|&(s, e)| s <= *g && *g < e);
+        if changed.iter().all(covered) {
+            break;
+        }
+        // A driver whose buffers overlap its own descriptor tables changes the chains
+        // while the device runs: what was writable in between is not known here.
+        let self_modifying = overlap(&allowed, &tables);
+        if let Some(gpa) = changed.iter().find(|g| !covered(g)) {
             assert!(
-                allowed.iter().any(|&(s, e)| s <= gpa && gpa < e),
+                !indirect || self_modifying,
                 "device wrote guest byte {gpa:#x} outside every writable buffer"
             );
         }
     }
-    if !used_clean {
+    // Completions are checked only when no data buffer nor other ring overlaps the used
+    // ring (hostile layouts may make the device's own writes overwrite each other).
+    let rings = [
+        (desc, desc + 16 * u64::from(size)),
+        (avail, avail + 6 + 2 * u64::from(size)),
+    ];
+    if (allowed[1..].iter().chain(&rings)).any(|&(s, e)| s < used_end && used < e)
+        || overlap(&allowed[1..], &tables)
+    {
         return;
     }
     let used_idx: u16 = mem.read_obj(GuestAddress(used + 2)).expect("used idx");
@@ -223,23 +289,18 @@ fn check_blk_writes(
         let id: u32 = mem.read_obj(GuestAddress(at)).expect("used elem");
         let len: u32 = mem.read_obj(GuestAddress(at + 4)).expect("used elem");
         assert!(id < u32::from(size), "used element names descriptor {id}");
+        let with_indirect = || {
+            [before, after]
+                .iter()
+                .map(|snap| writable_ranges(snap, desc, size, true).total)
+                .max()
+                .unwrap_or(0)
+        };
         assert!(
-            u64::from(len) <= total.max(late_total),
+            u64::from(len) <= total || u64::from(len) <= with_indirect(),
             "used length {len} beyond the writable bytes offered"
         );
     }
-}
-
-/// A guest memory holding `bytes` (a [`snapshot`]).
-fn guest_mem_from(bytes: &[u8]) -> GuestMem {
-    let mem = guest_mem();
-    let mut at = 0;
-    for &(a, l) in &REGIONS {
-        mem.write_slice(&bytes[at..at + l], GuestAddress(a))
-            .expect("region writes");
-        at += l;
-    }
-    mem
 }
 
 /// Registers whose writes the virtio_mmio harness picks by index.
