@@ -395,7 +395,7 @@ fn check_read(vm: &MmioVm, off: u64, buf: &[u8]) {
     if off >= 0x100 {
         return;
     }
-    if buf.len() != 4 || off % 4 != 0 {
+    if buf.len() != 4 || !off.is_multiple_of(4) {
         assert!(buf.iter().all(|&b| b == 0), "odd register read not zero");
         return;
     }
