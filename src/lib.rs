@@ -12,6 +12,7 @@ pub mod config;
 pub mod devices;
 pub mod disk;
 pub mod formats;
+pub mod fuzzing;
 pub mod image;
 pub mod repo;
 pub mod snapshot;

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use vmm::vmm::SnapshotReport;
 use vmm::snapshot::manifest::SaveStats;
+use vmm::vmm::SnapshotReport;
 
 use crate::create::Creates;
 use crate::incremental::IDLE_HEADER;

@@ -3,8 +3,8 @@
 
 use std::collections::HashSet;
 
-use vmm::vstate::memory::memory_slices;
 use vmm::vstate::memory::GuestMemory;
+use vmm::vstate::memory::memory_slices;
 
 use crate::support::rng::Rng;
 

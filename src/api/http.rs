@@ -315,6 +315,27 @@ pub(crate) fn parse_head(raw: &[u8]) -> Result<Head, HttpError> {
     })
 }
 
+/// Takes the request head at the start of `buf` out of it and parses it: `Ok(None)` while
+/// the head is incomplete (and still within [`MAX_HEAD`]), an error for a head too large or
+/// malformed.
+pub(crate) fn take_head(buf: &mut Vec<u8>) -> Result<Option<Head>, HttpError> {
+    let too_large = || {
+        HttpError::fatal(
+            431,
+            format!("request line and headers exceed {MAX_HEAD} bytes"),
+        )
+    };
+    match head_end(buf) {
+        Some(end) if end > MAX_HEAD => Err(too_large()),
+        Some(end) => {
+            let raw: Vec<u8> = buf.drain(..end).collect();
+            parse_head(&raw).map(Some)
+        }
+        None if buf.len() >= MAX_HEAD => Err(too_large()),
+        None => Ok(None),
+    }
+}
+
 /// A connection with its read buffer (which may hold pipelined bytes of the next request).
 pub(crate) struct Conn {
     pub stream: Stream,
@@ -372,17 +393,9 @@ impl Conn {
     ) -> Result<Option<(Head, Instant)>, ReadError> {
         let mut deadline = (!self.buf.is_empty()).then(|| Instant::now() + limit);
         loop {
-            if let Some(end) = head_end(&self.buf) {
-                if end > MAX_HEAD {
-                    return Err(too_large_head());
-                }
-                let raw: Vec<u8> = self.buf.drain(..end).collect();
-                let head = parse_head(&raw).map_err(ReadError::Http)?;
+            if let Some(head) = take_head(&mut self.buf).map_err(ReadError::Http)? {
                 let deadline = deadline.unwrap_or_else(|| Instant::now() + limit);
                 return Ok(Some((head, deadline)));
-            }
-            if self.buf.len() >= MAX_HEAD {
-                return Err(too_large_head());
             }
             let timeout = match deadline {
                 None => idle,
@@ -442,13 +455,6 @@ fn timed_out() -> ReadError {
     ReadError::Http(HttpError::fatal(
         408,
         "timed out waiting for the complete request",
-    ))
-}
-
-fn too_large_head() -> ReadError {
-    ReadError::Http(HttpError::fatal(
-        431,
-        format!("request line and headers exceed {MAX_HEAD} bytes"),
     ))
 }
 

@@ -24,7 +24,8 @@
 //! `{"error": message}`. See `docs/API.md` for the wire protocol.
 
 mod client;
-mod http;
+pub(crate) mod http;
+pub(crate) use server::parse_request;
 mod server;
 #[cfg(test)]
 mod tests;

@@ -415,11 +415,7 @@ impl Inner {
         if !r.dirty.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        let mut text = format!("{PREFETCH_MAGIC} {}\n", self.image_id);
-        for idx in &lock(&r.seen).1 {
-            text.push_str(&idx.to_string());
-            text.push('\n');
-        }
+        let text = format_prefetch_list(&self.image_id, &lock(&r.seen).1);
         write_atomic(&r.path, text.as_bytes()).map_err(|e| {
             r.dirty.store(true, Ordering::Release);
             RemoteDiskError::Prefetch {
@@ -478,27 +474,44 @@ pub fn read_prefetch_list(path: &Path, image_id: &ImageId) -> Result<Vec<u32>, R
     std::fs::File::open(path)
         .and_then(|f| f.take(MAX_PREFETCH_FILE).read_to_string(&mut text))
         .map_err(|e| bad(format!("cannot read: {e}")))?;
+    parse_prefetch_list(&text, image_id).map_err(bad)
+}
+
+/// Parses the text of a prefetch list file (see [`read_prefetch_list`]); the error is the
+/// reason it is refused.
+pub fn parse_prefetch_list(text: &str, image_id: &ImageId) -> Result<Vec<u32>, String> {
     let mut lines = text.lines();
     let header = lines.next().unwrap_or("");
     let Some(id) = header.strip_prefix(PREFETCH_MAGIC).map(str::trim) else {
-        return Err(bad("not a prefetch list".into()));
+        return Err("not a prefetch list".into());
     };
     if id != image_id.to_hex() {
-        return Err(bad(format!(
+        return Err(format!(
             "recorded for image {id}, not for this image {image_id}"
-        )));
+        ));
     }
     lines
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
             l.trim().parse::<u32>().map_err(|_| {
-                bad(format!(
+                format!(
                     "bad chunk index {:?}",
                     l.chars().take(40).collect::<String>()
-                ))
+                )
             })
         })
         .collect()
+}
+
+/// The text of a prefetch list file for image `image_id` listing `indexes` (what a
+/// recording disk writes).
+pub fn format_prefetch_list(image_id: &ImageId, indexes: &[u32]) -> String {
+    let mut text = format!("{PREFETCH_MAGIC} {image_id}\n");
+    for idx in indexes {
+        text.push_str(&idx.to_string());
+        text.push('\n');
+    }
+    text
 }
 
 impl BlockBackend for LazyHttpDisk {

@@ -73,11 +73,24 @@ pub fn read_marker(
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(IoError::new("read", path, e).into()),
     };
+    parse_marker(path, &bytes, format, name, oldest, newest).map(Some)
+}
+
+/// Checks the bytes of the marker file at `path` (named in errors only) as
+/// [`read_marker`] does, and returns its version.
+pub fn parse_marker(
+    path: &Path,
+    bytes: &[u8],
+    format: &str,
+    name: &'static str,
+    oldest: u32,
+    newest: u32,
+) -> Result<u32, MarkerError> {
     let invalid = |reason: String| MarkerError::Invalid {
         path: path.to_path_buf(),
         reason,
     };
-    let m: Marker = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+    let m: Marker = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
     if m.format != format {
         return Err(invalid(format!(
             "format {:?}, expected {format:?}",
@@ -88,7 +101,7 @@ pub fn read_marker(
         path: path.to_path_buf(),
         source,
     })?;
-    Ok(Some(m.version))
+    Ok(m.version)
 }
 
 /// Writes the marker at `path` atomically and durably.

@@ -22,7 +22,9 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 pub use file::{FileKind, StateFileError};
-pub use marker::{MarkerError, check_archive, prepare_archive, read_marker, write_marker};
+pub use marker::{
+    MarkerError, check_archive, parse_marker, prepare_archive, read_marker, write_marker,
+};
 pub use persist::Persist;
 pub use version::{VersionError, check_version};
 

@@ -382,6 +382,18 @@ pub fn catalogue(repo: &Repo) -> Result<Catalogue, RepoError> {
         });
     }
     let usage = super::gc::usage(repo, &refs);
+    Ok(link_catalogue(repo.root().to_path_buf(), entries, &usage))
+}
+
+/// Completes the entries read from a repository into its catalogue: sorts them (oldest
+/// first), adds their usage, and links each to its parent when that one is listed too.
+pub fn link_catalogue(
+    repo: PathBuf,
+    mut entries: Vec<Entry>,
+    usage: &BTreeMap<SnapshotId, Usage>,
+) -> Catalogue {
+    let mut ids: Vec<SnapshotId> = entries.iter().map(|e| e.id).collect();
+    ids.sort();
     entries.sort_by_key(|e| (e.meta.as_ref().map_or(0, |m| m.created_unix), e.id));
     let mut children: BTreeMap<SnapshotId, Vec<SnapshotId>> = BTreeMap::new();
     for e in &entries {
@@ -398,11 +410,50 @@ pub fn catalogue(repo: &Repo) -> Result<Catalogue, RepoError> {
             roots.push(e.id);
         }
     }
-    Ok(Catalogue {
-        repo: repo.root().to_path_buf(),
+    break_parent_cycles(&mut entries, &mut roots);
+    Catalogue {
+        repo,
         roots,
         snapshots: entries,
-    })
+    }
+}
+
+/// Recorded parents can form a cycle (a damaged or edited `meta.json`): no snapshot on
+/// it, nor below it, is reachable from a root, and `ls` would not show them. Each cycle
+/// is cut above its oldest member met, which becomes a root.
+fn break_parent_cycles(entries: &mut [Entry], roots: &mut Vec<SnapshotId>) {
+    let index: BTreeMap<SnapshotId, usize> =
+        entries.iter().enumerate().map(|(i, e)| (e.id, i)).collect();
+    let mut reached = vec![false; entries.len()];
+    let mark = |from: SnapshotId, entries: &[Entry], reached: &mut Vec<bool>| {
+        let mut stack = vec![from];
+        while let Some(id) = stack.pop() {
+            let i = index[&id];
+            if !std::mem::replace(&mut reached[i], true) {
+                stack.extend(entries[i].children.iter().copied());
+            }
+        }
+    };
+    for r in roots.iter() {
+        mark(*r, entries, &mut reached);
+    }
+    for i in 0..entries.len() {
+        if reached[i] {
+            continue;
+        }
+        // Every ancestor is listed (or this would be reached): walk up onto the cycle.
+        let mut on_cycle = i;
+        let mut seen = vec![false; entries.len()];
+        while !std::mem::replace(&mut seen[on_cycle], true) {
+            on_cycle = entries[on_cycle].parent.map_or(on_cycle, |p| index[&p]);
+        }
+        let id = entries[on_cycle].id;
+        if let Some(p) = entries[on_cycle].parent.map(|p| index[&p]) {
+            entries[p].children.retain(|c| *c != id);
+        }
+        roots.push(id);
+        mark(id, entries, &mut reached);
+    }
 }
 
 /// Bytes as B / KiB / MiB / GiB with one decimal.
@@ -631,6 +682,29 @@ mod tests {
             s(6)
         );
         assert_eq!(render_tree(&cat), want);
+    }
+
+    #[test]
+    fn snapshots_whose_parents_form_a_cycle_are_listed() {
+        // Found by the repo_catalogue fuzz harness: 1 and 2 name each other as parent, 3
+        // hangs below them; `ls` printed none of them.
+        let mut e = [
+            entry(1, Some(2), &[]),
+            entry(2, Some(1), &[]),
+            entry(3, Some(2), &[]),
+        ];
+        for e in &mut e {
+            let meta = serde_json::json!({
+                "id": e.id, "parent": e.parent, "name": null, "created_unix": 1,
+                "vm": {"mem_mib": 1, "vcpus": 1, "kernel": "k", "disks": []}, "added": null,
+            });
+            e.meta = Some(serde_json::from_value(meta).unwrap());
+        }
+        let cat = link_catalogue(PathBuf::new(), e.to_vec(), &BTreeMap::new());
+        assert_eq!(cat.roots, vec![SnapshotId::from_bytes([1; 32])]);
+        // The cycle is cut above 1 (the oldest met): 1 -> 2 -> 3, flat.
+        let s = |n: u8| format!("{n:02x}").repeat(6) + "  1970-01-01 00:00:01  1 MiB 1 vCPU";
+        assert_eq!(render_tree(&cat), format!("{}\n{}\n{}\n", s(1), s(2), s(3)));
     }
 
     #[test]

@@ -260,6 +260,157 @@ impl<R: Read> HashReader<R> {
     }
 }
 
+/// The part of an export file before its chunks ([`ExportReader::head`]).
+#[derive(Debug)]
+pub struct ExportHead {
+    /// The snapshot's id, checked against the state file and manifest.
+    pub id: SnapshotId,
+    /// Its catalogue entry, if the export has one.
+    pub meta: Option<SnapshotMeta>,
+    /// The state file as stored.
+    pub state: Vec<u8>,
+    /// The memory manifest as stored.
+    pub memory: Vec<u8>,
+    /// How many chunks follow.
+    pub count: u64,
+}
+
+/// Reads an export file's parts in order, checking each before allocating for it:
+/// [`head`](Self::head), then `count` times [`chunk`](Self::chunk), then
+/// [`finish`](Self::finish). Errors name `path`.
+pub struct ExportReader<R: Read> {
+    r: HashReader<R>,
+    path: PathBuf,
+    file_len: u64,
+}
+
+impl<R: Read> ExportReader<R> {
+    /// A reader of `file_len` bytes of export from `inner`.
+    pub fn new(inner: R, file_len: u64, path: &Path) -> Self {
+        Self {
+            r: HashReader {
+                inner,
+                hash: blake3::Hasher::new(),
+                n: 0,
+            },
+            path: path.to_path_buf(),
+            file_len,
+        }
+    }
+
+    fn invalid(&self, reason: String) -> ExportError {
+        ExportError::Invalid {
+            path: self.path.clone(),
+            reason,
+        }
+    }
+
+    fn trunc(&self) -> impl Fn(io::Error) -> ExportError + '_ {
+        |e: io::Error| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                self.invalid("truncated".into())
+            } else {
+                ExportError::Io(IoError {
+                    op: "read",
+                    path: self.path.clone(),
+                    source: e,
+                })
+            }
+        }
+    }
+
+    /// Reads and checks everything before the chunks.
+    pub fn head(&mut self) -> Result<ExportHead> {
+        let mut magic = [0u8; 8];
+        self.r.exact(&mut magic).map_err(self.trunc())?;
+        if &magic != MAGIC {
+            return Err(self.invalid("bad magic".into()));
+        }
+        let version = self.r.u32().map_err(self.trunc())?;
+        crate::formats::check_version(
+            "vmm snapshot export",
+            version,
+            EXPORT_VERSION,
+            EXPORT_VERSION,
+        )
+        .map_err(|source| ExportError::Version {
+            path: self.path.clone(),
+            source,
+        })?;
+        let hlen = self.r.u32().map_err(self.trunc())?;
+        if hlen > MAX_HEADER || u64::from(hlen) > self.file_len {
+            return Err(self.invalid(format!("header of {hlen} bytes")));
+        }
+        let raw = self.r.vec(hlen as usize).map_err(self.trunc())?;
+        let header: Header =
+            serde_json::from_slice(&raw).map_err(|e| self.invalid(format!("bad header: {e}")))?;
+        let slen = self.r.u64().map_err(self.trunc())?;
+        if slen > MAX_STATE || slen > self.file_len {
+            return Err(self.invalid(format!("state of {slen} bytes")));
+        }
+        let state = self.r.vec(slen as usize).map_err(self.trunc())?;
+        let mlen = self.r.u64().map_err(self.trunc())?;
+        if mlen > MAX_MEMORY || mlen > self.file_len {
+            return Err(self.invalid(format!("memory manifest of {mlen} bytes")));
+        }
+        let memory = self.r.vec(mlen as usize).map_err(self.trunc())?;
+        let id = SnapshotId::of_files(&state, &memory);
+        if id != header.id {
+            return Err(self.invalid(format!(
+                "its state and manifest hash to {}, the header says {}",
+                id.short(),
+                header.id.short()
+            )));
+        }
+        let count = self.r.u64().map_err(self.trunc())?;
+        if count > self.file_len / 36 {
+            return Err(self.invalid(format!("{count} chunks announced")));
+        }
+        Ok(ExportHead {
+            id,
+            meta: header.meta,
+            state,
+            memory,
+            count,
+        })
+    }
+
+    /// Reads the next chunk: its id and decoded bytes (which hash to the id).
+    pub fn chunk(&mut self) -> Result<(ChunkId, Vec<u8>)> {
+        let mut idb = [0u8; 32];
+        self.r.exact(&mut idb).map_err(self.trunc())?;
+        let cid = ChunkId::from_bytes(idb);
+        let len = self.r.u32().map_err(self.trunc())?;
+        if len > MAX_CHUNK_FILE || u64::from(len) > self.file_len {
+            return Err(self.invalid(format!("chunk {cid} of {len} bytes")));
+        }
+        let bytes = self.r.vec(len as usize).map_err(self.trunc())?;
+        let data = codec::decode(&cid, &bytes).map_err(|e| self.invalid(e.to_string()))?;
+        Ok((cid, data))
+    }
+
+    /// Reads and checks the end marker and the checksum, and that nothing follows; returns
+    /// the file's length.
+    pub fn finish(mut self) -> Result<u64> {
+        let mut end = [0u8; 8];
+        self.r.exact(&mut end).map_err(self.trunc())?;
+        if &end != END {
+            return Err(self.invalid("bad end marker".into()));
+        }
+        let digest = self.r.hash.finalize();
+        let mut want = [0u8; 32];
+        self.r.inner.read_exact(&mut want).map_err(self.trunc())?;
+        if digest.as_bytes() != &want {
+            return Err(self.invalid("checksum mismatch".into()));
+        }
+        let mut extra = [0u8; 1];
+        if self.r.inner.read(&mut extra).map_err(self.trunc())? != 0 {
+            return Err(self.invalid("unexpected data after the checksum".into()));
+        }
+        Ok(self.r.n + 32)
+    }
+}
+
 /// Imports the export `file` into `repo` (which may be freshly created). `name`, if given,
 /// is pointed at the imported snapshot.
 pub fn import(
@@ -273,21 +424,6 @@ pub fn import(
     {
         return Err(RepoError::BadName(n.into()).into());
     }
-    let invalid = |reason: String| ExportError::Invalid {
-        path: file.to_path_buf(),
-        reason,
-    };
-    let trunc = |e: io::Error| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            invalid("truncated".into())
-        } else {
-            ExportError::Io(IoError {
-                op: "read",
-                path: file.to_path_buf(),
-                source: e,
-            })
-        }
-    };
     let f = File::open(file).map_err(|source| {
         ExportError::Io(IoError {
             op: "open",
@@ -296,55 +432,18 @@ pub fn import(
         })
     })?;
     let file_len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut r = HashReader {
-        inner: BufReader::with_capacity(1 << 20, f),
-        hash: blake3::Hasher::new(),
-        n: 0,
-    };
-    let mut magic = [0u8; 8];
-    r.exact(&mut magic).map_err(trunc)?;
-    if &magic != MAGIC {
-        return Err(invalid("bad magic".into()));
-    }
-    let version = r.u32().map_err(trunc)?;
-    crate::formats::check_version(
-        "vmm snapshot export",
-        version,
-        EXPORT_VERSION,
-        EXPORT_VERSION,
-    )
-    .map_err(|source| ExportError::Version {
+    let mut r = ExportReader::new(BufReader::with_capacity(1 << 20, f), file_len, file);
+    let ExportHead {
+        id,
+        meta,
+        state,
+        memory,
+        count,
+    } = r.head()?;
+    let invalid = |reason: String| ExportError::Invalid {
         path: file.to_path_buf(),
-        source,
-    })?;
-    let hlen = r.u32().map_err(trunc)?;
-    if hlen > MAX_HEADER {
-        return Err(invalid(format!("header of {hlen} bytes")));
-    }
-    let header: Header = serde_json::from_slice(&r.vec(hlen as usize).map_err(trunc)?)
-        .map_err(|e| invalid(format!("bad header: {e}")))?;
-    let slen = r.u64().map_err(trunc)?;
-    if slen > MAX_STATE || slen > file_len {
-        return Err(invalid(format!("state of {slen} bytes")));
-    }
-    let state = r.vec(slen as usize).map_err(trunc)?;
-    let mlen = r.u64().map_err(trunc)?;
-    if mlen > MAX_MEMORY || mlen > file_len {
-        return Err(invalid(format!("memory manifest of {mlen} bytes")));
-    }
-    let memory = r.vec(mlen as usize).map_err(trunc)?;
-    let id = SnapshotId::of_files(&state, &memory);
-    if id != header.id {
-        return Err(invalid(format!(
-            "its state and manifest hash to {}, the header says {}",
-            id.short(),
-            header.id.short()
-        )));
-    }
-    let count = r.u64().map_err(trunc)?;
-    if count > file_len / 36 {
-        return Err(invalid(format!("{count} chunks announced")));
-    }
+        reason,
+    };
 
     let _lock = repo.lock(LockMode::Shared, "snapshot import")?;
     let store = repo.store()?;
@@ -352,15 +451,7 @@ pub fn import(
     let mut seen = BTreeSet::new();
     let mut chunks_new = 0;
     for _ in 0..count {
-        let mut idb = [0u8; 32];
-        r.exact(&mut idb).map_err(trunc)?;
-        let cid = ChunkId::from_bytes(idb);
-        let len = r.u32().map_err(trunc)?;
-        if len > MAX_CHUNK_FILE {
-            return Err(invalid(format!("chunk {cid} of {len} bytes")));
-        }
-        let bytes = r.vec(len as usize).map_err(trunc)?;
-        let data = codec::decode(&cid, &bytes).map_err(|e| invalid(e.to_string()))?;
+        let (cid, data) = r.chunk()?;
         if let crate::store::PutOutcome::Written { .. } =
             store
                 .put_hashed(&cid, &data)
@@ -375,21 +466,7 @@ pub fn import(
         bar.add(1);
     }
     bar.finish();
-    let mut end = [0u8; 8];
-    r.exact(&mut end).map_err(trunc)?;
-    if &end != END {
-        return Err(invalid("bad end marker".into()));
-    }
-    let digest = r.hash.finalize();
-    let mut want = [0u8; 32];
-    r.inner.read_exact(&mut want).map_err(trunc)?;
-    if digest.as_bytes() != &want {
-        return Err(invalid("checksum mismatch".into()));
-    }
-    let mut extra = [0u8; 1];
-    if r.inner.read(&mut extra).map_err(trunc)? != 0 {
-        return Err(invalid("unexpected data after the checksum".into()));
-    }
+    let file_bytes = r.finish()?;
     store.sync().map_err(|source| ExportError::Chunk {
         id: id.short(),
         source,
@@ -412,7 +489,7 @@ pub fn import(
                 "chunk {c} the snapshot needs is not in the file"
             )));
         }
-        let meta = header.meta.as_ref();
+        let meta = meta.as_ref();
         Ok(repo.commit(
             &work,
             CommitMeta {
@@ -438,7 +515,7 @@ pub fn import(
         id,
         file: file.to_path_buf(),
         chunks: count,
-        file_bytes: r.n + 32,
+        file_bytes,
         chunks_new,
         new,
     })

@@ -324,6 +324,24 @@ pub fn origin_of_snapshot_dir(dir: &Path) -> Option<RepoParent> {
     })
 }
 
+/// Checks the bytes of snapshot `id`'s catalogue entry (`meta.json`) and decodes it.
+pub fn parse_meta(id: &SnapshotId, bytes: &[u8]) -> Result<SnapshotMeta> {
+    let bad = |reason: String| RepoError::BadMeta {
+        id: id.short(),
+        reason,
+    };
+    let meta: SnapshotMeta = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+    if meta.id != *id {
+        return Err(bad(format!("it names snapshot {}", meta.id.short())));
+    }
+    Ok(meta)
+}
+
+/// The snapshot a name file (`names/NAME`) points at; `None` when it is damaged.
+pub fn parse_name_file(bytes: &[u8]) -> Option<SnapshotId> {
+    std::str::from_utf8(bytes).ok()?.trim().parse().ok()
+}
+
 /// Whether `name` can be a friendly name.
 pub fn valid_name(name: &str) -> bool {
     let b = name.as_bytes();
@@ -434,11 +452,7 @@ impl Repo {
             reason,
         };
         let bytes = fs::read(&p).map_err(|e| bad(format!("cannot read {}: {e}", p.display())))?;
-        let meta: SnapshotMeta = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
-        if meta.id != *id {
-            return Err(bad(format!("it names snapshot {}", meta.id.short())));
-        }
-        Ok(meta)
+        parse_meta(id, &bytes)
     }
 
     /// Every friendly name and the snapshot it points at (dangling names included).
@@ -458,12 +472,12 @@ impl Repo {
             if !valid_name(&name) {
                 continue;
             }
-            match fs::read_to_string(e.path()) {
-                Ok(s) => match s.trim().parse::<SnapshotId>() {
-                    Ok(id) => {
+            match fs::read(e.path()) {
+                Ok(s) => match parse_name_file(&s) {
+                    Some(id) => {
                         out.insert(name, id);
                     }
-                    Err(_) => log::warn!("ignoring damaged name file {}", e.path().display()),
+                    None => log::warn!("ignoring damaged name file {}", e.path().display()),
                 },
                 Err(err) => log::warn!("cannot read {}: {err}", e.path().display()),
             }

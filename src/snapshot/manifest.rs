@@ -201,6 +201,14 @@ impl MemoryManifest {
         m.validate()?;
         Ok(m)
     }
+
+    /// Checks, decodes and validates the bytes of a manifest file (what
+    /// [`read_from`](Self::read_from) does after reading them).
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let m: Self = file::decode(&MANIFEST_KIND, bytes).map_err(ManifestError::File)?;
+        m.validate()?;
+        Ok(m)
+    }
 }
 
 /// Whether `buf` is all zeros; written so the compiler vectorizes it.
