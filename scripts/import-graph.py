@@ -39,6 +39,7 @@ LAYERS = [
     ["vmm"],
     ["builder", "builder_restore"],
     ["archive"],
+    ["fuzzing"],
     ["main"],
 ]
 WITHIN = {("image", "store"), ("builder_restore", "builder")}
