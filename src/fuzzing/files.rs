@@ -34,8 +34,7 @@ fn payload(file: &[u8]) -> &[u8] {
 /// Snapshot state file (`MicrovmState::decode`, versions 2 and 3).
 ///
 /// Properties: a decoded state re-encodes (current version) to a file that decodes to a
-/// state encoding to the same bytes; a current-version file that decodes is exactly what
-/// the encoder writes for it (bincode is canonical here); the container check accepts it.
+/// state encoding to the same bytes; the container check accepts every file that decodes.
 pub fn state_file(data: &[u8]) {
     let f = container(data, &FileKind::STATE, 2);
     let decoded = MicrovmState::decode(&f);
@@ -45,9 +44,9 @@ pub fn state_file(data: &[u8]) {
     let state2 = MicrovmState::decode(&again).expect("an encoded state decodes");
     let again2 = file::encode(&FileKind::STATE, &state2).expect("a decoded state encodes");
     assert_eq!(again, again2, "state round trip is not stable");
-    if f[8..12] == FileKind::STATE.version.to_le_bytes() {
-        assert_eq!(again, f, "a current state file re-encodes differently");
-    }
+    // Not `again == f`: kvm-bindings' serde reads a short byte string into a KVM
+    // structure zero-padded (on purpose, for newer kernels' larger structures), so a
+    // valid file may re-encode longer.
 }
 
 /// Memory manifest (`MemoryManifest::decode`).
