@@ -1,7 +1,7 @@
 #!/bin/bash
 # Prints the campaign figures of fuzz/logs/*.log as the Markdown table of docs/TESTING.md.
 cd "$(dirname "$0")/logs" || exit 1
-echo "| Target | Executions | Time | exec/s | cov | ft | Corpus after cmin | Peak RSS | Exit |"
+echo "| Target | Executions | Time | exec/s | cov | ft | Corpus committed | Peak RSS | Exit |"
 echo "|---|---|---|---|---|---|---|---|---|"
 for t in virtio_blk virtio_mmio state_file memory_manifest chunk_codec image_index \
     repo_catalogue repo_export working_set api_http; do
