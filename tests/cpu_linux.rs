@@ -13,7 +13,9 @@ use support::env::*;
 use support::linux::*;
 use support::process::*;
 use vmm::arch::x86_64::cpu_features::{CpuFeatures, feature};
-use vmm::arch::x86_64::cpu_template::{CpuTemplate, linux_feature_names, pvm_quirk_features};
+use vmm::arch::x86_64::cpu_template::{
+    CpuTemplate, HostCpu, linux_feature_names, pvm_quirk_features,
+};
 
 /// The names of the `vmmtest: cpuflags: …` lines and the count of `cpuflags done n=N`.
 fn cpuflags(console: &str) -> (BTreeSet<String>, Option<usize>) {
@@ -29,14 +31,15 @@ fn cpuflags(console: &str) -> (BTreeSet<String>, Option<usize>) {
     (flags, done)
 }
 
-/// The flags of the host's first CPU in /proc/cpuinfo.
+/// The names of the features this host can give a guest, as `vmm` probes them (the same
+/// source its `clearcpuid=` list is computed from).
 fn host_cpu_flags() -> BTreeSet<String> {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    info.lines()
-        .find(|l| l.starts_with("flags"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, f)| f.split_whitespace().map(str::to_string).collect())
-        .unwrap_or_default()
+    let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+    names(
+        &HostCpu::probe(&kvm, pvm_host())
+            .expect("probe the host CPU")
+            .available,
+    )
 }
 
 fn names(f: &CpuFeatures) -> BTreeSet<String> {
