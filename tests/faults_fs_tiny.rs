@@ -260,7 +260,7 @@ fn snapshot_create_with_io_errors() {
         };
         let counts = count_ops(&m, &mut counts_run)?;
         let (mut failed, mut survived) = (0, 0);
-        for plan in eio_plans(&counts, &["memory", "state", "meta"]) {
+        for plan in eio_plans(&counts, &["memory", "state", "meta", "snapshots"]) {
             m.control.set(plan);
             let r = g.repo_snapshot(&repo)?;
             let injected = m.control.clear();

@@ -610,9 +610,17 @@ impl Repo {
             return Ok((id, false));
         }
         fs::rename(work, &dest).map_err(io_err("rename into place", &dest))?;
-        fsync_dir(&snaps)?;
-        if let Some(t) = work.parent() {
-            fsync_dir(t)?;
+        let synced = fsync_dir(&snaps).and_then(|()| work.parent().map_or(Ok(()), fsync_dir));
+        if let Err(e) = synced {
+            // Listed but maybe not durable: take it back out, so a failed snapshot is
+            // never listed. The caller removes the work directory.
+            if let Err(back) = fs::rename(&dest, work) {
+                log::warn!(
+                    "snapshot {} stays listed after a failed directory fsync: {back}",
+                    id.short()
+                );
+            }
+            return Err(e.into());
         }
         Ok((id, true))
     }
