@@ -385,8 +385,7 @@ fn a_local_archive_with_a_disk_resumes_from_the_directory() {
                 ..Default::default()
             };
             let mut vm = tiny::boot(Spec::new(Scenario::SnapDirty), vec![cfg])?;
-            vm.wait_for(deadline(), "dirty: ready\n")?;
-            vm.pause()?;
+            support::tiny::snap::wait_dirty_ready(&mut vm, deadline())?;
             let snap = tmp.join("snap");
             vm.snapshot(&snap, None)?;
             drop(vm);

@@ -68,9 +68,8 @@ fn snapshot_of_a_vm_on_a_remote_disk_restores_with_its_overlay() {
     assert_ne!(at_snapshot, base);
 
     let mut vm = tiny::boot(Spec::new(Scenario::SnapDirty), vec![disk("a.overlay")]).expect("boot");
-    vm.wait_for(Instant::now() + Duration::from_secs(120), "dirty: ready\n")
+    support::tiny::snap::wait_dirty_ready(&mut vm, Instant::now() + Duration::from_secs(120))
         .expect("ready");
-    vm.pause().expect("pause");
     let snap = tmp.join("snap");
     let report = vm.snapshot(&snap, None).expect("snapshot");
     let ov = report.overlays[0].expect("overlay captured");

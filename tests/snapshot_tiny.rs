@@ -536,8 +536,7 @@ fn corrupt_snapshots_are_rejected_with_clear_errors() {
         let tmp = TempDir::new("corrupt");
         let good = tmp.join("good");
         let mut vm = tiny::boot(Spec::new(Scenario::SnapDirty), Vec::new())?;
-        vm.wait_for(deadline(), "dirty: ready\n")?;
-        vm.pause()?;
+        support::tiny::snap::wait_dirty_ready(&mut vm, deadline())?;
         vm.snapshot(&good, None)?;
         drop(vm);
         // The intact snapshot restores.
@@ -687,8 +686,7 @@ fn lazy_restore_stops_on_a_corrupt_chunk() {
         let tmp = TempDir::new("lazy-corrupt");
         let good = tmp.join("good");
         let mut vm = tiny::boot(Spec::new(Scenario::SnapDirty), Vec::new())?;
-        vm.wait_for(deadline(), "dirty: ready\n")?;
-        vm.pause()?;
+        support::tiny::snap::wait_dirty_ready(&mut vm, deadline())?;
         vm.snapshot(&good, None)?;
         drop(vm);
         let chunks = chunk_files(&good)?;
@@ -728,8 +726,7 @@ fn restore_refuses_a_different_disk_unless_forced() {
         };
         let a = disk("a.img", 64 * 1024)?;
         let mut vm = tiny::boot(Spec::new(Scenario::SnapDirty), vec![a.clone()])?;
-        vm.wait_for(deadline(), "dirty: ready\n")?;
-        vm.pause()?;
+        support::tiny::snap::wait_dirty_ready(&mut vm, deadline())?;
         let snap = tmp.join("snap");
         vm.snapshot(&snap, None)?;
         drop(vm);

@@ -46,6 +46,8 @@ pub const MB_COUNT: u64 = MAILBOX + 0x14;
 pub const MB_CMD_SEQ: u64 = MAILBOX + 0x18;
 /// u32: the last command the guest carried out.
 pub const MB_CMD_ACK: u64 = MAILBOX + 0x1c;
+/// [`MB_CMD_ACK`] once the `SnapDirty` guest is parked waiting for commands.
+pub const DIRTY_READY: u32 = 0x7ead_c0de;
 /// u32: how many addresses of [`MB_CMD_LIST`] the command writes.
 pub const MB_CMD_COUNT: u64 = MAILBOX + 0x20;
 /// u64[32]: the addresses; the guest writes `seq << 32 | address` to each.

@@ -73,6 +73,7 @@
         .set MB_READ_LIMIT,     MAILBOX + 0x24  /* u32: SC_VIRTIO_READS may start reads below this (host) */
         .set HOST_DATA,         MAILBOX + 0x1000 /* 4 KiB the host fills while paused */
         .set HOST_GO,           0x600d600d600d600d
+        .set DIRTY_READY,       0x7eadc0de      /* MB_CMD_ACK once SC_SNAP_DIRTY waits for commands */
         .set AP_ALIVE,          0xa11ea11e
         .set AP_REAL_MODE,      0x1e41      /* written by the AP while still in real mode */
         .set PATTERN_BASE,      0x200000
@@ -709,6 +710,9 @@ virtio_reads:
  * loop uses no stack and no interrupts, so it changes no memory but what it is told to. */
 snap_dirty:
         PRINT "dirty: ready\n"
+        /* Past puts (its serial lock released): from here the guest writes nothing until a
+         * command, so a snapshot taken after the host saw this marker is always the same. */
+        movl $DIRTY_READY, MB_CMD_ACK
         xor %r12d, %r12d
 1:      pause
         mov MB_CMD_SEQ, %eax

@@ -26,6 +26,20 @@ pub fn manifest(dir: &Path) -> Result<MemoryManifest, String> {
     MemoryManifest::read_from(dir.join("memory")).map_err(|e| format!("{}: {e}", dir.display()))
 }
 
+/// Waits until the `SnapDirty` guest has printed its ready line and is parked waiting for
+/// commands (past the serial lock, so a snapshot taken now always holds the same bytes),
+/// then pauses it.
+pub fn wait_dirty_ready(vm: &mut TinyVm, end: Instant) -> Result<(), String> {
+    vm.wait_for(end, "dirty: ready\n")?;
+    while vm.read_u32(guest::MB_CMD_ACK)? != guest::DIRTY_READY {
+        if Instant::now() >= end {
+            return Err("the dirty guest printed ready but did not park".into());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    vm.pause()
+}
+
 /// Has the `SnapDirty` guest write `seq << 32 | addr` at each of `addrs`, then pauses it
 /// again.
 pub fn dirty(vm: &mut TinyVm, seq: u32, addrs: &[u64]) -> Result<(), String> {
