@@ -144,7 +144,7 @@ fn warn_if_tsc_not_restored(fd: &kvm_ioctls::VcpuFd, st: &vcpu_state::VcpuState)
 fn prepare_overlays(
     state: &mut MicrovmState,
     cfg: &crate::config::VmConfig,
-    store: &dyn crate::store::ChunkStore,
+    store: &dyn crate::store::ChunkRead,
 ) -> Result<(), BuildError> {
     for (i, (saved, b)) in state.blocks.iter_mut().zip(&cfg.blocks).enumerate() {
         let Some(m) = &saved.overlay else { continue };
@@ -198,7 +198,7 @@ fn check_cpu(state: &MicrovmState, vm: &Vm, force: bool) -> Result<(), BuildErro
 pub fn build_from_parts(
     state: MicrovmState,
     manifest: MemoryManifest,
-    store: Arc<dyn crate::store::ChunkStore>,
+    store: Arc<dyn crate::store::ChunkRead>,
     cpu_path: &Path,
     memory_path: &Path,
     opts: RestoreOptions,

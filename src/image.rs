@@ -28,7 +28,7 @@ use crate::formats::INDEX_KIND;
 use crate::formats::file::{self, StateFileError};
 use crate::store::local::read_full;
 use crate::store::{
-    ChunkId, ChunkStore, Compression, LocalStore, LocalStoreOptions, MAX_CHUNK_LEN, PutOutcome,
+    ChunkId, ChunkWrite, Compression, LocalStore, LocalStoreOptions, MAX_CHUNK_LEN, PutOutcome,
     StoreError,
 };
 use crate::util::IoError;
@@ -533,6 +533,7 @@ pub(crate) fn is_zero(buf: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::ChunkRead;
     use crate::util::testutil::{Rng, TempDir};
 
     fn write_image(path: &Path, size: usize, seed: u64) -> Vec<u8> {

@@ -27,7 +27,7 @@ use vmm::archive::workingset::{FillRate, WorkingSet, manifest_hash};
 use vmm::builder::{BuildError, Console};
 use vmm::image::ImageEntry;
 use vmm::repo::Repo;
-use vmm::store::ChunkStore;
+use vmm::store::ChunkRead;
 use vmm::store::local::{LocalStore, LocalStoreOptions};
 use vmm::util::error_chain;
 

@@ -22,8 +22,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::store::codec::{self, Compression};
 use crate::store::local::{LocalStore, LocalStoreOptions};
-use crate::store::{ChunkId, ChunkStore, PutOutcome, Result, StoreError};
-use crate::util::IoError;
+use crate::store::{ChunkId, ChunkRead, Result, StoreError};
 use crate::util::fs::Staged;
 
 /// Errors of opening a chunk cache.
@@ -90,13 +89,13 @@ fn add(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
-/// A read-only [`ChunkStore`]: a local cache in front of an upstream store (see the
+/// A read-only chunk store ([`ChunkRead`] only): a local cache in front of an upstream store (see the
 /// module documentation). With no cache directory it only counts and records.
 pub struct CachedStore {
-    upstream: Arc<dyn ChunkStore>,
+    upstream: Arc<dyn ChunkRead>,
     cache: Option<LocalStore>,
     counters: Counters,
-    /// Chunk ids read through [`ChunkStore::get_into`] while recording, in order.
+    /// Chunk ids read through [`ChunkRead::get_into`] while recording, in order.
     recording: Mutex<Option<Vec<ChunkId>>>,
 }
 
@@ -113,7 +112,7 @@ impl CachedStore {
     /// A store reading from `upstream` through the cache rooted at `cache_root` (created
     /// if needed), or without a cache.
     pub fn new(
-        upstream: Arc<dyn ChunkStore>,
+        upstream: Arc<dyn ChunkRead>,
         cache_root: Option<&Path>,
     ) -> std::result::Result<Self, CacheError> {
         let cache = match cache_root {
@@ -162,7 +161,7 @@ impl CachedStore {
         }
     }
 
-    /// Starts recording the ids read through [`ChunkStore::get_into`] (what the lazy
+    /// Starts recording the ids read through [`ChunkRead::get_into`] (what the lazy
     /// memory handler reads: faults, and the background fill if it runs).
     pub fn start_recording(&self) {
         *self
@@ -267,30 +266,9 @@ impl CachedStore {
             );
         }
     }
-
-    fn read_only(&self) -> StoreError {
-        StoreError::Io(IoError {
-            op: "write to",
-            path: self.cache_root().map(Path::to_path_buf).unwrap_or_default(),
-            source: io::Error::new(
-                io::ErrorKind::ReadOnlyFilesystem,
-                "an archive chunk cache is read-only",
-            ),
-        })
-    }
 }
 
-impl ChunkStore for CachedStore {
-    /// Always fails: the store is read-only.
-    fn put(&self, _data: &[u8]) -> Result<ChunkId> {
-        Err(self.read_only())
-    }
-
-    /// Always fails: the store is read-only.
-    fn put_hashed(&self, _id: &ChunkId, _data: &[u8]) -> Result<PutOutcome> {
-        Err(self.read_only())
-    }
-
+impl ChunkRead for CachedStore {
     fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
         if let Some(cache) = &self.cache {
             match cache.get(id) {
@@ -335,11 +313,17 @@ impl ChunkStore for CachedStore {
         }
         self.upstream.contains(id)
     }
+
+    /// As the upstream store: the cache adds no retries of its own.
+    fn retries(&self) -> bool {
+        self.upstream.retries()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::ChunkWrite;
     use crate::util::testutil::{Rng, TempDir};
 
     fn chunk(seed: u64) -> Vec<u8> {
@@ -369,7 +353,7 @@ mod tests {
         let s = c.stats();
         assert_eq!((s.hits, s.demand_fetches, s.demand_bytes), (1, 1, 64 << 10));
         assert_eq!(c.take_recording(), vec![id]);
-        assert!(c.put(b"x").is_err());
+        // Writing is refused at compile time: CachedStore is no `ChunkWrite`.
     }
 
     #[test]

@@ -32,7 +32,7 @@ use crate::snapshot::manifest::{ManifestError, MemoryManifest};
 use crate::snapshot::microvm::{MEMORY_FILE, MicrovmState, STATE_FILE};
 use crate::store::http::{HttpError, HttpStats, HttpStore, HttpStoreOptions};
 use crate::store::local::{LocalStore, LocalStoreOptions};
-use crate::store::{ChunkId, ChunkStore, StoreError};
+use crate::store::{ChunkId, ChunkRead, StoreError};
 use crate::util::error_chain;
 use crate::vmm::Vmm;
 use crate::vstate::uffd::LazyHandle;
@@ -364,7 +364,7 @@ struct Loaded {
     manifest_hash: [u8; 32],
     working_set: Option<WorkingSet>,
     /// Upstream store of the chunks, and its HTTP store if remote.
-    upstream: Arc<dyn ChunkStore>,
+    upstream: Arc<dyn ChunkRead>,
     meta_http: Option<Arc<HttpStore>>,
     chunks_http: Option<Arc<HttpStore>>,
     meta_local_bytes: u64,
@@ -702,7 +702,7 @@ pub fn restore(
     let mut vmm = build_from_parts(
         loaded.state,
         loaded.manifest,
-        Arc::clone(&store) as Arc<dyn ChunkStore>,
+        Arc::clone(&store) as Arc<dyn ChunkRead>,
         Path::new(&loaded.state_name),
         Path::new(&loaded.memory_name),
         ropts,

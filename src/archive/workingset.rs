@@ -313,7 +313,7 @@ fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::ChunkStore;
+    use crate::store::ChunkWrite;
     use crate::store::local::{LocalStore, LocalStoreOptions};
     use crate::util::testutil::TempDir;
 

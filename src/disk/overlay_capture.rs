@@ -25,7 +25,7 @@ use super::BackendIdentity;
 use super::overlay::{CAPTURE_CHUNK_SIZE, OverlayBackend, OverlayMap, map_path};
 use crate::formats::MAP_KIND;
 use crate::formats::file::{self, StateFileError};
-use crate::store::{ChunkId, ChunkStore, PutOutcome, StoreError};
+use crate::store::{ChunkId, ChunkRead, ChunkWrite, PutOutcome, StoreError};
 
 /// An overlay's content at snapshot time: which blocks it held and their bytes, as
 /// content-addressed chunks of `chunk_size` bytes of the overlay's data file.
@@ -178,7 +178,7 @@ fn read_span(src: &Source<'_>, chunk: u64, c: u64, buf: &mut Vec<u8>) -> Result<
 /// Chunks are synced to the store before it returns.
 pub fn capture(
     overlay: &OverlayBackend,
-    store: &dyn ChunkStore,
+    store: &dyn ChunkWrite,
     parent: Option<&OverlayManifest>,
 ) -> Result<(OverlayManifest, Vec<u64>, CaptureStats)> {
     let touched = overlay.touched();
@@ -308,7 +308,7 @@ pub fn prepare(
     path: &Path,
     base: &BackendIdentity,
     want: &OverlayManifest,
-    store: &dyn ChunkStore,
+    store: &dyn ChunkRead,
 ) -> Result<Prepared> {
     want.validate()?;
     if want.disk_size != base.size {

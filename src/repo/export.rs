@@ -27,7 +27,7 @@ use super::progress::Progress;
 use super::{CommitMeta, Repo, RepoError, SnapshotId, SnapshotMeta, lock::LockMode};
 use crate::formats::EXPORT_VERSION;
 use crate::snapshot::microvm::{MEMORY_FILE, STATE_FILE};
-use crate::store::{ChunkId, ChunkStore, MAX_CHUNK_LEN, codec};
+use crate::store::{ChunkId, ChunkWrite, MAX_CHUNK_LEN, codec};
 use crate::util::IoError;
 use crate::util::fs::{Staged, fsync_dir, parent_dir};
 

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::progress::Progress;
 use super::{Repo, Result, SnapshotId};
-use crate::store::{ChunkId, ChunkStore, StoreError};
+use crate::store::{ChunkId, ChunkRead, StoreError};
 
 /// Problems found in one snapshot.
 #[derive(Clone, Debug, Default, Serialize)]

@@ -3,7 +3,7 @@
 //! Each guest memory region (guest physical address, size) is cut into fixed-size
 //! chunks (the last one may be shorter). A chunk of zeros is recorded as
 //! [`ChunkEntry::Zero`] and costs nothing in the store; any other chunk is put in a
-//! [`ChunkStore`] and recorded by its [`ChunkId`]. Identical chunks, within one
+//! [`ChunkWrite`] store and recorded by its [`ChunkId`]. Identical chunks, within one
 //! snapshot or across snapshots sharing a store, are stored once.
 //!
 //! Saving and restoring run across all cores. The guest must not run while its
@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::formats::MANIFEST_KIND;
 use crate::formats::file::{self, StateFileError};
-use crate::store::{ChunkId, ChunkStore, MAX_CHUNK_LEN, PutOutcome, StoreError};
+use crate::store::{ChunkId, ChunkRead, ChunkWrite, MAX_CHUNK_LEN, PutOutcome, StoreError};
 pub use crate::vstate::memory::{ChunkEntry, RegionManifest};
 
 /// Default chunk size: 64 KiB (measurements in `docs/SNAPSHOT_FORMAT.md`).
@@ -323,7 +323,7 @@ enum Saved {
 fn save(
     regions: &[(u64, &[u8])],
     chunk_size: usize,
-    store: &dyn ChunkStore,
+    store: &dyn ChunkWrite,
     reuse: &(dyn Fn(usize, usize) -> Option<ChunkEntry> + Sync),
 ) -> Result<(MemoryManifest, SaveStats)> {
     check_chunk_size(chunk_size as u64)?;
@@ -408,13 +408,13 @@ fn save(
 /// in chunks of `chunk_size` bytes, returning the manifest that describes it.
 ///
 /// All-zero chunks are recorded as [`ChunkEntry::Zero`] without touching the store.
-/// Ends with [`ChunkStore::sync`], so the chunks are durable when it returns.
+/// Ends with [`ChunkWrite::sync`], so the chunks are durable when it returns.
 /// The guest must be paused: memory that changes while being saved yields chunks
 /// that fail verification on restore.
 pub fn save_memory(
     regions: &[(u64, &[u8])],
     chunk_size: usize,
-    store: &dyn ChunkStore,
+    store: &dyn ChunkWrite,
 ) -> Result<(MemoryManifest, SaveStats)> {
     save(regions, chunk_size, store, &|_, _| None)
 }
@@ -426,7 +426,7 @@ pub fn save_memory(
 /// layout.
 pub fn save_memory_incremental(
     regions: &[(u64, &[u8])],
-    store: &dyn ChunkStore,
+    store: &dyn ChunkWrite,
     parent: &MemoryManifest,
     dirty: &(dyn Fn(usize, usize) -> bool + Sync),
 ) -> Result<(MemoryManifest, SaveStats)> {
@@ -476,7 +476,7 @@ fn check_layout(
 pub fn restore_memory(
     manifest: &MemoryManifest,
     regions: &mut [(u64, &mut [u8])],
-    store: &dyn ChunkStore,
+    store: &dyn ChunkRead,
     zero_chunks: ZeroChunks,
 ) -> Result<RestoreStats> {
     manifest.validate()?;

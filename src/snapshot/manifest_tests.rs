@@ -47,7 +47,7 @@ fn blank(mem: &[(u64, Vec<u8>)], fill: u8) -> Vec<(u64, Vec<u8>)> {
 fn restore_into(
     manifest: &MemoryManifest,
     dest: &mut [(u64, Vec<u8>)],
-    store: &dyn ChunkStore,
+    store: &dyn ChunkRead,
     zero: ZeroChunks,
 ) -> Result<RestoreStats> {
     let mut views: Vec<(u64, &mut [u8])> = dest
@@ -215,7 +215,7 @@ fn two_chunk_memory() -> Vec<(u64, Vec<u8>)> {
 fn restore_fails_on_chunk(
     m: &MemoryManifest,
     mem: &[(u64, Vec<u8>)],
-    s: &dyn ChunkStore,
+    s: &dyn ChunkRead,
     n: usize,
     id: &ChunkId,
     may_be_harmless: bool,

@@ -1,4 +1,4 @@
-//! [`HttpStore`]: a read-only [`ChunkStore`] over plain HTTP.
+//! [`HttpStore`]: a read-only chunk store ([`ChunkRead`] only) over plain HTTP.
 //!
 //! A chunk `id` is fetched with `GET BASE/chunks/<2 hex>/<64 hex>` — the [`LocalStore`]
 //! layout served by any static web server — and decoded with the chunk [`codec`]. Every
@@ -31,7 +31,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::codec::{self, HEADER_LEN};
-use super::{ChunkId, ChunkStore, MAX_CHUNK_LEN, PutOutcome, Result, StoreError};
+use super::{ChunkId, ChunkRead, MAX_CHUNK_LEN, Result, StoreError};
 use crate::util::lock;
 use crate::util::{IoError, error_chain};
 
@@ -107,12 +107,6 @@ pub enum HttpError {
     Abandoned {
         /// The chunk.
         id: ChunkId,
-    },
-    /// Writing to an HTTP store.
-    #[error("the HTTP chunk store {base} is read-only")]
-    ReadOnly {
-        /// The store's base URL.
-        base: String,
     },
 }
 
@@ -647,27 +641,9 @@ impl HttpStore {
         self.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
         Ok(data)
     }
-
-    fn read_only_error(&self) -> StoreError {
-        StoreError::Io(IoError {
-            op: "write to",
-            path: PathBuf::from(&self.bases[0]),
-            source: io::Error::new(
-                io::ErrorKind::ReadOnlyFilesystem,
-                HttpError::ReadOnly {
-                    base: self.bases[0].clone(),
-                },
-            ),
-        })
-    }
 }
 
-impl ChunkStore for HttpStore {
-    /// Always fails: the store is read-only.
-    fn put(&self, _data: &[u8]) -> Result<ChunkId> {
-        Err(self.read_only_error())
-    }
-
+impl ChunkRead for HttpStore {
     fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
         let data = self
             .fetch_chunk(id, None)
@@ -713,9 +689,9 @@ impl ChunkStore for HttpStore {
         }
     }
 
-    /// Always fails: the store is read-only.
-    fn put_hashed(&self, _id: &ChunkId, _data: &[u8]) -> Result<PutOutcome> {
-        Err(self.read_only_error())
+    /// Yes: fetches are retried here (see the module documentation), so callers do not.
+    fn retries(&self) -> bool {
+        true
     }
 }
 
@@ -757,7 +733,7 @@ mod tests {
         let data = vec![7u8; 4096];
         let id = ChunkId::of(&data);
         let local = crate::store::local::LocalStore::open(dir.path(), Default::default()).unwrap();
-        crate::store::ChunkStore::put(&local, &data).unwrap();
+        crate::store::ChunkWrite::put(&local, &data).unwrap();
         assert_eq!(*store.fetch_chunk(&id, Some(4096)).unwrap(), data);
     }
 
@@ -784,12 +760,7 @@ mod tests {
         assert!(msg.contains("gave up after 3 attempts"), "{msg}");
         let st = store.stats();
         assert_eq!((st.requests, st.retries, st.failed_requests), (3, 2, 3));
-        assert!(
-            store
-                .put(b"x")
-                .unwrap_err()
-                .to_string()
-                .contains("write to")
-        );
+        // Writing is refused at compile time: HttpStore is no `ChunkWrite` (see the
+        // `compile_fail` example on `ChunkRead`).
     }
 }

@@ -23,7 +23,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::codec::{self, ChunkHeader, Compression, Encoding, HEADER_LEN};
-use super::{ChunkId, ChunkStore, MAX_CHUNK_LEN, PutOutcome, Result, StoreError, verify};
+use super::{
+    ChunkId, ChunkRead, ChunkWrite, MAX_CHUNK_LEN, PutOutcome, Result, StoreError, verify,
+};
 
 use crate::util::fs::{Staged, fsync_dir};
 use crate::util::lock;
@@ -34,7 +36,7 @@ pub struct LocalStoreOptions {
     /// Compression of newly written chunks. Reading handles both encodings whatever
     /// this says.
     pub compression: Compression,
-    /// Make chunks durable in one batch at [`ChunkStore::sync`] instead of one fsync
+    /// Make chunks durable in one batch at [`ChunkWrite::sync`] instead of one fsync
     /// per chunk: `put` writes a temp file and returns; `sync` flushes the file system
     /// once (`syncfs`), then renames every temp file to its chunk name and fsyncs the
     /// directories. Until `sync`, new chunks are visible to this store instance only
@@ -68,7 +70,7 @@ pub struct StoreStats {
     pub raw_bytes_written: u64,
 }
 
-/// A [`ChunkStore`] in a local directory.
+/// A [`ChunkWrite`] store in a local directory.
 #[derive(Debug)]
 pub struct LocalStore {
     root: PathBuf,
@@ -293,39 +295,7 @@ impl LocalStore {
     }
 }
 
-impl ChunkStore for LocalStore {
-    fn put(&self, data: &[u8]) -> Result<ChunkId> {
-        if data.len() > MAX_CHUNK_LEN {
-            return Err(StoreError::TooLarge {
-                len: data.len(),
-                max: MAX_CHUNK_LEN,
-            });
-        }
-        let id = ChunkId::of(data);
-        self.put_hashed(&id, data)?;
-        Ok(id)
-    }
-
-    fn put_hashed(&self, id: &ChunkId, data: &[u8]) -> Result<PutOutcome> {
-        debug_assert_eq!(*id, ChunkId::of(data));
-        if self.contains(id)? {
-            self.chunks_deduped.fetch_add(1, Ordering::Relaxed);
-            return Ok(PutOutcome::Present);
-        }
-        let idx = id.as_bytes()[0] as usize;
-        self.ensure_fanout_dir(idx)?;
-        let encoded = codec::encode(id, data, self.options.compression)?;
-        let dest = self.chunk_path(id);
-        self.write_file(id, idx, &dest, &encoded.header, &encoded.body)?;
-        let stored_bytes = encoded.file_len() as u64;
-        self.chunks_written.fetch_add(1, Ordering::Relaxed);
-        self.bytes_written
-            .fetch_add(stored_bytes, Ordering::Relaxed);
-        self.raw_bytes_written
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
-        Ok(PutOutcome::Written { stored_bytes })
-    }
-
+impl ChunkRead for LocalStore {
     fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
         let (mut f, path) = self.open_chunk(id)?;
         let file = Self::read_capped(id, &mut f, &path, HEADER_LEN + MAX_CHUNK_LEN)?;
@@ -369,10 +339,6 @@ impl ChunkStore for LocalStore {
         }
     }
 
-    fn sync(&self) -> Result<()> {
-        LocalStore::sync(self)
-    }
-
     fn contains(&self, id: &ChunkId) -> Result<bool> {
         if lock(&self.pending).contains_key(id) {
             return Ok(true);
@@ -383,6 +349,44 @@ impl ChunkStore for LocalStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(io_err("stat", &path)(e)),
         }
+    }
+}
+
+impl ChunkWrite for LocalStore {
+    fn put(&self, data: &[u8]) -> Result<ChunkId> {
+        if data.len() > MAX_CHUNK_LEN {
+            return Err(StoreError::TooLarge {
+                len: data.len(),
+                max: MAX_CHUNK_LEN,
+            });
+        }
+        let id = ChunkId::of(data);
+        self.put_hashed(&id, data)?;
+        Ok(id)
+    }
+
+    fn put_hashed(&self, id: &ChunkId, data: &[u8]) -> Result<PutOutcome> {
+        debug_assert_eq!(*id, ChunkId::of(data));
+        if self.contains(id)? {
+            self.chunks_deduped.fetch_add(1, Ordering::Relaxed);
+            return Ok(PutOutcome::Present);
+        }
+        let idx = id.as_bytes()[0] as usize;
+        self.ensure_fanout_dir(idx)?;
+        let encoded = codec::encode(id, data, self.options.compression)?;
+        let dest = self.chunk_path(id);
+        self.write_file(id, idx, &dest, &encoded.header, &encoded.body)?;
+        let stored_bytes = encoded.file_len() as u64;
+        self.chunks_written.fetch_add(1, Ordering::Relaxed);
+        self.bytes_written
+            .fetch_add(stored_bytes, Ordering::Relaxed);
+        self.raw_bytes_written
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(PutOutcome::Written { stored_bytes })
+    }
+
+    fn sync(&self) -> Result<()> {
+        LocalStore::sync(self)
     }
 }
 

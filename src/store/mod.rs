@@ -1,10 +1,12 @@
 //! Content-addressed chunk stores.
 //!
 //! A chunk is an arbitrary byte string (in practice a fixed-size piece of guest
-//! memory) named by the BLAKE3 hash of its contents, its [`ChunkId`]. A
-//! [`ChunkStore`] keeps chunks by id; writing the same bytes twice stores them once.
+//! memory) named by the BLAKE3 hash of its contents, its [`ChunkId`]. Every store reads
+//! chunks by id ([`ChunkRead`]); a writable one also keeps them ([`ChunkWrite`]): writing
+//! the same bytes twice stores them once.
 //!
 //! * [`local`] — [`LocalStore`], chunks as files under a directory.
+//! * [`http`] — [`HttpStore`](http::HttpStore), a read-only store over HTTP.
 //! * [`codec`] — the on-disk encoding of one chunk file (raw or zstd), shared by
 //!   every store that reads the same layout (e.g. a future HTTP store).
 //!
@@ -204,15 +206,22 @@ impl<'de> Deserialize<'de> for ChunkId {
     }
 }
 
-/// A content-addressed store of chunks.
+/// Reading side of a content-addressed store of chunks.
+///
+/// Every store reads; only some write ([`ChunkWrite`]). A read-only store (an archive
+/// over HTTP, a read-through cache) implements this trait alone, so it cannot be asked
+/// to write:
+///
+/// ```compile_fail
+/// use vmm::store::ChunkWrite;
+/// use vmm::store::http::{HttpStore, HttpStoreOptions};
+/// let store = HttpStore::new("http://h/a", HttpStoreOptions::default()).unwrap();
+/// store.put(b"data"); // HttpStore is not a ChunkWrite
+/// ```
 ///
 /// Implementations must be usable from many threads at once: snapshot code hashes,
 /// stores and restores chunks in parallel.
-pub trait ChunkStore: Send + Sync {
-    /// Stores `data` and returns its id. Idempotent: if the chunk is already present
-    /// it is not rewritten.
-    fn put(&self, data: &[u8]) -> Result<ChunkId>;
-
+pub trait ChunkRead: Send + Sync {
     /// Returns the chunk's bytes, after checking they hash to `id`
     /// ([`StoreError::Corrupt`] otherwise, [`StoreError::NotFound`] if absent).
     fn get(&self, id: &ChunkId) -> Result<Vec<u8>>;
@@ -237,6 +246,23 @@ pub trait ChunkStore: Send + Sync {
     /// Whether the store holds a chunk with this id (its contents are not checked).
     fn contains(&self, id: &ChunkId) -> Result<bool>;
 
+    /// Whether the store itself retries transient failures (with backoff, within a
+    /// budget), so that an error it returns is final and a caller must not retry it.
+    /// Retries live in exactly one layer (docs/DESIGN.md, "Chunk stores"): the store
+    /// that knows which failures are transient (the HTTP store), else the caller.
+    /// The default: no.
+    fn retries(&self) -> bool {
+        false
+    }
+}
+
+/// Writing side of a content-addressed store of chunks: writing the same bytes twice
+/// stores them once.
+pub trait ChunkWrite: ChunkRead {
+    /// Stores `data` and returns its id. Idempotent: if the chunk is already present
+    /// it is not rewritten.
+    fn put(&self, data: &[u8]) -> Result<ChunkId>;
+
     /// Makes every chunk put so far durable. Call once after a whole snapshot,
     /// before writing anything that refers to the chunks. The default does nothing.
     fn sync(&self) -> Result<()> {
@@ -259,7 +285,7 @@ pub trait ChunkStore: Send + Sync {
     }
 }
 
-/// What [`ChunkStore::put_hashed`] did.
+/// What [`ChunkWrite::put_hashed`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PutOutcome {
     /// The chunk was already stored; nothing was written.

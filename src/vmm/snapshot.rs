@@ -134,17 +134,19 @@ fn audit_mismatches(a: &manifest::MemoryManifest, b: &manifest::MemoryManifest) 
 /// A chunk "store" that only hashes: for comparing manifests without writing.
 struct HashOnly;
 
-impl crate::store::ChunkStore for HashOnly {
-    fn put(&self, data: &[u8]) -> crate::store::Result<crate::store::ChunkId> {
-        Ok(crate::store::ChunkId::of(data))
-    }
-
+impl crate::store::ChunkRead for HashOnly {
     fn get(&self, id: &crate::store::ChunkId) -> crate::store::Result<Vec<u8>> {
         Err(crate::store::StoreError::NotFound { id: *id })
     }
 
     fn contains(&self, _id: &crate::store::ChunkId) -> crate::store::Result<bool> {
         Ok(false)
+    }
+}
+
+impl crate::store::ChunkWrite for HashOnly {
+    fn put(&self, data: &[u8]) -> crate::store::Result<crate::store::ChunkId> {
+        Ok(crate::store::ChunkId::of(data))
     }
 }
 

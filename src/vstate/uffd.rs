@@ -9,7 +9,7 @@
 //!
 //! - a [`ChunkEntry::Zero`] chunk is mapped to the zero page (`UFFDIO_ZEROPAGE`);
 //! - a stored chunk is handed to one of a few fetch workers (`uffd-fetch-<i>`,
-//!   [`LazyOptions::fetch_threads`]), which reads it with [`ChunkStore::get_into`]
+//!   [`LazyOptions::fetch_threads`]), which reads it with [`ChunkRead::get_into`]
 //!   (which checks its hash) into its own buffer, then copies it in atomically
 //!   (`UFFDIO_COPY`, which wakes every thread waiting on it). Several faults, on
 //!   different chunks, are thus served at once; faults on a chunk being fetched just
@@ -24,7 +24,9 @@
 //! # When a chunk cannot be fetched
 //!
 //! If the store fails for a chunk (missing, corrupt, unreadable), the fetch is retried
-//! a few times with exponential backoff ([`LazyOptions`]). If it still fails, the
+//! a few times with exponential backoff ([`LazyOptions`]), unless the store retries
+//! itself ([`ChunkRead::retries`]: the HTTP store), whose errors are final. If it still
+//! fails, the
 //! fault is **left unresolved** and a fatal error is recorded
 //! ([`LazyMemory::fatal_error`], [`LazyMemory::fatal_event`]): the accessing thread
 //! stays blocked rather than reading zeros or stale data, because silently corrupted
@@ -64,7 +66,7 @@ use self::region::{ChunkState, Region, validate};
 pub use self::shared::{LazyOptions, UffdError};
 use self::shared::{Origin, Shared};
 use self::sys::{PAGE_SIZE, Uffd, UffdMsg};
-use crate::store::ChunkStore;
+use crate::store::ChunkRead;
 use crate::vstate::memory::{ChunkEntry, RegionManifest};
 
 /// Events read from the userfaultfd per `read`.
@@ -125,7 +127,7 @@ impl LazyMemory {
     pub unsafe fn start(
         regions: Vec<(usize, usize, RegionManifest)>,
         chunk_size: usize,
-        store: Arc<dyn ChunkStore>,
+        store: Arc<dyn ChunkRead>,
     ) -> Result<Self, UffdError> {
         // SAFETY: the caller upholds the contract, which is the same.
         unsafe { Self::start_with_options(regions, chunk_size, store, LazyOptions::default()) }
@@ -139,7 +141,7 @@ impl LazyMemory {
     pub unsafe fn start_with_options(
         regions: Vec<(usize, usize, RegionManifest)>,
         chunk_size: usize,
-        store: Arc<dyn ChunkStore>,
+        store: Arc<dyn ChunkRead>,
         options: LazyOptions,
     ) -> Result<Self, UffdError> {
         let regions = validate(regions, chunk_size)?;

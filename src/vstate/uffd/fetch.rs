@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::shared::{LazyOptions, Origin, Shared};
 use super::sys::Uffd;
-use crate::store::{ChunkId, ChunkStore};
+use crate::store::{ChunkId, ChunkRead};
 use crate::util::error_chain;
 
 /// A chunk to fetch and place.
@@ -61,7 +61,7 @@ pub(super) struct Pool {
 /// What every worker shares.
 struct Ctx {
     uffd: Arc<Uffd>,
-    store: Arc<dyn ChunkStore>,
+    store: Arc<dyn ChunkRead>,
     shared: Arc<Shared>,
     options: LazyOptions,
     chunk_size: usize,
@@ -75,7 +75,7 @@ impl Pool {
     pub fn start(
         n: usize,
         uffd: Arc<Uffd>,
-        store: Arc<dyn ChunkStore>,
+        store: Arc<dyn ChunkRead>,
         shared: Arc<Shared>,
         options: LazyOptions,
         chunk_size: usize,
@@ -192,10 +192,14 @@ fn run_job(ctx: &Ctx, job: &Job, buf: &mut [u8]) -> Result<(), Failure> {
     placed.map(|_| ()).map_err(Failure::Place)
 }
 
-/// Reads chunk `id` into `buf`, retrying with backoff; the error message carries the
-/// last error's chain.
+/// Reads chunk `id` into `buf`, retrying with backoff unless the store retries itself
+/// (one retrying layer: docs/DESIGN.md); the error message carries the last error's chain.
 fn fetch(ctx: &Ctx, id: &ChunkId, buf: &mut [u8]) -> Result<(), String> {
-    let attempts = ctx.options.fetch_attempts.max(1);
+    let attempts = if ctx.store.retries() {
+        1
+    } else {
+        ctx.options.fetch_attempts.max(1)
+    };
     let mut delay = ctx.options.retry_backoff;
     let mut attempt = 1;
     loop {

@@ -86,7 +86,8 @@ pub enum UffdError {
 /// Tuning of `LazyMemory`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LazyOptions {
-    /// Tries per chunk before a fetch error becomes fatal (at least 1).
+    /// Tries per chunk before a fetch error becomes fatal (at least 1); one try when the
+    /// store retries itself (`ChunkRead::retries`).
     pub fetch_attempts: u32,
     /// Wait before the second try; doubled before each further one.
     pub retry_backoff: Duration,

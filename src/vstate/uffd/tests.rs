@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::store::codec::Compression;
 use crate::store::local::{LocalStore, LocalStoreOptions};
-use crate::store::{ChunkId, ChunkStore};
+use crate::store::{ChunkId, ChunkRead, ChunkWrite};
 use crate::util::testutil::{Rng, TempDir};
 
 const CHUNK: usize = 64 << 10;
@@ -119,7 +119,7 @@ struct Chunked {
 
 /// Cuts `regions` (guest address, bytes) into `CHUNK`-byte chunks: all-zero ones are
 /// `ChunkEntry::Zero`, the others are put in `store`.
-fn chunk_memory(regions: &[(u64, &[u8])], store: &dyn ChunkStore) -> Chunked {
+fn chunk_memory(regions: &[(u64, &[u8])], store: &dyn ChunkWrite) -> Chunked {
     let regions = regions
         .iter()
         .map(|&(guest_addr, bytes)| RegionManifest {
@@ -597,11 +597,7 @@ struct GateStore {
     max: std::sync::atomic::AtomicUsize,
 }
 
-impl ChunkStore for GateStore {
-    fn put(&self, data: &[u8]) -> crate::store::Result<crate::store::ChunkId> {
-        self.inner.put(data)
-    }
-
+impl ChunkRead for GateStore {
     fn get(&self, id: &crate::store::ChunkId) -> crate::store::Result<Vec<u8>> {
         {
             let mut n = self.now.lock().unwrap();

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use vm_memory::{Bytes, GuestAddress};
 use vmm::repo::SnapshotId;
-use vmm::store::{ChunkStore, LocalStore, LocalStoreOptions};
+use vmm::store::{ChunkRead, LocalStore, LocalStoreOptions};
 
 use crate::support::process::vmm_cli_ok;
 use crate::support::rng::random_bytes;
