@@ -16,6 +16,7 @@
 //!   `ARCHIVE/vms/NAME`: memory through [`LazyMemory`](crate::vstate::uffd::LazyMemory)
 //!   over a [`cache::CachedStore`] (a verified local chunk cache shared between instances),
 //!   disks through the remote-disk backend with a fresh overlay per instance.
+//! * [`session`] is what a resumed archived VM fetched, and when.
 //! * [`workingset`] records the chunks a resumed VM touches in its first seconds and
 //!   prefetches them (then, rate-limited, the rest) on the next resume.
 //! * [`cli`] is the `vmm archive …` / `vmm restore http://…` front end.
@@ -26,6 +27,7 @@ pub mod cache;
 pub mod cli;
 pub mod push;
 pub mod restore;
+pub mod session;
 pub mod workingset;
 
 use std::path::PathBuf;

@@ -366,6 +366,104 @@ fn disk_id_string(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
+/// Where remote disk `i` (image `url`) is found from the archive: relative to it when
+/// the archive holds the same image (same content id), else the recorded URL; and the
+/// recorded image id.
+fn remote_disk_url(
+    url: &str,
+    saved: &BackendIdentity,
+    i: usize,
+    archive: &Path,
+) -> Result<(String, Option<String>), PushError> {
+    let (_, img) = crate::disk::http::split_image_url(url).map_err(|e| PushError::Disk {
+        index: i,
+        reason: crate::util::error_chain(&e),
+    })?;
+    let stamp = recorded_image_id(saved);
+    let local = image::read_index(&image::index_path(archive, &img))
+        .ok()
+        .map(|ix| ix.id().to_string());
+    let url = match (&local, &stamp) {
+        (Some(l), Some(s)) if l == s => format!("{STORE_FROM_VM_DIR}/images/{img}"),
+        _ => url.to_string(),
+    };
+    Ok((url, stamp))
+}
+
+/// Imports file disk `i` (of `size` bytes at snapshot time, identity kind `kind`) as image
+/// `NAME.diskI`; returns its URL from the VM's directory, its image id and its name.
+fn import_file_disk(
+    b: &crate::config::BlockConfig,
+    kind: &str,
+    size: u64,
+    i: usize,
+    archive: &Path,
+    name: &str,
+) -> Result<(String, String, String), PushError> {
+    if kind != "file" {
+        return Err(PushError::Disk {
+            index: i,
+            reason: format!("a {kind} disk cannot be archived (only files and remote images)"),
+        });
+    }
+    let img = format!("{name}.disk{i}");
+    let meta = fs::metadata(&b.path).map_err(io("stat", &b.path))?;
+    if meta.len() != size {
+        return Err(PushError::Disk {
+            index: i,
+            reason: format!(
+                "{} is {} bytes now, {size} at snapshot time",
+                b.path.display(),
+                meta.len()
+            ),
+        });
+    }
+    log::info!(
+        "archive push: importing disk {i} ({}) as image {img}; the archive gets the \
+         file's current content",
+        b.path.display()
+    );
+    let report = image::import_image(&b.path, archive, &img, image::DEFAULT_IMAGE_CHUNK_SIZE)
+        .map_err(|source| PushError::Import {
+            index: i,
+            path: b.path.clone(),
+            source,
+        })?;
+    Ok((
+        format!("{STORE_FROM_VM_DIR}/images/{img}"),
+        report.image_id.to_string(),
+        img,
+    ))
+}
+
+/// The identity an archived disk is recorded with: the image at `url`, under a fresh
+/// per-instance overlay if `writable`.
+fn archived_identity(
+    url: &str,
+    size: u64,
+    stamp: Option<String>,
+    writable: bool,
+) -> BackendIdentity {
+    let base = BackendIdentity {
+        kind: "http".into(),
+        location: url.to_string(),
+        size,
+        stamp: stamp.map(|s| format!("image-id={s}")),
+        inner: None,
+    };
+    if writable {
+        BackendIdentity {
+            kind: "overlay".into(),
+            location: INSTANCE_OVERLAY.into(),
+            size,
+            stamp: None,
+            inner: Some(Box::new(base)),
+        }
+    } else {
+        base
+    }
+}
+
 /// Rewrites disk `i` of `state` for the archive; returns the image name imported, if any.
 fn archive_disk(
     state: &mut MicrovmState,
@@ -379,82 +477,16 @@ fn archive_disk(
     let disk_id = disk_id_string(&saved.disk_id);
     let (url, stamp, imported, writable) = match &b.url {
         Some(url) => {
-            let (_, img) =
-                crate::disk::http::split_image_url(url).map_err(|e| PushError::Disk {
-                    index: i,
-                    reason: crate::util::error_chain(&e),
-                })?;
-            let stamp = recorded_image_id(&saved.identity);
-            // Same image in this archive (same content id)? Then refer to it relatively.
-            let local = image::read_index(&image::index_path(archive, &img))
-                .ok()
-                .map(|ix| ix.id().to_string());
-            let url = match (&local, &stamp) {
-                (Some(l), Some(s)) if l == s => format!("{STORE_FROM_VM_DIR}/images/{img}"),
-                _ => url.clone(),
-            };
+            let (url, stamp) = remote_disk_url(url, &saved.identity, i, archive)?;
             (url, stamp, None, b.overlay.is_some())
         }
         None => {
-            if saved.identity.kind != "file" {
-                return Err(PushError::Disk {
-                    index: i,
-                    reason: format!(
-                        "a {} disk cannot be archived (only files and remote images)",
-                        saved.identity.kind
-                    ),
-                });
-            }
-            let img = format!("{name}.disk{i}");
-            let meta = fs::metadata(&b.path).map_err(io("stat", &b.path))?;
-            if meta.len() != size {
-                return Err(PushError::Disk {
-                    index: i,
-                    reason: format!(
-                        "{} is {} bytes now, {size} at snapshot time",
-                        b.path.display(),
-                        meta.len()
-                    ),
-                });
-            }
-            log::info!(
-                "archive push: importing disk {i} ({}) as image {img}; the archive gets the \
-                 file's current content",
-                b.path.display()
-            );
-            let report =
-                image::import_image(&b.path, archive, &img, image::DEFAULT_IMAGE_CHUNK_SIZE)
-                    .map_err(|source| PushError::Import {
-                        index: i,
-                        path: b.path.clone(),
-                        source,
-                    })?;
-            (
-                format!("{STORE_FROM_VM_DIR}/images/{img}"),
-                Some(report.image_id.to_string()),
-                Some(img),
-                !b.read_only,
-            )
+            let (url, stamp, img) =
+                import_file_disk(b, &saved.identity.kind, size, i, archive, name)?;
+            (url, Some(stamp), Some(img), !b.read_only)
         }
     };
-    let base = BackendIdentity {
-        kind: "http".into(),
-        location: url.clone(),
-        size,
-        stamp: stamp.map(|s| format!("image-id={s}")),
-        inner: None,
-    };
-    let identity = if writable {
-        BackendIdentity {
-            kind: "overlay".into(),
-            location: INSTANCE_OVERLAY.into(),
-            size,
-            stamp: None,
-            inner: Some(Box::new(base)),
-        }
-    } else {
-        base
-    };
+    let identity = archived_identity(&url, size, stamp, writable);
     let b = &mut state.config.blocks[i];
     b.path = PathBuf::new();
     b.url = Some(url);

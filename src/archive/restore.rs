@@ -20,22 +20,22 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::cache::{CacheError, CachedStore};
+pub use super::session::{ArchiveSession, FetchSnapshot};
+use super::session::{Meters, describe};
 use super::workingset::{FillRate, PrefetchPlan, Prefetcher, WorkingSet, manifest_hash};
 use super::{ArchiveError, INSTANCE_OVERLAY, Source, WORKINGSET_FILE, resolve_url};
 use crate::builder::{BuildError, Console};
 use crate::builder_restore::{RestoreOptions, build_from_parts};
 use crate::disk::BackendIdentity;
-use crate::disk::http::LazyHttpDisk;
 use crate::formats::file::{self, FileKind, StateFileError};
 use crate::formats::{MANIFEST_KIND, WORKINGSET_KIND};
 use crate::snapshot::manifest::{ManifestError, MemoryManifest};
 use crate::snapshot::microvm::{MEMORY_FILE, MicrovmState, STATE_FILE};
-use crate::store::http::{HttpError, HttpStats, HttpStore, HttpStoreOptions};
+use crate::store::http::{HttpError, HttpStore, HttpStoreOptions};
 use crate::store::local::{LocalStore, LocalStoreOptions};
 use crate::store::{ChunkId, ChunkRead, StoreError};
 use crate::util::error_chain;
 use crate::vmm::Vmm;
-use crate::vstate::uffd::LazyHandle;
 
 /// Errors of resuming an archived VM.
 #[derive(Debug, thiserror::Error)]
@@ -171,192 +171,6 @@ impl ArchiveRestoreOptions {
     }
 }
 
-/// Bytes fetched up to a point in time.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct FetchSnapshot {
-    /// Milliseconds since the restore started.
-    pub at_ms: u64,
-    /// State, manifest and working-set file bytes.
-    pub metadata_bytes: u64,
-    /// HTTP body bytes of memory chunks (faults, prefetch and fill; as stored: maybe
-    /// compressed).
-    pub memory_http_bytes: u64,
-    /// HTTP requests for memory chunks.
-    pub memory_requests: u64,
-    /// Chunk bytes fetched for page faults and device accesses (uncompressed).
-    pub demand_bytes: u64,
-    /// Chunk bytes fetched by the working-set prefetch.
-    pub prefetch_bytes: u64,
-    /// Chunk bytes fetched by the background fill.
-    pub fill_bytes: u64,
-    /// Chunk reads served by the local cache.
-    pub cache_hits: u64,
-    /// HTTP bytes of remote disks (indexes and chunks).
-    pub disk_bytes: u64,
-    /// Page faults served so far.
-    pub faults: u64,
-    /// Everything on the wire: metadata + memory + disks.
-    pub total_bytes: u64,
-}
-
-/// What an [`ArchiveSession`] measures from.
-struct Meters {
-    started: Instant,
-    meta: Option<Arc<HttpStore>>,
-    chunks_http: Option<Arc<HttpStore>>,
-    meta_local_bytes: u64,
-    store: Arc<CachedStore>,
-    disks: Vec<Arc<LazyHttpDisk>>,
-    lazy: Option<LazyHandle>,
-}
-
-impl Meters {
-    fn snapshot(&self) -> FetchSnapshot {
-        let hs = |h: &Option<Arc<HttpStore>>| h.as_ref().map(|h| h.stats()).unwrap_or_default();
-        let meta: HttpStats = hs(&self.meta);
-        let mem: HttpStats = hs(&self.chunks_http);
-        let c = self.store.stats();
-        let disk_bytes = self
-            .disks
-            .iter()
-            .map(|d| d.stats().http.bytes_fetched)
-            .sum();
-        let mut s = FetchSnapshot {
-            at_ms: self.started.elapsed().as_millis() as u64,
-            metadata_bytes: meta.bytes_fetched + self.meta_local_bytes,
-            memory_http_bytes: mem.bytes_fetched,
-            memory_requests: mem.requests,
-            demand_bytes: c.demand_bytes,
-            prefetch_bytes: c.prefetch_bytes,
-            fill_bytes: c.fill_bytes,
-            cache_hits: c.hits,
-            disk_bytes,
-            faults: self.lazy.as_ref().map_or(0, |l| l.stats().faults),
-            total_bytes: 0,
-        };
-        s.total_bytes = s.metadata_bytes + s.memory_http_bytes + s.disk_bytes;
-        s
-    }
-}
-
-/// A resumed archived VM's measurements and helpers; end it after the [`Vmm`]
-/// (dropping it stops the prefetcher and removes a temporary overlay directory).
-pub struct ArchiveSession {
-    source: String,
-    memory_size: u64,
-    meters: Arc<Meters>,
-    prefetcher: Option<Prefetcher>,
-    /// Milliseconds from start until the vCPUs were resumed.
-    pub running_after_ms: Option<u64>,
-    /// Fetched before the first guest instruction.
-    pub before_first_instruction: FetchSnapshot,
-    first_second: Arc<Mutex<Option<FetchSnapshot>>>,
-    temp_dir: Option<PathBuf>,
-    manifest_hash: [u8; 32],
-}
-
-fn pct(n: u64, of: u64) -> f64 {
-    if of == 0 {
-        0.0
-    } else {
-        n as f64 * 100.0 / of as f64
-    }
-}
-
-fn describe(s: &FetchSnapshot, memory: u64) -> String {
-    format!(
-        "{} bytes ({:.2} % of {} MiB of memory): metadata {}, memory {} in {} requests \
-         (faults {}, prefetch {}, fill {}; {} cache hits), disks {}; {} faults",
-        s.total_bytes,
-        pct(s.total_bytes, memory),
-        memory >> 20,
-        s.metadata_bytes,
-        s.memory_http_bytes,
-        s.memory_requests,
-        s.demand_bytes,
-        s.prefetch_bytes,
-        s.fill_bytes,
-        s.cache_hits,
-        s.disk_bytes,
-        s.faults
-    )
-}
-
-impl ArchiveSession {
-    /// Fetch totals now.
-    pub fn now(&self) -> FetchSnapshot {
-        self.meters.snapshot()
-    }
-
-    /// Fetch totals one second after the vCPUs started, once that second has passed.
-    pub fn first_second(&self) -> Option<FetchSnapshot> {
-        *self
-            .first_second
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Guest memory size.
-    pub fn memory_size(&self) -> u64 {
-        self.memory_size
-    }
-
-    /// The chunk store serving guest memory (cache statistics, working-set recording).
-    pub fn store(&self) -> &Arc<CachedStore> {
-        &self.meters.store
-    }
-
-    /// Prefetch progress, when a prefetcher runs.
-    pub fn prefetch(&self) -> Option<super::workingset::PrefetchProgress> {
-        self.prefetcher.as_ref().map(|p| p.progress())
-    }
-
-    /// Ends recording and returns the working set recorded since the restore started.
-    pub fn take_working_set(&self) -> WorkingSet {
-        WorkingSet {
-            manifest_hash: self.manifest_hash,
-            recorded_ms: self.meters.started.elapsed().as_millis() as u64,
-            chunks: self.meters.store.take_recording(),
-        }
-    }
-
-    /// Everything measured, as JSON.
-    pub fn report(&self) -> serde_json::Value {
-        serde_json::json!({
-            "source": self.source,
-            "memory_bytes": self.memory_size,
-            "running_after_ms": self.running_after_ms,
-            "before_first_instruction": self.before_first_instruction,
-            "first_second": self.first_second(),
-            "now": self.now(),
-            "cache": self.meters.store.stats(),
-            "prefetch": self.prefetch(),
-        })
-    }
-
-    /// Logs the totals (at exit).
-    pub fn log_totals(&self) {
-        log::info!(
-            "archive {}: fetched in total {}",
-            self.source,
-            describe(&self.now(), self.memory_size)
-        );
-    }
-}
-
-impl Drop for ArchiveSession {
-    fn drop(&mut self) {
-        if let Some(mut p) = self.prefetcher.take() {
-            p.stop();
-        }
-        if let Some(d) = self.temp_dir.take()
-            && let Err(e) = std::fs::remove_dir_all(&d)
-        {
-            log::warn!("cannot remove the instance directory {}: {e}", d.display());
-        }
-    }
-}
-
 /// The metadata of an archived VM.
 struct Loaded {
     state: MicrovmState,
@@ -380,142 +194,160 @@ fn cap(kind: &FileKind) -> u64 {
 
 fn load(source: &Source, http: &HttpStoreOptions) -> Result<Loaded, RestoreError> {
     match source {
-        Source::Http { vm_url } => {
-            let meta = Arc::new(HttpStore::new(vm_url, http.clone()).map_err(|source| {
-                RestoreError::Http {
-                    url: vm_url.clone(),
-                    source,
-                }
-            })?);
-            let url = |f: &str| format!("{vm_url}/{f}");
-            // The container (length, checksum) is checked inside the fetch, so an answer
-            // damaged on the way is asked for again; what it holds is decoded below.
-            let fetch = |f: &str, kind: &FileKind| {
-                let whole = |u: &str, body: Vec<u8>| match file::check_container(kind, &body) {
-                    Ok(()) => Ok(body),
-                    Err(e) => Err(HttpError::Invalid {
-                        url: u.into(),
-                        reason: error_chain(&e),
-                    }),
-                };
-                meta.fetch_with(f, cap(kind), whole).map_err(|source| {
-                    if source.is_not_found() && f == STATE_FILE {
-                        RestoreError::NotFound {
-                            url: vm_url.clone(),
-                        }
-                    } else {
-                        RestoreError::Fetch {
-                            url: url(f),
-                            source,
-                        }
-                    }
-                })
-            };
-            let state_bytes = fetch(STATE_FILE, &FileKind::STATE)?;
-            let state =
-                MicrovmState::decode(&state_bytes).map_err(|source| RestoreError::State {
-                    url: url(STATE_FILE),
-                    source,
-                })?;
-            let mem_bytes = fetch(MEMORY_FILE, &MANIFEST_KIND)?;
-            let manifest = decode_manifest(&mem_bytes, &url(MEMORY_FILE))?;
-            let working_set = match meta.fetch(WORKINGSET_FILE, cap(&WORKINGSET_KIND)) {
-                Ok(b) => WorkingSet::decode(&b)
-                    .map_err(|e| {
-                        log::warn!("ignoring {}: {}", url(WORKINGSET_FILE), error_chain(&e))
-                    })
-                    .ok(),
-                Err(e) if e.is_not_found() => None,
-                Err(e) => {
-                    log::warn!("no working set: {}", error_chain(&e));
-                    None
-                }
-            };
-            let base = match &state.store {
-                None => vm_url.clone(),
-                Some(p) if p.is_absolute() => {
-                    return Err(RestoreError::Url(ArchiveError::BadUrl {
-                        url: vm_url.clone(),
-                        reason: format!(
-                            "the archived state names a local chunk store {} (push it with \
-                             `vmm archive push`)",
-                            p.display()
-                        ),
-                    }));
-                }
-                Some(p) => resolve_url(vm_url, &p.to_string_lossy()).map_err(RestoreError::Url)?,
-            };
-            let chunks = Arc::new(HttpStore::new(&base, http.clone()).map_err(|source| {
-                RestoreError::Http {
-                    url: base.clone(),
-                    source,
-                }
-            })?);
-            Ok(Loaded {
-                state,
-                manifest,
-                manifest_hash: manifest_hash(&mem_bytes),
-                working_set,
-                upstream: chunks.clone(),
-                meta_http: Some(meta),
-                chunks_http: Some(chunks),
-                meta_local_bytes: 0,
-                vm_url: Some(vm_url.clone()),
-                state_name: url(STATE_FILE),
-                memory_name: url(MEMORY_FILE),
-            })
+        Source::Http { vm_url } => load_http(vm_url, http),
+        Source::Local { vm_dir } => load_local(vm_dir),
+    }
+}
+
+/// An HTTP store on `url`.
+fn http_store(url: &str, http: &HttpStoreOptions) -> Result<Arc<HttpStore>, RestoreError> {
+    HttpStore::new(url, http.clone())
+        .map(Arc::new)
+        .map_err(|source| RestoreError::Http {
+            url: url.to_string(),
+            source,
+        })
+}
+
+/// Fetches file `f` of the VM at `vm_url` through `meta`. The container (length,
+/// checksum) is checked inside the fetch, so an answer damaged on the way is asked for
+/// again; what it holds is decoded by the caller.
+fn fetch_checked(
+    meta: &HttpStore,
+    vm_url: &str,
+    f: &str,
+    kind: &FileKind,
+) -> Result<Vec<u8>, RestoreError> {
+    let whole = |u: &str, body: Vec<u8>| match file::check_container(kind, &body) {
+        Ok(()) => Ok(body),
+        Err(e) => Err(HttpError::Invalid {
+            url: u.into(),
+            reason: error_chain(&e),
+        }),
+    };
+    meta.fetch_with(f, cap(kind), whole).map_err(|source| {
+        if source.is_not_found() && f == STATE_FILE {
+            RestoreError::NotFound {
+                url: vm_url.to_string(),
+            }
+        } else {
+            RestoreError::Fetch {
+                url: format!("{vm_url}/{f}"),
+                source,
+            }
         }
-        Source::Local { vm_dir } => {
-            let read = |f: &str| {
-                let p = vm_dir.join(f);
-                std::fs::read(&p).map_err(|source| RestoreError::Read { path: p, source })
-            };
-            let name = |f: &str| vm_dir.join(f).display().to_string();
-            let state_bytes = read(STATE_FILE)?;
-            let state =
-                MicrovmState::decode(&state_bytes).map_err(|source| RestoreError::State {
-                    url: name(STATE_FILE),
-                    source,
-                })?;
-            let mem_bytes = read(MEMORY_FILE)?;
-            let manifest = decode_manifest(&mem_bytes, &name(MEMORY_FILE))?;
-            let ws_path = vm_dir.join(WORKINGSET_FILE);
-            let working_set = ws_path
-                .is_file()
-                .then(|| {
-                    WorkingSet::read_from(&ws_path)
-                        .map_err(|e| {
-                            log::warn!("ignoring {}: {}", ws_path.display(), error_chain(&e))
-                        })
-                        .ok()
-                })
-                .flatten();
-            let store_dir = state.store_dir(vm_dir);
-            crate::formats::check_archive(&store_dir).map_err(RestoreError::Archive)?;
-            let store = LocalStore::open(&store_dir, LocalStoreOptions::default())
-                .map_err(RestoreError::Store)?;
-            Ok(Loaded {
-                meta_local_bytes: (state_bytes.len() + mem_bytes.len()) as u64,
-                state,
-                manifest,
-                manifest_hash: manifest_hash(&mem_bytes),
-                working_set,
-                upstream: Arc::new(store),
-                meta_http: None,
-                chunks_http: None,
-                // Disk images relative to the archive are read from the directory
-                // through the remote-disk backend's `file://` support.
-                vm_url: Some(format!(
-                    "file://{}",
-                    std::fs::canonicalize(vm_dir)
-                        .unwrap_or_else(|_| vm_dir.to_path_buf())
-                        .display()
-                )),
-                state_name: name(STATE_FILE),
-                memory_name: name(MEMORY_FILE),
-            })
+    })
+}
+
+/// The archived working set over HTTP, if there is a usable one.
+fn fetch_working_set(meta: &HttpStore, vm_url: &str) -> Option<WorkingSet> {
+    let url = format!("{vm_url}/{WORKINGSET_FILE}");
+    match meta.fetch(WORKINGSET_FILE, cap(&WORKINGSET_KIND)) {
+        Ok(b) => WorkingSet::decode(&b)
+            .map_err(|e| log::warn!("ignoring {url}: {}", error_chain(&e)))
+            .ok(),
+        Err(e) if e.is_not_found() => None,
+        Err(e) => {
+            log::warn!("no working set: {}", error_chain(&e));
+            None
         }
     }
+}
+
+/// The base URL of the chunk store the state names (relative to the VM's URL).
+fn chunk_base(state: &MicrovmState, vm_url: &str) -> Result<String, RestoreError> {
+    match &state.store {
+        None => Ok(vm_url.to_string()),
+        Some(p) if p.is_absolute() => Err(RestoreError::Url(ArchiveError::BadUrl {
+            url: vm_url.to_string(),
+            reason: format!(
+                "the archived state names a local chunk store {} (push it with \
+                 `vmm archive push`)",
+                p.display()
+            ),
+        })),
+        Some(p) => resolve_url(vm_url, &p.to_string_lossy()).map_err(RestoreError::Url),
+    }
+}
+
+fn load_http(vm_url: &str, http: &HttpStoreOptions) -> Result<Loaded, RestoreError> {
+    let meta = http_store(vm_url, http)?;
+    let url = |f: &str| format!("{vm_url}/{f}");
+    let state_bytes = fetch_checked(&meta, vm_url, STATE_FILE, &FileKind::STATE)?;
+    let state = MicrovmState::decode(&state_bytes).map_err(|source| RestoreError::State {
+        url: url(STATE_FILE),
+        source,
+    })?;
+    let mem_bytes = fetch_checked(&meta, vm_url, MEMORY_FILE, &MANIFEST_KIND)?;
+    let manifest = decode_manifest(&mem_bytes, &url(MEMORY_FILE))?;
+    let working_set = fetch_working_set(&meta, vm_url);
+    let chunks = http_store(&chunk_base(&state, vm_url)?, http)?;
+    Ok(Loaded {
+        state,
+        manifest,
+        manifest_hash: manifest_hash(&mem_bytes),
+        working_set,
+        upstream: chunks.clone(),
+        meta_http: Some(meta),
+        chunks_http: Some(chunks),
+        meta_local_bytes: 0,
+        vm_url: Some(vm_url.to_string()),
+        state_name: url(STATE_FILE),
+        memory_name: url(MEMORY_FILE),
+    })
+}
+
+/// The working set in a local VM directory, if there is a usable one.
+fn read_working_set(vm_dir: &Path) -> Option<WorkingSet> {
+    let ws_path = vm_dir.join(WORKINGSET_FILE);
+    ws_path
+        .is_file()
+        .then(|| {
+            WorkingSet::read_from(&ws_path)
+                .map_err(|e| log::warn!("ignoring {}: {}", ws_path.display(), error_chain(&e)))
+                .ok()
+        })
+        .flatten()
+}
+
+fn load_local(vm_dir: &Path) -> Result<Loaded, RestoreError> {
+    let read = |f: &str| {
+        let p = vm_dir.join(f);
+        std::fs::read(&p).map_err(|source| RestoreError::Read { path: p, source })
+    };
+    let name = |f: &str| vm_dir.join(f).display().to_string();
+    let state_bytes = read(STATE_FILE)?;
+    let state = MicrovmState::decode(&state_bytes).map_err(|source| RestoreError::State {
+        url: name(STATE_FILE),
+        source,
+    })?;
+    let mem_bytes = read(MEMORY_FILE)?;
+    let manifest = decode_manifest(&mem_bytes, &name(MEMORY_FILE))?;
+    let working_set = read_working_set(vm_dir);
+    let store_dir = state.store_dir(vm_dir);
+    crate::formats::check_archive(&store_dir).map_err(RestoreError::Archive)?;
+    let store =
+        LocalStore::open(&store_dir, LocalStoreOptions::default()).map_err(RestoreError::Store)?;
+    Ok(Loaded {
+        meta_local_bytes: (state_bytes.len() + mem_bytes.len()) as u64,
+        state,
+        manifest,
+        manifest_hash: manifest_hash(&mem_bytes),
+        working_set,
+        upstream: Arc::new(store),
+        meta_http: None,
+        chunks_http: None,
+        // Disk images relative to the archive are read from the directory
+        // through the remote-disk backend's `file://` support.
+        vm_url: Some(format!(
+            "file://{}",
+            std::fs::canonicalize(vm_dir)
+                .unwrap_or_else(|_| vm_dir.to_path_buf())
+                .display()
+        )),
+        state_name: name(STATE_FILE),
+        memory_name: name(MEMORY_FILE),
+    })
 }
 
 fn decode_manifest(bytes: &[u8], url: &str) -> Result<MemoryManifest, RestoreError> {
@@ -592,6 +424,180 @@ fn prepare_disk(
     Ok(())
 }
 
+/// The store serving guest memory: the upstream store through the shared chunk cache
+/// (when the chunks are remote), recording the chunks read if `record`.
+fn open_store(
+    loaded: &Loaded,
+    cache_root: &Path,
+    record: bool,
+) -> Result<Arc<CachedStore>, RestoreError> {
+    let remote_chunks = loaded.chunks_http.is_some();
+    let store = Arc::new(
+        CachedStore::new(
+            Arc::clone(&loaded.upstream),
+            remote_chunks.then(|| cache_root.join("chunks")).as_deref(),
+        )
+        .map_err(RestoreError::Cache)?,
+    );
+    if record {
+        store.start_recording();
+    }
+    Ok(store)
+}
+
+/// Where the fresh disk overlays go: the caller's directory, else a per-instance
+/// directory under the cache root, made when first needed.
+struct OverlayDirs<'a> {
+    given: Option<&'a Path>,
+    cache_root: &'a Path,
+    temp: Option<PathBuf>,
+}
+
+impl OverlayDirs<'_> {
+    fn get(&mut self) -> Result<PathBuf, RestoreError> {
+        let d = match (self.given, &self.temp) {
+            (Some(d), _) => d.to_path_buf(),
+            (None, Some(t)) => return Ok(t.clone()),
+            (None, None) => {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos());
+                let d = self
+                    .cache_root
+                    .join("instances")
+                    .join(format!("{}-{nanos}", std::process::id()));
+                self.temp = Some(d.clone());
+                d
+            }
+        };
+        std::fs::create_dir_all(&d).map_err(|source| RestoreError::Read {
+            path: d.clone(),
+            source,
+        })?;
+        Ok(d)
+    }
+}
+
+/// Prepares every disk of `loaded` ([`prepare_disk`]); returns the per-instance
+/// directory made for overlays, if one was.
+fn prepare_disks(
+    loaded: &mut Loaded,
+    cache_root: &Path,
+    overlay_dir: Option<&Path>,
+) -> Result<Option<PathBuf>, RestoreError> {
+    let mut dirs = OverlayDirs {
+        given: overlay_dir,
+        cache_root,
+        temp: None,
+    };
+    for i in 0..loaded.state.blocks.len() {
+        prepare_disk(
+            &mut loaded.state,
+            i,
+            loaded.vm_url.as_deref(),
+            cache_root,
+            &mut || dirs.get(),
+        )?;
+    }
+    Ok(dirs.temp)
+}
+
+/// What to prefetch (the matching working set, then the rest), decided before the
+/// manifest moves into the builder.
+fn prefetch_plan(loaded: &mut Loaded, opts: &ArchiveRestoreOptions) -> PrefetchPlan {
+    let mut ws: Vec<ChunkId> = Vec::new();
+    if opts.prefetch
+        && let Some(w) = loaded.working_set.take()
+    {
+        if w.manifest_hash == loaded.manifest_hash {
+            ws = w.chunks;
+        } else {
+            log::warn!(
+                "the archived working set was recorded for another memory manifest; ignored"
+            );
+        }
+    }
+    let in_ws: std::collections::HashSet<ChunkId> = ws.iter().copied().collect();
+    let mut seen = std::collections::HashSet::new();
+    let rest: Vec<ChunkId> = loaded
+        .manifest
+        .chunk_ids()
+        .filter(|id| !in_ws.contains(id) && seen.insert(**id))
+        .copied()
+        .collect();
+    PrefetchPlan {
+        working_set: ws,
+        rest,
+        fill: if opts.record {
+            FillRate::Off
+        } else {
+            opts.fill
+        },
+        threads: opts.prefetch_threads,
+    }
+}
+
+/// Checks that the remote images are the archived ones (`recorded` identities);
+/// with `force` a mismatch is only logged.
+fn check_images(vmm: &Vmm, recorded: &[BackendIdentity], force: bool) -> Result<(), RestoreError> {
+    for (i, disk) in &vmm.remote {
+        let want = recorded
+            .get(*i)
+            .and_then(|id| {
+                let mut id = id.clone();
+                base_identity(&mut id).stamp.clone()
+            })
+            .unwrap_or_default();
+        let found = format!("image-id={}", disk.image_id());
+        if want != found {
+            let msg = format!(
+                "image {} is {found}, the archived VM was snapshotted on {want}",
+                disk.url()
+            );
+            if !force {
+                return Err(RestoreError::Disk {
+                    index: *i,
+                    reason: format!("{msg} (--force to accept)"),
+                });
+            }
+            log::warn!("disk {i}: {msg}; continuing because of --force");
+        }
+    }
+    Ok(())
+}
+
+/// Resumes the vCPUs, logs when, and has a thread record the fetch totals one second
+/// later.
+fn resume_and_report(
+    vmm: &mut Vmm,
+    session: &mut ArchiveSession,
+    started: Instant,
+) -> Result<(), RestoreError> {
+    vmm.resume()
+        .map_err(|e| RestoreError::Build(BuildError::Device(format!("resuming: {e}"))))?;
+    let ms = started.elapsed().as_millis() as u64;
+    session.running_after_ms = Some(ms);
+    log::info!(
+        "archive {}: guest running {ms} ms after start",
+        session.source
+    );
+    let slot = Arc::clone(&session.first_second);
+    let (m, src) = (Arc::clone(&session.meters), session.source.clone());
+    let memory_size = session.memory_size;
+    let _ = std::thread::Builder::new()
+        .name("archive-report".into())
+        .spawn(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            let s = m.snapshot();
+            log::info!(
+                "archive {src}: fetched by the end of the guest's first second: {}",
+                describe(&s, memory_size)
+            );
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(s);
+        });
+    Ok(())
+}
+
 /// Resumes the archived VM at `source` (see the module documentation). The VM runs
 /// (unless `start_paused`) when this returns; run it with [`Vmm::run`] and drop the
 /// session after the VM.
@@ -606,90 +612,15 @@ pub fn restore(
         .unwrap_or_else(super::default_cache_root);
     let mut loaded = load(source, &opts.http)?;
     let remote_chunks = loaded.chunks_http.is_some();
-    let store = Arc::new(
-        CachedStore::new(
-            Arc::clone(&loaded.upstream),
-            remote_chunks.then(|| cache_root.join("chunks")).as_deref(),
-        )
-        .map_err(RestoreError::Cache)?,
-    );
-    if opts.record {
-        store.start_recording();
-    }
-
-    // Disks.
-    let mut temp_dir = None;
-    let mut overlay_dir = || -> Result<PathBuf, RestoreError> {
-        let d = match (&opts.overlay_dir, &temp_dir) {
-            (Some(d), _) => d.clone(),
-            (None, Some(t)) => return Ok(PathBuf::clone(t)),
-            (None, None) => {
-                let nanos = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos());
-                let d = cache_root
-                    .join("instances")
-                    .join(format!("{}-{nanos}", std::process::id()));
-                temp_dir = Some(d.clone());
-                d
-            }
-        };
-        std::fs::create_dir_all(&d).map_err(|source| RestoreError::Read {
-            path: d.clone(),
-            source,
-        })?;
-        Ok(d)
-    };
-    for i in 0..loaded.state.blocks.len() {
-        prepare_disk(
-            &mut loaded.state,
-            i,
-            loaded.vm_url.as_deref(),
-            &cache_root,
-            &mut overlay_dir,
-        )?;
-    }
+    let store = open_store(&loaded, &cache_root, opts.record)?;
+    let temp_dir = prepare_disks(&mut loaded, &cache_root, opts.overlay_dir.as_deref())?;
     let recorded: Vec<BackendIdentity> = loaded
         .state
         .blocks
         .iter()
         .map(|b| b.device.identity.clone())
         .collect();
-
-    // What to prefetch, decided before the manifest moves into the builder.
-    let mut plan = None;
-    if !opts.eager_memory && remote_chunks {
-        let mut ws: Vec<ChunkId> = Vec::new();
-        if opts.prefetch
-            && let Some(w) = loaded.working_set.take()
-        {
-            if w.manifest_hash == loaded.manifest_hash {
-                ws = w.chunks;
-            } else {
-                log::warn!(
-                    "the archived working set was recorded for another memory manifest; ignored"
-                );
-            }
-        }
-        let in_ws: std::collections::HashSet<ChunkId> = ws.iter().copied().collect();
-        let mut seen = std::collections::HashSet::new();
-        let rest: Vec<ChunkId> = loaded
-            .manifest
-            .chunk_ids()
-            .filter(|id| !in_ws.contains(id) && seen.insert(**id))
-            .copied()
-            .collect();
-        plan = Some(PrefetchPlan {
-            working_set: ws,
-            rest,
-            fill: if opts.record {
-                FillRate::Off
-            } else {
-                opts.fill
-            },
-            threads: opts.prefetch_threads,
-        });
-    }
+    let plan = (!opts.eager_memory && remote_chunks).then(|| prefetch_plan(&mut loaded, &opts));
     let memory_size = loaded.manifest.memory_size();
     let ropts = RestoreOptions {
         console: opts.console,
@@ -711,31 +642,7 @@ pub fn restore(
         !remote_chunks && !opts.record && opts.fill != FillRate::Off,
     )
     .map_err(RestoreError::Build)?;
-    // The images must be the archived ones.
-    for (i, disk) in &vmm.remote {
-        let want = recorded
-            .get(*i)
-            .and_then(|id| {
-                let mut id = id.clone();
-                base_identity(&mut id).stamp.clone()
-            })
-            .unwrap_or_default();
-        let found = format!("image-id={}", disk.image_id());
-        if want != found {
-            let msg = format!(
-                "image {} is {found}, the archived VM was snapshotted on {want}",
-                disk.url()
-            );
-            if !opts.force {
-                return Err(RestoreError::Disk {
-                    index: *i,
-                    reason: format!("{msg} (--force to accept)"),
-                });
-            }
-            log::warn!("disk {i}: {msg}; continuing because of --force");
-        }
-    }
-    let lazy = vmm.lazy.as_ref().and_then(|l| l.handle().ok());
+    check_images(&vmm, &recorded, opts.force)?;
     let meters = Arc::new(Meters {
         started,
         meta: loaded.meta_http,
@@ -743,13 +650,13 @@ pub fn restore(
         meta_local_bytes: loaded.meta_local_bytes,
         store: Arc::clone(&store),
         disks: vmm.remote.iter().map(|(_, d)| Arc::clone(d)).collect(),
-        lazy,
+        lazy: vmm.lazy.as_ref().and_then(|l| l.handle().ok()),
     });
     let before = meters.snapshot();
     let mut session = ArchiveSession {
         source: source.display(),
         memory_size,
-        meters: Arc::clone(&meters),
+        meters,
         prefetcher: None,
         running_after_ms: None,
         before_first_instruction: before,
@@ -763,27 +670,7 @@ pub fn restore(
         describe(&before, memory_size)
     );
     if !opts.start_paused {
-        vmm.resume()
-            .map_err(|e| RestoreError::Build(BuildError::Device(format!("resuming: {e}"))))?;
-        let ms = started.elapsed().as_millis() as u64;
-        session.running_after_ms = Some(ms);
-        log::info!(
-            "archive {}: guest running {ms} ms after start",
-            session.source
-        );
-        let slot = Arc::clone(&session.first_second);
-        let (m, src) = (Arc::clone(&meters), session.source.clone());
-        let _ = std::thread::Builder::new()
-            .name("archive-report".into())
-            .spawn(move || {
-                std::thread::sleep(Duration::from_secs(1));
-                let s = m.snapshot();
-                log::info!(
-                    "archive {src}: fetched by the end of the guest's first second: {}",
-                    describe(&s, memory_size)
-                );
-                *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(s);
-            });
+        resume_and_report(&mut vmm, &mut session, started)?;
     }
     if let Some(plan) = plan {
         let lazy = vmm.lazy.as_ref().and_then(|l| l.handle().ok());

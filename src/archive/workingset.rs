@@ -208,6 +208,97 @@ impl Drop for Prefetcher {
     }
 }
 
+/// What a prefetch run shares: the stop flag, the progress, the start time.
+struct Run<'a> {
+    store: &'a CachedStore,
+    stop: &'a AtomicBool,
+    progress: &'a Progress,
+    t0: Instant,
+}
+
+impl Run<'_> {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Marks the run failed (logging the first failure only).
+    fn fail(&self, what: &str, id: &ChunkId, e: &crate::store::StoreError) {
+        if !self.progress.failed.swap(true, Ordering::AcqRel) {
+            log::warn!(
+                "archive {what} stopped: chunk {id}: {} (page faults still fetch on demand)",
+                crate::util::error_chain(e)
+            );
+        }
+    }
+
+    /// Warms the working set on `threads` threads sharing one cursor.
+    fn working_set(&self, working_set: &[ChunkId], threads: usize) {
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|sc| {
+            for _ in 0..threads.max(1) {
+                sc.spawn(|| {
+                    loop {
+                        if self.stopped() || self.progress.failed.load(Ordering::Acquire) {
+                            return;
+                        }
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(id) = working_set.get(i) else {
+                            return;
+                        };
+                        match self.store.warm(id, Purpose::Prefetch) {
+                            Ok(_) => {
+                                self.progress.ws_done.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => self.fail("working-set prefetch", id, &e),
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    /// Warms `rest` one chunk at a time, paced by a token bucket of `rate` bytes per
+    /// second (`None`: unpaced); returns whether it got through all of them.
+    fn fill(&self, rest: &[ChunkId], rate: Option<u64>) -> bool {
+        let fill_start = Instant::now();
+        let mut fetched = 0u64;
+        for id in rest {
+            if self.stopped() {
+                return false;
+            }
+            if let Some(r) = rate {
+                loop {
+                    let allowed = (fill_start.elapsed().as_secs_f64() * r as f64) as u64;
+                    if fetched <= allowed || self.stopped() {
+                        break;
+                    }
+                    let wait = (fetched - allowed) as f64 / r as f64;
+                    std::thread::sleep(Duration::from_secs_f64(wait.min(0.05)));
+                }
+            }
+            let before = self.store.stats().fill_bytes;
+            match self.store.warm(id, Purpose::Fill) {
+                Ok(_) => {
+                    self.progress.fill_done.fetch_add(1, Ordering::Relaxed);
+                    fetched += self.store.stats().fill_bytes.saturating_sub(before);
+                }
+                Err(e) => {
+                    self.fail("background fill", id, &e);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Records in `slot` the milliseconds since the start; returns them.
+    fn mark(&self, slot: &Mutex<Option<u64>>) -> u64 {
+        let ms = self.t0.elapsed().as_millis() as u64;
+        *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(ms);
+        ms
+    }
+}
+
 fn run(
     store: &CachedStore,
     plan: PrefetchPlan,
@@ -215,46 +306,17 @@ fn run(
     stop: &AtomicBool,
     progress: &Progress,
 ) {
-    let t0 = Instant::now();
-    let fail = |what: &str, id: &ChunkId, e: &crate::store::StoreError| {
-        if !progress.failed.swap(true, Ordering::AcqRel) {
-            log::warn!(
-                "archive {what} stopped: chunk {id}: {} (page faults still fetch on demand)",
-                crate::util::error_chain(e)
-            );
-        }
+    let run = Run {
+        store,
+        stop,
+        progress,
+        t0: Instant::now(),
     };
-    // The working set, on a few threads sharing one cursor.
-    let next = AtomicUsize::new(0);
-    std::thread::scope(|sc| {
-        for _ in 0..plan.threads.max(1) {
-            sc.spawn(|| {
-                loop {
-                    if stop.load(Ordering::Acquire) || progress.failed.load(Ordering::Acquire) {
-                        return;
-                    }
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(id) = plan.working_set.get(i) else {
-                        return;
-                    };
-                    match store.warm(id, Purpose::Prefetch) {
-                        Ok(_) => {
-                            progress.ws_done.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => fail("working-set prefetch", id, &e),
-                    }
-                }
-            });
-        }
-    });
-    if stop.load(Ordering::Acquire) || progress.failed.load(Ordering::Acquire) {
+    run.working_set(&plan.working_set, plan.threads);
+    if run.stopped() || progress.failed.load(Ordering::Acquire) {
         return;
     }
-    let ws_ms = t0.elapsed().as_millis() as u64;
-    *progress
-        .ws_ms
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner) = Some(ws_ms);
+    let ws_ms = run.mark(&progress.ws_ms);
     if !plan.working_set.is_empty() {
         log::info!(
             "archive: working set of {} chunks cached {ws_ms} ms after resume",
@@ -266,40 +328,10 @@ fn run(
         FillRate::BytesPerSec(r) => Some(r.max(1)),
         FillRate::Unlimited => None,
     };
-    // The rest, one at a time, paced by a token bucket.
-    let fill_start = Instant::now();
-    let mut fetched = 0u64;
-    for id in &plan.rest {
-        if stop.load(Ordering::Acquire) {
-            return;
-        }
-        if let Some(r) = rate {
-            loop {
-                let allowed = (fill_start.elapsed().as_secs_f64() * r as f64) as u64;
-                if fetched <= allowed || stop.load(Ordering::Acquire) {
-                    break;
-                }
-                let wait = (fetched - allowed) as f64 / r as f64;
-                std::thread::sleep(Duration::from_secs_f64(wait.min(0.05)));
-            }
-        }
-        let before = store.stats().fill_bytes;
-        match store.warm(id, Purpose::Fill) {
-            Ok(_) => {
-                progress.fill_done.fetch_add(1, Ordering::Relaxed);
-                fetched += store.stats().fill_bytes.saturating_sub(before);
-            }
-            Err(e) => {
-                fail("background fill", id, &e);
-                return;
-            }
-        }
+    if !run.fill(&plan.rest, rate) {
+        return;
     }
-    let fill_ms = t0.elapsed().as_millis() as u64;
-    *progress
-        .fill_ms
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner) = Some(fill_ms);
+    let fill_ms = run.mark(&progress.fill_ms);
     log::info!(
         "archive: background fill cached all {} other chunks {fill_ms} ms after resume",
         plan.rest.len()

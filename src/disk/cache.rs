@@ -144,83 +144,14 @@ impl ChunkCache {
         image_id: &ImageId,
         max_bytes: Option<u64>,
     ) -> Result<Self> {
-        let io = |op, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| CacheError::Io { op, path, source }
-        };
         let dir = root.join(image_id.to_hex());
-        std::fs::create_dir_all(&dir).map_err(io("create directory", &dir))?;
+        std::fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
         let data_path = dir.join("data");
         let present_path = dir.join("present");
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&data_path)
-            .map_err(io("open", &data_path))?;
-        match data.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(CacheError::Busy { path: data_path });
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io("lock", &data_path)(e)),
-        }
-        let words = index.chunk_count().div_ceil(64);
-        let mut saved: Option<PresentFile> = match file::read_file(&present_path, &PRESENT_KIND) {
-            Ok(p) => Some(p),
-            Err(StateFileError::Io(IoError { source, .. }))
-                if source.kind() == io::ErrorKind::NotFound =>
-            {
-                None
-            }
-            Err(e) => {
-                log::warn!(
-                    "discarding image cache bitmap: {}",
-                    crate::util::error_chain(&e)
-                );
-                None
-            }
-        };
-        if saved.as_ref().is_some_and(|p| {
-            p.image_id != *image_id
-                || p.size != index.size
-                || p.chunk_size != index.chunk_size
-                || p.bits.len() != words
-        }) {
-            log::warn!(
-                "discarding image cache bitmap {}: made for another image",
-                present_path.display()
-            );
-            saved = None;
-        }
-        let len = data.metadata().map_err(io("stat", &data_path))?.len();
-        if saved.is_some() && len != index.size {
-            log::warn!(
-                "discarding image cache bitmap {}: the data file changed size",
-                present_path.display()
-            );
-            saved = None;
-        }
-        if saved.is_none() && len != 0 {
-            // Nothing in it is known to be valid: drop the old blocks.
-            data.set_len(0).map_err(io("truncate", &data_path))?;
-        }
-        if len != index.size || saved.is_none() {
-            data.set_len(index.size).map_err(io("resize", &data_path))?;
-        }
-        let bits: Vec<AtomicU64> = match saved {
-            Some(p) => p.bits.into_iter().map(AtomicU64::new).collect(),
-            None => (0..words).map(|_| AtomicU64::new(0)).collect(),
-        };
-        let mut queue = VecDeque::new();
-        let mut bytes = 0;
-        for idx in 0..index.chunk_count() {
-            if bits[idx / 64].load(Ordering::Relaxed) & (1 << (idx % 64)) != 0 {
-                queue.push_back(idx as u32);
-                bytes += index.chunk_len(idx) as u64;
-            }
-        }
+        let data = open_locked(&data_path)?;
+        let saved = read_bitmap(&present_path, index, image_id);
+        let bits = size_data(&data, &data_path, &present_path, index, saved)?;
+        let (queue, bytes) = cached_in_index_order(&bits, index);
         let cache = ChunkCache {
             dir,
             data_path,
@@ -452,6 +383,108 @@ impl Drop for ChunkCache {
             log::warn!("{}", crate::util::error_chain(&e));
         }
     }
+}
+
+/// Maps an I/O error of `op` on `path` to a [`CacheError`].
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CacheError {
+    let path = path.to_path_buf();
+    move |source| CacheError::Io { op, path, source }
+}
+
+/// Opens (creating it) the data file and locks it for this process.
+fn open_locked(data_path: &Path) -> Result<File> {
+    let data = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(data_path)
+        .map_err(io_err("open", data_path))?;
+    match data.try_lock() {
+        Ok(()) => Ok(data),
+        Err(std::fs::TryLockError::WouldBlock) => Err(CacheError::Busy {
+            path: data_path.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_err("lock", data_path)(e)),
+    }
+}
+
+/// The persisted bitmap, if it is readable and made for this image and index.
+fn read_bitmap(present_path: &Path, index: &ImageIndex, image_id: &ImageId) -> Option<PresentFile> {
+    let saved: PresentFile = match file::read_file(present_path, &PRESENT_KIND) {
+        Ok(p) => p,
+        Err(StateFileError::Io(IoError { source, .. }))
+            if source.kind() == io::ErrorKind::NotFound =>
+        {
+            return None;
+        }
+        Err(e) => {
+            log::warn!(
+                "discarding image cache bitmap: {}",
+                crate::util::error_chain(&e)
+            );
+            return None;
+        }
+    };
+    let words = index.chunk_count().div_ceil(64);
+    if saved.image_id != *image_id
+        || saved.size != index.size
+        || saved.chunk_size != index.chunk_size
+        || saved.bits.len() != words
+    {
+        log::warn!(
+            "discarding image cache bitmap {}: made for another image",
+            present_path.display()
+        );
+        return None;
+    }
+    Some(saved)
+}
+
+/// Gives the data file the image's size, emptying it first unless `saved` (still
+/// matching the file's size) says what in it is valid; returns the presence bits.
+fn size_data(
+    data: &File,
+    data_path: &Path,
+    present_path: &Path,
+    index: &ImageIndex,
+    mut saved: Option<PresentFile>,
+) -> Result<Vec<AtomicU64>> {
+    let len = data.metadata().map_err(io_err("stat", data_path))?.len();
+    if saved.is_some() && len != index.size {
+        log::warn!(
+            "discarding image cache bitmap {}: the data file changed size",
+            present_path.display()
+        );
+        saved = None;
+    }
+    if saved.is_none() && len != 0 {
+        // Nothing in it is known to be valid: drop the old blocks.
+        data.set_len(0).map_err(io_err("truncate", data_path))?;
+    }
+    if len != index.size || saved.is_none() {
+        data.set_len(index.size)
+            .map_err(io_err("resize", data_path))?;
+    }
+    let words = index.chunk_count().div_ceil(64);
+    Ok(match saved {
+        Some(p) => p.bits.into_iter().map(AtomicU64::new).collect(),
+        None => (0..words).map(|_| AtomicU64::new(0)).collect(),
+    })
+}
+
+/// The cached chunks in index order (the eviction order of chunks found at open), and
+/// their bytes.
+fn cached_in_index_order(bits: &[AtomicU64], index: &ImageIndex) -> (VecDeque<u32>, u64) {
+    let mut queue = VecDeque::new();
+    let mut bytes = 0;
+    for idx in 0..index.chunk_count() {
+        if bits[idx / 64].load(Ordering::Relaxed) & (1 << (idx % 64)) != 0 {
+            queue.push_back(idx as u32);
+            bytes += index.chunk_len(idx) as u64;
+        }
+    }
+    (queue, bytes)
 }
 
 #[cfg(test)]

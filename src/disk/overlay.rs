@@ -181,6 +181,100 @@ fn disk_io(op: &'static str) -> impl Fn(io::Error) -> DiskError {
     move |source| DiskError::Io { op, source }
 }
 
+/// Reads and checks the existing map of overlay `path` over a base of `size` bytes
+/// identified by `base_identity`.
+fn read_map(
+    path: &Path,
+    map_path: &Path,
+    size: u64,
+    base_identity: &BackendIdentity,
+    data_exists: bool,
+) -> Result<OverlayMap> {
+    let map: OverlayMap =
+        file::read_file(map_path, &MAP_KIND).map_err(|source| OverlayError::Map {
+            path: map_path.to_path_buf(),
+            source,
+        })?;
+    let bad = |reason: String| OverlayError::BadMap {
+        path: map_path.to_path_buf(),
+        reason,
+    };
+    if !map.block_size.is_power_of_two() || !(512..=1 << 20).contains(&map.block_size) {
+        return Err(bad(format!("invalid block size {}", map.block_size)));
+    }
+    let words = map.size.div_ceil(u64::from(map.block_size)).div_ceil(64);
+    if map.bits.len() as u64 != words {
+        return Err(bad(format!(
+            "bitmap of {} words for {} bytes in {}-byte blocks",
+            map.bits.len(),
+            map.size,
+            map.block_size
+        )));
+    }
+    if map.size != size || !same_base(&map.base, base_identity) {
+        return Err(OverlayError::BaseMismatch {
+            path: path.to_path_buf(),
+            expected: Box::new(map.base),
+            found: Box::new(base_identity.clone()),
+        });
+    }
+    if !data_exists && map.bits.iter().any(|&w| w != 0) {
+        return Err(OverlayError::Incomplete {
+            path: path.to_path_buf(),
+            map: map_path.to_path_buf(),
+            reason: "the data file is missing",
+        });
+    }
+    Ok(map)
+}
+
+/// Writes the empty map of a new overlay (default block size) over `base_identity`.
+fn new_map(map_path: &Path, size: u64, base_identity: &BackendIdentity) -> Result<OverlayMap> {
+    let block = u64::from(DEFAULT_BLOCK_SIZE);
+    let map = OverlayMap {
+        size,
+        block_size: DEFAULT_BLOCK_SIZE,
+        base: base_identity.clone(),
+        bits: vec![0; size.div_ceil(block).div_ceil(64) as usize],
+    };
+    file::write_file(map_path, &MAP_KIND, &map).map_err(|source| OverlayError::Map {
+        path: map_path.to_path_buf(),
+        source,
+    })?;
+    Ok(map)
+}
+
+/// Opens (creating it) and locks the data file of overlay `path`, and gives it the
+/// disk's `size` if it is shorter and holds nothing the map relies on.
+fn open_data(path: &Path, size: u64, map: &OverlayMap) -> Result<File> {
+    let data = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io_err("open", path))?;
+    match data.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(OverlayError::Busy { path: path.into() });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io_err("lock", path)(e)),
+    }
+    let len = data.metadata().map_err(io_err("stat", path))?.len();
+    if len != size {
+        if len > size || map.bits.iter().any(|&w| w != 0) && len != 0 {
+            return Err(OverlayError::BadMap {
+                path: path.to_path_buf(),
+                reason: format!("data file is {len} bytes, the disk {size}"),
+            });
+        }
+        data.set_len(size).map_err(io_err("resize", path))?;
+        data.sync_all().map_err(io_err("fsync", path))?;
+    }
+    Ok(data)
+}
+
 impl OverlayBackend {
     /// Opens the overlay at `path` over `base`, creating it (with 4 KiB blocks) if neither
     /// `path` nor its map exists.
@@ -190,86 +284,19 @@ impl OverlayBackend {
         let size = base.size();
         let exists = |p: &Path| p.try_exists().map_err(io_err("stat", p));
         let (data_exists, map_exists) = (exists(path)?, exists(&map_path)?);
-        let incomplete = |reason| OverlayError::Incomplete {
-            path: path.to_path_buf(),
-            map: map_path.clone(),
-            reason,
-        };
         let map = if map_exists {
-            let map: OverlayMap =
-                file::read_file(&map_path, &MAP_KIND).map_err(|source| OverlayError::Map {
-                    path: map_path.clone(),
-                    source,
-                })?;
-            let bad = |reason: String| OverlayError::BadMap {
-                path: map_path.clone(),
-                reason,
-            };
-            if !map.block_size.is_power_of_two() || !(512..=1 << 20).contains(&map.block_size) {
-                return Err(bad(format!("invalid block size {}", map.block_size)));
-            }
-            let words = map.size.div_ceil(u64::from(map.block_size)).div_ceil(64);
-            if map.bits.len() as u64 != words {
-                return Err(bad(format!(
-                    "bitmap of {} words for {} bytes in {}-byte blocks",
-                    map.bits.len(),
-                    map.size,
-                    map.block_size
-                )));
-            }
-            if map.size != size || !same_base(&map.base, &base_identity) {
-                return Err(OverlayError::BaseMismatch {
-                    path: path.to_path_buf(),
-                    expected: Box::new(map.base),
-                    found: Box::new(base_identity),
-                });
-            }
-            if !data_exists && map.bits.iter().any(|&w| w != 0) {
-                return Err(incomplete("the data file is missing"));
-            }
-            map
+            read_map(path, &map_path, size, &base_identity, data_exists)?
         } else {
             if data_exists {
-                return Err(incomplete("the map file is missing"));
-            }
-            let block = u64::from(DEFAULT_BLOCK_SIZE);
-            let map = OverlayMap {
-                size,
-                block_size: DEFAULT_BLOCK_SIZE,
-                base: base_identity.clone(),
-                bits: vec![0; size.div_ceil(block).div_ceil(64) as usize],
-            };
-            file::write_file(&map_path, &MAP_KIND, &map).map_err(|source| OverlayError::Map {
-                path: map_path.clone(),
-                source,
-            })?;
-            map
-        };
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(io_err("open", path))?;
-        match data.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(OverlayError::Busy { path: path.into() });
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io_err("lock", path)(e)),
-        }
-        let len = data.metadata().map_err(io_err("stat", path))?.len();
-        if len != size {
-            if len > size || map.bits.iter().any(|&w| w != 0) && len != 0 {
-                return Err(OverlayError::BadMap {
+                return Err(OverlayError::Incomplete {
                     path: path.to_path_buf(),
-                    reason: format!("data file is {len} bytes, the disk {size}"),
+                    map: map_path.clone(),
+                    reason: "the map file is missing",
                 });
             }
-            data.set_len(size).map_err(io_err("resize", path))?;
-            data.sync_all().map_err(io_err("fsync", path))?;
-        }
+            new_map(&map_path, size, &base_identity)?
+        };
+        let data = open_data(path, size, &map)?;
         let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         Ok(OverlayBackend {
             base,

@@ -301,34 +301,12 @@ fn io_at(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CaptureErro
     move |source| CaptureError::Io { op, path, source }
 }
 
-/// Makes the overlay at `path` (data file; its map is `path.map`) hold the captured
-/// content `want` over a base whose identity is `base` (see the module documentation).
-/// Chunks come from `store`, verified.
-pub fn prepare(
-    path: &Path,
-    base: &BackendIdentity,
-    want: &OverlayManifest,
-    store: &dyn ChunkRead,
-) -> Result<Prepared> {
-    want.validate()?;
-    if want.disk_size != base.size {
-        return Err(CaptureError::Invalid(format!(
-            "captured for a {}-byte disk, the base is {} bytes",
-            want.disk_size, base.size
-        )));
-    }
-    let map_file = map_path(path);
+/// Moves an existing overlay at `path` (data file and map `map_file`) to
+/// `path.pre-restore-T` (and `.map`); returns where the data file went, if it existed.
+fn move_aside(path: &Path, map_file: &Path) -> Result<Option<PathBuf>> {
     let exists = |p: &Path| p.try_exists().map_err(io_at("stat", p));
     let mut moved_aside = None;
-    if exists(&map_file)? {
-        let map: Option<OverlayMap> = file::read_file(&map_file, &MAP_KIND).ok();
-        if let Some(map) = &map
-            && holds(path, map, want)?
-        {
-            return Ok(Prepared::Kept);
-        }
-    }
-    if exists(&map_file)? || exists(path)? {
+    if exists(map_file)? || exists(path)? {
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -348,14 +326,20 @@ pub fn prepare(
             );
             moved_aside = Some(to);
         }
-        if exists(&map_file)? {
+        if exists(map_file)? {
             // `FILE.pre-restore-T.map`: the moved overlay stays openable as is.
-            std::fs::rename(&map_file, map_path(&aside(path)))
-                .map_err(io_at("move aside", &map_file))?;
+            std::fs::rename(map_file, map_path(&aside(path)))
+                .map_err(io_at("move aside", map_file))?;
         }
     }
-    // Data first (temp name, fsync, rename), then the map naming its blocks: a crash in
-    // between leaves a data file without a map, which opening reports as incomplete.
+    Ok(moved_aside)
+}
+
+/// Writes the captured chunks of `want` (from `store`, verified) into the data file
+/// `path`: under a temp name, fsynced, renamed into place. The map is written after it,
+/// so a crash in between leaves a data file without a map, which opening reports as
+/// incomplete.
+fn write_data(path: &Path, want: &OverlayManifest, store: &dyn ChunkRead) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".restore-tmp");
     let tmp = PathBuf::from(tmp);
@@ -378,7 +362,37 @@ pub fn prepare(
     }
     data.sync_all().map_err(io_at("fsync", &tmp))?;
     drop(data);
-    std::fs::rename(&tmp, path).map_err(io_at("rename", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_at("rename", &tmp))
+}
+
+/// Makes the overlay at `path` (data file; its map is `path.map`) hold the captured
+/// content `want` over a base whose identity is `base` (see the module documentation).
+/// Chunks come from `store`, verified.
+pub fn prepare(
+    path: &Path,
+    base: &BackendIdentity,
+    want: &OverlayManifest,
+    store: &dyn ChunkRead,
+) -> Result<Prepared> {
+    want.validate()?;
+    if want.disk_size != base.size {
+        return Err(CaptureError::Invalid(format!(
+            "captured for a {}-byte disk, the base is {} bytes",
+            want.disk_size, base.size
+        )));
+    }
+    let map_file = map_path(path);
+    let exists = |p: &Path| p.try_exists().map_err(io_at("stat", p));
+    if exists(&map_file)? {
+        let map: Option<OverlayMap> = file::read_file(&map_file, &MAP_KIND).ok();
+        if let Some(map) = &map
+            && holds(path, map, want)?
+        {
+            return Ok(Prepared::Kept);
+        }
+    }
+    let moved_aside = move_aside(path, &map_file)?;
+    write_data(path, want, store)?;
     let map = OverlayMap {
         size: want.disk_size,
         block_size: want.block_size,
