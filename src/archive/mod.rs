@@ -14,7 +14,7 @@
 //! * [`push`] writes a snapshot directory into an archive (only the chunks it lacks).
 //! * [`restore`] resumes an archived VM from `http://HOST/ARCHIVE/vms/NAME` or a local
 //!   `ARCHIVE/vms/NAME`: memory through [`LazyMemory`](crate::vstate::uffd::LazyMemory)
-//!   over a [`cache::CachedStore`] (a verified local chunk cache shared between instances),
+//!   over a [`CachedStore`](crate::store::cache::CachedStore) (a verified local chunk cache shared between instances),
 //!   disks through the remote-disk backend with a fresh overlay per instance.
 //! * [`session`] is what a resumed archived VM fetched, and when.
 //! * [`workingset`] records the chunks a resumed VM touches in its first seconds and
@@ -23,7 +23,6 @@
 //!
 //! Decisions and formats: `docs/ARCHIVE.md`.
 
-pub mod cache;
 pub mod cli;
 pub mod push;
 pub mod restore;

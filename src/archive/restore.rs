@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::cache::{CacheError, CachedStore};
 pub use super::session::{ArchiveSession, FetchSnapshot};
 use super::session::{Meters, describe};
 use super::workingset::{FillRate, PrefetchPlan, Prefetcher, WorkingSet, manifest_hash};
@@ -31,6 +30,7 @@ use crate::formats::file::{self, FileKind, StateFileError};
 use crate::formats::{MANIFEST_KIND, WORKINGSET_KIND};
 use crate::snapshot::manifest::{ManifestError, MemoryManifest};
 use crate::snapshot::microvm::{MEMORY_FILE, MicrovmState, STATE_FILE};
+use crate::store::cache::{CacheError, CachedStore};
 use crate::store::http::{HttpError, HttpStore, HttpStoreOptions};
 use crate::store::local::{LocalStore, LocalStoreOptions};
 use crate::store::{ChunkId, ChunkRead, StoreError};

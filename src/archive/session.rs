@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use super::cache::CachedStore;
 use super::workingset::{Prefetcher, WorkingSet};
 use crate::disk::http::LazyHttpDisk;
+use crate::store::cache::CachedStore;
 use crate::store::http::{HttpStats, HttpStore};
 use crate::vstate::uffd::LazyHandle;
 

@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::cache::{CachedStore, Purpose};
 use crate::formats::WORKINGSET_KIND;
 use crate::formats::file::{self, StateFileError};
 use crate::store::ChunkId;
+use crate::store::cache::{CachedStore, Purpose};
 use crate::vstate::uffd::LazyHandle;
 
 /// Errors of working-set files.

@@ -7,11 +7,14 @@
 //!
 //! * [`local`] — [`LocalStore`], chunks as files under a directory.
 //! * [`http`] — [`HttpStore`](http::HttpStore), a read-only store over HTTP.
+//! * [`cache`] — [`CachedStore`](cache::CachedStore), a read-through local chunk cache
+//!   in front of another store.
 //! * [`codec`] — the on-disk encoding of one chunk file (raw or zstd), shared by
 //!   every store that reads the same layout (e.g. a future HTTP store).
 //!
 //! The layout and chunk file format are described in `docs/SNAPSHOT_FORMAT.md`.
 
+pub mod cache;
 pub mod codec;
 pub mod http;
 pub mod local;

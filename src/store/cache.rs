@@ -1,5 +1,7 @@
 //! [`CachedStore`]: a read-through local chunk cache in front of another chunk store
-//! (an archive served over HTTP), shared by every VM resumed on the host.
+//! (an archive served over HTTP), shared by every VM resumed on the host. It stands in
+//! the store layer so that every user of remote chunks can share it (docs/DESIGN.md,
+//! "Chunk stores").
 //!
 //! The cache is a directory in the [`LocalStore`] layout (`ROOT/chunks/xx/<id>`). Reads
 //! try it first; a chunk found there is verified against its id like any store read
@@ -20,9 +22,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::store::codec::{self, Compression};
-use crate::store::local::{LocalStore, LocalStoreOptions};
-use crate::store::{ChunkId, ChunkRead, Result, StoreError};
+use super::codec::{self, Compression};
+use super::local::{LocalStore, LocalStoreOptions};
+use super::{ChunkId, ChunkRead, Result, StoreError};
 use crate::util::fs::Staged;
 
 /// Errors of opening a chunk cache.
