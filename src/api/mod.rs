@@ -39,6 +39,8 @@ use crossbeam_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::util::IoError;
+
 pub use client::{ApiTarget, ClientError, DEFAULT_CLIENT_TIMEOUT, request, request_with_timeout};
 pub use server::{ApiServerHandle, start, start_with_config};
 
@@ -175,30 +177,16 @@ pub enum ApiServerError {
         #[source]
         source: io::Error,
     },
-    /// Binding the unix socket failed.
-    #[error("cannot listen on unix socket {}", path.display())]
-    BindUnix {
-        /// Socket path.
-        path: PathBuf,
-        /// Underlying error.
-        #[source]
-        source: io::Error,
-    },
+    /// Binding the unix socket (`listen on unix socket`), or inspecting, removing,
+    /// renaming or chmod-ing its file (`prepare unix socket file`) failed.
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// Another live process is serving on the socket path.
     #[error("unix socket {} is in use by another process", .0.display())]
     SocketInUse(PathBuf),
     /// The socket path exists and is not a socket; it is left alone.
     #[error("{} exists and is not a unix socket", .0.display())]
     NotASocket(PathBuf),
-    /// Inspecting, removing, renaming or chmod-ing the socket file failed.
-    #[error("cannot prepare unix socket file {}", path.display())]
-    SocketFile {
-        /// Socket path.
-        path: PathBuf,
-        /// Underlying error.
-        #[source]
-        source: io::Error,
-    },
     /// Creating an event fd failed.
     #[error("cannot create event fd")]
     EventFd(#[source] io::Error),

@@ -23,6 +23,7 @@ use super::{
     ActionRequest, ActionType, ApiChannel, ApiReply, ApiRequest, ApiServerConfig, ApiServerError,
     SnapshotCreateRequest, SocketFile, VmStatePatch,
 };
+use crate::util::IoError;
 
 /// Owns the server threads. Dropping it (or calling [`Self::shutdown`]) stops accepting,
 /// closes open connections, fails in-flight requests with 503 and removes the socket file.
@@ -283,10 +284,8 @@ fn start_server(config: ApiServerConfig) -> Result<(ApiServerHandle, ApiChannel)
 /// socket is bound under a temporary name, chmod-ed to 0600 and renamed into place, so it is
 /// never reachable with looser permissions.
 fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile), ApiServerError> {
-    let file_err = |source| ApiServerError::SocketFile {
-        path: path.to_path_buf(),
-        source,
-    };
+    let file_err =
+        |source| ApiServerError::from(IoError::new("prepare unix socket file", path, source));
     match fs::symlink_metadata(path) {
         Ok(md) if md.file_type().is_socket() => {
             if UnixStream::connect(path).is_ok() {
@@ -298,10 +297,8 @@ fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile), ApiServerError> 
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(file_err(e)),
     }
-    let bind_err = |source| ApiServerError::BindUnix {
-        path: path.to_path_buf(),
-        source,
-    };
+    let bind_err =
+        |source| ApiServerError::from(IoError::new("listen on unix socket", path, source));
     let tmp = temp_socket_path(path);
     let listener = match tmp.as_deref() {
         Some(tmp) => {
@@ -337,10 +334,7 @@ fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile), ApiServerError> 
 fn set_listener_nonblocking(l: &UnixListener, path: &Path) -> Result<(), ApiServerError> {
     l.set_nonblocking(true).map_err(|source| {
         let _ = fs::remove_file(path);
-        ApiServerError::BindUnix {
-            path: path.to_path_buf(),
-            source,
-        }
+        IoError::new("listen on unix socket", path, source).into()
     })
 }
 

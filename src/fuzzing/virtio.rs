@@ -221,6 +221,8 @@ pub fn virtio_blk(data: &[u8]) {
     }
 }
 
+/// Checks that the device wrote guest memory only inside the buffers the driver offered
+/// as writable (and the used ring), and that its completions are plausible.
 fn check_blk_writes(
     mem: &GuestMem,
     before: &[u8],
@@ -230,52 +232,16 @@ fn check_blk_writes(
     avail_idx: u16,
 ) {
     let used_end = used + 6 + 8 * u64::from(size);
-    // Block by block (memcmp), so the per-byte loop runs only where something changed.
-    let mut changed = Vec::new();
-    for (k, (b, a)) in before.chunks(256).zip(after.chunks(256)).enumerate() {
-        if b != a {
-            let diff = b.iter().zip(a).enumerate().filter(|(_, (x, y))| x != y);
-            changed.extend(diff.map(|(i, _)| gpa_of(k * 256 + i)));
-        }
-    }
-    // Writable as offered before processing, or (a guest buffer may overlap a descriptor
-    // table) as the tables read afterwards; indirect tables only when needed (slow).
-    let mut total = 0;
-    let mut allowed = vec![(used, used_end)];
-    let mut tables = Vec::new();
-    let overlap = |a: &[(u64, u64)], b: &[(u64, u64)]| {
-        a.iter()
-            .any(|&(s, e)| b.iter().any(|&(s2, e2)| s < e2 && s2 < e))
-    };
-    for indirect in [false, true] {
-        for snap in [before, after] {
-            let o = writable_ranges(snap, desc, size, indirect);
-            allowed.extend(o.writable);
-            tables.extend(o.tables);
-            total = total.max(o.total);
-        }
-        let covered = |g: &u64| allowed.iter().any(|&(s, e)| s <= *g && *g < e);
-        if changed.iter().all(covered) {
-            break;
-        }
-        // A driver whose buffers overlap its own descriptor tables changes the chains
-        // while the device runs: what was writable in between is not known here.
-        let self_modifying = overlap(&allowed, &tables);
-        if let Some(gpa) = changed.iter().find(|g| !covered(g)) {
-            assert!(
-                !indirect || self_modifying,
-                "device wrote guest byte {gpa:#x} outside every writable buffer"
-            );
-        }
-    }
+    let changed = changed_gpas(before, after);
+    let w = check_changes_writable(&changed, before, after, desc, size, (used, used_end));
     // Completions are checked only when no data buffer nor other ring overlaps the used
     // ring (hostile layouts may make the device's own writes overwrite each other).
     let rings = [
         (desc, desc + 16 * u64::from(size)),
         (avail, avail + 6 + 2 * u64::from(size)),
     ];
-    if (allowed[1..].iter().chain(&rings)).any(|&(s, e)| s < used_end && used < e)
-        || overlap(&allowed[1..], &tables)
+    if (w.allowed[1..].iter().chain(&rings)).any(|&(s, e)| s < used_end && used < e)
+        || overlap(&w.allowed[1..], &w.tables)
     {
         return;
     }
@@ -297,10 +263,79 @@ fn check_blk_writes(
                 .unwrap_or(0)
         };
         assert!(
-            u64::from(len) <= total || u64::from(len) <= with_indirect(),
+            u64::from(len) <= w.total || u64::from(len) <= with_indirect(),
             "used length {len} beyond the writable bytes offered"
         );
     }
+}
+
+/// The guest addresses whose byte differs between `before` and `after`.
+fn changed_gpas(before: &[u8], after: &[u8]) -> Vec<u64> {
+    // Block by block (memcmp), so the per-byte loop runs only where something changed.
+    let mut changed = Vec::new();
+    for (k, (b, a)) in before.chunks(256).zip(after.chunks(256)).enumerate() {
+        if b != a {
+            let diff = b.iter().zip(a).enumerate().filter(|(_, (x, y))| x != y);
+            changed.extend(diff.map(|(i, _)| gpa_of(k * 256 + i)));
+        }
+    }
+    changed
+}
+
+/// Whether a range of `a` overlaps a range of `b`.
+fn overlap(a: &[(u64, u64)], b: &[(u64, u64)]) -> bool {
+    a.iter()
+        .any(|&(s, e)| b.iter().any(|&(s2, e2)| s < e2 && s2 < e))
+}
+
+/// What the driver offered the device to write.
+struct Writable {
+    /// The used ring first, then the writable buffers.
+    allowed: Vec<(u64, u64)>,
+    /// The descriptor tables read.
+    tables: Vec<(u64, u64)>,
+    /// The most writable bytes offered.
+    total: u64,
+}
+
+/// Asserts that every changed byte was writable as offered before processing, or (a
+/// guest buffer may overlap a descriptor table) as the tables read afterwards; indirect
+/// tables are looked at only when needed (slow).
+fn check_changes_writable(
+    changed: &[u64],
+    before: &[u8],
+    after: &[u8],
+    desc: u64,
+    size: u16,
+    used_ring: (u64, u64),
+) -> Writable {
+    let mut w = Writable {
+        allowed: vec![used_ring],
+        tables: Vec::new(),
+        total: 0,
+    };
+    for indirect in [false, true] {
+        for snap in [before, after] {
+            let o = writable_ranges(snap, desc, size, indirect);
+            w.allowed.extend(o.writable);
+            w.tables.extend(o.tables);
+            w.total = w.total.max(o.total);
+        }
+        let covered = |g: &u64| w.allowed.iter().any(|&(s, e)| s <= *g && *g < e);
+        if changed.iter().all(covered) {
+            break;
+        }
+        // A driver whose buffers overlap its own descriptor tables changes the chains
+        // while the device runs: what was writable in between is not known here.
+        let self_modifying = overlap(&w.allowed, &w.tables);
+        if let Some(gpa) = changed.iter().find(|g| !covered(g)) {
+            assert!(
+                !indirect || self_modifying,
+                "device wrote guest byte {gpa:#x} outside every writable buffer"
+            );
+        }
+    }
+    w
 }
 
 /// Registers whose writes the virtio_mmio harness picks by index.

@@ -27,6 +27,7 @@ use super::progress::Progress;
 use super::{CommitMeta, Repo, RepoError, SnapshotId, SnapshotMeta, lock::LockMode};
 use crate::formats::EXPORT_VERSION;
 use crate::snapshot::microvm::{MEMORY_FILE, STATE_FILE};
+use crate::store::local::LocalStore;
 use crate::store::{ChunkId, ChunkWrite, MAX_CHUNK_LEN, codec};
 use crate::util::IoError;
 use crate::util::fs::{Staged, fsync_dir, parent_dir};
@@ -152,69 +153,14 @@ pub fn export(
     // Written under a temp name beside `file` (removed on failure), then renamed over it.
     let (mut staged, f) = Staged::create(file)?;
     let tmp = staged.tmp().to_path_buf();
-    let io_tmp = |op| IoError::at(op, &tmp);
-    let n = (|| -> Result<u64> {
-        let mut w = HashWriter {
-            inner: BufWriter::with_capacity(1 << 20, f),
-            hash: blake3::Hasher::new(),
-            n: 0,
-        };
-        let header = serde_json::to_vec(&Header { id: *id, meta }).expect("header serializes");
-        let bar = Progress::new("export", refs.len() as u64, progress);
-        (|| -> io::Result<()> {
-            w.write_all(MAGIC)?;
-            w.write_all(&EXPORT_VERSION.to_le_bytes())?;
-            w.write_all(&(header.len() as u32).to_le_bytes())?;
-            w.write_all(&header)?;
-            w.write_all(&(state.len() as u64).to_le_bytes())?;
-            w.write_all(&state)?;
-            w.write_all(&(memory.len() as u64).to_le_bytes())?;
-            w.write_all(&memory)?;
-            w.write_all(&(refs.len() as u64).to_le_bytes())?;
-            Ok(())
-        })()
-        .map_err(io_tmp("write"))?;
-        for c in &refs {
-            let p = store.chunk_path(c);
-            let bytes = fs::read(&p).map_err(|e| ExportError::Chunk {
-                id: id.short(),
-                source: if e.kind() == io::ErrorKind::NotFound {
-                    crate::store::StoreError::NotFound { id: *c }
-                } else {
-                    crate::store::StoreError::Io(IoError {
-                        op: "read",
-                        path: p.clone(),
-                        source: e,
-                    })
-                },
-            })?;
-            // Never export damage: the importer would refuse it anyway.
-            codec::decode(c, &bytes).map_err(|source| ExportError::Chunk {
-                id: id.short(),
-                source,
-            })?;
-            (|| -> io::Result<()> {
-                w.write_all(c.as_bytes())?;
-                w.write_all(&(bytes.len() as u32).to_le_bytes())?;
-                w.write_all(&bytes)
-            })()
-            .map_err(io_tmp("write"))?;
-            bar.add(1);
-        }
-        bar.finish();
-        w.write_all(END).map_err(io_tmp("write"))?;
-        let digest = w.hash.finalize();
-        w.inner
-            .write_all(digest.as_bytes())
-            .map_err(io_tmp("write"))?;
-        let n = w.n + 32;
-        let f = w
-            .inner
-            .into_inner()
-            .map_err(|e| io_tmp("write")(e.into_error()))?;
-        f.sync_all().map_err(io_tmp("fsync"))?;
-        Ok(n)
-    })()?;
+    let parts = ExportParts {
+        id,
+        meta,
+        state: &state,
+        memory: &memory,
+        refs: &refs,
+    };
+    let n = write_export(f, &tmp, &parts, &store, progress)?;
     staged.commit()?;
     fsync_dir(parent_dir(file))?;
     Ok(TransferReport {
@@ -225,6 +171,98 @@ pub fn export(
         chunks_new: 0,
         new: false,
     })
+}
+
+/// What an export file holds.
+struct ExportParts<'a> {
+    id: &'a SnapshotId,
+    meta: Option<SnapshotMeta>,
+    state: &'a [u8],
+    memory: &'a [u8],
+    refs: &'a BTreeSet<ChunkId>,
+}
+
+/// Writes the whole export to `f` (the temp file `tmp`) and fsyncs it; returns its length.
+fn write_export(
+    f: File,
+    tmp: &Path,
+    parts: &ExportParts<'_>,
+    store: &LocalStore,
+    progress: Option<bool>,
+) -> Result<u64> {
+    let io_tmp = |op| IoError::at(op, tmp);
+    let mut w = HashWriter {
+        inner: BufWriter::with_capacity(1 << 20, f),
+        hash: blake3::Hasher::new(),
+        n: 0,
+    };
+    let header = Header {
+        id: *parts.id,
+        meta: parts.meta.clone(),
+    };
+    let header = serde_json::to_vec(&header).expect("header serializes");
+    let bar = Progress::new("export", parts.refs.len() as u64, progress);
+    write_head(&mut w, &header, parts).map_err(io_tmp("write"))?;
+    for c in parts.refs {
+        let bytes = read_chunk(store, parts.id, c)?;
+        (|| -> io::Result<()> {
+            w.write_all(c.as_bytes())?;
+            w.write_all(&(bytes.len() as u32).to_le_bytes())?;
+            w.write_all(&bytes)
+        })()
+        .map_err(io_tmp("write"))?;
+        bar.add(1);
+    }
+    bar.finish();
+    w.write_all(END).map_err(io_tmp("write"))?;
+    let digest = w.hash.finalize();
+    w.inner
+        .write_all(digest.as_bytes())
+        .map_err(io_tmp("write"))?;
+    let n = w.n + 32;
+    let f = w
+        .inner
+        .into_inner()
+        .map_err(|e| io_tmp("write")(e.into_error()))?;
+    f.sync_all().map_err(io_tmp("fsync"))?;
+    Ok(n)
+}
+
+/// Writes everything before the chunks: magic, version, header, state, manifest, count.
+fn write_head(w: &mut impl Write, header: &[u8], parts: &ExportParts<'_>) -> io::Result<()> {
+    w.write_all(MAGIC)?;
+    w.write_all(&EXPORT_VERSION.to_le_bytes())?;
+    w.write_all(&(header.len() as u32).to_le_bytes())?;
+    w.write_all(header)?;
+    w.write_all(&(parts.state.len() as u64).to_le_bytes())?;
+    w.write_all(parts.state)?;
+    w.write_all(&(parts.memory.len() as u64).to_le_bytes())?;
+    w.write_all(parts.memory)?;
+    w.write_all(&(parts.refs.len() as u64).to_le_bytes())?;
+    Ok(())
+}
+
+/// Reads chunk file `c` of snapshot `id` as stored, checking that it decodes.
+fn read_chunk(store: &LocalStore, id: &SnapshotId, c: &ChunkId) -> Result<Vec<u8>> {
+    let p = store.chunk_path(c);
+    let bytes = fs::read(&p).map_err(|e| ExportError::Chunk {
+        id: id.short(),
+        source: if e.kind() == io::ErrorKind::NotFound {
+            crate::store::StoreError::NotFound { id: *c }
+        } else {
+            crate::store::StoreError::Io(IoError {
+                op: "read",
+                path: p.clone(),
+                source: e,
+            })
+        },
+    })?;
+    // Never export damage: the importer would refuse it anyway.
+    codec::decode(c, &bytes).map_err(|source| ExportError::Chunk {
+        id: id.short(),
+        source,
+    })?;
+    Ok(bytes)
 }
 
 struct HashReader<R: Read> {
@@ -440,13 +478,52 @@ pub fn import(
         memory,
         count,
     } = r.head()?;
-    let invalid = |reason: String| ExportError::Invalid {
-        path: file.to_path_buf(),
-        reason,
-    };
 
     let _lock = repo.lock(LockMode::Shared, "snapshot import")?;
     let store = repo.store()?;
+    let (seen, chunks_new) = import_chunks(&mut r, &store, &id, count, progress)?;
+    let file_bytes = r.finish()?;
+    store.sync().map_err(|source| ExportError::Chunk {
+        id: id.short(),
+        source,
+    })?;
+
+    let work = repo.new_work_dir("import")?;
+    let head = ImportedHead {
+        id: &id,
+        meta: meta.as_ref(),
+        state: &state,
+        memory: &memory,
+    };
+    let (id, new) = match commit_import(repo, &work, &head, name, &seen, file) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&work);
+            return Err(e);
+        }
+    };
+    if let Some(n) = name {
+        repo.set_name(n, &id)?;
+    }
+    Ok(TransferReport {
+        id,
+        file: file.to_path_buf(),
+        chunks: count,
+        file_bytes,
+        chunks_new,
+        new,
+    })
+}
+
+/// Stores the `count` chunks of the export `r` in `store`; returns their ids and how many
+/// were new.
+fn import_chunks<R: Read>(
+    r: &mut ExportReader<R>,
+    store: &LocalStore,
+    id: &SnapshotId,
+    count: u64,
+    progress: Option<bool>,
+) -> Result<(BTreeSet<ChunkId>, u64)> {
     let bar = Progress::new("import", count, progress);
     let mut seen = BTreeSet::new();
     let mut chunks_new = 0;
@@ -466,57 +543,52 @@ pub fn import(
         bar.add(1);
     }
     bar.finish();
-    let file_bytes = r.finish()?;
-    store.sync().map_err(|source| ExportError::Chunk {
-        id: id.short(),
-        source,
-    })?;
+    Ok((seen, chunks_new))
+}
 
-    let work = repo.new_work_dir("import")?;
-    let result = (|| -> Result<(SnapshotId, bool)> {
-        for (n, bytes) in [(STATE_FILE, &state), (MEMORY_FILE, &memory)] {
-            let p = work.join(n);
-            crate::util::fs::write_atomic(&p, bytes)
-                .map_err(|source| RepoError::Write { path: p, source })?;
-        }
-        let refs =
-            crate::snapshot::refs::chunk_refs(&work).map_err(|source| RepoError::Snapshot {
-                id: id.short(),
-                source: Box::new(source),
-            })?;
-        if let Some(c) = refs.iter().find(|c| !seen.contains(c)) {
-            return Err(invalid(format!(
-                "chunk {c} the snapshot needs is not in the file"
-            )));
-        }
-        let meta = meta.as_ref();
-        Ok(repo.commit(
-            &work,
-            CommitMeta {
-                parent: meta.and_then(|m| m.parent),
-                name: name
-                    .map(str::to_string)
-                    .or_else(|| meta.and_then(|m| m.name.clone())),
-                added: None,
-            },
-        )?)
-    })();
-    let (id, new) = match result {
-        Ok(v) => v,
-        Err(e) => {
-            let _ = fs::remove_dir_all(&work);
-            return Err(e);
-        }
-    };
-    if let Some(n) = name {
-        repo.set_name(n, &id)?;
+/// The snapshot an export file describes, read from its head.
+struct ImportedHead<'a> {
+    id: &'a SnapshotId,
+    meta: Option<&'a SnapshotMeta>,
+    state: &'a [u8],
+    memory: &'a [u8],
+}
+
+/// Writes the imported state and manifest into the work directory `work`, checks that
+/// the file held every chunk they need (`seen`), and lists the snapshot. Returns its id
+/// and whether it is new.
+fn commit_import(
+    repo: &Repo,
+    work: &Path,
+    head: &ImportedHead<'_>,
+    name: Option<&str>,
+    seen: &BTreeSet<ChunkId>,
+    file: &Path,
+) -> Result<(SnapshotId, bool)> {
+    for (n, bytes) in [(STATE_FILE, head.state), (MEMORY_FILE, head.memory)] {
+        let p = work.join(n);
+        crate::util::fs::write_atomic(&p, bytes)
+            .map_err(|source| RepoError::Write { path: p, source })?;
     }
-    Ok(TransferReport {
-        id,
-        file: file.to_path_buf(),
-        chunks: count,
-        file_bytes,
-        chunks_new,
-        new,
-    })
+    let refs = crate::snapshot::refs::chunk_refs(work).map_err(|source| RepoError::Snapshot {
+        id: head.id.short(),
+        source: Box::new(source),
+    })?;
+    if let Some(c) = refs.iter().find(|c| !seen.contains(c)) {
+        return Err(ExportError::Invalid {
+            path: file.to_path_buf(),
+            reason: format!("chunk {c} the snapshot needs is not in the file"),
+        });
+    }
+    let meta = head.meta;
+    Ok(repo.commit(
+        work,
+        CommitMeta {
+            parent: meta.and_then(|m| m.parent),
+            name: name
+                .map(str::to_string)
+                .or_else(|| meta.and_then(|m| m.name.clone())),
+            added: None,
+        },
+    )?)
 }

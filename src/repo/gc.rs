@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -193,92 +193,13 @@ pub fn gc(repo: &Repo, progress: Option<bool>) -> Result<GcReport> {
     report.snapshots = refs.len() as u64;
     let live: BTreeSet<ChunkId> = refs.values().flatten().copied().collect();
 
-    // Work directories: nobody holds the lock, so they are leftovers of killed processes.
-    let tmp = repo.tmp_dir();
-    if let Ok(rd) = fs::read_dir(&tmp) {
-        for e in rd.flatten() {
-            let p = e.path();
-            let r = if p.is_dir() {
-                fs::remove_dir_all(&p)
-            } else {
-                fs::remove_file(&p)
-            };
-            match r {
-                Ok(()) => report.leftovers_deleted += 1,
-                Err(e) => log::warn!("cannot remove {}: {e}", p.display()),
-            }
-        }
-    }
+    remove_work_dirs(repo, &mut report);
 
     // Sweep.
-    let chunks_dir = repo.root().join("chunks");
-    let mut fanouts: Vec<_> = match fs::read_dir(&chunks_dir) {
-        Ok(rd) => rd
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| p.is_dir())
-            .collect(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-        Err(source) => {
-            return Err(RepoError::Io(IoError {
-                op: "read directory",
-                path: chunks_dir,
-                source,
-            }));
-        }
-    };
-    fanouts.sort();
+    let fanouts = chunk_fanouts(repo)?;
     let bar = Progress::new("gc", fanouts.len() as u64, progress);
     for dir in fanouts {
-        let rd = fs::read_dir(&dir).map_err(|source| {
-            RepoError::Io(IoError {
-                op: "read directory",
-                path: dir.clone(),
-                source,
-            })
-        })?;
-        let mut deleted_here = false;
-        for e in rd {
-            let e = e.map_err(|source| {
-                RepoError::Io(IoError {
-                    op: "read directory",
-                    path: dir.clone(),
-                    source,
-                })
-            })?;
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            let leftover = name.starts_with('.') && name.contains(".tmp.");
-            let dead = match name.parse::<ChunkId>() {
-                Ok(id) => !live.contains(&id),
-                Err(_) => false,
-            };
-            if !(leftover || dead) {
-                if !name.starts_with('.') {
-                    report.chunks_kept += 1;
-                }
-                continue;
-            }
-            let len = e.metadata().map(|m| m.len()).unwrap_or(0);
-            match fs::remove_file(e.path()) {
-                Ok(()) => {
-                    deleted_here = true;
-                    if leftover {
-                        report.leftovers_deleted += 1;
-                    } else {
-                        report.chunks_deleted += 1;
-                        report.bytes_freed += len;
-                    }
-                    if let Some(d) = delay {
-                        std::thread::sleep(d);
-                    }
-                }
-                Err(err) => log::warn!("cannot remove {}: {err}", e.path().display()),
-            }
-        }
-        if deleted_here {
-            fsync_dir(&dir)?;
-        }
+        sweep_fanout(&dir, &live, delay, &mut report)?;
         bar.add(1);
     }
     bar.finish();
@@ -299,4 +220,100 @@ pub fn gc(repo: &Repo, progress: Option<bool>) -> Result<GcReport> {
         report.leftovers_deleted
     );
     Ok(report)
+}
+
+/// Removes the work directories: nobody holds the lock, so they are leftovers of killed
+/// processes.
+fn remove_work_dirs(repo: &Repo, report: &mut GcReport) {
+    let tmp = repo.tmp_dir();
+    if let Ok(rd) = fs::read_dir(&tmp) {
+        for e in rd.flatten() {
+            let p = e.path();
+            let r = if p.is_dir() {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            };
+            match r {
+                Ok(()) => report.leftovers_deleted += 1,
+                Err(e) => log::warn!("cannot remove {}: {e}", p.display()),
+            }
+        }
+    }
+}
+
+/// The fan-out directories of `chunks/`, sorted (none if it does not exist).
+fn chunk_fanouts(repo: &Repo) -> Result<Vec<PathBuf>> {
+    let chunks_dir = repo.root().join("chunks");
+    let mut fanouts: Vec<_> = match fs::read_dir(&chunks_dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(source) => {
+            return Err(RepoError::Io(IoError {
+                op: "read directory",
+                path: chunks_dir,
+                source,
+            }));
+        }
+    };
+    fanouts.sort();
+    Ok(fanouts)
+}
+
+/// Deletes the dead chunks and temp-file leftovers of one fan-out directory, sleeping
+/// `delay` after each deletion; fsyncs the directory if anything went.
+fn sweep_fanout(
+    dir: &Path,
+    live: &BTreeSet<ChunkId>,
+    delay: Option<Duration>,
+    report: &mut GcReport,
+) -> Result<()> {
+    let read_err = |source| {
+        RepoError::Io(IoError {
+            op: "read directory",
+            path: dir.to_path_buf(),
+            source,
+        })
+    };
+    let mut deleted_here = false;
+    for e in fs::read_dir(dir).map_err(read_err)? {
+        let e = e.map_err(read_err)?;
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let leftover = name.starts_with('.') && name.contains(".tmp.");
+        let dead = match name.parse::<ChunkId>() {
+            Ok(id) => !live.contains(&id),
+            Err(_) => false,
+        };
+        if !(leftover || dead) {
+            if !name.starts_with('.') {
+                report.chunks_kept += 1;
+            }
+            continue;
+        }
+        let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+        match fs::remove_file(e.path()) {
+            Ok(()) => {
+                deleted_here = true;
+                if leftover {
+                    report.leftovers_deleted += 1;
+                } else {
+                    report.chunks_deleted += 1;
+                    report.bytes_freed += len;
+                }
+                if let Some(d) = delay {
+                    std::thread::sleep(d);
+                }
+            }
+            Err(err) => log::warn!("cannot remove {}: {err}", e.path().display()),
+        }
+    }
+    if deleted_here {
+        fsync_dir(dir)?;
+    }
+    Ok(())
 }

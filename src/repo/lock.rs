@@ -10,27 +10,15 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::util::IoError;
+
 /// Errors of taking the repository lock.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    /// The lock file could not be opened.
-    #[error("cannot open the repository lock file {}", path.display())]
-    Open {
-        /// The lock file.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Locking failed for another reason than contention.
-    #[error("cannot lock {}", path.display())]
-    Flock {
-        /// The lock file.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The lock file could not be opened (`open the repository lock file`) or locking
+    /// failed for another reason than contention (`lock`).
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// Another process held the lock for longer than the caller wanted to wait.
     #[error(
         "the repository is busy ({what} waited {waited:?} for {}; another vmm is running gc, create, import or rm)",
@@ -82,10 +70,7 @@ pub fn acquire(
         .create(true)
         .truncate(false)
         .open(path)
-        .map_err(|source| LockError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        .map_err(IoError::at("open the repository lock file", path))?;
     let start = Instant::now();
     let mut told = false;
     loop {
@@ -98,10 +83,7 @@ pub fn acquire(
             Err(TryLockError::WouldBlock) => {}
             Err(TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(TryLockError::Error(e)) => {
-                return Err(LockError::Flock {
-                    path: path.to_path_buf(),
-                    source: e,
-                });
+                return Err(IoError::new("lock", path, e).into());
             }
         }
         let waited = start.elapsed();

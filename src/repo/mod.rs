@@ -21,6 +21,7 @@ pub mod cli;
 pub mod export;
 pub mod gc;
 mod init;
+mod listing;
 pub mod lock;
 pub mod progress;
 pub mod verify;
@@ -427,19 +428,10 @@ impl Repo {
     /// Every listed snapshot, sorted by id. Entries of `snapshots/` whose name is not an id
     /// are ignored.
     pub fn list(&self) -> Result<Vec<SnapshotId>> {
-        let dir = self.snapshots_dir();
-        let mut out = Vec::new();
-        let rd = match fs::read_dir(&dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(io_err("read directory", &dir)(e)),
-        };
-        for e in rd {
-            let e = e.map_err(io_err("read directory", &dir))?;
-            if let Some(id) = e.file_name().to_str().and_then(|n| n.parse().ok()) {
-                out.push(id);
-            }
-        }
+        let mut out: Vec<SnapshotId> = entry_names(&self.snapshots_dir())?
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .collect();
         out.sort();
         Ok(out)
     }
@@ -459,27 +451,19 @@ impl Repo {
     pub fn names(&self) -> Result<BTreeMap<String, SnapshotId>> {
         let dir = self.names_dir();
         let mut out = BTreeMap::new();
-        let rd = match fs::read_dir(&dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(io_err("read directory", &dir)(e)),
-        };
-        for e in rd {
-            let e = e.map_err(io_err("read directory", &dir))?;
-            let Some(name) = e.file_name().to_str().map(str::to_string) else {
-                continue;
-            };
+        for name in entry_names(&dir)? {
             if !valid_name(&name) {
                 continue;
             }
-            match fs::read(e.path()) {
+            let path = dir.join(&name);
+            match fs::read(&path) {
                 Ok(s) => match parse_name_file(&s) {
                     Some(id) => {
                         out.insert(name, id);
                     }
-                    None => log::warn!("ignoring damaged name file {}", e.path().display()),
+                    None => log::warn!("ignoring damaged name file {}", path.display()),
                 },
-                Err(err) => log::warn!("cannot read {}: {err}", e.path().display()),
+                Err(err) => log::warn!("cannot read {}: {err}", path.display()),
             }
         }
         Ok(out)
@@ -656,6 +640,24 @@ pub struct CommitMeta {
     pub name: Option<String>,
     /// What creating it added.
     pub added: Option<AddedStats>,
+}
+
+/// The names of the entries of `dir` that are valid UTF-8, in no order; none if `dir`
+/// does not exist.
+fn entry_names(dir: &Path) -> Result<Vec<String>> {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err("read directory", dir)(e)),
+    };
+    let mut out = Vec::new();
+    for e in rd {
+        let e = e.map_err(io_err("read directory", dir))?;
+        if let Some(name) = e.file_name().to_str() {
+            out.push(name.to_string());
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

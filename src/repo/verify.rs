@@ -57,30 +57,7 @@ pub fn verify(
     let mut checks: Vec<SnapshotCheck> = Vec::new();
     let mut refs: BTreeMap<SnapshotId, BTreeSet<ChunkId>> = BTreeMap::new();
     for id in &ids {
-        let mut c = SnapshotCheck {
-            id: Some(*id),
-            ..SnapshotCheck::default()
-        };
-        let dir = repo.snapshot_dir(id);
-        match SnapshotId::of_dir(&dir) {
-            Ok(actual) if actual != *id => c.errors.push(format!(
-                "state and manifest hash to {}, not to the snapshot's id (files were modified)",
-                actual.short()
-            )),
-            Ok(_) => {}
-            Err(e) => c.errors.push(crate::util::error_chain(&e)),
-        }
-        if let Err(e) = repo.read_meta(id) {
-            c.errors.push(e.to_string());
-        }
-        match repo.refs(id) {
-            Ok(r) => {
-                c.chunks = r.len() as u64;
-                refs.insert(*id, r);
-            }
-            Err(e) => c.errors.push(crate::util::error_chain(&e)),
-        }
-        checks.push(c);
+        checks.push(check_snapshot(repo, id, &mut refs));
     }
 
     let all: Vec<ChunkId> = refs
@@ -90,6 +67,66 @@ pub fn verify(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
+    let bad = check_chunks(repo, &all, progress)?;
+    for c in &mut checks {
+        let Some(set) = c.id.and_then(|id| refs.get(&id)) else {
+            continue;
+        };
+        for (chunk, what) in &bad {
+            if set.contains(chunk) {
+                match what {
+                    None => c.missing.push(*chunk),
+                    Some(reason) => c.corrupt.push((*chunk, reason.clone())),
+                }
+            }
+        }
+    }
+    Ok(VerifyReport {
+        ok: checks.iter().all(SnapshotCheck::ok),
+        chunks_checked: all.len() as u64,
+        snapshots: checks,
+    })
+}
+
+/// Checks snapshot `id`'s own files (id, meta, chunk list); adds its chunks to `refs`.
+fn check_snapshot(
+    repo: &Repo,
+    id: &SnapshotId,
+    refs: &mut BTreeMap<SnapshotId, BTreeSet<ChunkId>>,
+) -> SnapshotCheck {
+    let mut c = SnapshotCheck {
+        id: Some(*id),
+        ..SnapshotCheck::default()
+    };
+    let dir = repo.snapshot_dir(id);
+    match SnapshotId::of_dir(&dir) {
+        Ok(actual) if actual != *id => c.errors.push(format!(
+            "state and manifest hash to {}, not to the snapshot's id (files were modified)",
+            actual.short()
+        )),
+        Ok(_) => {}
+        Err(e) => c.errors.push(crate::util::error_chain(&e)),
+    }
+    if let Err(e) = repo.read_meta(id) {
+        c.errors.push(e.to_string());
+    }
+    match repo.refs(id) {
+        Ok(r) => {
+            c.chunks = r.len() as u64;
+            refs.insert(*id, r);
+        }
+        Err(e) => c.errors.push(crate::util::error_chain(&e)),
+    }
+    c
+}
+
+/// Reads and hashes the chunks `all` with a few threads; returns the bad ones: `None` if
+/// missing, else why it is corrupt or unreadable.
+fn check_chunks(
+    repo: &Repo,
+    all: &[ChunkId],
+    progress: Option<bool>,
+) -> Result<BTreeMap<ChunkId, Option<String>>> {
     let store = repo.store()?;
     let bar = Progress::new("verify", all.len() as u64, progress);
     let bad: Mutex<BTreeMap<ChunkId, Option<String>>> = Mutex::new(BTreeMap::new());
@@ -118,23 +155,5 @@ pub fn verify(
         }
     });
     bar.finish();
-    let bad = bad.into_inner().unwrap_or_else(|e| e.into_inner());
-    for c in &mut checks {
-        let Some(set) = c.id.and_then(|id| refs.get(&id)) else {
-            continue;
-        };
-        for (chunk, what) in &bad {
-            if set.contains(chunk) {
-                match what {
-                    None => c.missing.push(*chunk),
-                    Some(reason) => c.corrupt.push((*chunk, reason.clone())),
-                }
-            }
-        }
-    }
-    Ok(VerifyReport {
-        ok: checks.iter().all(SnapshotCheck::ok),
-        chunks_checked: all.len() as u64,
-        snapshots: checks,
-    })
+    Ok(bad.into_inner().unwrap_or_else(|e| e.into_inner()))
 }

@@ -129,61 +129,77 @@ fn chunk_size_bench() {
     );
     for compression in [Compression::Zstd { level: 1 }, Compression::None] {
         for chunk_size in [4 << 10, 16 << 10, 64 << 10, 256 << 10] {
-            let dir = TempDir::new("chunk-bench");
-            let store = LocalStore::open(
-                dir.path(),
-                LocalStoreOptions {
-                    compression,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-            let t = Instant::now();
-            let (m, st) = save_memory(&[(0, &original)], chunk_size, &store).unwrap();
-            store.sync().unwrap();
-            let save_s = t.elapsed().as_secs_f64();
-
-            let mut dest = vec![0u8; size];
-            let t = Instant::now();
-            restore_memory(
-                &m,
-                &mut [(0, &mut dest[..])],
-                &store,
-                ZeroChunks::AlreadyZero,
-            )
-            .unwrap();
-            let restore_s = t.elapsed().as_secs_f64();
-            assert!(dest == original);
-
-            let t = Instant::now();
-            let (_, st2) = save_memory(&[(0, &changed)], chunk_size, &store).unwrap();
-            store.sync().unwrap();
-            let incr_s = t.elapsed().as_secs_f64();
-            let manifest_len = file::encode(&crate::formats::MANIFEST_KIND, &m)
-                .unwrap()
-                .len();
-            println!(
-                "{:>5}K {:>5} | {:>8.2} {:>7.1} {:>7} {:>7} {:>9.1} {:>9.1} {:>8} | {:>9.3} | {:>6.2} {:>8} {:>9.2}",
-                chunk_size >> 10,
-                if compression == Compression::None {
-                    "no"
-                } else {
-                    "1"
-                },
-                save_s,
-                100.0 * st.chunks_zero as f64 / st.chunks_total as f64,
-                st.chunks_new,
-                st.chunks_deduped,
-                mib(st.bytes_new),
-                mib(st.bytes_written),
-                manifest_len >> 10,
-                restore_s,
-                incr_s,
-                st2.chunks_new,
-                mib(st2.bytes_written),
-            );
+            bench_one(&original, &changed, compression, chunk_size);
         }
     }
+}
+
+/// One row of `chunk_size_bench`: saves `original`, restores it, saves `changed` on top,
+/// with `compression` and `chunk_size`.
+fn bench_one(original: &[u8], changed: &[u8], compression: Compression, chunk_size: usize) {
+    let dir = TempDir::new("chunk-bench");
+    let store = LocalStore::open(
+        dir.path(),
+        LocalStoreOptions {
+            compression,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (m, st, save_s, restore_s) = save_and_restore(original, chunk_size, &store);
+
+    let t = Instant::now();
+    let (_, st2) = save_memory(&[(0, changed)], chunk_size, &store).unwrap();
+    store.sync().unwrap();
+    let incr_s = t.elapsed().as_secs_f64();
+    let manifest_len = file::encode(&crate::formats::MANIFEST_KIND, &m)
+        .unwrap()
+        .len();
+    println!(
+        "{:>5}K {:>5} | {:>8.2} {:>7.1} {:>7} {:>7} {:>9.1} {:>9.1} {:>8} | {:>9.3} | {:>6.2} {:>8} {:>9.2}",
+        chunk_size >> 10,
+        if compression == Compression::None {
+            "no"
+        } else {
+            "1"
+        },
+        save_s,
+        100.0 * st.chunks_zero as f64 / st.chunks_total as f64,
+        st.chunks_new,
+        st.chunks_deduped,
+        mib(st.bytes_new),
+        mib(st.bytes_written),
+        manifest_len >> 10,
+        restore_s,
+        incr_s,
+        st2.chunks_new,
+        mib(st2.bytes_written),
+    );
+}
+
+/// Saves `original` into `store` in chunks of `chunk_size`, then restores it and checks
+/// the copy; returns the manifest, the save's figures and both times in seconds.
+fn save_and_restore(
+    original: &[u8],
+    chunk_size: usize,
+    store: &LocalStore,
+) -> (MemoryManifest, SaveStats, f64, f64) {
+    let t = Instant::now();
+    let (m, st) = save_memory(&[(0, original)], chunk_size, store).unwrap();
+    store.sync().unwrap();
+    let save_s = t.elapsed().as_secs_f64();
+    let mut dest = vec![0u8; original.len()];
+    let t = Instant::now();
+    restore_memory(
+        &m,
+        &mut [(0, &mut dest[..])],
+        store,
+        ZeroChunks::AlreadyZero,
+    )
+    .unwrap();
+    let restore_s = t.elapsed().as_secs_f64();
+    assert!(dest == original);
+    (m, st, save_s, restore_s)
 }
 
 #[test]
@@ -201,20 +217,7 @@ fn worker_count_bench() {
             super::WORKERS_OVERRIDE.store(workers, Ordering::Relaxed);
             let dir = TempDir::new("worker-bench");
             let store = LocalStore::open(dir.path(), LocalStoreOptions::default()).unwrap();
-            let t = Instant::now();
-            let (m, _) = save_memory(&[(0, &original)], chunk_size, &store).unwrap();
-            store.sync().unwrap();
-            let save_s = t.elapsed().as_secs_f64();
-            let mut dest = vec![0u8; original.len()];
-            let t = Instant::now();
-            restore_memory(
-                &m,
-                &mut [(0, &mut dest[..])],
-                &store,
-                ZeroChunks::AlreadyZero,
-            )
-            .unwrap();
-            let restore_s = t.elapsed().as_secs_f64();
+            let (_, _, save_s, restore_s) = save_and_restore(&original, chunk_size, &store);
             println!(
                 "round {round} chunk {}K workers {workers:>2}: save {save_s:.2} s, restore {restore_s:.3} s",
                 chunk_size >> 10

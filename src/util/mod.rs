@@ -7,10 +7,11 @@
 //! * [`error_chain`]: an error and its causes on one line.
 //! * [`lock`]: a mutex guard, whether or not another thread panicked holding it.
 //! * [`fs`]: durable file replacement (temp name, fsync, rename, fsync the directory).
+//! * `testutil` (tests, and the `test-utils` feature only): shared test helpers.
 
 pub mod fs;
-#[cfg(test)]
-pub(crate) mod testutil;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testutil;
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -8,48 +8,9 @@ use super::*;
 use crate::store::codec::Compression;
 use crate::store::local::{LocalStore, LocalStoreOptions};
 use crate::store::{ChunkId, ChunkRead, ChunkWrite};
-use crate::util::testutil::{Rng, TempDir};
+use crate::util::testutil::{Mapping, Rng, TempDir};
 
 const CHUNK: usize = 64 << 10;
-
-/// A private anonymous mapping, unmapped on drop.
-struct Mapping {
-    addr: usize,
-    len: usize,
-}
-
-impl Mapping {
-    fn new(len: usize) -> Self {
-        // SAFETY: a fresh anonymous mapping; the result is checked.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED, "mmap {len}");
-        Mapping {
-            addr: p as usize,
-            len,
-        }
-    }
-
-    /// Keeps the mapping forever (a thread may stay blocked on it).
-    fn leak(self) {
-        std::mem::forget(self);
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmaps the mapping made in `new`, which nothing uses any more.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
-    }
-}
 
 /// Copies `len` bytes at host address `addr` (faulting them in).
 fn read_at(addr: usize, len: usize) -> Vec<u8> {
@@ -148,18 +109,22 @@ struct Fixture {
     manifest: Chunked,
 }
 
+/// An empty store with `compression` in a fresh temp dir named after `tag`.
+fn temp_store(tag: &str, compression: Compression) -> (TempDir, Arc<LocalStore>) {
+    let dir = TempDir::new(tag);
+    let store = LocalStore::open(
+        dir.path(),
+        LocalStoreOptions {
+            compression,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    (dir, Arc::new(store))
+}
+
 fn fixture(sizes: &[usize], compression: Compression, seed: u64) -> Fixture {
-    let dir = TempDir::new("uffd");
-    let store = Arc::new(
-        LocalStore::open(
-            dir.path(),
-            LocalStoreOptions {
-                compression,
-                ..Default::default()
-            },
-        )
-        .unwrap(),
-    );
+    let (dir, store) = temp_store("uffd", compression);
     let src = source(sizes.iter().sum(), seed);
     let mut regions = Vec::new();
     let mut off = 0;
@@ -187,7 +152,7 @@ fn start(f: &Fixture, options: LazyOptions) -> (Vec<Mapping>, LazyMemory) {
     let regions = maps
         .iter()
         .zip(&f.manifest.regions)
-        .map(|(m, r)| (m.addr, m.len, r.clone()))
+        .map(|(m, r)| (m.addr(), m.len(), r.clone()))
         .collect();
     // SAFETY: fresh private anonymous mappings owned by the test, alive until the
     // LazyMemory is stopped, accessed only through raw pointers.
@@ -201,8 +166,8 @@ fn layout(maps: &[Mapping]) -> Vec<(usize, usize, usize)> {
     let mut off = 0;
     maps.iter()
         .map(|m| {
-            off += m.len;
-            (m.addr, off - m.len, m.len)
+            off += m.len();
+            (m.addr(), off - m.len(), m.len())
         })
         .collect()
 }
@@ -275,7 +240,7 @@ fn concurrent_random_reads_match_source() {
 fn only_touched_chunks_are_fetched() {
     let f = fixture(&[4 << 20], Compression::Zstd { level: 1 }, 11);
     let (maps, lazy) = start(&f, LazyOptions::default());
-    let base = maps[0].addr;
+    let base = maps[0].addr();
     let chunks = &f.manifest.regions[0].chunks;
     assert_eq!(chunks[0], ChunkEntry::Zero);
     assert!(matches!(chunks[1], ChunkEntry::Chunk(_)));
@@ -300,7 +265,7 @@ fn kernel_mode_accesses_are_served() {
     // the guest); a read(2) into it makes the kernel write a missing page.
     let f = fixture(&[2 << 20], Compression::None, 13);
     let (maps, lazy) = start(&f, LazyOptions::default());
-    let base = maps[0].addr;
+    let base = maps[0].addr();
     let dir = TempDir::new("uffd-kernel");
     let path = dir.path().join("out");
     let (tx, rx) = mpsc::channel();
@@ -328,7 +293,7 @@ fn kernel_mode_accesses_are_served() {
 fn writes_to_lazy_memory_stick() {
     let f = fixture(&[1 << 20], Compression::Zstd { level: 1 }, 17);
     let (maps, lazy) = start(&f, LazyOptions::default());
-    let base = maps[0].addr;
+    let base = maps[0].addr();
     // First access is a write, into a zero chunk (6) and a stored chunk (1).
     std::thread::spawn(move || {
         write_at(base + 6 * CHUNK + 10, b"hello");
@@ -347,7 +312,7 @@ fn writes_to_lazy_memory_stick() {
 fn background_fill_places_every_chunk() {
     let f = fixture(&[3 << 20, 1 << 20], Compression::Zstd { level: 1 }, 19);
     let (maps, lazy) = start(&f, LazyOptions::default());
-    let base = maps[0].addr;
+    let base = maps[0].addr();
     assert_eq!(read_at(base + CHUNK, 8), f.src[CHUNK..CHUNK + 8]);
     lazy.fill_in_background();
     assert!(lazy.wait_complete(Duration::from_secs(20)));
@@ -375,7 +340,7 @@ fn check_unfetchable_chunk(damage: impl FnOnce(&std::path::Path), expect: &str) 
         ..Default::default()
     };
     let (maps, lazy) = start(&f, options);
-    let base = maps[0].addr;
+    let base = maps[0].addr();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(read_at(base + CHUNK + 100, 1));
@@ -509,13 +474,13 @@ fn start_time_does_not_depend_on_memory_size() {
     let id = store.put(&chunk).unwrap();
     for size in [64usize << 20, 256 << 20, 1 << 30, 4 << 30] {
         let map = Mapping::new(size);
-        let regions = vec![(map.addr, size, sparse_region(size, id))];
+        let regions = vec![(map.addr(), size, sparse_region(size, id))];
         let t = Instant::now();
         // SAFETY: a fresh private anonymous mapping owned by this test, alive until
         // `stop`, accessed only through raw pointers.
         let lazy = unsafe { LazyMemory::start(regions, CHUNK, store.clone()) }.unwrap();
         let started = t.elapsed();
-        let addr = map.addr;
+        let addr = map.addr();
         let head: [u8; 8] = chunk[..8].try_into().unwrap();
         let data = timed_on_thread(move || assert_eq!(read_at(addr + (1 << 20), 8), head));
         let zero = timed_on_thread(move || assert_eq!(read_at(addr + size - 8, 8), [0; 8]));
@@ -539,27 +504,17 @@ fn start_time_does_not_depend_on_memory_size() {
 fn fault_latency_raw_and_zstd() {
     let size = 8 << 20;
     for compression in [Compression::None, Compression::Zstd { level: 1 }] {
-        let dir = TempDir::new("uffd-lat");
-        let store = Arc::new(
-            LocalStore::open(
-                dir.path(),
-                LocalStoreOptions {
-                    compression,
-                    ..Default::default()
-                },
-            )
-            .unwrap(),
-        );
+        let (_dir, store) = temp_store("uffd-lat", compression);
         let mut src = vec![0u8; size];
         let mut rng = Rng::new(37);
         compressible(&mut src, &mut rng);
         let manifest = chunk_memory(&[(0, &src[..])], &*store);
         let ratio = store.stats().raw_bytes_written as f64 / store.stats().bytes_written as f64;
         let map = Mapping::new(size);
-        let regions = vec![(map.addr, size, manifest.regions[0].clone())];
+        let regions = vec![(map.addr(), size, manifest.regions[0].clone())];
         // SAFETY: as in `start_time_does_not_depend_on_memory_size`.
         let lazy = unsafe { LazyMemory::start(regions, CHUNK, store.clone()) }.unwrap();
-        let addr = map.addr;
+        let addr = map.addr();
         let mut lat = std::thread::spawn(move || {
             (0..size / CHUNK)
                 .map(|c| {
@@ -634,7 +589,7 @@ fn faults_on_different_chunks_are_fetched_at_once() {
         max: std::sync::atomic::AtomicUsize::new(0),
     });
     let map = Mapping::new(1 << 20);
-    let regions = vec![(map.addr, map.len, f.manifest.regions[0].clone())];
+    let regions = vec![(map.addr(), map.len(), f.manifest.regions[0].clone())];
     // SAFETY: a fresh private anonymous mapping owned by the test, alive until the
     // LazyMemory is stopped, accessed only through raw pointers.
     let lazy = unsafe {
@@ -653,7 +608,7 @@ fn faults_on_different_chunks_are_fetched_at_once() {
     let readers: Vec<_> = stored
         .iter()
         .map(|&c| {
-            let addr = map.addr + c * CHUNK;
+            let addr = map.addr() + c * CHUNK;
             std::thread::spawn(move || (c, read_at(addr, CHUNK)))
         })
         .collect();

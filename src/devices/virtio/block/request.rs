@@ -313,6 +313,58 @@ fn execute<M: GuestMemory + ?Sized>(
     disk_id: &[u8; DISK_ID_LEN],
     gate: &dyn WriteGate,
 ) -> Result<usize, RequestError> {
+    let (readable, writable) = check_descriptors(mem, descs)?;
+    let (req_type, sector) = read_header(mem, &readable)?;
+    // Data bytes in each direction: after the header, before the status byte.
+    let in_data = readable.len() - HEADER_LEN;
+    let out_data = writable.len() - 1;
+    let io = Transfer {
+        mem,
+        buf,
+        backend,
+        gate,
+    };
+
+    match req_type {
+        VIRTIO_BLK_T_IN => {
+            if in_data != 0 {
+                return Err(RequestError::Direction(req_type));
+            }
+            io.read(&writable, sector, out_data)
+        }
+        VIRTIO_BLK_T_OUT => {
+            if out_data != 0 {
+                return Err(RequestError::Direction(req_type));
+            }
+            io.write(&readable, sector, in_data)
+        }
+        VIRTIO_BLK_T_FLUSH => {
+            if in_data != 0 || out_data != 0 {
+                return Err(RequestError::Direction(req_type));
+            }
+            backend.flush().map_err(RequestError::Backend)?;
+            Ok(0)
+        }
+        VIRTIO_BLK_T_GET_ID => {
+            if in_data != 0 {
+                return Err(RequestError::Direction(req_type));
+            }
+            let n = (out_data as usize).min(DISK_ID_LEN);
+            let _busy = gate.enter().ok_or(RequestError::Abandoned)?;
+            writable.write_from(mem, 0, &disk_id[..n])?;
+            Ok(n)
+        }
+        t => Err(RequestError::Unsupported(t)),
+    }
+}
+
+/// Splits the chain into its device-readable and device-writable parts, checking that
+/// no readable descriptor follows a writable one and that each is of a sane size inside
+/// guest memory with the right permission.
+fn check_descriptors<'a, M: GuestMemory + ?Sized>(
+    mem: &M,
+    descs: &'a [Descriptor],
+) -> Result<(Segments<'a>, Segments<'a>), RequestError> {
     let split = descs
         .iter()
         .position(|d| d.is_write_only())
@@ -337,8 +389,14 @@ fn execute<M: GuestMemory + ?Sized>(
             });
         }
     }
-    let readable = Segments(readable);
-    let writable = Segments(writable);
+    Ok((Segments(readable), Segments(writable)))
+}
+
+/// Reads the request header: its type and first sector.
+fn read_header<M: GuestMemory + ?Sized>(
+    mem: &M,
+    readable: &Segments<'_>,
+) -> Result<(u32, u64), RequestError> {
     let mut header = [0u8; HEADER_LEN as usize];
     if readable.len() < HEADER_LEN {
         return Err(RequestError::ShortHeader);
@@ -349,66 +407,54 @@ fn execute<M: GuestMemory + ?Sized>(
         header[8], header[9], header[10], header[11], header[12], header[13], header[14],
         header[15],
     ]);
-    // Data bytes in each direction: after the header, before the status byte.
-    let in_data = readable.len() - HEADER_LEN;
-    let out_data = writable.len() - 1;
+    Ok((req_type, sector))
+}
 
-    match req_type {
-        VIRTIO_BLK_T_IN => {
-            if in_data != 0 {
-                return Err(RequestError::Direction(req_type));
-            }
-            let start = check_io(backend, sector, out_data)?;
-            let mut done = 0u64;
-            while done < out_data {
-                let n = chunk(out_data - done);
-                let b = bounce(buf, n);
-                backend
-                    .read_at(b, start + done)
-                    .map_err(RequestError::Backend)?;
-                let _busy = gate.enter().ok_or(RequestError::Abandoned)?;
-                writable.write_from(mem, done, b)?;
-                done += n as u64;
-            }
-            Ok(out_data as usize)
+/// What a data transfer between guest memory and the disk uses.
+struct Transfer<'a, M: ?Sized> {
+    mem: &'a M,
+    buf: &'a mut Vec<u8>,
+    backend: &'a dyn BlockBackend,
+    gate: &'a dyn WriteGate,
+}
+
+impl<M: GuestMemory + ?Sized> Transfer<'_, M> {
+    /// `VIRTIO_BLK_T_IN`: reads `len` bytes at `sector` into `writable`, through the
+    /// bounce buffer; returns the bytes written into the chain.
+    fn read(self, writable: &Segments<'_>, sector: u64, len: u64) -> Result<usize, RequestError> {
+        let start = check_io(self.backend, sector, len)?;
+        let mut done = 0u64;
+        while done < len {
+            let n = chunk(len - done);
+            let b = bounce(self.buf, n);
+            self.backend
+                .read_at(b, start + done)
+                .map_err(RequestError::Backend)?;
+            let _busy = self.gate.enter().ok_or(RequestError::Abandoned)?;
+            writable.write_from(self.mem, done, b)?;
+            done += n as u64;
         }
-        VIRTIO_BLK_T_OUT => {
-            if out_data != 0 {
-                return Err(RequestError::Direction(req_type));
-            }
-            if backend.read_only() {
-                return Err(RequestError::ReadOnly);
-            }
-            let start = check_io(backend, sector, in_data)?;
-            let mut done = 0u64;
-            while done < in_data {
-                let n = chunk(in_data - done);
-                let b = bounce(buf, n);
-                readable.read_into(mem, HEADER_LEN + done, b)?;
-                backend
-                    .write_at(b, start + done)
-                    .map_err(RequestError::Backend)?;
-                done += n as u64;
-            }
-            Ok(0)
+        Ok(len as usize)
+    }
+
+    /// `VIRTIO_BLK_T_OUT`: writes the `len` data bytes of `readable` (after the header)
+    /// at `sector`, through the bounce buffer.
+    fn write(self, readable: &Segments<'_>, sector: u64, len: u64) -> Result<usize, RequestError> {
+        if self.backend.read_only() {
+            return Err(RequestError::ReadOnly);
         }
-        VIRTIO_BLK_T_FLUSH => {
-            if in_data != 0 || out_data != 0 {
-                return Err(RequestError::Direction(req_type));
-            }
-            backend.flush().map_err(RequestError::Backend)?;
-            Ok(0)
+        let start = check_io(self.backend, sector, len)?;
+        let mut done = 0u64;
+        while done < len {
+            let n = chunk(len - done);
+            let b = bounce(self.buf, n);
+            readable.read_into(self.mem, HEADER_LEN + done, b)?;
+            self.backend
+                .write_at(b, start + done)
+                .map_err(RequestError::Backend)?;
+            done += n as u64;
         }
-        VIRTIO_BLK_T_GET_ID => {
-            if in_data != 0 {
-                return Err(RequestError::Direction(req_type));
-            }
-            let n = (out_data as usize).min(DISK_ID_LEN);
-            let _busy = gate.enter().ok_or(RequestError::Abandoned)?;
-            writable.write_from(mem, 0, &disk_id[..n])?;
-            Ok(n)
-        }
-        t => Err(RequestError::Unsupported(t)),
+        Ok(0)
     }
 }
 
