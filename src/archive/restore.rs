@@ -23,7 +23,7 @@ use super::cache::{CacheError, CachedStore};
 use super::workingset::{FillRate, PrefetchPlan, Prefetcher, WorkingSet, manifest_hash};
 use super::{ArchiveError, INSTANCE_OVERLAY, Source, WORKINGSET_FILE, resolve_url};
 use crate::builder::{BuildError, Console};
-use crate::builder_restore::{RestoreOptions, build_from_parts};
+use crate::builder::{RestoreOptions, build_from_parts};
 use crate::disk::BackendIdentity;
 use crate::disk::http::LazyHttpDisk;
 use crate::formats::file::{self, FileKind, StateFileError};

@@ -1,5 +1,7 @@
-//! Building a VM: `build_for_boot` (kernel + command line) and, as its sibling,
-//! `build_from_snapshot`; both share the device and vCPU helpers here.
+//! Building a VM: [`boot`] (`build_for_boot`: kernel + command line) and [`restore`]
+//! (`build_from_snapshot`: every component rebuilt from its saved state through
+//! [`Persist`](crate::formats::Persist)); both share the device and vCPU helpers here, and
+//! both end in [`Vmm::from_parts`].
 
 use std::fs::File;
 use std::io::Write;
@@ -7,35 +9,37 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, SubscriberOps};
-use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64 as arch;
-use crate::config::{self, VmConfig};
+use crate::config::VmConfig;
 use crate::devices::IrqLine;
 use crate::devices::legacy::{
     I8042, I8042_LEN, I8042_PORT, PVPANIC_PORT, PvPanic, SERIAL_PORTS, SerialDevice,
     SerialDeviceState, SerialRestoreArgs,
 };
 use crate::devices::virtio::VirtioDevice;
-use crate::devices::virtio::block::{BlockConfig as BlockDeviceConfig, BlockDevice};
-use crate::devices::virtio::mmio::{
-    MMIO_WINDOW_SIZE, MmioTransport, NOTIFY_REG_OFFSET, kernel_cmdline_arg,
-};
+use crate::devices::virtio::block::BlockDevice;
+use crate::devices::virtio::mmio::{MMIO_WINDOW_SIZE, MmioTransport, NOTIFY_REG_OFFSET};
 use crate::disk::BlockBackend;
 use crate::disk::file::FileBackend;
 use crate::disk::http::{LazyHttpDisk, LazyHttpOptions, open_remote_disk};
 use crate::disk::overlay::OverlayBackend;
 use crate::formats::Persist;
 use crate::store::http::HttpStoreOptions;
-use crate::util::lock;
-use crate::vmm::{AttachedBlock, ExitWaker, StdinInput, Subscriber, Vmm};
+use crate::vmm::{AttachedBlock, ExitWaker, StdinInput, Subscriber};
 use crate::vstate::bus::{Bus, BusError, SharedDevice};
 use crate::vstate::exit::ExitSignal;
 use crate::vstate::memory::{self, GuestMemory};
-use crate::vstate::vcpu::{RunState, VcpuContext, VcpuHandle};
+use crate::vstate::vcpu::{KvmVcpu, VcpuContext, VcpuHandle};
 use crate::vstate::vm::Vm;
 use kvm_ioctls::IoEventAddress;
+
+pub mod boot;
+pub mod restore;
+
+pub use boot::{BootOptions, build_for_boot, compose_cmdline};
+pub use restore::{RestoreOptions, build_from_parts, build_from_snapshot, snapshot_files};
 
 /// Errors while building a VM.
 #[derive(Debug, thiserror::Error)]
@@ -261,64 +265,79 @@ pub fn enable_dirty_log(vm: &Vm, mem: &GuestMemory) -> crate::vstate::dirty::Log
     }
 }
 
-/// Creates a virtio-block device and transport for each opened disk, wires its irqfd and
-/// ioeventfd, starts its I/O worker thread (`virtio-blk<i>`), and returns the devices with
-/// their kernel command-line parameters. With `paused`, each device's I/O gate is held
-/// for the VM (as [`Vmm::pause`](crate::vmm::Vmm::pause) does; `Vmm::resume` releases it).
-pub fn attach_blocks(
-    vm: &Vm,
-    mem: &GuestMemory,
-    cfg: &VmConfig,
-    disks: Vec<Arc<dyn BlockBackend>>,
-    mmio: &mut Bus,
-    paused: bool,
-) -> Result<(Vec<AttachedBlock>, Vec<String>), BuildError> {
-    let mut attached = Vec::new();
-    let mut params = Vec::new();
-    for (i, (b, backend)) in cfg.blocks.iter().zip(disks).enumerate() {
-        let mut device = BlockDevice::new(backend, BlockDeviceConfig { id: b.id.clone() })
-            .map_err(|e| BuildError::Device(e.to_string()))?;
-        if paused {
-            device.io_gate().hold();
-        }
-        device
-            .start_worker(&format!("virtio-blk{i}"))
-            .map_err(|e| BuildError::Device(crate::util::error_chain(&e)))?;
-        let device = Arc::new(Mutex::new(device));
-        let gsi = VIRTIO_FIRST_GSI + i as u32;
-        let base = match arch::layout::virtio_mmio_addr(i as u32) {
-            Some(a) if gsi <= arch::mptable::MAX_LEGACY_IRQ => a.0,
-            _ => {
-                return Err(BuildError::Device(format!(
-                    "too many disks ({})",
-                    cfg.blocks.len()
-                )));
-            }
-        };
-        let irq = IrqLine::new(irq_evt(vm, gsi)?, gsi);
-        let transport = MmioTransport::new(mem.clone(), device.clone(), irq)
-            .map_err(|e| BuildError::Device(e.to_string()))?;
-        for (q, evt) in lock(&device).queue_events().iter().enumerate() {
-            vm.fd()
-                .register_ioevent(
-                    evt,
-                    &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET),
-                    q as u32,
-                )
-                .map_err(|e| BuildError::Device(format!("ioeventfd: {e}")))?;
-        }
-        let transport = Arc::new(Mutex::new(transport));
-        mmio.insert(transport.clone(), base, MMIO_WINDOW_SIZE)
-            .map_err(|e| BuildError::Device(e.to_string()))?;
-        params.push(kernel_cmdline_arg(base, gsi));
-        attached.push(AttachedBlock {
-            device,
-            transport,
-            base,
-            gsi,
-        });
+/// Where disk `index` of `count` sits: its MMIO window base and GSI.
+pub fn block_slot(index: usize, count: usize) -> Result<(u64, u32), BuildError> {
+    let gsi = VIRTIO_FIRST_GSI + index as u32;
+    match arch::layout::virtio_mmio_addr(index as u32) {
+        Some(a) if gsi <= arch::mptable::MAX_LEGACY_IRQ => Ok((a.0, gsi)),
+        _ => Err(BuildError::Device(format!("too many disks ({count})"))),
     }
-    Ok((attached, params))
+}
+
+/// A virtio-block device wired to the VM (I/O worker started, queue ioeventfds and
+/// interrupt irqfd registered), before its transport exists.
+pub struct WiredBlock {
+    /// The device.
+    pub device: Arc<Mutex<BlockDevice>>,
+    /// MMIO window base.
+    pub base: u64,
+    /// Interrupt line.
+    pub gsi: u32,
+    /// The interrupt line its transport raises.
+    pub irq: IrqLine,
+}
+
+/// Wires disk `index` (placed by [`block_slot`]) to the VM: with `paused`, holds its I/O
+/// gate for the VM (as [`Vmm::pause`](crate::vmm::Vmm::pause) does; `Vmm::resume` releases
+/// it), starts its I/O worker thread (`virtio-blk<i>`), registers its queue ioeventfds on
+/// QueueNotify and its interrupt irqfd.
+pub fn wire_block(
+    vm: &Vm,
+    index: usize,
+    (base, gsi): (u64, u32),
+    mut device: BlockDevice,
+    paused: bool,
+) -> Result<WiredBlock, BuildError> {
+    if paused {
+        device.io_gate().hold();
+    }
+    device
+        .start_worker(&format!("virtio-blk{index}"))
+        .map_err(|e| BuildError::Device(crate::util::error_chain(&e)))?;
+    let irq = IrqLine::new(irq_evt(vm, gsi)?, gsi);
+    for (q, evt) in device.queue_events().iter().enumerate() {
+        vm.fd()
+            .register_ioevent(
+                evt,
+                &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET),
+                q as u32,
+            )
+            .map_err(|e| BuildError::Device(format!("ioeventfd: {e}")))?;
+    }
+    Ok(WiredBlock {
+        device: Arc::new(Mutex::new(device)),
+        base,
+        gsi,
+        irq,
+    })
+}
+
+/// Puts a wired disk's transport on the MMIO bus.
+pub fn plug_block(
+    mmio: &mut Bus,
+    device: Arc<Mutex<BlockDevice>>,
+    (base, gsi): (u64, u32),
+    transport: MmioTransport,
+) -> Result<AttachedBlock, BuildError> {
+    let transport = Arc::new(Mutex::new(transport));
+    mmio.insert(transport.clone(), base, MMIO_WINDOW_SIZE)
+        .map_err(|e| BuildError::Device(e.to_string()))?;
+    Ok(AttachedBlock {
+        device,
+        transport,
+        base,
+        gsi,
+    })
 }
 
 /// The devices and event loop every VM has, before disks are attached.
@@ -370,7 +389,7 @@ pub type StartedVcpus = (Arc<Bus>, Arc<Bus>, Vec<VcpuHandle>);
 
 /// Freezes the buses and starts one thread per vCPU fd (paused if asked).
 pub fn start_vcpus(
-    fds: Vec<kvm_ioctls::VcpuFd>,
+    kvm_vcpus: Vec<KvmVcpu>,
     pio: Bus,
     mmio: Bus,
     exit: &Arc<ExitSignal>,
@@ -379,86 +398,16 @@ pub fn start_vcpus(
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
     let mut vcpus = Vec::new();
-    for (id, fd) in fds.into_iter().enumerate() {
+    for v in kvm_vcpus {
         let ctx = VcpuContext {
-            id: id as u8,
+            id: v.id,
             pio: pio.clone(),
             mmio: mmio.clone(),
             exit: exit.clone(),
         };
-        vcpus.push(VcpuHandle::spawn(fd, ctx, paused)?);
+        vcpus.push(VcpuHandle::spawn(v, ctx, paused)?);
     }
     Ok((pio, mmio, vcpus))
-}
-
-/// The guest command line: the user's, then device parameters, then host quirks (whose
-/// `clearcpuid=` also hides the features `cpu` masks: on PVM hosts the guest's CPUID
-/// instruction sees the host's).
-pub fn compose_cmdline(
-    cfg: &VmConfig,
-    device_params: &[String],
-    tsc_khz: Option<u32>,
-    cpu: &arch::cpu_template::CpuPlan,
-) -> String {
-    let mut parts = vec![cfg.kernel.cmdline.trim().to_string()];
-    parts.extend(device_params.iter().cloned());
-    if let Some(i) = cfg.blocks.iter().position(|b| b.root) {
-        let dev = format!("root=/dev/vd{}", (b'a' + i as u8) as char);
-        let ro = if cfg.blocks[i].read_only {
-            " ro"
-        } else {
-            " rw"
-        };
-        parts.push(format!("{dev}{ro}"));
-    }
-    if cfg.host_quirks && config::pvm_host() {
-        log::info!(
-            "PVM-style nested KVM host detected: appending guest command-line workarounds (disable with --no-host-quirks)"
-        );
-        if cfg.vcpus > 1 {
-            log::warn!(
-                "PVM-style host and {} vCPUs: the guest gets nopv (KVM's PV IPIs hang here), \
-                 which turns kvmclock off; on the TSC, a restore of an old snapshot stalls the \
-                 guest for a time that grows with the snapshot's age (docs/PVM_HOSTS.md)",
-                cfg.vcpus
-            );
-        }
-        let quirks = arch::cpu_template::pvm_quirk_features(config::PVM_CLEARCPUID);
-        let clear = arch::cpu_template::pvm_clearcpuid(&quirks, &cpu.hidden);
-        parts.push(config::pvm_quirks(tsc_khz, &clear, cfg.vcpus));
-    }
-    parts.retain(|p| !p.is_empty());
-    parts.join(" ")
-}
-
-/// Configures vCPU `id` for a 64-bit Linux boot at `entry` with boot params at `boot_params`:
-/// its CPUID is the host's supported one with the template's mask applied, normalized.
-fn configure_boot_vcpu(
-    host: &arch::cpu_template::HostCpu,
-    cpu: &arch::cpu_template::CpuPlan,
-    mem: &GuestMemory,
-    fd: &kvm_ioctls::VcpuFd,
-    id: u8,
-    count: u8,
-    entry: GuestAddress,
-) -> Result<(), BuildError> {
-    let step = |what: &'static str| move |source| BuildError::VcpuSetup { id, what, source };
-    let mut cpuid = host.supported.clone();
-    if let Some(keep) = &cpu.keep {
-        arch::cpu_features::CpuFeatures::mask_cpuid(keep, &mut cpuid);
-    }
-    arch::cpuid::normalize_cpuid(&mut cpuid, id, count)
-        .map_err(|e| BuildError::Arch(format!("vcpu{id}: cpuid: {e}")))?;
-    fd.set_cpuid2(&cpuid).map_err(step("KVM_SET_CPUID2"))?;
-    arch::msrs::setup_msrs(fd).map_err(|e| BuildError::Arch(format!("vcpu{id}: msrs: {e}")))?;
-    arch::regs::setup_regs(fd, entry.0, arch::layout::ZERO_PAGE_START)
-        .map_err(|e| BuildError::Arch(format!("vcpu{id}: regs: {e}")))?;
-    arch::regs::setup_fpu(fd).map_err(|e| BuildError::Arch(format!("vcpu{id}: fpu: {e}")))?;
-    arch::regs::setup_sregs(mem, fd)
-        .map_err(|e| BuildError::Arch(format!("vcpu{id}: sregs: {e}")))?;
-    arch::interrupts::set_lint(fd)
-        .map_err(|e| BuildError::Arch(format!("vcpu{id}: lapic: {e}")))?;
-    Ok(())
 }
 
 /// Where the console output of a VM goes.
@@ -471,142 +420,3 @@ pub enum Console {
 
 /// A device to put on a bus at `(base, len)`.
 pub type ExtraDevice = (SharedDevice, u64, u64);
-
-/// How to run a VM besides its configuration.
-pub struct BootOptions {
-    /// Console destination.
-    pub console: Console,
-    /// Additional port-I/O devices (tests, tools).
-    pub extra_pio: Vec<ExtraDevice>,
-    /// Additional MMIO devices (tests, tools).
-    pub extra_mmio: Vec<ExtraDevice>,
-    /// Create the vCPU threads paused.
-    pub start_paused: bool,
-}
-
-impl BootOptions {
-    /// Console on stdio, nothing extra, running.
-    pub fn stdio() -> Self {
-        Self::with_console(Console::Stdio)
-    }
-
-    /// Console to `console`, nothing extra, running.
-    pub fn with_console(console: Console) -> Self {
-        Self {
-            console,
-            extra_pio: Vec::new(),
-            extra_mmio: Vec::new(),
-            start_paused: false,
-        }
-    }
-}
-
-/// Builds and starts a VM that boots `cfg.kernel`.
-pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildError> {
-    let console = opts.console;
-    let mut kernel = open_input("kernel", &cfg.kernel.path)?;
-    let mut initrd = cfg
-        .initrd
-        .as_ref()
-        .map(|p| open_input("initrd", p))
-        .transpose()?;
-
-    let disks = open_disks(cfg)?;
-    let vm = Vm::new()?;
-    vm.check_vcpu_count(u32::from(cfg.vcpus))?;
-    let host = arch::cpu_template::HostCpu::probe(vm.kvm(), config::pvm_host())?;
-    let cpu = arch::cpu_template::plan(cfg.cpu_template, &host)?;
-    let mem = memory::create_anonymous(&arch::layout::arch_memory_regions(cfg.mem_mib << 20))?;
-    vm.register_memory(&mem, 0)?;
-    let dirty_log = enable_dirty_log(&vm, &mem);
-
-    let loaded = arch::boot::load_kernel(&mem, &mut kernel).map_err(|e| BuildError::File {
-        what: "kernel",
-        path: cfg.kernel.path.display().to_string(),
-        message: e.to_string(),
-    })?;
-    let initrd_region = match initrd.as_mut() {
-        Some(f) => Some(arch::boot::load_initrd(&mem, f, &loaded).map_err(|e| {
-            BuildError::File {
-                what: "initrd",
-                path: cfg
-                    .initrd
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-                message: e.to_string(),
-            }
-        })?),
-        None => None,
-    };
-
-    let Platform {
-        exit,
-        mut pio,
-        mut mmio,
-        serial,
-        events,
-    } = setup_platform(&vm, console, None)?;
-    let bus_err = |e: BusError| BuildError::Device(e.to_string());
-    for (dev, base, len) in opts.extra_pio {
-        pio.insert(dev, base, len).map_err(bus_err)?;
-    }
-    for (dev, base, len) in opts.extra_mmio {
-        mmio.insert(dev, base, len).map_err(bus_err)?;
-    }
-
-    let remote = disks.remote;
-    let overlays = disks.overlays;
-    let (blocks, device_params) =
-        attach_blocks(&vm, &mem, cfg, disks.backends, &mut mmio, opts.start_paused)?;
-    let mut fds = Vec::new();
-    for id in 0..cfg.vcpus {
-        fds.push(vm.create_vcpu(id)?);
-    }
-    let tsc_khz = fds.first().and_then(|f| f.get_tsc_khz().ok());
-    let cmdline = compose_cmdline(cfg, &device_params, tsc_khz, &cpu);
-    arch::mptable::setup_mptable(&mem, cfg.vcpus, arch::mptable::MAX_LEGACY_IRQ)
-        .map_err(|e| BuildError::Arch(format!("mptable: {e}")))?;
-    arch::boot::configure_system(&mem, &cmdline, initrd_region, loaded.setup_header)
-        .map_err(|e| BuildError::Arch(format!("boot params: {e}")))?;
-    for (id, fd) in fds.iter().enumerate() {
-        configure_boot_vcpu(&host, &cpu, &mem, fd, id as u8, cfg.vcpus, loaded.entry)?;
-    }
-
-    let (pio, mmio, vcpus) = start_vcpus(fds, pio, mmio, &exit, opts.start_paused)?;
-    log::info!("guest command line: {cmdline}");
-    if cfg.cpu_template != config::CpuTemplate::None {
-        log::info!(
-            "CPU template {}: the guest gets {}",
-            cfg.cpu_template,
-            cpu.record.features.names().join(" ")
-        );
-    }
-    Ok(Vmm {
-        cpu: cpu.record,
-        config: cfg.clone(),
-        cmdline,
-        vm,
-        mem,
-        vcpus,
-        exit,
-        pio,
-        mmio,
-        serial,
-        blocks,
-        events,
-        api: None,
-        lazy: None,
-        remote,
-        overlays,
-        snapshot_base: None,
-        dirty_log,
-        status_extras: Vec::new(),
-        repo_parent: None,
-        state: if opts.start_paused {
-            RunState::Paused
-        } else {
-            RunState::Running
-        },
-    })
-}
