@@ -451,40 +451,56 @@ pub fn create_snapshot(
         cpu: vmm.cpu.clone(),
     };
     write_files(dir, &saved.manifest, &state)?;
+    let (stats, incremental) = (saved.stats, saved.incremental);
+    let base = SnapshotBase {
+        store: store_canon,
+        memory: saved.manifest,
+        overlays: overlay_manifests,
+    };
+    finish(vmm, touched, saved.log_state, base);
+    let report = SnapshotReport {
+        path: dir.to_path_buf(),
+        store: store_dir,
+        state_ms,
+        memory_ms,
+        total_ms: t0.elapsed().as_secs_f64() * 1e3,
+        memory: stats,
+        dirty_method: if incremental {
+            DirtyMethod::KvmLog
+        } else {
+            DirtyMethod::Rehash
+        },
+        incremental,
+        overlays: overlay_stats,
+    };
+    log_report(&report);
+    Ok(report)
+}
+
+/// Logs what a snapshot cost.
+fn log_report(r: &SnapshotReport) {
+    let stats = &r.memory;
+    log::info!(
+        "snapshot {}: state {:.1} ms, memory {:.1} ms ({} chunks, {} zero, {} new, {} bytes written), total {:.1} ms",
+        r.path.display(),
+        r.state_ms,
+        r.memory_ms,
+        stats.chunks_total,
+        stats.chunks_zero,
+        stats.chunks_new,
+        stats.bytes_written,
+        r.total_ms
+    );
+}
+
+/// Once the snapshot is written: clears what the overlay captures took, and makes the
+/// snapshot the VM's base, from which the dirty log (in `log_state`) now counts.
+fn finish(vmm: &mut Vmm, touched: Vec<(usize, Vec<u64>)>, log_state: LogState, base: SnapshotBase) {
     for (index, t) in touched {
         if let Some(ov) = &vmm.overlays[index] {
             ov.clear_touched(&t);
         }
     }
-    vmm.dirty_log = saved.log_state.after_snapshot();
-    let stats = saved.stats;
-    vmm.snapshot_base = Some(SnapshotBase {
-        store: store_canon,
-        memory: saved.manifest,
-        overlays: overlay_manifests,
-    });
-    let total_ms = t0.elapsed().as_secs_f64() * 1e3;
-    log::info!(
-        "snapshot {}: state {state_ms:.1} ms, memory {memory_ms:.1} ms ({} chunks, {} zero, {} new, {} bytes written), total {total_ms:.1} ms",
-        dir.display(),
-        stats.chunks_total,
-        stats.chunks_zero,
-        stats.chunks_new,
-        stats.bytes_written
-    );
-    Ok(SnapshotReport {
-        path: dir.to_path_buf(),
-        store: store_dir,
-        state_ms,
-        memory_ms,
-        total_ms,
-        memory: stats,
-        dirty_method: if saved.incremental {
-            DirtyMethod::KvmLog
-        } else {
-            DirtyMethod::Rehash
-        },
-        incremental: saved.incremental,
-        overlays: overlay_stats,
-    })
+    vmm.dirty_log = log_state.after_snapshot();
+    vmm.snapshot_base = Some(base);
 }

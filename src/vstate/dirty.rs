@@ -475,4 +475,32 @@ mod tests {
         let ok = kvm_dirty_log_selftest(&kvm).expect("self-test runs");
         eprintln!("dirty log self-test: {ok}");
     }
+
+    #[test]
+    fn log_state_transitions() {
+        let u = |since_start, passes| LogState::Unverified {
+            since_start,
+            passes,
+        };
+        // Restore: not checkable until the base is known.
+        assert_eq!(LogState::fresh().restored(), u(false, 0));
+        assert_eq!(u(false, 0).from_known_base(), LogState::fresh());
+        assert_eq!(LogState::Off.restored(), LogState::Off);
+        assert_eq!(LogState::Broken.from_known_base(), LogState::Broken);
+        // A snapshot reads the log: nothing checks it until the snapshot is written.
+        assert!(u(true, 1).is_logging() && LogState::Trusted.is_logging());
+        assert!(!LogState::Off.is_logging() && !LogState::Broken.is_logging());
+        assert_eq!(u(true, 1).while_snapshotting(), u(false, 1));
+        assert_eq!(LogState::Trusted.while_snapshotting(), LogState::Trusted);
+        assert_eq!(u(false, 1).after_snapshot(), u(true, 1));
+        // Checks: REQUIRED_PASSES clean ones trust it, one miss breaks it.
+        assert!(u(true, 0).needs_check() && !u(false, 0).needs_check());
+        assert_eq!(u(true, 0).after_check(0, || true), u(true, 1));
+        assert_eq!(u(true, 1).after_check(0, || true), LogState::Trusted);
+        assert_eq!(u(true, 1).after_check(3, || true), LogState::Broken);
+        assert_eq!(u(true, 0).after_check(0, || false), LogState::Broken);
+        let not_asked = || -> bool { panic!("selftest run without a clean check") };
+        assert_eq!(u(true, 0).after_check(1, not_asked), LogState::Broken);
+        assert_eq!(u(false, 1).after_check(5, not_asked), u(false, 1));
+    }
 }

@@ -351,74 +351,9 @@ fn complete_pending_io(fd: &mut VcpuFd) {
 
 /// One KVM_RUN; returns a reason when the VM must stop.
 fn run_once(fd: &mut VcpuFd, ctx: &VcpuContext) -> Option<ExitReason> {
-    let id = ctx.id;
     match fd.run() {
-        Ok(exit) => match exit {
-            VcpuExit::IoIn(port, data) => {
-                if !ctx.pio.read(u64::from(port), data) {
-                    data.fill(0xff);
-                }
-                None
-            }
-            VcpuExit::IoOut(port, data) => {
-                if !ctx.pio.write(u64::from(port), data) {
-                    log::trace!("vcpu{id}: unhandled out {port:#x}");
-                }
-                None
-            }
-            VcpuExit::MmioRead(addr, data) => {
-                if !ctx.mmio.read(addr, data) {
-                    log::debug!("vcpu{id}: unhandled mmio read {addr:#x}");
-                    data.fill(0);
-                }
-                None
-            }
-            VcpuExit::MmioWrite(addr, data) => {
-                if !ctx.mmio.write(addr, data) {
-                    log::debug!("vcpu{id}: unhandled mmio write {addr:#x}");
-                }
-                None
-            }
-            VcpuExit::Hlt => {
-                // Only seen without an in-kernel irqchip; treat as idle.
-                std::thread::yield_now();
-                None
-            }
-            VcpuExit::Shutdown => Some(ExitReason::TripleFault { vcpu: id }),
-            VcpuExit::SystemEvent(ty, _) => match ty {
-                kvm_bindings::KVM_SYSTEM_EVENT_RESET => Some(ExitReason::Reset),
-                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitReason::Shutdown),
-                other => Some(ExitReason::VcpuError {
-                    vcpu: id,
-                    message: format!("system event {other}"),
-                }),
-            },
-            VcpuExit::InternalError => {
-                let run = fd.get_kvm_run();
-                // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so the kernel filled the
-                // `internal` member of the union.
-                let internal = unsafe { run.__bindgen_anon_1.internal };
-                let n = (internal.ndata as usize).min(internal.data.len());
-                let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
-                Some(ExitReason::VcpuError {
-                    vcpu: id,
-                    message: format!(
-                        "KVM internal error, suberror {} (1 = instruction emulation failed) at rip {rip:#x}, data {:x?}",
-                        internal.suberror,
-                        &internal.data[..n]
-                    ),
-                })
-            }
-            VcpuExit::FailEntry(reason, cpu) => Some(ExitReason::VcpuError {
-                vcpu: id,
-                message: format!("KVM entry failed: hardware reason {reason:#x} on cpu {cpu}"),
-            }),
-            VcpuExit::IrqWindowOpen | VcpuExit::Intr => None,
-            other => Some(ExitReason::VcpuError {
-                vcpu: id,
-                message: format!("unexpected exit {other:?}"),
-            }),
-        },
+        Ok(VcpuExit::InternalError) => Some(internal_error(fd, ctx.id)),
+        Ok(exit) => handle_exit(exit, ctx),
         Err(e) => match e.errno() {
             libc::EINTR => {
                 fd.set_kvm_immediate_exit(0);
@@ -430,9 +365,83 @@ fn run_once(fd: &mut VcpuFd, ctx: &VcpuContext) -> Option<ExitReason> {
                 None
             }
             _ => Some(ExitReason::VcpuError {
-                vcpu: id,
+                vcpu: ctx.id,
                 message: format!("KVM_RUN failed: {e}"),
             }),
         },
+    }
+}
+
+/// Dispatches a port-I/O or MMIO exit on its bus; other exits either continue or give
+/// the reason the VM must stop.
+fn handle_exit(exit: VcpuExit<'_>, ctx: &VcpuContext) -> Option<ExitReason> {
+    let id = ctx.id;
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !ctx.pio.read(u64::from(port), data) {
+                data.fill(0xff);
+            }
+            None
+        }
+        VcpuExit::IoOut(port, data) => {
+            if !ctx.pio.write(u64::from(port), data) {
+                log::trace!("vcpu{id}: unhandled out {port:#x}");
+            }
+            None
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !ctx.mmio.read(addr, data) {
+                log::debug!("vcpu{id}: unhandled mmio read {addr:#x}");
+                data.fill(0);
+            }
+            None
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            if !ctx.mmio.write(addr, data) {
+                log::debug!("vcpu{id}: unhandled mmio write {addr:#x}");
+            }
+            None
+        }
+        VcpuExit::Hlt => {
+            // Only seen without an in-kernel irqchip; treat as idle.
+            std::thread::yield_now();
+            None
+        }
+        VcpuExit::Shutdown => Some(ExitReason::TripleFault { vcpu: id }),
+        VcpuExit::SystemEvent(ty, _) => match ty {
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => Some(ExitReason::Reset),
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitReason::Shutdown),
+            other => Some(ExitReason::VcpuError {
+                vcpu: id,
+                message: format!("system event {other}"),
+            }),
+        },
+        VcpuExit::FailEntry(reason, cpu) => Some(ExitReason::VcpuError {
+            vcpu: id,
+            message: format!("KVM entry failed: hardware reason {reason:#x} on cpu {cpu}"),
+        }),
+        VcpuExit::IrqWindowOpen | VcpuExit::Intr => None,
+        other => Some(ExitReason::VcpuError {
+            vcpu: id,
+            message: format!("unexpected exit {other:?}"),
+        }),
+    }
+}
+
+/// The reason to stop after a KVM_EXIT_INTERNAL_ERROR, with KVM's suberror and data.
+fn internal_error(fd: &mut VcpuFd, id: u8) -> ExitReason {
+    let run = fd.get_kvm_run();
+    // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so the kernel filled the `internal`
+    // member of the union.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let n = (internal.ndata as usize).min(internal.data.len());
+    let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
+    ExitReason::VcpuError {
+        vcpu: id,
+        message: format!(
+            "KVM internal error, suberror {} (1 = instruction emulation failed) at rip {rip:#x}, data {:x?}",
+            internal.suberror,
+            &internal.data[..n]
+        ),
     }
 }
