@@ -15,8 +15,8 @@ use crate::arch::x86_64 as arch;
 use crate::config::VmConfig;
 use crate::devices::IrqLine;
 use crate::devices::legacy::{
-    I8042, I8042_LEN, I8042_PORT, PVPANIC_PORT, PvPanic, SERIAL_PORTS, SerialDevice,
-    SerialDeviceState, SerialRestoreArgs,
+    I8042, I8042_LEN, I8042_PORT, I8042RestoreArgs, I8042State, PVPANIC_PORT, PvPanic,
+    SERIAL_PORTS, SerialDevice, SerialDeviceState, SerialRestoreArgs,
 };
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::BlockDevice;
@@ -130,7 +130,8 @@ pub struct LegacyDevices {
     pub serial: Arc<Mutex<SerialDevice>>,
 }
 
-/// Puts the legacy devices on the port-I/O bus.
+/// Puts the legacy devices on the port-I/O bus; when restoring (`serial_state` given),
+/// COM1 and the i8042 are built from their state.
 pub fn setup_legacy(
     vm: &Vm,
     pio: &mut Bus,
@@ -164,12 +165,21 @@ pub fn setup_legacy(
         )));
         pio.insert(dev, port, 8).map_err(bus_err)?;
     }
-    pio.insert(
-        Arc::new(Mutex::new(I8042::new(exit.clone()))),
-        I8042_PORT,
-        I8042_LEN,
-    )
-    .map_err(bus_err)?;
+    let i8042 = match serial_state {
+        None => I8042::new(exit.clone()),
+        // Not in the state file: it has no state of its own.
+        Some(_) => {
+            let args = I8042RestoreArgs {
+                signal: exit.clone(),
+            };
+            match I8042::restore(args, &I8042State::default()) {
+                Ok(d) => d,
+                Err(never) => match never {},
+            }
+        }
+    };
+    pio.insert(Arc::new(Mutex::new(i8042)), I8042_PORT, I8042_LEN)
+        .map_err(bus_err)?;
     pio.insert(
         Arc::new(Mutex::new(PvPanic::new(exit.clone()))),
         PVPANIC_PORT,
