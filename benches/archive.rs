@@ -40,7 +40,7 @@ use vmm::archive::Source;
 use vmm::archive::restore::{ArchiveRestoreOptions, ArchiveSession, restore};
 use vmm::archive::workingset::FillRate;
 use vmm::builder::Console;
-use vmm::builder_restore::{RestoreOptions, build_from_snapshot, snapshot_files};
+use vmm::builder::{RestoreOptions, build_from_snapshot, snapshot_files};
 use vmm::snapshot::{ChunkEntry, MemoryManifest};
 use vmm::vmm::Vmm;
 

@@ -37,12 +37,12 @@ LAYERS = [
     ["snapshot"],
     ["repo"],
     ["vmm"],
-    ["builder", "builder_restore"],
+    ["builder"],
     ["archive"],
     ["fuzzing"],
     ["main"],
 ]
-WITHIN = {("image", "store"), ("builder_restore", "builder")}
+WITHIN = {("image", "store")}
 
 
 def strip_comments_and_strings(text):

@@ -7,7 +7,6 @@ pub mod api;
 pub mod arch;
 pub mod archive;
 pub mod builder;
-pub mod builder_restore;
 pub mod config;
 pub mod devices;
 pub mod disk;

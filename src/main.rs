@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use vmm::api::{self, ApiTarget};
+use vmm::builder::RestoreOptions;
 use vmm::builder::{self, BootOptions, Console};
-use vmm::builder_restore::{self, RestoreOptions};
 use vmm::config::{self, VmConfig};
 use vmm::util::error_chain;
 use vmm::vmm::Vmm;
@@ -248,7 +248,7 @@ fn main() -> ExitCode {
                     Err(e) => return fail(2, error_chain(&e)),
                 },
             };
-            let (state, memory) = builder_restore::snapshot_files(&dir);
+            let (state, memory) = builder::snapshot_files(&dir);
             restore_vm(&state, &memory, &block, &restore, &api)
         }
         Some(Cmd::Snapshot {
@@ -344,7 +344,7 @@ fn restore_vm(
         eager_memory: flags.eager_memory,
         clock: flags.clock(),
     };
-    let mut vm = match builder_restore::build_from_snapshot(cpu, memory, opts) {
+    let mut vm = match builder::build_from_snapshot(cpu, memory, opts) {
         Ok(v) => v,
         Err(e) => return fail(e.exit_code(), error_chain(&e)),
     };

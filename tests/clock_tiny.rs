@@ -135,8 +135,8 @@ impl Across {
 
 fn restore_with_clock(dir: &Path, clock: ClockMode) -> Result<TinyVm, String> {
     let console = tiny::Capture::default();
-    let (state, memory) = vmm::builder_restore::snapshot_files(dir);
-    let opts = vmm::builder_restore::RestoreOptions {
+    let (state, memory) = vmm::builder::snapshot_files(dir);
+    let opts = vmm::builder::RestoreOptions {
         console: vmm::builder::Console::Writer(Box::new(console.clone())),
         blocks: None,
         force: false,
@@ -144,7 +144,7 @@ fn restore_with_clock(dir: &Path, clock: ClockMode) -> Result<TinyVm, String> {
         eager_memory: false,
         clock,
     };
-    let vmm = vmm::builder_restore::build_from_snapshot(&state, &memory, opts)
+    let vmm = vmm::builder::build_from_snapshot(&state, &memory, opts)
         .map_err(|e| format!("restoring {}: {e}", dir.display()))?;
     Ok(TinyVm { vmm, console })
 }

@@ -27,11 +27,11 @@ fn host() -> Result<HostCpu, String> {
 /// Restores `dir` with `force`, console captured.
 fn restore(dir: &std::path::Path, force: bool) -> Result<TinyVm, String> {
     let console = Capture::default();
-    let (state, memory) = vmm::builder_restore::snapshot_files(dir);
-    let mut opts = vmm::builder_restore::RestoreOptions::stdio();
+    let (state, memory) = vmm::builder::snapshot_files(dir);
+    let mut opts = vmm::builder::RestoreOptions::stdio();
     opts.console = Console::Writer(Box::new(console.clone()));
     opts.force = force;
-    let vmm = vmm::builder_restore::build_from_snapshot(&state, &memory, opts)
+    let vmm = vmm::builder::build_from_snapshot(&state, &memory, opts)
         .map_err(|e| vmm::util::error_chain(&e))?;
     Ok(TinyVm { vmm, console })
 }

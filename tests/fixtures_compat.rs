@@ -111,12 +111,11 @@ fn continues(vm: &TinyVm, pre: &str, what: &str) -> Result<(), String> {
 fn restore_fixture(dir: &Path, what: &str) -> Result<TinyVm, String> {
     let attempt = |force: bool| {
         let console = Capture::default();
-        let (state, memory) = vmm::builder_restore::snapshot_files(dir);
-        let mut opts = vmm::builder_restore::RestoreOptions::stdio();
+        let (state, memory) = vmm::builder::snapshot_files(dir);
+        let mut opts = vmm::builder::RestoreOptions::stdio();
         opts.console = Console::Writer(Box::new(console.clone()));
         opts.force = force;
-        vmm::builder_restore::build_from_snapshot(&state, &memory, opts)
-            .map(|vmm| TinyVm { vmm, console })
+        vmm::builder::build_from_snapshot(&state, &memory, opts).map(|vmm| TinyVm { vmm, console })
     };
     match attempt(false) {
         Err(BuildError::Cpu(e)) => {
@@ -323,13 +322,13 @@ fn newer_versions_are_refused_clearly() {
         // the development hosts, which may be of another CPU vendor than this one).
         let restore_err = |dir: &Path| {
             let attempt = |force: bool| {
-                let (state, memory) = vmm::builder_restore::snapshot_files(dir);
-                let mut opts = vmm::builder_restore::RestoreOptions::stdio();
+                let (state, memory) = vmm::builder::snapshot_files(dir);
+                let mut opts = vmm::builder::RestoreOptions::stdio();
                 opts.console = Console::Writer(Box::new(Capture::default()));
                 opts.force = force;
                 opts.eager_memory = true;
                 opts.start_paused = true;
-                vmm::builder_restore::build_from_snapshot(&state, &memory, opts).map(drop)
+                vmm::builder::build_from_snapshot(&state, &memory, opts).map(drop)
             };
             let r = match attempt(false) {
                 Err(BuildError::Cpu(_)) => attempt(true),

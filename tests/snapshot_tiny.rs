@@ -739,11 +739,11 @@ fn restore_refuses_a_different_disk_unless_forced() {
         ensure(err.contains("b.img") || err.contains("a.img"), || {
             format!("the error does not name the disk: {err}")
         })?;
-        let (state, memory) = vmm::builder_restore::snapshot_files(&snap);
-        let forced = vmm::builder_restore::build_from_snapshot(
+        let (state, memory) = vmm::builder::snapshot_files(&snap);
+        let forced = vmm::builder::build_from_snapshot(
             &state,
             &memory,
-            vmm::builder_restore::RestoreOptions {
+            vmm::builder::RestoreOptions {
                 console: vmm::builder::Console::Writer(Box::new(std::io::sink())),
                 blocks: Some(vec![bigger]),
                 force: true,

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use vmm::builder::Console;
-use vmm::builder_restore::{RestoreOptions, build_from_snapshot, snapshot_files};
+use vmm::builder::{RestoreOptions, build_from_snapshot, snapshot_files};
 use vmm::snapshot::manifest::{MemoryManifest, ZeroChunks, restore_memory};
 use vmm::store::local::{LocalStore, LocalStoreOptions};
 use vmm::vmm::Vmm;

@@ -24,7 +24,7 @@ use super::session::{Meters, describe};
 use super::workingset::{FillRate, PrefetchPlan, Prefetcher, WorkingSet, manifest_hash};
 use super::{ArchiveError, INSTANCE_OVERLAY, Source, WORKINGSET_FILE, resolve_url};
 use crate::builder::{BuildError, Console};
-use crate::builder_restore::{RestoreOptions, build_from_parts};
+use crate::builder::{RestoreOptions, build_from_parts};
 use crate::disk::BackendIdentity;
 use crate::formats::file::{self, FileKind, StateFileError};
 use crate::formats::{MANIFEST_KIND, WORKINGSET_KIND};

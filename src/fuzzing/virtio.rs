@@ -14,10 +14,11 @@ use super::Input;
 use crate::devices::IrqLine;
 use crate::devices::virtio::block::QUEUE_SIZE;
 use crate::devices::virtio::{
-    BlockConfig, BlockDevice, GuestMem, MmioTransport, VIRTIO_F_VERSION_1, VirtioDevice,
-    VirtioInterrupt,
+    BlockConfig, BlockDevice, GuestMem, MmioRestoreArgs, MmioTransport, VIRTIO_F_VERSION_1,
+    VirtioDevice, VirtioInterrupt,
 };
 use crate::disk::{BlockBackend, MemBackend};
+use crate::formats::Persist;
 use crate::vstate::bus::BusDevice;
 
 /// Guest memory of the virtio harnesses: two regions with a hole between them, so that
@@ -452,7 +453,7 @@ fn check_read(vm: &MmioVm, off: u64, buf: &[u8]) {
 }
 
 fn check_mmio(vm: &MmioVm) {
-    let s = vm.t.save_state();
+    let s = vm.t.save().expect("transport state");
     let offered = vm.dev.lock().unwrap_or_else(|e| e.into_inner()).features();
     if s.status & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
         assert_eq!(
@@ -478,16 +479,18 @@ fn check_mmio(vm: &MmioVm) {
 /// Saves the transport, restores the state into a fresh transport and device over the
 /// same memory and disk, checks it saves back the same, and carries on with it.
 fn save_restore(vm: &mut MmioVm) {
-    let saved = vm.t.save_state();
+    let saved = vm.t.save().expect("transport state");
     let mut fresh = MmioVm::new(vm.mem.clone(), vm.disk.clone());
     // The old device stops before the new one starts, as on a restore.
     vm.dev.lock().unwrap_or_else(|e| e.into_inner()).reset();
-    fresh
-        .t
-        .restore_state(&saved)
-        .expect("a saved transport state restores");
+    let args = MmioRestoreArgs {
+        mem: fresh.mem.clone(),
+        device: fresh.dev.clone(),
+        irq: irq_line(),
+    };
+    fresh.t = MmioTransport::restore(args, &saved).expect("a saved transport state restores");
     assert_eq!(
-        fresh.t.save_state(),
+        fresh.t.save().expect("transport state"),
         saved,
         "restore did not give the saved state"
     );

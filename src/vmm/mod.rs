@@ -120,7 +120,73 @@ pub struct Vmm {
     pub repo_parent: Option<crate::repo::RepoParent>,
 }
 
+/// What a builder hands over to make a [`Vmm`] (see [`Vmm::from_parts`]).
+pub struct VmmParts {
+    /// VM configuration.
+    pub config: VmConfig,
+    /// The CPU features the guest was given at boot.
+    pub cpu: crate::arch::x86_64::cpu_template::CpuRecord,
+    /// The final kernel command line given to the guest.
+    pub cmdline: String,
+    /// The KVM VM.
+    pub vm: Vm,
+    /// Guest memory.
+    pub mem: GuestMemory,
+    /// vCPU threads.
+    pub vcpus: Vec<VcpuHandle>,
+    /// Exit latch.
+    pub exit: Arc<ExitSignal>,
+    /// Port-I/O bus.
+    pub pio: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus>,
+    /// COM1.
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// virtio-block disks in attach order.
+    pub blocks: Vec<AttachedBlock>,
+    /// Device event loop.
+    pub events: EventManager<Subscriber>,
+    /// Whole-VM run state (the state the vCPU threads were started in).
+    pub state: RunState,
+    /// Lazily restored memory, if any.
+    pub lazy: Option<crate::vstate::uffd::LazyMemory>,
+    /// Lazy remote disk images, by disk index.
+    pub remote: Vec<(usize, Arc<crate::disk::http::LazyHttpDisk>)>,
+    /// Copy-on-write overlays by disk index.
+    pub overlays: Vec<Option<Arc<crate::disk::overlay::OverlayBackend>>>,
+    /// Where the KVM dirty log stands.
+    pub dirty_log: crate::vstate::dirty::LogState,
+}
+
 impl Vmm {
+    /// A VMM over freshly built parts: no API channel, no snapshot base, no status
+    /// extras, no repository parent yet.
+    pub fn from_parts(p: VmmParts) -> Self {
+        Vmm {
+            config: p.config,
+            cpu: p.cpu,
+            cmdline: p.cmdline,
+            vm: p.vm,
+            mem: p.mem,
+            vcpus: p.vcpus,
+            exit: p.exit,
+            pio: p.pio,
+            mmio: p.mmio,
+            serial: p.serial,
+            blocks: p.blocks,
+            events: p.events,
+            state: p.state,
+            api: None,
+            lazy: p.lazy,
+            remote: p.remote,
+            overlays: p.overlays,
+            snapshot_base: None,
+            dirty_log: p.dirty_log,
+            status_extras: Vec::new(),
+            repo_parent: None,
+        }
+    }
+
     /// Stops and joins every vCPU thread.
     pub fn stop_vcpus(&mut self) {
         for v in &self.vcpus {

@@ -4,12 +4,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
+use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
 
 use super::Vmm;
-use crate::arch::x86_64::{msrs, vcpu_state, vm_state};
-use crate::disk::overlay_capture::{self, CaptureStats};
+use crate::arch::x86_64::vcpu_state::VcpuState;
+use crate::arch::x86_64::vm_state::VmState;
+use crate::devices::legacy::SerialDeviceState;
+use crate::disk::overlay_capture::{self, CaptureStats, OverlayManifest};
 use crate::formats::{Persist, file};
-use crate::snapshot::manifest::{self, DEFAULT_CHUNK_SIZE, SaveStats};
+use crate::snapshot::manifest::{self, DEFAULT_CHUNK_SIZE, MemoryManifest, SaveStats};
 use crate::snapshot::microvm::{MEMORY_FILE, MicrovmState, STATE_FILE};
 use crate::snapshot::{BlockSnapshot, SnapshotBase};
 use crate::store::local::{LocalStore, LocalStoreOptions};
@@ -42,18 +45,36 @@ pub enum CreateError {
         #[source]
         source: crate::disk::DiskError,
     },
-    /// The MSR list could not be read.
-    #[error("reading the list of MSRs to save")]
-    Msrs(#[source] crate::arch::x86_64::msrs::MsrError),
     /// The vCPU thread did not answer.
     #[error("vcpu{0} did not answer")]
     Vcpu(u8, #[source] crate::vstate::vcpu::VcpuError),
     /// Saving a vCPU's state failed.
     #[error("saving vcpu{0}")]
-    VcpuState(u8, #[source] vcpu_state::VcpuStateError),
+    VcpuState(u8, #[source] crate::vstate::vcpu::VcpuPersistError),
     /// Saving the VM state failed.
     #[error("saving the VM state")]
-    VmState(#[source] vm_state::VmStateError),
+    VmState(#[source] crate::arch::x86_64::vm_state::VmStateError),
+    /// Saving a disk's transport failed.
+    #[error("saving the transport of disk {index}")]
+    Transport {
+        /// Disk index.
+        index: usize,
+        /// Cause.
+        #[source]
+        source: crate::devices::virtio::mmio::MmioError,
+    },
+    /// Saving a disk's device state failed.
+    #[error("saving the state of disk {index}")]
+    Block {
+        /// Disk index.
+        index: usize,
+        /// Cause.
+        #[source]
+        source: crate::devices::virtio::block::BlockError,
+    },
+    /// Saving the serial port failed.
+    #[error("saving the serial port")]
+    Serial(#[source] crate::devices::legacy::SerialError),
     /// The chunk store could not be opened.
     #[error("opening chunk store {path}")]
     Store {
@@ -150,74 +171,237 @@ impl crate::store::ChunkWrite for HashOnly {
     }
 }
 
-/// Chunks of a full save that differ from `reference` (zeros if `None`) but have no
-/// page in the dirty log.
-fn check_log(
-    saved: &manifest::MemoryManifest,
-    reference: Option<&manifest::MemoryManifest>,
-    dirty: &dyn Fn(usize, usize) -> bool,
-) -> usize {
-    let mut missed = 0;
-    for (r, m) in saved.regions.iter().enumerate() {
-        for (c, e) in m.chunks.iter().enumerate() {
-            let before = reference
-                .and_then(|b| b.regions.get(r))
-                .and_then(|b| b.chunks.get(c))
-                .copied()
-                .unwrap_or(manifest::ChunkEntry::Zero);
-            if *e != before && !dirty(r, c) {
-                missed += 1;
-            }
-        }
+/// Saves the devices' states. The VM is paused, so every disk's I/O gate is held: its
+/// worker writes no guest memory until resume. A request still in a backend call (a remote
+/// disk retrying) is not waited for: the saved queue counts it as not yet consumed, so a
+/// restore runs it again (`VirtioDevice::queue_states`). What the guest wrote is made
+/// durable.
+fn save_devices(vmm: &Vmm) -> Result<(Vec<BlockSnapshot>, SerialDeviceState), CreateError> {
+    let mut blocks = Vec::new();
+    for (index, b) in vmm.blocks.iter().enumerate() {
+        // The transport locks the device itself: never hold both locks.
+        let transport = lock(&b.transport)
+            .save()
+            .map_err(|source| CreateError::Transport { index, source })?;
+        let device = {
+            let dev = lock(&b.device);
+            dev.backend()
+                .flush()
+                .map_err(|source| CreateError::Flush { index, source })?;
+            dev.save()
+                .map_err(|source| CreateError::Block { index, source })?
+        };
+        blocks.push(BlockSnapshot {
+            base: b.base,
+            gsi: b.gsi,
+            transport,
+            device,
+            overlay: None,
+        });
     }
-    missed
+    let serial = lock(&vmm.serial).save().map_err(CreateError::Serial)?;
+    Ok((blocks, serial))
 }
 
-/// Spot check of the KVM dirty log: up to this many chunks it calls clean are
-/// re-hashed and compared with the parent's ids.
-const LOG_SPOT_CHECKS: usize = 64;
-
-/// Chunk (region, index) pairs the log calls clean but whose content differs from the
-/// parent's, among a sample.
-fn spot_check_log(
-    regions: &[(u64, &[u8])],
-    parent: &manifest::MemoryManifest,
-    dirty: &dyn Fn(usize, usize) -> bool,
-) -> usize {
-    let chunk = parent.chunk_size as usize;
-    let clean: Vec<(usize, usize)> = parent
-        .regions
-        .iter()
-        .enumerate()
-        .flat_map(|(r, m)| (0..m.chunks.len()).map(move |c| (r, c)))
-        .filter(|&(r, c)| !dirty(r, c))
-        .collect();
-    if clean.is_empty() {
-        return 0;
+/// Saves every vCPU's state (each on its own thread) and the VM-wide KVM state.
+fn save_kvm_state(vmm: &Vmm) -> Result<(Vec<VcpuState>, VmState), CreateError> {
+    let mut vcpus = Vec::new();
+    for v in &vmm.vcpus {
+        let st = v
+            .with_vcpu(|kvm_vcpu| kvm_vcpu.save())
+            .map_err(|e| CreateError::Vcpu(v.id(), e))?
+            .map_err(|e| CreateError::VcpuState(v.id(), e))?;
+        vcpus.push(st);
     }
-    let step = clean.len().div_ceil(LOG_SPOT_CHECKS).max(1);
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos() as usize)
-        .unwrap_or(0);
-    clean
-        .iter()
-        .skip(seed % step)
-        .step_by(step)
-        .filter(|&&(r, c)| {
-            let data = regions[r].1.chunks(chunk).nth(c).unwrap_or(&[]);
-            let now = if data.iter().all(|&b| b == 0) {
-                manifest::ChunkEntry::Zero
-            } else {
-                manifest::ChunkEntry::Chunk(crate::store::ChunkId::of(data))
-            };
-            now != parent.regions[r].chunks[c]
+    let vm = vmm
+        .vm
+        .in_kernel_devices()
+        .save()
+        .map_err(CreateError::VmState)?;
+    Ok((vcpus, vm))
+}
+
+/// Opens the chunk store at `dir` with one file-system flush for all new chunks instead
+/// of one fsync each; nothing refers to them before `sync` (called by the memory and
+/// overlay saves) returns.
+fn open_store(dir: &Path) -> Result<LocalStore, CreateError> {
+    let options = LocalStoreOptions {
+        batch_durability: true,
+        ..Default::default()
+    };
+    LocalStore::open(dir, options).map_err(|source| CreateError::Store {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// Guest memory as saved.
+struct SavedMemory {
+    manifest: MemoryManifest,
+    stats: SaveStats,
+    /// Whether unchanged chunks were taken from the base unread.
+    incremental: bool,
+    /// Where the dirty log stands once the snapshot is written.
+    log_state: LogState,
+}
+
+/// An incremental save against `base` using the (trusted) dirty log, after a spot check
+/// of the log; falls back to a full save (and distrusts the log) when the spot check or
+/// the `VMM_DIRTY_AUDIT` comparison finds a change the log missed.
+fn save_incremental(
+    regions: &[(u64, &[u8])],
+    store: &LocalStore,
+    base: &MemoryManifest,
+    is_dirty: &(dyn Fn(usize, usize) -> bool + Sync),
+) -> Result<SavedMemory, CreateError> {
+    let chunk = base.chunk_size as usize;
+    let full = |why: &str| -> Result<SavedMemory, CreateError> {
+        log::error!("{why}");
+        let (manifest, stats) =
+            manifest::save_memory(regions, chunk, store).map_err(CreateError::Memory)?;
+        Ok(SavedMemory {
+            manifest,
+            stats,
+            incremental: false,
+            log_state: LogState::Broken,
         })
-        .count()
+    };
+    let wrong = dirty::spot_check_log(regions, &base.regions, chunk, is_dirty);
+    if wrong > 0 {
+        return full(&format!(
+            "the KVM dirty log missed writes to {wrong} sampled chunks: no longer trusting \
+             it for this VM; re-hashing all memory"
+        ));
+    }
+    let (manifest, stats) = manifest::save_memory_incremental(regions, store, base, is_dirty)
+        .map_err(CreateError::Memory)?;
+    if audit_enabled() {
+        // Debugging aid: compare with a full hash of the same memory.
+        let full_hash = manifest::save_memory(regions, chunk, &HashOnly)
+            .map_err(CreateError::Memory)?
+            .0;
+        let wrong = audit_mismatches(&manifest, &full_hash);
+        if wrong > 0 {
+            return full(&format!(
+                "dirty-log audit: the incremental snapshot differs from a full hash in \
+                 {wrong} chunks; no longer trusting the log; re-hashing"
+            ));
+        }
+        log::info!("dirty-log audit: incremental snapshot matches a full hash");
+    }
+    Ok(SavedMemory {
+        manifest,
+        stats,
+        incremental: true,
+        log_state: LogState::Trusted,
+    })
+}
+
+/// Saves guest memory into `store`: incrementally against `base` when the dirty log is
+/// trusted, otherwise in full (then checking an unverified log against `reference`, what
+/// memory held when the log last restarted). Reads, and so restarts, the dirty log.
+fn save_guest_memory(
+    vmm: &mut Vmm,
+    store: &LocalStore,
+    reference: Option<&SnapshotBase>,
+    base: Option<&SnapshotBase>,
+) -> Result<SavedMemory, CreateError> {
+    let log_state = vmm.dirty_log;
+    let pages = if log_state.is_logging() {
+        vmm.dirty_log = log_state.while_snapshotting();
+        Some(dirty::take_dirty_pages(vmm.vm.fd(), &vmm.mem).map_err(CreateError::Dirty)?)
+    } else {
+        None
+    };
+    // SAFETY: the VM is paused (checked by the caller) and devices run on this thread.
+    let regions = unsafe { memory_slices(&vmm.mem) };
+    let chunk = base.map_or(DEFAULT_CHUNK_SIZE, |b| b.memory.chunk_size as usize);
+    let is_dirty = |r: usize, c: usize| {
+        pages
+            .as_ref()
+            .and_then(|p| p.get(r))
+            .is_none_or(|p| dirty::chunk_dirty(p, c, chunk))
+    };
+    if let (Some(b), LogState::Trusted) = (base, log_state) {
+        return save_incremental(&regions, store, &b.memory, &is_dirty);
+    }
+    let (manifest, stats) =
+        manifest::save_memory(&regions, chunk, store).map_err(CreateError::Memory)?;
+    let comparable = reference.is_none_or(|r| r.memory.chunk_size == manifest.chunk_size);
+    let mut new_state = log_state;
+    if log_state.needs_check() && comparable {
+        // A full save saw every chunk: each that differs from what memory held before
+        // (the base, or zeros after boot) must be in the log.
+        let before = reference.map(|b| b.memory.regions.as_slice());
+        let missed = dirty::check_log(&manifest.regions, before, &is_dirty);
+        new_state = log_state.after_check(missed, || dirty::selftest_passed(vmm.vm.kvm()));
+    }
+    Ok(SavedMemory {
+        manifest,
+        stats,
+        incremental: false,
+        log_state: new_state,
+    })
+}
+
+/// Overlays as captured: statistics and manifests by disk index, and what each capture
+/// took (to clear once the snapshot is written).
+type CapturedOverlays = (
+    Vec<Option<CaptureStats>>,
+    Vec<Option<OverlayManifest>>,
+    Vec<(usize, Vec<u64>)>,
+);
+
+/// Captures every disk overlay into `store`, incrementally against `base`'s.
+fn capture_overlays(
+    vmm: &Vmm,
+    store: &LocalStore,
+    base: Option<&SnapshotBase>,
+) -> Result<CapturedOverlays, CreateError> {
+    let (mut stats, mut manifests, mut touched) = (Vec::new(), Vec::new(), Vec::new());
+    for (index, ov) in vmm.overlays.iter().enumerate() {
+        let Some(ov) = ov else {
+            stats.push(None);
+            manifests.push(None);
+            continue;
+        };
+        let parent = base.and_then(|b| b.overlays.get(index).cloned().flatten());
+        let (m, t, st) = overlay_capture::capture(ov, store, parent.as_ref())
+            .map_err(|source| CreateError::Overlay { index, source })?;
+        stats.push(Some(st));
+        manifests.push(Some(m));
+        touched.push((index, t));
+    }
+    Ok((stats, manifests, touched))
+}
+
+/// Writes the memory manifest and the state file into `dir`; over an existing snapshot,
+/// never the new manifest beside the old state.
+fn write_files(
+    dir: &Path,
+    manifest: &MemoryManifest,
+    state: &MicrovmState,
+) -> Result<(), CreateError> {
+    let manifest_bytes = manifest.encode().map_err(CreateError::Memory)?;
+    let state_bytes =
+        file::encode(&file::FileKind::STATE, state).map_err(CreateError::StateFile)?;
+    crate::util::fs::replace_pair(
+        (&dir.join(MEMORY_FILE), &manifest_bytes),
+        (&dir.join(STATE_FILE), &state_bytes),
+    )
+    .map_err(CreateError::Files)
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Writes a snapshot of the paused `vmm` into `dir`, memory chunks into `store`
-/// (default: `dir` itself).
+/// (default: `dir` itself). Steps: devices, then vCPUs and VM state; memory (reading the
+/// dirty log); overlays; the two files; then the VM's snapshot base and dirty-log state.
 pub fn create_snapshot(
     vmm: &mut Vmm,
     dir: &Path,
@@ -231,63 +415,13 @@ pub fn create_snapshot(
         path: dir.to_path_buf(),
         source,
     })?;
-
-    // Devices first. The VM is paused, so every disk's I/O gate is held: its worker writes
-    // no guest memory until resume. A request still in a backend call (a remote disk
-    // retrying) is not waited for: the saved queue counts it as not yet consumed, so a
-    // restore runs it again (`VirtioDevice::queue_states`). Make what the guest wrote
-    // durable.
-    let mut blocks = Vec::new();
-    for (index, b) in vmm.blocks.iter().enumerate() {
-        // The transport locks the device itself: never hold both locks.
-        let transport = lock(&b.transport).save_state();
-        let device = {
-            let dev = lock(&b.device);
-            dev.backend()
-                .flush()
-                .map_err(|source| CreateError::Flush { index, source })?;
-            dev.save_state()
-        };
-        blocks.push(BlockSnapshot {
-            base: b.base,
-            gsi: b.gsi,
-            transport,
-            device,
-            overlay: None,
-        });
-    }
-
-    let msr_list = msrs::msrs_to_save(vmm.vm.kvm()).map_err(CreateError::Msrs)?;
-    let mut vcpus = Vec::new();
-    for v in &vmm.vcpus {
-        let kvm = vmm.vm.kvm().clone();
-        let list = msr_list.clone();
-        let st = v
-            .with(move |fd| {
-                let list = msrs::readable_msrs(fd, &list).unwrap_or(list);
-                vcpu_state::save_vcpu(fd, &kvm, &list)
-            })
-            .map_err(|e| CreateError::Vcpu(v.id(), e))?
-            .map_err(|e| CreateError::VcpuState(v.id(), e))?;
-        vcpus.push(st);
-    }
-    let vm = vm_state::save_vm(vmm.vm.fd()).map_err(CreateError::VmState)?;
-    let serial = lock(&vmm.serial).save();
+    let (mut blocks, serial) = save_devices(vmm)?;
+    let (vcpus, vm) = save_kvm_state(vmm)?;
     let state_ms = t0.elapsed().as_secs_f64() * 1e3;
 
     let t1 = Instant::now();
     let store_dir = store.unwrap_or(dir).to_path_buf();
-    // One file-system flush for all new chunks instead of one fsync each; nothing
-    // refers to them before `sync` (called by the memory and overlay saves) returns.
-    let options = LocalStoreOptions {
-        batch_durability: true,
-        ..Default::default()
-    };
-    let chunk_store =
-        LocalStore::open(&store_dir, options).map_err(|source| CreateError::Store {
-            path: store_dir.clone(),
-            source,
-        })?;
+    let chunk_store = open_store(&store_dir)?;
     let store_canon = std::fs::canonicalize(&store_dir).unwrap_or_else(|_| store_dir.clone());
     // Whatever happens below, the base is consumed: the dirty log is read (and reset)
     // now, so after a failure the next snapshot must be a full one.
@@ -295,135 +429,8 @@ pub fn create_snapshot(
     // store it is in), and the same as a base to copy entries from (same store only).
     let reference = vmm.snapshot_base.take();
     let base = reference.as_ref().filter(|b| b.store == store_canon);
-    let log_state = vmm.dirty_log;
-    let pages = match log_state {
-        LogState::Unverified { .. } | LogState::Trusted => {
-            // From here on the log restarts: until this snapshot completes, nothing
-            // may be checked against it or build on it.
-            vmm.dirty_log = match log_state {
-                LogState::Trusted => LogState::Trusted,
-                LogState::Unverified { passes, .. } => LogState::Unverified {
-                    since_start: false,
-                    passes,
-                },
-                other => other,
-            };
-            Some(dirty::take_dirty_pages(vmm.vm.fd(), &vmm.mem).map_err(CreateError::Dirty)?)
-        }
-        LogState::Off | LogState::Broken => None,
-    };
-    // SAFETY: the VM is paused (checked above) and devices run on this thread.
-    let regions = unsafe { memory_slices(&vmm.mem) };
-    let chunk = base.map_or(DEFAULT_CHUNK_SIZE, |b| b.memory.chunk_size as usize);
-    let is_dirty = |r: usize, c: usize| {
-        pages
-            .as_ref()
-            .and_then(|p| p.get(r))
-            .is_none_or(|p| dirty::chunk_dirty(p, c, chunk))
-    };
-    let mut incremental = false;
-    let mut new_log_state = log_state;
-    let (manifest, stats) = match (base, log_state) {
-        (Some(b), LogState::Trusted) => {
-            let wrong = spot_check_log(&regions, &b.memory, &is_dirty);
-            if wrong > 0 {
-                log::error!(
-                    "the KVM dirty log missed writes to {wrong} sampled chunks: no longer \
-                     trusting it for this VM; re-hashing all memory"
-                );
-                new_log_state = LogState::Broken;
-                manifest::save_memory(&regions, chunk, &chunk_store)
-            } else {
-                incremental = true;
-                let saved =
-                    manifest::save_memory_incremental(&regions, &chunk_store, &b.memory, &is_dirty);
-                match saved {
-                    Ok(saved) if audit_enabled() => {
-                        // Debugging aid: compare with a full hash of the same memory.
-                        let full = manifest::save_memory(&regions, chunk, &HashOnly)
-                            .map_err(CreateError::Memory)?
-                            .0;
-                        let wrong = audit_mismatches(&saved.0, &full);
-                        if wrong > 0 {
-                            log::error!(
-                                "dirty-log audit: the incremental snapshot differs from a full \
-                                 hash in {wrong} chunks; no longer trusting the log; re-hashing"
-                            );
-                            new_log_state = LogState::Broken;
-                            incremental = false;
-                            manifest::save_memory(&regions, chunk, &chunk_store)
-                        } else {
-                            log::info!("dirty-log audit: incremental snapshot matches a full hash");
-                            Ok(saved)
-                        }
-                    }
-                    other => other,
-                }
-            }
-        }
-        _ => manifest::save_memory(&regions, chunk, &chunk_store),
-    }
-    .map_err(CreateError::Memory)?;
-    let comparable = reference
-        .as_ref()
-        .is_none_or(|r| r.memory.chunk_size == manifest.chunk_size);
-    if let (
-        LogState::Unverified {
-            since_start: true,
-            passes,
-        },
-        true,
-    ) = (log_state, comparable)
-    {
-        // A full save saw every chunk: each that differs from what memory held before
-        // (the base, or zeros after boot) must be in the log.
-        let missed = check_log(&manifest, reference.as_ref().map(|b| &b.memory), &is_dirty);
-        new_log_state = if missed == 0 && dirty::selftest_passed(vmm.vm.kvm()) {
-            if passes + 1 >= dirty::REQUIRED_PASSES {
-                log::info!(
-                    "dirty tracking: the KVM dirty log saw every change {} times; next \
-                     snapshots are incremental",
-                    passes + 1
-                );
-                LogState::Trusted
-            } else {
-                LogState::Unverified {
-                    since_start: true,
-                    passes: passes + 1,
-                }
-            }
-        } else {
-            log::info!(
-                "dirty tracking: re-hashing memory (the KVM dirty log missed {missed} changed \
-                 chunks on this host)"
-            );
-            LogState::Broken
-        };
-    }
-    let method = if incremental {
-        DirtyMethod::KvmLog
-    } else {
-        DirtyMethod::Rehash
-    };
-    let manifest_bytes = manifest.encode().map_err(CreateError::Memory)?;
-    let mut overlay_stats = Vec::new();
-    let mut overlay_manifests = Vec::new();
-    let mut touched = Vec::new();
-    for (index, ov) in vmm.overlays.iter().enumerate() {
-        let Some(ov) = ov else {
-            overlay_stats.push(None);
-            overlay_manifests.push(None);
-            continue;
-        };
-        let parent = base
-            .as_ref()
-            .and_then(|b| b.overlays.get(index).cloned().flatten());
-        let (m, t, st) = overlay_capture::capture(ov, &chunk_store, parent.as_ref())
-            .map_err(|source| CreateError::Overlay { index, source })?;
-        overlay_stats.push(Some(st));
-        overlay_manifests.push(Some(m));
-        touched.push((index, t));
-    }
+    let saved = save_guest_memory(vmm, &chunk_store, reference.as_ref(), base)?;
+    let (overlay_stats, overlay_manifests, touched) = capture_overlays(vmm, &chunk_store, base)?;
     for (b, m) in blocks.iter_mut().zip(&overlay_manifests) {
         b.overlay = m.clone();
     }
@@ -432,61 +439,70 @@ pub fn create_snapshot(
     let state = MicrovmState {
         config: vmm.config.clone(),
         cmdline: vmm.cmdline.clone(),
-        memory_regions: regions.iter().map(|(a, s)| (*a, s.len() as u64)).collect(),
+        memory_regions: vmm
+            .mem
+            .iter()
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect(),
         vcpus,
         vm,
         serial,
         blocks,
         store: store.map(|s| std::fs::canonicalize(s).unwrap_or_else(|_| s.to_path_buf())),
-        created_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        created_unix: now_unix(),
         cpu: vmm.cpu.clone(),
     };
-    let state_bytes =
-        file::encode(&file::FileKind::STATE, &state).map_err(CreateError::StateFile)?;
-    // Over an existing snapshot, never the new manifest beside the old state.
-    crate::util::fs::replace_pair(
-        (&dir.join(MEMORY_FILE), &manifest_bytes),
-        (&dir.join(STATE_FILE), &state_bytes),
-    )
-    .map_err(CreateError::Files)?;
+    write_files(dir, &saved.manifest, &state)?;
+    let (stats, incremental) = (saved.stats, saved.incremental);
+    let base = SnapshotBase {
+        store: store_canon,
+        memory: saved.manifest,
+        overlays: overlay_manifests,
+    };
+    finish(vmm, touched, saved.log_state, base);
+    let report = SnapshotReport {
+        path: dir.to_path_buf(),
+        store: store_dir,
+        state_ms,
+        memory_ms,
+        total_ms: t0.elapsed().as_secs_f64() * 1e3,
+        memory: stats,
+        dirty_method: if incremental {
+            DirtyMethod::KvmLog
+        } else {
+            DirtyMethod::Rehash
+        },
+        incremental,
+        overlays: overlay_stats,
+    };
+    log_report(&report);
+    Ok(report)
+}
+
+/// Logs what a snapshot cost.
+fn log_report(r: &SnapshotReport) {
+    let stats = &r.memory;
+    log::info!(
+        "snapshot {}: state {:.1} ms, memory {:.1} ms ({} chunks, {} zero, {} new, {} bytes written), total {:.1} ms",
+        r.path.display(),
+        r.state_ms,
+        r.memory_ms,
+        stats.chunks_total,
+        stats.chunks_zero,
+        stats.chunks_new,
+        stats.bytes_written,
+        r.total_ms
+    );
+}
+
+/// Once the snapshot is written: clears what the overlay captures took, and makes the
+/// snapshot the VM's base, from which the dirty log (in `log_state`) now counts.
+fn finish(vmm: &mut Vmm, touched: Vec<(usize, Vec<u64>)>, log_state: LogState, base: SnapshotBase) {
     for (index, t) in touched {
         if let Some(ov) = &vmm.overlays[index] {
             ov.clear_touched(&t);
         }
     }
-    vmm.dirty_log = match new_log_state {
-        LogState::Unverified { passes, .. } => LogState::Unverified {
-            since_start: true,
-            passes,
-        },
-        other => other,
-    };
-    vmm.snapshot_base = Some(SnapshotBase {
-        store: store_canon,
-        memory: manifest,
-        overlays: overlay_manifests,
-    });
-    let total_ms = t0.elapsed().as_secs_f64() * 1e3;
-    log::info!(
-        "snapshot {}: state {state_ms:.1} ms, memory {memory_ms:.1} ms ({} chunks, {} zero, {} new, {} bytes written), total {total_ms:.1} ms",
-        dir.display(),
-        stats.chunks_total,
-        stats.chunks_zero,
-        stats.chunks_new,
-        stats.bytes_written
-    );
-    Ok(SnapshotReport {
-        path: dir.to_path_buf(),
-        store: store_dir,
-        state_ms,
-        memory_ms,
-        total_ms,
-        memory: stats,
-        dirty_method: method,
-        incremental,
-        overlays: overlay_stats,
-    })
+    vmm.dirty_log = log_state.after_snapshot();
+    vmm.snapshot_base = Some(base);
 }

@@ -34,7 +34,7 @@ use kvm_ioctls::{Kvm, VcpuExit};
 use serde::Serialize;
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
 
-use crate::vstate::memory::GuestMemory;
+use crate::vstate::memory::{ChunkEntry, GuestMemory, RegionManifest};
 
 /// Errors of dirty tracking.
 #[derive(Debug, thiserror::Error)]
@@ -218,6 +218,101 @@ impl LogState {
             passes: 0,
         }
     }
+
+    /// A log just turned on over restored memory, whose content is not known yet: it
+    /// cannot be checked until [`from_known_base`](Self::from_known_base) says it can.
+    pub fn restored(self) -> Self {
+        match self {
+            LogState::Unverified { .. } => LogState::Unverified {
+                since_start: false,
+                passes: 0,
+            },
+            other => other,
+        }
+    }
+
+    /// The restored memory is exactly a known snapshot's (the VM's snapshot base), and the
+    /// log has run since it was: the next full snapshot may check it.
+    pub fn from_known_base(self) -> Self {
+        match self {
+            LogState::Unverified { .. } => LogState::fresh(),
+            other => other,
+        }
+    }
+
+    /// Whether a full save is to check the log: it is unverified and has covered every
+    /// write since memory held its reference content.
+    pub fn needs_check(self) -> bool {
+        matches!(
+            self,
+            LogState::Unverified {
+                since_start: true,
+                ..
+            }
+        )
+    }
+
+    /// Whether a snapshot reads (and so restarts) the log.
+    pub fn is_logging(self) -> bool {
+        matches!(self, LogState::Unverified { .. } | LogState::Trusted)
+    }
+
+    /// The state while a snapshot is taken, once it has read (and so restarted) the log:
+    /// until the snapshot completes, nothing may be checked against the log or build on it.
+    pub fn while_snapshotting(self) -> Self {
+        match self {
+            LogState::Unverified { passes, .. } => LogState::Unverified {
+                since_start: false,
+                passes,
+            },
+            other => other,
+        }
+    }
+
+    /// After a full save that could be compared with what memory held before (`self` is
+    /// the state when the snapshot began): `missed` changed chunks were not in the log.
+    /// Only an unverified log that covered every write since its reference is judged.
+    pub fn after_check(self, missed: usize, selftest_passed: impl FnOnce() -> bool) -> Self {
+        let LogState::Unverified {
+            since_start: true,
+            passes,
+        } = self
+        else {
+            return self;
+        };
+        if missed > 0 || !selftest_passed() {
+            log::info!(
+                "dirty tracking: re-hashing memory (the KVM dirty log missed {missed} changed \
+                 chunks on this host)"
+            );
+            return LogState::Broken;
+        }
+        if passes + 1 >= REQUIRED_PASSES {
+            log::info!(
+                "dirty tracking: the KVM dirty log saw every change {} times; next \
+                 snapshots are incremental",
+                passes + 1
+            );
+            LogState::Trusted
+        } else {
+            LogState::Unverified {
+                since_start: true,
+                passes: passes + 1,
+            }
+        }
+    }
+
+    /// The state once a snapshot is written: memory now holds the snapshot's content,
+    /// which the log (restarted when the snapshot read it) counts from.
+    pub fn after_snapshot(self) -> Self {
+        match self {
+            LogState::Unverified { passes, .. } => LogState::Unverified {
+                since_start: true,
+                passes,
+            },
+            other => other,
+        }
+    }
 }
 
 /// Whether this host's KVM dirty log passes [`kvm_dirty_log_selftest`] (run once per
@@ -289,6 +384,71 @@ pub fn chunk_dirty(pages: &[u64], chunk: usize, chunk_size: usize) -> bool {
         .any(|p| pages.get(p / 64).is_some_and(|w| w & (1 << (p % 64)) != 0))
 }
 
+/// Chunks of a full save that differ from `reference` (zeros if `None`) but have no
+/// page in the dirty log.
+pub fn check_log(
+    saved: &[RegionManifest],
+    reference: Option<&[RegionManifest]>,
+    dirty: &dyn Fn(usize, usize) -> bool,
+) -> usize {
+    let mut missed = 0;
+    for (r, m) in saved.iter().enumerate() {
+        for (c, e) in m.chunks.iter().enumerate() {
+            let before = reference
+                .and_then(|b| b.get(r))
+                .and_then(|b| b.chunks.get(c))
+                .copied()
+                .unwrap_or(ChunkEntry::Zero);
+            if *e != before && !dirty(r, c) {
+                missed += 1;
+            }
+        }
+    }
+    missed
+}
+
+/// Spot check of the KVM dirty log: up to this many chunks it calls clean are
+/// re-hashed and compared with the parent's ids.
+const LOG_SPOT_CHECKS: usize = 64;
+
+/// Chunk (region, index) pairs the log calls clean but whose content differs from the
+/// parent's (`parent`, in chunks of `chunk` bytes), among a sample.
+pub fn spot_check_log(
+    regions: &[(u64, &[u8])],
+    parent: &[RegionManifest],
+    chunk: usize,
+    dirty: &dyn Fn(usize, usize) -> bool,
+) -> usize {
+    let clean: Vec<(usize, usize)> = parent
+        .iter()
+        .enumerate()
+        .flat_map(|(r, m)| (0..m.chunks.len()).map(move |c| (r, c)))
+        .filter(|&(r, c)| !dirty(r, c))
+        .collect();
+    if clean.is_empty() {
+        return 0;
+    }
+    let step = clean.len().div_ceil(LOG_SPOT_CHECKS).max(1);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as usize)
+        .unwrap_or(0);
+    clean
+        .iter()
+        .skip(seed % step)
+        .step_by(step)
+        .filter(|&&(r, c)| {
+            let data = regions[r].1.chunks(chunk).nth(c).unwrap_or(&[]);
+            let now = if data.iter().all(|&b| b == 0) {
+                ChunkEntry::Zero
+            } else {
+                ChunkEntry::Chunk(crate::store::ChunkId::of(data))
+            };
+            now != parent[r].chunks[c]
+        })
+        .count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,5 +474,33 @@ mod tests {
         // the first full snapshot's check, tested in tests/tiny_incremental.rs.
         let ok = kvm_dirty_log_selftest(&kvm).expect("self-test runs");
         eprintln!("dirty log self-test: {ok}");
+    }
+
+    #[test]
+    fn log_state_transitions() {
+        let u = |since_start, passes| LogState::Unverified {
+            since_start,
+            passes,
+        };
+        // Restore: not checkable until the base is known.
+        assert_eq!(LogState::fresh().restored(), u(false, 0));
+        assert_eq!(u(false, 0).from_known_base(), LogState::fresh());
+        assert_eq!(LogState::Off.restored(), LogState::Off);
+        assert_eq!(LogState::Broken.from_known_base(), LogState::Broken);
+        // A snapshot reads the log: nothing checks it until the snapshot is written.
+        assert!(u(true, 1).is_logging() && LogState::Trusted.is_logging());
+        assert!(!LogState::Off.is_logging() && !LogState::Broken.is_logging());
+        assert_eq!(u(true, 1).while_snapshotting(), u(false, 1));
+        assert_eq!(LogState::Trusted.while_snapshotting(), LogState::Trusted);
+        assert_eq!(u(false, 1).after_snapshot(), u(true, 1));
+        // Checks: REQUIRED_PASSES clean ones trust it, one miss breaks it.
+        assert!(u(true, 0).needs_check() && !u(false, 0).needs_check());
+        assert_eq!(u(true, 0).after_check(0, || true), u(true, 1));
+        assert_eq!(u(true, 1).after_check(0, || true), LogState::Trusted);
+        assert_eq!(u(true, 1).after_check(3, || true), LogState::Broken);
+        assert_eq!(u(true, 0).after_check(0, || false), LogState::Broken);
+        let not_asked = || -> bool { panic!("selftest run without a clean check") };
+        assert_eq!(u(true, 0).after_check(1, not_asked), LogState::Broken);
+        assert_eq!(u(false, 1).after_check(5, not_asked), u(false, 1));
     }
 }

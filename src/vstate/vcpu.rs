@@ -18,6 +18,10 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 use crate::vstate::bus::Bus;
 use crate::vstate::exit::{ExitReason, ExitSignal};
 
+mod persist;
+
+pub use persist::{VcpuPersistError, VcpuRestoreArgs};
+
 /// Errors of the vCPU module.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -44,8 +48,8 @@ pub enum VcpuRequest {
     Pause,
     /// Continue running.
     Resume,
-    /// Run a closure on the vCPU fd while paused (used to save or inspect state).
-    With(Box<dyn FnOnce(&mut VcpuFd) -> VcpuResponse + Send>),
+    /// Run a closure on the vCPU while paused (used to save or inspect state).
+    With(Box<dyn FnOnce(&mut KvmVcpu) -> VcpuResponse + Send>),
     /// Stop the thread.
     Exit,
 }
@@ -115,7 +119,17 @@ fn install_kick_handler() -> Result<(), VcpuError> {
     res
 }
 
-/// What a vCPU thread needs besides its fd.
+/// A KVM vCPU: its fd and what saving its state needs (see `persist`).
+pub struct KvmVcpu {
+    /// vCPU index (also its APIC id).
+    pub id: u8,
+    /// The vCPU fd.
+    pub fd: VcpuFd,
+    /// The system KVM handle (for the MSR list and the host's capabilities).
+    pub kvm: Arc<kvm_ioctls::Kvm>,
+}
+
+/// What a vCPU thread needs besides its vCPU.
 pub struct VcpuContext {
     /// vCPU index (also its APIC id).
     pub id: u8,
@@ -143,14 +157,14 @@ pub const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl VcpuHandle {
     /// Starts the thread `vcpu<N>`; it begins paused if `start_paused`.
-    pub fn spawn(fd: VcpuFd, ctx: VcpuContext, start_paused: bool) -> Result<Self, VcpuError> {
+    pub fn spawn(vcpu: KvmVcpu, ctx: VcpuContext, start_paused: bool) -> Result<Self, VcpuError> {
         install_kick_handler()?;
         let (tx, req_rx) = unbounded();
         let (resp_tx, rx) = unbounded();
         let id = ctx.id;
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || run_loop(fd, ctx, req_rx, resp_tx, start_paused))
+            .spawn(move || run_loop(vcpu, ctx, req_rx, resp_tx, start_paused))
             .map_err(|e| VcpuError::Spawn(id, e))?;
         Ok(Self {
             id,
@@ -196,7 +210,15 @@ impl VcpuHandle {
         &self,
         f: impl FnOnce(&mut VcpuFd) -> T + Send + 'static,
     ) -> Result<T, VcpuError> {
-        let req = VcpuRequest::With(Box::new(move |fd| VcpuResponse::Value(Box::new(f(fd)))));
+        self.with_vcpu(move |v| f(&mut v.fd))
+    }
+
+    /// Runs `f` on the (paused) vCPU and returns its value (used to save its state).
+    pub fn with_vcpu<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut KvmVcpu) -> T + Send + 'static,
+    ) -> Result<T, VcpuError> {
+        let req = VcpuRequest::With(Box::new(move |v| VcpuResponse::Value(Box::new(f(v)))));
         match self.request(req)? {
             VcpuResponse::Value(v) => v
                 .downcast::<T>()
@@ -246,21 +268,21 @@ enum Next {
 
 fn handle_request(
     req: VcpuRequest,
-    fd: &mut VcpuFd,
+    vcpu: &mut KvmVcpu,
     resp: &Sender<VcpuResponse>,
     paused: bool,
 ) -> Next {
     let (answer, next) = match req {
         VcpuRequest::Pause => {
             if !paused {
-                complete_pending_io(fd);
+                complete_pending_io(&mut vcpu.fd);
             }
             (VcpuResponse::Paused, Next::Wait)
         }
         VcpuRequest::Resume => (VcpuResponse::Resumed, Next::Run),
         VcpuRequest::With(f) => {
             let a = if paused {
-                f(fd)
+                f(vcpu)
             } else {
                 VcpuResponse::Error("vcpu must be paused".into())
             };
@@ -274,13 +296,13 @@ fn handle_request(
 }
 
 fn run_loop(
-    mut fd: VcpuFd,
+    mut vcpu: KvmVcpu,
     ctx: VcpuContext,
     rx: Receiver<VcpuRequest>,
     resp: Sender<VcpuResponse>,
     start_paused: bool,
 ) {
-    KVM_RUN_PTR.with(|c| c.set(fd.get_kvm_run() as *mut kvm_run));
+    KVM_RUN_PTR.with(|c| c.set(vcpu.fd.get_kvm_run() as *mut kvm_run));
     let mut paused = start_paused;
     'outer: loop {
         // Drain requests without blocking while running; block while paused.
@@ -297,13 +319,13 @@ fn run_loop(
                     Err(crossbeam_channel::TryRecvError::Disconnected) => break 'outer,
                 }
             };
-            match handle_request(req, &mut fd, &resp, paused) {
+            match handle_request(req, &mut vcpu, &resp, paused) {
                 Next::Run => paused = false,
                 Next::Wait => paused = true,
                 Next::Exit => break 'outer,
             }
         }
-        if let Some(reason) = run_once(&mut fd, &ctx) {
+        if let Some(reason) = run_once(&mut vcpu.fd, &ctx) {
             ctx.exit.exit(reason);
             // Park until told to exit, so the VMM can still pause/save for diagnostics.
             paused = true;
@@ -329,74 +351,9 @@ fn complete_pending_io(fd: &mut VcpuFd) {
 
 /// One KVM_RUN; returns a reason when the VM must stop.
 fn run_once(fd: &mut VcpuFd, ctx: &VcpuContext) -> Option<ExitReason> {
-    let id = ctx.id;
     match fd.run() {
-        Ok(exit) => match exit {
-            VcpuExit::IoIn(port, data) => {
-                if !ctx.pio.read(u64::from(port), data) {
-                    data.fill(0xff);
-                }
-                None
-            }
-            VcpuExit::IoOut(port, data) => {
-                if !ctx.pio.write(u64::from(port), data) {
-                    log::trace!("vcpu{id}: unhandled out {port:#x}");
-                }
-                None
-            }
-            VcpuExit::MmioRead(addr, data) => {
-                if !ctx.mmio.read(addr, data) {
-                    log::debug!("vcpu{id}: unhandled mmio read {addr:#x}");
-                    data.fill(0);
-                }
-                None
-            }
-            VcpuExit::MmioWrite(addr, data) => {
-                if !ctx.mmio.write(addr, data) {
-                    log::debug!("vcpu{id}: unhandled mmio write {addr:#x}");
-                }
-                None
-            }
-            VcpuExit::Hlt => {
-                // Only seen without an in-kernel irqchip; treat as idle.
-                std::thread::yield_now();
-                None
-            }
-            VcpuExit::Shutdown => Some(ExitReason::TripleFault { vcpu: id }),
-            VcpuExit::SystemEvent(ty, _) => match ty {
-                kvm_bindings::KVM_SYSTEM_EVENT_RESET => Some(ExitReason::Reset),
-                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitReason::Shutdown),
-                other => Some(ExitReason::VcpuError {
-                    vcpu: id,
-                    message: format!("system event {other}"),
-                }),
-            },
-            VcpuExit::InternalError => {
-                let run = fd.get_kvm_run();
-                // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so the kernel filled the
-                // `internal` member of the union.
-                let internal = unsafe { run.__bindgen_anon_1.internal };
-                let n = (internal.ndata as usize).min(internal.data.len());
-                let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
-                Some(ExitReason::VcpuError {
-                    vcpu: id,
-                    message: format!(
-                        "KVM internal error, suberror {} (1 = instruction emulation failed) at rip {rip:#x}, data {:x?}",
-                        internal.suberror,
-                        &internal.data[..n]
-                    ),
-                })
-            }
-            VcpuExit::FailEntry(reason, cpu) => Some(ExitReason::VcpuError {
-                vcpu: id,
-                message: format!("KVM entry failed: hardware reason {reason:#x} on cpu {cpu}"),
-            }),
-            VcpuExit::IrqWindowOpen | VcpuExit::Intr => None,
-            other => Some(ExitReason::VcpuError {
-                vcpu: id,
-                message: format!("unexpected exit {other:?}"),
-            }),
-        },
+        Ok(VcpuExit::InternalError) => Some(internal_error(fd, ctx.id)),
+        Ok(exit) => handle_exit(exit, ctx),
         Err(e) => match e.errno() {
             libc::EINTR => {
                 fd.set_kvm_immediate_exit(0);
@@ -408,9 +365,83 @@ fn run_once(fd: &mut VcpuFd, ctx: &VcpuContext) -> Option<ExitReason> {
                 None
             }
             _ => Some(ExitReason::VcpuError {
-                vcpu: id,
+                vcpu: ctx.id,
                 message: format!("KVM_RUN failed: {e}"),
             }),
         },
+    }
+}
+
+/// Dispatches a port-I/O or MMIO exit on its bus; other exits either continue or give
+/// the reason the VM must stop.
+fn handle_exit(exit: VcpuExit<'_>, ctx: &VcpuContext) -> Option<ExitReason> {
+    let id = ctx.id;
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !ctx.pio.read(u64::from(port), data) {
+                data.fill(0xff);
+            }
+            None
+        }
+        VcpuExit::IoOut(port, data) => {
+            if !ctx.pio.write(u64::from(port), data) {
+                log::trace!("vcpu{id}: unhandled out {port:#x}");
+            }
+            None
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !ctx.mmio.read(addr, data) {
+                log::debug!("vcpu{id}: unhandled mmio read {addr:#x}");
+                data.fill(0);
+            }
+            None
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            if !ctx.mmio.write(addr, data) {
+                log::debug!("vcpu{id}: unhandled mmio write {addr:#x}");
+            }
+            None
+        }
+        VcpuExit::Hlt => {
+            // Only seen without an in-kernel irqchip; treat as idle.
+            std::thread::yield_now();
+            None
+        }
+        VcpuExit::Shutdown => Some(ExitReason::TripleFault { vcpu: id }),
+        VcpuExit::SystemEvent(ty, _) => match ty {
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => Some(ExitReason::Reset),
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitReason::Shutdown),
+            other => Some(ExitReason::VcpuError {
+                vcpu: id,
+                message: format!("system event {other}"),
+            }),
+        },
+        VcpuExit::FailEntry(reason, cpu) => Some(ExitReason::VcpuError {
+            vcpu: id,
+            message: format!("KVM entry failed: hardware reason {reason:#x} on cpu {cpu}"),
+        }),
+        VcpuExit::IrqWindowOpen | VcpuExit::Intr => None,
+        other => Some(ExitReason::VcpuError {
+            vcpu: id,
+            message: format!("unexpected exit {other:?}"),
+        }),
+    }
+}
+
+/// The reason to stop after a KVM_EXIT_INTERNAL_ERROR, with KVM's suberror and data.
+fn internal_error(fd: &mut VcpuFd, id: u8) -> ExitReason {
+    let run = fd.get_kvm_run();
+    // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so the kernel filled the `internal`
+    // member of the union.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let n = (internal.ndata as usize).min(internal.data.len());
+    let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
+    ExitReason::VcpuError {
+        vcpu: id,
+        message: format!(
+            "KVM internal error, suberror {} (1 = instruction emulation failed) at rip {rip:#x}, data {:x?}",
+            internal.suberror,
+            &internal.data[..n]
+        ),
     }
 }

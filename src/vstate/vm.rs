@@ -6,6 +6,10 @@ use vm_memory::{Address, GuestMemoryBackend as _, GuestMemoryRegion};
 
 use crate::vstate::memory::GuestMemory;
 
+mod persist;
+
+pub use persist::{InKernelDevices, InKernelRestoreArgs};
+
 /// Errors of the VM module.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -47,7 +51,7 @@ pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 /// A KVM VM with an in-kernel irqchip and PIT.
 pub struct Vm {
     kvm: std::sync::Arc<Kvm>,
-    fd: VmFd,
+    fd: std::sync::Arc<VmFd>,
 }
 
 impl Vm {
@@ -80,7 +84,7 @@ impl Vm {
         fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
         Ok(Self {
             kvm: std::sync::Arc::new(kvm),
-            fd,
+            fd: std::sync::Arc::new(fd),
         })
     }
 
@@ -92,6 +96,18 @@ impl Vm {
     /// The VM fd.
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// The VM fd, shared (what the saved components keep to reach the VM).
+    pub fn shared_fd(&self) -> std::sync::Arc<VmFd> {
+        self.fd.clone()
+    }
+
+    /// The VM's in-kernel irqchip, PIT and kvmclock, as a saved component.
+    pub fn in_kernel_devices(&self) -> InKernelDevices {
+        InKernelDevices {
+            vm: self.fd.clone(),
+        }
     }
 
     /// Most vCPUs KVM allows in one VM.

@@ -3,13 +3,12 @@
 use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
-use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK,
     VIRTIO_CONFIG_S_NEEDS_RESET,
 };
 use virtio_bindings::virtio_mmio::*;
-use virtio_queue::{Queue, QueueState, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
@@ -19,6 +18,10 @@ use super::{
 use crate::devices::IrqLine;
 use crate::util::lock;
 use crate::vstate::bus::BusDevice;
+
+mod persist;
+
+pub use persist::{MmioRestoreArgs, MmioTransportState, QueueSnapshot};
 
 /// Size of a virtio-mmio device's register window.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
@@ -64,82 +67,6 @@ pub enum MmioError {
     /// The restored device could not be activated.
     #[error("virtio-mmio: activating restored device: {0}")]
     Activate(#[source] VirtioError),
-}
-
-/// Serializable state of one virtqueue.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QueueSnapshot {
-    /// Maximum size offered by the device.
-    pub max_size: u16,
-    /// Size selected by the driver.
-    pub size: u16,
-    /// QueueReady.
-    pub ready: bool,
-    /// Descriptor table guest address.
-    pub desc_table: u64,
-    /// Available ring guest address.
-    pub avail_ring: u64,
-    /// Used ring guest address.
-    pub used_ring: u64,
-    /// Next available-ring entry the device will consume.
-    pub next_avail: u16,
-    /// Next used-ring entry the device will fill.
-    pub next_used: u16,
-    /// Whether VIRTIO_RING_F_EVENT_IDX is in use.
-    pub event_idx_enabled: bool,
-}
-
-impl From<QueueState> for QueueSnapshot {
-    fn from(s: QueueState) -> Self {
-        Self {
-            max_size: s.max_size,
-            size: s.size,
-            ready: s.ready,
-            desc_table: s.desc_table,
-            avail_ring: s.avail_ring,
-            used_ring: s.used_ring,
-            next_avail: s.next_avail,
-            next_used: s.next_used,
-            event_idx_enabled: s.event_idx_enabled,
-        }
-    }
-}
-
-impl From<QueueSnapshot> for QueueState {
-    fn from(s: QueueSnapshot) -> Self {
-        Self {
-            max_size: s.max_size,
-            size: s.size,
-            ready: s.ready,
-            desc_table: s.desc_table,
-            avail_ring: s.avail_ring,
-            used_ring: s.used_ring,
-            next_avail: s.next_avail,
-            next_used: s.next_used,
-            event_idx_enabled: s.event_idx_enabled,
-        }
-    }
-}
-
-/// Serializable state of a [`MmioTransport`].
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MmioTransportState {
-    /// DeviceFeaturesSel.
-    pub device_features_sel: u32,
-    /// DriverFeaturesSel.
-    pub driver_features_sel: u32,
-    /// Features the driver acknowledged.
-    pub acked_features: u64,
-    /// Device status, including DEVICE_NEEDS_RESET.
-    pub status: u32,
-    /// QueueSel.
-    pub queue_sel: u32,
-    /// InterruptStatus.
-    pub interrupt_status: u32,
-    /// ConfigGeneration.
-    pub config_generation: u32,
-    /// Per-queue state.
-    pub queues: Vec<QueueSnapshot>,
 }
 
 /// A virtio device behind the virtio-mmio register interface.
@@ -416,70 +343,6 @@ impl MmioTransport {
             VIRTIO_MMIO_STATUS => self.set_status(v),
             _ => debug!("virtio-mmio: write of {v:#x} to register {reg:#x} ignored"),
         }
-    }
-
-    /// Captures the transport state (and the queue positions of an active device, with any
-    /// request it has not completed yet counted as not consumed).
-    pub fn save_state(&self) -> MmioTransportState {
-        let queues = {
-            let active = lock(&self.device).queue_states();
-            if self.activated && active.len() == self.queues.len() {
-                active.into_iter().map(QueueSnapshot::from).collect()
-            } else {
-                self.queues.iter().map(|q| q.state().into()).collect()
-            }
-        };
-        MmioTransportState {
-            device_features_sel: self.device_features_sel,
-            driver_features_sel: self.driver_features_sel,
-            acked_features: self.driver_features,
-            status: self.status(),
-            queue_sel: self.queue_sel,
-            interrupt_status: self.interrupt.status(),
-            config_generation: self.config_generation,
-            queues,
-        }
-    }
-
-    /// Restores saved state into this freshly created transport (whose device has already
-    /// had its own state restored). A device that was running is activated again and its
-    /// queues are kicked, so requests the driver queued before the save get processed.
-    pub fn restore_state(&mut self, state: &MmioTransportState) -> Result<(), MmioError> {
-        if state.queues.len() != self.queues.len() {
-            return Err(MmioError::QueueCount {
-                saved: state.queues.len(),
-                device: self.queues.len(),
-            });
-        }
-        let mut queues = Vec::with_capacity(state.queues.len());
-        for (index, (snap, cur)) in state.queues.iter().zip(&self.queues).enumerate() {
-            if snap.max_size != cur.max_size() {
-                return Err(MmioError::InvalidQueue {
-                    index,
-                    source: virtio_queue::Error::InvalidMaxSize,
-                });
-            }
-            let q = Queue::try_from(QueueState::from(*snap))
-                .map_err(|source| MmioError::InvalidQueue { index, source })?;
-            queues.push(q);
-        }
-        self.reset();
-        self.queues = queues;
-        self.device_features_sel = state.device_features_sel;
-        self.driver_features_sel = state.driver_features_sel;
-        self.driver_features = state.acked_features;
-        self.queue_sel = state.queue_sel;
-        self.config_generation = state.config_generation;
-        self.status = state.status & !VIRTIO_CONFIG_S_NEEDS_RESET;
-        let needs_reset = state.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0;
-        if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 && !needs_reset {
-            self.activate().map_err(MmioError::Activate)?;
-            for i in 0..self.notify_evts.len() {
-                self.notify(i as u32);
-            }
-        }
-        self.interrupt.restore(state.interrupt_status, needs_reset);
-        Ok(())
     }
 }
 

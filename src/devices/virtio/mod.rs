@@ -37,10 +37,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::IrqLine;
 
-pub use block::{BlockConfig, BlockDevice, BlockDeviceState, IoGate};
+pub use block::{BlockConfig, BlockDevice, BlockDeviceState, BlockRestoreArgs, IoGate};
 pub use mmio::{
-    MMIO_WINDOW_SIZE, MmioTransport, MmioTransportState, NOTIFY_REG_OFFSET, QueueSnapshot,
-    kernel_cmdline_arg,
+    MMIO_WINDOW_SIZE, MmioRestoreArgs, MmioTransport, MmioTransportState, NOTIFY_REG_OFFSET,
+    QueueSnapshot, kernel_cmdline_arg,
 };
 
 /// Guest memory as the virtio devices see it.

@@ -563,8 +563,8 @@ fn restore_with(
     eager_memory: bool,
 ) -> Result<TinyVm, String> {
     let console = Capture::default();
-    let (state, memory) = vmm::builder_restore::snapshot_files(dir);
-    let opts = vmm::builder_restore::RestoreOptions {
+    let (state, memory) = vmm::builder::snapshot_files(dir);
+    let opts = vmm::builder::RestoreOptions {
         console: Console::Writer(Box::new(console.clone())),
         blocks,
         force: false,
@@ -572,7 +572,7 @@ fn restore_with(
         eager_memory,
         clock: Default::default(),
     };
-    let vmm = vmm::builder_restore::build_from_snapshot(&state, &memory, opts)
+    let vmm = vmm::builder::build_from_snapshot(&state, &memory, opts)
         .map_err(|e| format!("restoring {}: {e}", dir.display()))?;
     Ok(TinyVm { vmm, console })
 }

@@ -1,6 +1,7 @@
 //! virtio-blk: a block device over a [`BlockBackend`], one request queue.
 
 pub mod gate;
+mod persist;
 pub mod request;
 mod worker;
 
@@ -17,6 +18,7 @@ use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use gate::IoGate;
+pub use persist::{BlockDeviceState, BlockRestoreArgs};
 pub use request::{
     Completion, DISK_ID_LEN, MAX_SEGMENT_BYTES, MAX_SEGMENTS, QUEUE_SIZE, RequestScratch,
     RequestStatus, process_request, process_request_gated,
@@ -27,7 +29,7 @@ use super::{
     GuestMem, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
     VirtioDevice, VirtioError, VirtioInterrupt, read_config_bytes,
 };
-use crate::disk::{BackendIdentity, BlockBackend, DiskError, SECTOR_SIZE};
+use crate::disk::{BlockBackend, DiskError, SECTOR_SIZE};
 use worker::{Engine, Worker};
 
 /// Logical block size reported to the guest.
@@ -81,19 +83,6 @@ impl BlockConfigSpace {
         b[20..24].copy_from_slice(&self.blk_size.to_le_bytes());
         b
     }
-}
-
-/// Serializable state of a [`BlockDevice`] (its queues are saved by the transport).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BlockDeviceState {
-    /// The disk the device was attached to.
-    pub identity: BackendIdentity,
-    /// Configuration space the guest saw.
-    pub config_space: BlockConfigSpace,
-    /// Features offered.
-    pub features: u64,
-    /// GET_ID answer.
-    pub disk_id: [u8; DISK_ID_LEN],
 }
 
 /// A virtio-blk device. Register its [`queue_events`](VirtioDevice::queue_events) as
@@ -174,59 +163,6 @@ impl BlockDevice {
     /// Whether the driver activated the device.
     pub fn is_activated(&self) -> bool {
         self.engine.is_active()
-    }
-
-    /// Captures the device state.
-    pub fn save_state(&self) -> BlockDeviceState {
-        BlockDeviceState {
-            identity: self.engine.backend.identity(),
-            config_space: self.config_space,
-            features: self.features,
-            disk_id: self.disk_id,
-        }
-    }
-
-    /// Checks saved state against this freshly created device: refuses a different disk or
-    /// different guest-visible properties. (The queues are restored by the transport.)
-    ///
-    /// With `force`, a different disk (or one of another size) is accepted with a warning.
-    pub fn restore_state(
-        &mut self,
-        state: &BlockDeviceState,
-        force: bool,
-    ) -> Result<(), BlockError> {
-        if let Err(e) = state
-            .identity
-            .check_matches(&self.engine.backend.identity())
-        {
-            if !force {
-                return Err(BlockError::Identity(e));
-            }
-            warn!("virtio-blk: {e}; continuing because of --force");
-        }
-        if state.config_space != self.config_space {
-            if !force {
-                return Err(BlockError::StateMismatch("configuration space (disk size)"));
-            }
-            warn!(
-                "virtio-blk: disk size differs from the snapshot's; continuing because of --force"
-            );
-        }
-        if state.features != self.features {
-            if !force {
-                return Err(BlockError::StateMismatch("feature set"));
-            }
-            warn!(
-                "virtio-blk: feature set differs from the snapshot's; continuing because of --force"
-            );
-        }
-        if state.disk_id != self.disk_id {
-            if !force {
-                return Err(BlockError::StateMismatch("disk id"));
-            }
-            warn!("virtio-blk: disk id differs from the snapshot's; continuing because of --force");
-        }
-        Ok(())
     }
 
     /// Handles a notification of the request queue on the calling thread: consumes its

@@ -8,6 +8,7 @@ use super::*;
 use crate::devices::IrqLine;
 use crate::devices::virtio::test_utils::*;
 use crate::disk::MemBackend;
+use crate::formats::Persist;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
 
 fn device(backend: MemBackend, id: Option<&str>) -> BlockDevice {
@@ -47,7 +48,7 @@ fn features_and_config() {
     let ro = device(MemBackend::new(1000).with_read_only(true), Some("x"));
     assert_ne!(ro.features() & 1 << VIRTIO_BLK_F_RO, 0);
     assert_eq!(
-        ro.save_state().config_space.capacity,
+        ro.save().unwrap().config_space.capacity,
         1,
         "partial sector not exposed"
     );
@@ -144,26 +145,29 @@ fn endless_requests_yield_to_the_event_loop() {
 #[test]
 fn restore_refuses_guest_visible_changes() {
     let dev = device(MemBackend::new(4096).with_name("d"), Some("id"));
-    let state = dev.save_state();
-    device(MemBackend::new(4096).with_name("d"), Some("id"))
-        .restore_state(&state, false)
-        .unwrap();
-    let err = device(MemBackend::new(8192).with_name("d"), Some("id"))
-        .restore_state(&state, false)
-        .unwrap_err();
+    let state = dev.save().unwrap();
+    let restore = |backend: MemBackend, id: &str, force: bool| {
+        let args = BlockRestoreArgs {
+            backend: Arc::new(backend),
+            config: BlockConfig {
+                id: Some(id.to_string()),
+            },
+            force,
+        };
+        BlockDevice::restore(args, &state).map(|_| ())
+    };
+    restore(MemBackend::new(4096).with_name("d"), "id", false).unwrap();
+    let err = restore(MemBackend::new(8192).with_name("d"), "id", false).unwrap_err();
     assert!(matches!(err, BlockError::Identity(_)), "{err}");
-    device(MemBackend::new(8192).with_name("d"), Some("id"))
-        .restore_state(&state, true)
+    restore(MemBackend::new(8192).with_name("d"), "id", true)
         .expect("--force accepts another disk");
-    let err = device(MemBackend::new(4096).with_name("d"), Some("other"))
-        .restore_state(&state, false)
-        .unwrap_err();
+    let err = restore(MemBackend::new(4096).with_name("d"), "other", false).unwrap_err();
     assert!(matches!(err, BlockError::StateMismatch("disk id")), "{err}");
-    let err = device(
+    let err = restore(
         MemBackend::new(4096).with_name("d").with_read_only(true),
-        Some("id"),
+        "id",
+        false,
     )
-    .restore_state(&state, false)
     .unwrap_err();
     assert!(
         matches!(err, BlockError::StateMismatch("feature set")),

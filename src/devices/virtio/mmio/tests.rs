@@ -8,8 +8,9 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::devices::virtio::test_utils::*;
-use crate::devices::virtio::{BlockConfig, BlockDevice, VIRTIO_RING_F_EVENT_IDX};
+use crate::devices::virtio::{BlockConfig, BlockDevice, BlockRestoreArgs, VIRTIO_RING_F_EVENT_IDX};
 use crate::disk::MemBackend;
+use crate::formats::Persist;
 
 const QBASE: u64 = 0x1000;
 const QSIZE: u16 = 256;
@@ -245,7 +246,7 @@ fn odd_accesses_are_ignored() {
     // Oversized queue sizes do not truncate into valid ones.
     vm.wr(VIRTIO_MMIO_QUEUE_SEL, 0);
     vm.wr(VIRTIO_MMIO_QUEUE_NUM, 0x1_0010);
-    assert_eq!(vm.t.save_state().queues[0].size, QSIZE);
+    assert_eq!(vm.t.save().unwrap().queues[0].size, QSIZE);
 }
 
 #[test]
@@ -262,7 +263,7 @@ fn feature_negotiation() {
     // Features are frozen once FEATURES_OK is set.
     vm.wr(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
     vm.wr(VIRTIO_MMIO_DRIVER_FEATURES, u32::MAX);
-    assert_eq!(vm.t.save_state().acked_features, VIRTIO_F_VERSION_1);
+    assert_eq!(vm.t.save().unwrap().acked_features, VIRTIO_F_VERSION_1);
     // Status bits cannot be cleared except by reset; FAILED can be added.
     vm.wr(VIRTIO_MMIO_STATUS, ACK);
     assert_eq!(vm.rd(VIRTIO_MMIO_STATUS), ACK | DRIVER | FEATURES_OK);
@@ -275,7 +276,7 @@ fn feature_negotiation() {
     // Driver features written before DRIVER are ignored; DRIVER_OK needs FEATURES_OK.
     vm.wr(VIRTIO_MMIO_STATUS, 0);
     vm.wr(VIRTIO_MMIO_DRIVER_FEATURES, 1);
-    assert_eq!(vm.t.save_state().acked_features, 0);
+    assert_eq!(vm.t.save().unwrap().acked_features, 0);
     vm.wr(VIRTIO_MMIO_STATUS, ACK | DRIVER);
     vm.setup_queue();
     vm.wr(VIRTIO_MMIO_STATUS, ACK | DRIVER | DRIVER_OK);
@@ -317,7 +318,7 @@ fn reset_after_activation() {
     // Queue configuration is frozen while running.
     vm.wr(VIRTIO_MMIO_QUEUE_DESC_LOW, 0x8000);
     vm.wr(VIRTIO_MMIO_QUEUE_READY, 0);
-    assert_eq!(vm.t.save_state().queues[0].desc_table, QBASE);
+    assert_eq!(vm.t.save().unwrap().queues[0].desc_table, QBASE);
     assert_eq!(vm.rd(VIRTIO_MMIO_QUEUE_READY), 1);
     vm.queue_read(2, 0);
     vm.kick();
@@ -393,8 +394,8 @@ fn save_and_restore_continue_the_queue() {
     vm.kick();
     // A request queued but not yet processed when the VM is saved.
     vm.queue_read(9, 0);
-    let t_state = vm.t.save_state();
-    let b_state = lock(&vm.block).save_state();
+    let t_state = vm.t.save().unwrap();
+    let b_state = lock(&vm.block).save().unwrap();
     assert_eq!(t_state.queues[0].next_avail, 1);
     assert_eq!(t_state.queues[0].next_used, 1);
     assert_eq!(t_state.interrupt_status, VIRTIO_MMIO_INT_VRING);
@@ -403,14 +404,27 @@ fn save_and_restore_continue_the_queue() {
     let b_state: crate::devices::virtio::BlockDeviceState =
         serde_json::from_str(&serde_json::to_string(&b_state).unwrap()).unwrap();
 
+    let block_args = |backend: Arc<MemBackend>| BlockRestoreArgs {
+        backend,
+        config: BlockConfig {
+            id: Some("serial-1".into()),
+        },
+        force: false,
+    };
     // A different disk is refused.
-    let other = Vm::new(&mem, Arc::new(MemBackend::new(4096)));
-    assert!(lock(&other.block).restore_state(&b_state, false).is_err());
+    let other = block_args(Arc::new(MemBackend::new(4096)));
+    assert!(BlockDevice::restore(other, &b_state).is_err());
 
-    let mut vm2 = Vm::new(&mem, disk);
+    let mut vm2 = Vm::new(&mem, disk.clone());
     vm2.d.set_avail_idx(2);
-    lock(&vm2.block).restore_state(&b_state, false).unwrap();
-    vm2.t.restore_state(&t_state).unwrap();
+    let block = BlockDevice::restore(block_args(disk), &b_state).unwrap();
+    vm2.block = Arc::new(Mutex::new(block));
+    let t_args = |vm: &Vm| MmioRestoreArgs {
+        mem: mem.clone(),
+        device: vm.block.clone(),
+        irq: IrqLine::new(vm.irq.try_clone().unwrap(), 5),
+    };
+    vm2.t = MmioTransport::restore(t_args(&vm2), &t_state).unwrap();
     assert!(vm2.t.is_activated());
     assert_eq!(vm2.rd(VIRTIO_MMIO_STATUS), RUNNING);
     assert_eq!(vm2.interrupts(), 1, "pending interrupt re-raised");
@@ -418,14 +432,14 @@ fn save_and_restore_continue_the_queue() {
     lock(&vm2.block).handle_queue_event();
     assert_eq!(vm2.d.used_idx(), 2);
     assert_eq!(vm2.data(), vec![9; 512]);
-    assert_eq!(vm2.t.save_state().queues[0].next_used, 2);
+    assert_eq!(vm2.t.save().unwrap().queues[0].next_used, 2);
 
     let mut bad = t_state.clone();
     bad.queues[0].size = 3;
-    assert!(vm2.t.restore_state(&bad).is_err());
+    assert!(MmioTransport::restore(t_args(&vm2), &bad).is_err());
     bad.queues.clear();
     assert!(matches!(
-        vm2.t.restore_state(&bad),
+        MmioTransport::restore(t_args(&vm2), &bad),
         Err(MmioError::QueueCount { .. })
     ));
 }

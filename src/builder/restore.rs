@@ -1,5 +1,18 @@
 //! `build_from_snapshot`: the sibling of `build_for_boot` that rebuilds a VM from a
-//! snapshot directory, sharing the device helpers of [`crate::builder`].
+//! snapshot directory, sharing the device helpers of [`crate::builder`]. Every saved
+//! component is built from its state through [`Persist`] (docs/DESIGN.md, "Persist and
+//! the restore pipeline"); the steps of [`build_from_parts`], in order:
+//!
+//! 1. check the state against its configuration (disks given, vCPU count, memory layout);
+//! 2. restore the disk overlays' content and open the disks;
+//! 3. create the VM (checking the CPU features) and guest memory, and fill memory or start
+//!    serving it lazily;
+//! 4. build the platform devices (COM1 and the i8042 from their state) and the virtio-blk
+//!    devices from theirs, wired to the VM with their I/O gates held;
+//! 5. build the vCPUs from their state, then set the in-kernel devices and clock;
+//! 6. build the virtio-mmio transports from their state last (they re-activate their
+//!    devices and re-raise interrupts) and put them on the MMIO bus;
+//! 7. start the vCPU threads, paused, and resume unless asked not to.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -7,21 +20,26 @@ use std::time::Instant;
 
 use vm_memory::GuestAddress;
 
-use crate::arch::x86_64::{ClockMode, vcpu_state, vm_state};
-use crate::builder::{
-    BuildError, Console, Platform, attach_blocks, open_disks, setup_platform, start_vcpus,
+use super::{
+    BuildError, Console, Platform, WiredBlock, block_slot, enable_dirty_log, open_disks,
+    plug_block, setup_platform, start_vcpus, wire_block,
 };
-use crate::config::BlockConfig;
+use crate::arch::x86_64::{ClockMode, vcpu_state};
+use crate::config::{BlockConfig, VmConfig};
+use crate::devices::virtio::block::{BlockConfig as BlockDeviceConfig, BlockDevice};
+use crate::devices::virtio::mmio::{MmioRestoreArgs, MmioTransport};
+use crate::disk::BlockBackend;
+use crate::formats::Persist;
 use crate::snapshot::SnapshotBase;
 use crate::snapshot::manifest::{MemoryManifest, ZeroChunks, restore_memory};
 use crate::snapshot::microvm::MicrovmState;
 use crate::store::local::{LocalStore, LocalStoreOptions};
-use crate::util::lock;
-use crate::vmm::Vmm;
-use crate::vstate::memory;
+use crate::vmm::{AttachedBlock, Vmm, VmmParts};
+use crate::vstate::bus::Bus;
+use crate::vstate::memory::{self, GuestMemory};
 use crate::vstate::uffd::LazyMemory;
-use crate::vstate::vcpu::RunState;
-use crate::vstate::vm::Vm;
+use crate::vstate::vcpu::{KvmVcpu, RunState, VcpuRestoreArgs};
+use crate::vstate::vm::{InKernelDevices, InKernelRestoreArgs, Vm};
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
 
 /// How to restore a snapshot besides its files.
@@ -114,9 +132,7 @@ pub fn build_from_snapshot(
     // The restored memory and overlays are exactly the snapshot's, and dirty tracking
     // starts now: the next snapshot into the same store can be incremental.
     vmm.snapshot_base = Some(base);
-    if let crate::vstate::dirty::LogState::Unverified { .. } = vmm.dirty_log {
-        vmm.dirty_log = crate::vstate::dirty::LogState::fresh();
-    }
+    vmm.dirty_log = vmm.dirty_log.from_known_base();
     Ok(vmm)
 }
 
@@ -190,23 +206,15 @@ fn check_cpu(state: &MicrovmState, vm: &Vm, force: bool) -> Result<(), BuildErro
     }
 }
 
-/// Rebuilds a VM from an already loaded state and (validated) memory manifest, with memory
-/// chunks from `store` (served lazily unless `opts.eager_memory`). `cpu_path` and
-/// `memory_path` only name the parts in messages (they may be URLs). With
-/// `background_fill`, lazily served memory is also filled in the background at once
-/// (otherwise the caller may start it later through [`LazyMemory::handle`]).
-pub fn build_from_parts(
-    state: MicrovmState,
-    manifest: MemoryManifest,
-    store: Arc<dyn crate::store::ChunkRead>,
+/// Step 1: the configuration to restore with (the snapshot's, with the disks `blocks` if
+/// given), checked against the state: as many disks and vCPUs, the same memory layout.
+fn restore_config(
+    state: &MicrovmState,
+    blocks: Option<Vec<BlockConfig>>,
     cpu_path: &Path,
-    memory_path: &Path,
-    opts: RestoreOptions,
-    background_fill: bool,
-) -> Result<Vmm, BuildError> {
-    let t0 = Instant::now();
+) -> Result<VmConfig, BuildError> {
     let mut cfg = state.config.clone();
-    if let Some(blocks) = opts.blocks {
+    if let Some(blocks) = blocks {
         if blocks.len() != state.blocks.len() {
             return Err(BuildError::Device(format!(
                 "the snapshot has {} disk(s) but {} were given",
@@ -223,7 +231,6 @@ pub fn build_from_parts(
             "vCPU count differs from the recorded configuration",
         ));
     }
-
     let expected: Vec<(u64, u64)> =
         crate::arch::x86_64::layout::arch_memory_regions(cfg.mem_mib << 20)
             .iter()
@@ -239,11 +246,12 @@ pub fn build_from_parts(
             ),
         ));
     }
+    Ok(cfg)
+}
 
-    let mut state = state;
-    prepare_overlays(&mut state, &cfg, store.as_ref())?;
-    // The serial number the guest read (GET_ID) is guest-visible state: keep it, even
-    // when the disk is now reached through another path (a clone's own overlay).
+/// The serial number the guest read (GET_ID) is guest-visible state: keep it, even when
+/// the disk is now reached through another path (a clone's own overlay).
+fn keep_disk_ids(cfg: &mut VmConfig, state: &MicrovmState) {
     for (b, saved) in cfg.blocks.iter_mut().zip(&state.blocks) {
         if b.id.is_none() {
             let id = &saved.device.disk_id;
@@ -251,10 +259,17 @@ pub fn build_from_parts(
             b.id = Some(String::from_utf8_lossy(&id[..len]).into_owned());
         }
     }
-    let disks = open_disks(&cfg)?;
+}
+
+/// Step 3: the VM (its CPU features checked) and guest memory of the saved layout.
+fn create_vm_and_memory(
+    state: &MicrovmState,
+    cfg: &VmConfig,
+    force: bool,
+) -> Result<(Vm, GuestMemory), BuildError> {
     let vm = Vm::new()?;
     vm.check_vcpu_count(u32::from(cfg.vcpus))?;
-    check_cpu(&state, &vm, opts.force)?;
+    check_cpu(state, &vm, force)?;
     let regions: Vec<(GuestAddress, usize)> = state
         .memory_regions
         .iter()
@@ -262,59 +277,188 @@ pub fn build_from_parts(
         .collect();
     let mem = memory::create_anonymous(&regions)?;
     vm.register_memory(&mem, 0)?;
-    // Memory does not start from zeros: only a caller that knows what it starts from
-    // (`build_from_snapshot` sets the snapshot base) may let the first snapshot check
-    // the log.
-    let dirty_log = match crate::builder::enable_dirty_log(&vm, &mem) {
-        crate::vstate::dirty::LogState::Unverified { .. } => {
-            crate::vstate::dirty::LogState::Unverified {
-                since_start: false,
-                passes: 0,
-            }
-        }
-        other => other,
-    };
+    Ok((vm, mem))
+}
 
-    let t_mem = Instant::now();
-    let lazy = if opts.eager_memory {
+/// Where guest memory comes from: the manifest, its chunk store and how to serve it.
+struct MemorySource<'a> {
+    manifest: &'a MemoryManifest,
+    store: Arc<dyn crate::store::ChunkRead>,
+    path: &'a Path,
+    eager: bool,
+    background_fill: bool,
+}
+
+/// Step 3 (continued): fills guest memory now (eager) or starts serving it lazily.
+fn restore_guest_memory(
+    mem: &GuestMemory,
+    src: MemorySource,
+) -> Result<Option<LazyMemory>, BuildError> {
+    if src.eager {
         // SAFETY: no vCPU exists yet and no device has been created, so nothing else
         // touches guest memory while these slices live.
-        let mut views = unsafe { crate::vstate::memory::memory_slices_mut(&mem) };
-        restore_memory(&manifest, &mut views, &*store, ZeroChunks::AlreadyZero)
-            .map_err(|e| snap_err_chain("memory", memory_path, &e))?;
-        None
-    } else {
-        // `MemoryManifest::read_from` above already validated the manifest.
-        let mut regions = Vec::new();
-        for (r, m) in mem.iter().zip(&manifest.regions) {
-            if r.start_addr().0 != m.guest_addr || r.len() != m.size {
-                return Err(snap_err(
-                    "memory manifest",
-                    memory_path,
-                    "its memory layout differs from the state file's",
-                ));
-            }
-            regions.push((r.as_ptr() as usize, r.len() as usize, m.clone()));
-        }
-        if regions.len() != manifest.regions.len() {
+        let mut views = unsafe { crate::vstate::memory::memory_slices_mut(mem) };
+        restore_memory(
+            src.manifest,
+            &mut views,
+            &*src.store,
+            ZeroChunks::AlreadyZero,
+        )
+        .map_err(|e| snap_err_chain("memory", src.path, &e))?;
+        return Ok(None);
+    }
+    // `MemoryManifest::read_from` already validated the manifest.
+    let mut regions = Vec::new();
+    for (r, m) in mem.iter().zip(&src.manifest.regions) {
+        if r.start_addr().0 != m.guest_addr || r.len() != m.size {
             return Err(snap_err(
                 "memory manifest",
-                memory_path,
-                "region count differs",
+                src.path,
+                "its memory layout differs from the state file's",
             ));
         }
-        // SAFETY: `mem` was just created by `create_anonymous` (private anonymous
-        // mappings), nothing has touched it or holds a reference into it, and the
-        // returned LazyMemory is kept in the Vmm next to `mem`, which outlives it.
-        let lazy = unsafe { LazyMemory::start(regions, manifest.chunk_size as usize, store) }
-            .map_err(|e| {
-                BuildError::Device(format!("lazy memory: {}", crate::util::error_chain(&e)))
-            })?;
-        if background_fill {
-            lazy.fill_in_background();
+        regions.push((r.as_ptr() as usize, r.len() as usize, m.clone()));
+    }
+    if regions.len() != src.manifest.regions.len() {
+        return Err(snap_err(
+            "memory manifest",
+            src.path,
+            "region count differs",
+        ));
+    }
+    let chunk = src.manifest.chunk_size as usize;
+    // SAFETY: `mem` was just created by `create_anonymous` (private anonymous mappings),
+    // nothing has touched it or holds a reference into it, and the returned LazyMemory is
+    // kept in the Vmm next to `mem`, which outlives it.
+    let lazy = unsafe { LazyMemory::start(regions, chunk, src.store) }.map_err(|e| {
+        BuildError::Device(format!("lazy memory: {}", crate::util::error_chain(&e)))
+    })?;
+    if src.background_fill {
+        lazy.fill_in_background();
+    }
+    Ok(Some(lazy))
+}
+
+/// Step 4: each virtio-blk device built from its state over the disk opened for it,
+/// wired to the VM with its I/O gate held (paused until `Vmm::resume`).
+fn restore_block_devices(
+    vm: &Vm,
+    cfg: &VmConfig,
+    state: &MicrovmState,
+    backends: Vec<Arc<dyn BlockBackend>>,
+    force: bool,
+) -> Result<Vec<WiredBlock>, BuildError> {
+    let mut wired = Vec::new();
+    for (i, ((b, backend), saved)) in cfg
+        .blocks
+        .iter()
+        .zip(backends)
+        .zip(&state.blocks)
+        .enumerate()
+    {
+        let (base, gsi) = block_slot(i, cfg.blocks.len())?;
+        if base != saved.base || gsi != saved.gsi {
+            return Err(BuildError::Device(format!(
+                "disk {i}: snapshot has it at {:#x}/GSI {}, this VMM puts it at {base:#x}/GSI {gsi}",
+                saved.base, saved.gsi
+            )));
         }
-        Some(lazy)
+        let args = crate::devices::virtio::BlockRestoreArgs {
+            backend,
+            config: BlockDeviceConfig { id: b.id.clone() },
+            force,
+        };
+        let device = BlockDevice::restore(args, &saved.device)
+            .map_err(|e| BuildError::Device(format!("disk {i} ({}): {e}", b.path.display())))?;
+        wired.push(wire_block(vm, i, (base, gsi), device, true)?);
+    }
+    Ok(wired)
+}
+
+/// Step 5: the vCPUs built from their state, then the in-kernel devices and clock.
+fn restore_kvm_state(
+    vm: &Vm,
+    state: &MicrovmState,
+    clock: ClockMode,
+) -> Result<Vec<KvmVcpu>, BuildError> {
+    let mut vcpus = Vec::new();
+    for (id, st) in state.vcpus.iter().enumerate() {
+        let args = VcpuRestoreArgs {
+            vm: vm.shared_fd(),
+            kvm: vm.kvm().clone(),
+            id: id as u8,
+        };
+        let v = KvmVcpu::restore(args, st)
+            .map_err(|e| BuildError::Arch(format!("restoring vcpu{id}: {e}")))?;
+        vcpus.push(v);
+    }
+    let args = InKernelRestoreArgs {
+        vm: vm.shared_fd(),
+        kvm: vm.kvm().clone(),
+        clock,
     };
+    InKernelDevices::restore(args, &state.vm)
+        .map_err(|e| BuildError::Arch(format!("restoring VM state: {e}")))?;
+    if let (Some(v), Some(st)) = (vcpus.first(), state.vcpus.first()) {
+        warn_if_tsc_not_restored(&v.fd, st);
+    }
+    Ok(vcpus)
+}
+
+/// Step 6: each transport built from its state around its restored device (re-activating
+/// it and re-raising its interrupt), put on the MMIO bus.
+fn restore_transports(
+    mem: &GuestMemory,
+    wired: Vec<WiredBlock>,
+    state: &MicrovmState,
+    mmio: &mut Bus,
+) -> Result<Vec<AttachedBlock>, BuildError> {
+    let mut attached = Vec::new();
+    for (i, (w, saved)) in wired.into_iter().zip(&state.blocks).enumerate() {
+        let args = MmioRestoreArgs {
+            mem: mem.clone(),
+            device: w.device.clone(),
+            irq: w.irq,
+        };
+        let transport = MmioTransport::restore(args, &saved.transport)
+            .map_err(|e| BuildError::Device(format!("disk {i} transport: {e}")))?;
+        attached.push(plug_block(mmio, w.device, (w.base, w.gsi), transport)?);
+    }
+    Ok(attached)
+}
+
+/// Rebuilds a VM from an already loaded state and (validated) memory manifest, with memory
+/// chunks from `store` (served lazily unless `opts.eager_memory`). `cpu_path` and
+/// `memory_path` only name the parts in messages (they may be URLs). With
+/// `background_fill`, lazily served memory is also filled in the background at once
+/// (otherwise the caller may start it later through [`LazyMemory::handle`]).
+pub fn build_from_parts(
+    mut state: MicrovmState,
+    manifest: MemoryManifest,
+    store: Arc<dyn crate::store::ChunkRead>,
+    cpu_path: &Path,
+    memory_path: &Path,
+    opts: RestoreOptions,
+    background_fill: bool,
+) -> Result<Vmm, BuildError> {
+    let t0 = Instant::now();
+    let mut cfg = restore_config(&state, opts.blocks, cpu_path)?;
+    prepare_overlays(&mut state, &cfg, store.as_ref())?;
+    keep_disk_ids(&mut cfg, &state);
+    let disks = open_disks(&cfg)?;
+    let (vm, mem) = create_vm_and_memory(&state, &cfg, opts.force)?;
+    // Memory does not start from zeros: only a caller that knows what it starts from
+    // (`build_from_snapshot` sets the snapshot base) may let the first snapshot check it.
+    let dirty_log = enable_dirty_log(&vm, &mem).restored();
+    let t_mem = Instant::now();
+    let src = MemorySource {
+        manifest: &manifest,
+        store,
+        path: memory_path,
+        eager: opts.eager_memory,
+        background_fill,
+    };
+    let lazy = restore_guest_memory(&mem, src)?;
     let mem_ms = t_mem.elapsed().as_secs_f64() * 1e3;
 
     let Platform {
@@ -324,47 +468,13 @@ pub fn build_from_parts(
         serial,
         events,
     } = setup_platform(&vm, opts.console, Some(&state.serial))?;
-
-    let remote = disks.remote;
-    let overlays = disks.overlays;
-    // Paused until `Vmm::resume`: the restored queues are kicked below, but their
-    // requests run only once the VM does.
-    let (blocks, _params) = attach_blocks(&vm, &mem, &cfg, disks.backends, &mut mmio, true)?;
-    for (i, (b, saved)) in blocks.iter().zip(&state.blocks).enumerate() {
-        if b.base != saved.base || b.gsi != saved.gsi {
-            return Err(BuildError::Device(format!(
-                "disk {i}: snapshot has it at {:#x}/GSI {}, this VMM puts it at {:#x}/GSI {}",
-                saved.base, saved.gsi, b.base, b.gsi
-            )));
-        }
-        lock(&b.device)
-            .restore_state(&saved.device, opts.force)
-            .map_err(|e| {
-                BuildError::Device(format!("disk {i} ({}): {e}", cfg.blocks[i].path.display()))
-            })?;
-    }
-
-    let mut fds = Vec::new();
-    for (id, st) in state.vcpus.iter().enumerate() {
-        let fd = vm.create_vcpu(id as u8)?;
-        vcpu_state::restore_vcpu(&fd, vm.kvm(), st)
-            .map_err(|e| BuildError::Arch(format!("restoring vcpu{id}: {e}")))?;
-        fds.push(fd);
-    }
-    vm_state::restore_vm(vm.fd(), vm.kvm(), &state.vm, opts.clock)
-        .map_err(|e| BuildError::Arch(format!("restoring VM state: {e}")))?;
-    if let (Some(fd), Some(st)) = (fds.first(), state.vcpus.first()) {
-        warn_if_tsc_not_restored(fd, st);
-    }
+    let wired = restore_block_devices(&vm, &cfg, &state, disks.backends, opts.force)?;
+    let kvm_vcpus = restore_kvm_state(&vm, &state, opts.clock)?;
     // Devices last: the transports re-activate their devices and re-raise interrupts.
-    for (i, (b, saved)) in blocks.iter().zip(&state.blocks).enumerate() {
-        lock(&b.transport)
-            .restore_state(&saved.transport)
-            .map_err(|e| BuildError::Device(format!("disk {i} transport: {e}")))?;
-    }
+    let blocks = restore_transports(&mem, wired, &state, &mut mmio)?;
 
-    let (pio, mmio, vcpus) = start_vcpus(fds, pio, mmio, &exit, true)?;
-    let mut vmm = Vmm {
+    let (pio, mmio, vcpus) = start_vcpus(kvm_vcpus, pio, mmio, &exit, true)?;
+    let mut vmm = Vmm::from_parts(VmmParts {
         cpu: state.cpu.clone(),
         config: cfg,
         cmdline: state.cmdline.clone(),
@@ -378,15 +488,11 @@ pub fn build_from_parts(
         blocks,
         events,
         state: RunState::Paused,
-        api: None,
         lazy,
-        remote,
-        overlays,
-        snapshot_base: None,
+        remote: disks.remote,
+        overlays: disks.overlays,
         dirty_log,
-        status_extras: Vec::new(),
-        repo_parent: None,
-    };
+    });
     if !opts.start_paused {
         vmm.resume()
             .map_err(|e| BuildError::Device(format!("resuming: {e}")))?;
