@@ -777,10 +777,16 @@ tsc_clock:
         add $TSC_PERIOD, %r13
         call arm_deadline
         PRINT "tsc clock\n"
+        /* The deadline is one-shot and re-armed below: a tick landing between the check and
+         * HLT would leave HLT waiting for a tick nobody arms. Check with IF=0; STI's one-
+         * instruction shadow then lets the tick in only once HLT waits. */
+1:      cli
+        cmp MB_TICKS, %r12d
+        jb 2f
         sti
-1:      hlt
-2:      cmp MB_TICKS, %r12d
-        jae 1b
+        hlt
+        jmp 1b
+2:      sti
         inc %r12d
         mov %r12d, MB_COUNT
         rdtsc
@@ -817,7 +823,7 @@ tsc_clock:
         mov %r14d, %eax
         call print_dec
         PRINT "\n"
-        jmp 2b
+        jmp 1b
 
 /* arm_deadline: IA32_TSC_DEADLINE = r13. */
 arm_deadline:
