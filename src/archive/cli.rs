@@ -50,8 +50,8 @@ pub enum ArchiveCmd {
 /// Flags of `vmm restore` that only apply to archived VMs.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ArchiveRestoreFlags {
-    /// Archived VMs: cache root shared by all instances (`chunks/` for memory, `images/`
-    /// for disks); default $XDG_CACHE_HOME/vmm or ~/.cache/vmm.
+    /// Archived VMs: root of the chunk cache shared by all instances (`chunks/`, for
+    /// memory and disks alike); default $XDG_CACHE_HOME/vmm or ~/.cache/vmm.
     #[arg(long)]
     pub cache: Option<PathBuf>,
     /// Archived VMs: directory for this instance's fresh disk overlays, kept afterwards

@@ -397,7 +397,7 @@ fn prepare_disk(
         None => url,
     };
     b.url = Some(abs.clone());
-    b.cache = Some(cache_root.join("images"));
+    b.cache = Some(cache_root.to_path_buf());
     b.record_prefetch = None;
     b.prefetch = None;
     let overlay = match &b.overlay {
