@@ -326,6 +326,37 @@ fn server_outage_fails_reads_in_bounded_time_then_recovers() {
 }
 
 #[test]
+fn the_shared_cache_stays_within_its_size_limit() {
+    let Some(s) = Setup::new("limit") else {
+        return;
+    };
+    // Room for about 8 of the 50 distinct chunks (64 KiB + a small header each).
+    let limit = 8 * (u64::from(CS) + 64);
+    let opts = LazyHttpOptions {
+        cache_max_bytes: Some(limit),
+        ..s.opts("cache")
+    };
+    let root = s.dir.path().join("cache/chunks");
+    {
+        let disk = LazyHttpDisk::open(&s.url("img"), opts.clone()).unwrap();
+        let mut all = vec![0u8; s.data.len()];
+        disk.read_at(&mut all, 0).unwrap();
+        assert!(all == s.data);
+        let st = disk.stats();
+        assert!(st.cache.evicted > 0, "{st:?}");
+        let u = vmm::store::evict::usage(&root).unwrap();
+        assert!(u.bytes <= limit && u.chunks > 0, "{u:?} over {limit}");
+    }
+    // Reopened: the newest chunks are still cached and served without a fetch.
+    let disk = LazyHttpDisk::open(&s.url("img"), opts).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let last = s.data.len() - 4096;
+    disk.read_at(&mut buf, last as u64).unwrap();
+    assert!(buf[..] == s.data[last..]);
+    assert_eq!(disk.stats().chunks_fetched, 0, "{:?}", disk.stats());
+}
+
+#[test]
 fn tampered_chunks_are_rejected() {
     let Some(s) = Setup::new("tamper") else {
         return;
