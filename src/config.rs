@@ -58,10 +58,10 @@ pub struct BlockConfig {
     /// Remote image: `http://HOST/ARCHIVE/images/NAME`.
     #[serde(default)]
     pub url: Option<String>,
-    /// Local cache directory for the remote image's chunks.
+    /// Root of the local chunk cache (shared by remote images and archive memory).
     #[serde(default)]
     pub cache: Option<PathBuf>,
-    /// Size limit of the cache, in MiB.
+    /// Size limit of the whole shared chunk cache, in MiB (oldest chunks evicted).
     #[serde(default)]
     pub cache_max_mib: Option<u64>,
     /// Persistent copy-on-write overlay file that receives the guest's writes.

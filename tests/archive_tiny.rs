@@ -270,7 +270,10 @@ fn server_down_and_altered_chunk_stop_the_vm_cleanly() {
             }
         }
         ensure(
-            !tmp.join("cache/chunks").join(&id[..2]).join(&id).exists(),
+            !tmp.join("cache/chunks/chunks")
+                .join(&id[..2])
+                .join(&id)
+                .exists(),
             || "the altered chunk was cached".into(),
         )?;
         drop(vm);

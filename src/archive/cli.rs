@@ -50,10 +50,14 @@ pub enum ArchiveCmd {
 /// Flags of `vmm restore` that only apply to archived VMs.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ArchiveRestoreFlags {
-    /// Archived VMs: cache root shared by all instances (`chunks/` for memory, `images/`
-    /// for disks); default $XDG_CACHE_HOME/vmm or ~/.cache/vmm.
+    /// Archived VMs: root of the chunk cache shared by all instances (`chunks/`, for
+    /// memory and disks alike); default $XDG_CACHE_HOME/vmm or ~/.cache/vmm.
     #[arg(long)]
     pub cache: Option<PathBuf>,
+    /// Archived VMs: size limit of that cache in MiB (oldest chunks evicted first, down
+    /// to 7/8 of it); default no limit.
+    #[arg(long)]
+    pub cache_max_mib: Option<u64>,
     /// Archived VMs: directory for this instance's fresh disk overlays, kept afterwards
     /// (default: a temporary directory under the cache root, removed at exit).
     #[arg(long)]
@@ -125,6 +129,7 @@ fn options(
 ) -> Result<ArchiveRestoreOptions, String> {
     let mut o = ArchiveRestoreOptions::new(console);
     o.cache_root = flags.cache.clone();
+    o.cache_max_mib = flags.cache_max_mib;
     o.overlay_dir = flags.overlay_dir.clone();
     o.http = HttpStoreOptions {
         mirrors: flags.mirror.clone(),

@@ -174,20 +174,9 @@ pub fn resolve_url(dir_url: &str, rel: &str) -> Result<String, ArchiveError> {
 }
 
 /// `$XDG_CACHE_HOME/vmm`, else `$HOME/.cache/vmm`, else `<tmp>/vmm-cache`: the root of
-/// the shared chunk cache (`chunks/` below it) and the remote-disk cache (`images/`).
+/// the one shared chunk cache (`chunks/` below it), for memory and remote disks alike.
 pub fn default_cache_root() -> PathBuf {
-    let nonempty = |k| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    if let Some(x) = nonempty("XDG_CACHE_HOME") {
-        return x.join("vmm");
-    }
-    if let Some(h) = nonempty("HOME") {
-        return h.join(".cache/vmm");
-    }
-    std::env::temp_dir().join("vmm-cache")
+    crate::store::cache::default_cache_root()
 }
 
 #[cfg(test)]

@@ -120,9 +120,12 @@ pub enum RestoreError {
 pub struct ArchiveRestoreOptions {
     /// Console destination.
     pub console: Console,
-    /// Root of the chunk cache (`chunks/`) and remote-disk cache (`images/`); `None` =
+    /// Root of the one chunk cache (`chunks/`, memory and remote disks alike); `None` =
     /// [`default_cache_root`](super::default_cache_root).
     pub cache_root: Option<PathBuf>,
+    /// Size limit of that cache in MiB (oldest chunks evicted first, down to 7/8 of it),
+    /// kept by this instance's memory and remote disks; `None` = no limit.
+    pub cache_max_mib: Option<u64>,
     /// Directory for the fresh disk overlays (kept); `None` = a per-instance directory
     /// under the cache root, removed when the session ends.
     pub overlay_dir: Option<PathBuf>,
@@ -156,6 +159,7 @@ impl ArchiveRestoreOptions {
         Self {
             console,
             cache_root: None,
+            cache_max_mib: None,
             overlay_dir: None,
             http: HttpStoreOptions::default(),
             prefetch: true,
@@ -397,7 +401,7 @@ fn prepare_disk(
         None => url,
     };
     b.url = Some(abs.clone());
-    b.cache = Some(cache_root.join("images"));
+    b.cache = Some(cache_root.to_path_buf());
     b.record_prefetch = None;
     b.prefetch = None;
     let overlay = match &b.overlay {
@@ -429,13 +433,15 @@ fn prepare_disk(
 fn open_store(
     loaded: &Loaded,
     cache_root: &Path,
+    max_mib: Option<u64>,
     record: bool,
 ) -> Result<Arc<CachedStore>, RestoreError> {
     let remote_chunks = loaded.chunks_http.is_some();
     let store = Arc::new(
-        CachedStore::new(
+        CachedStore::with_limit(
             Arc::clone(&loaded.upstream),
             remote_chunks.then(|| cache_root.join("chunks")).as_deref(),
+            max_mib.map(|m| m << 20),
         )
         .map_err(RestoreError::Cache)?,
     );
@@ -612,8 +618,13 @@ pub fn restore(
         .unwrap_or_else(super::default_cache_root);
     let mut loaded = load(source, &opts.http)?;
     let remote_chunks = loaded.chunks_http.is_some();
-    let store = open_store(&loaded, &cache_root, opts.record)?;
+    let store = open_store(&loaded, &cache_root, opts.cache_max_mib, opts.record)?;
     let temp_dir = prepare_disks(&mut loaded, &cache_root, opts.overlay_dir.as_deref())?;
+    for b in &mut loaded.state.config.blocks {
+        if b.url.is_some() {
+            b.cache_max_mib = opts.cache_max_mib;
+        }
+    }
     let recorded: Vec<BackendIdentity> = loaded
         .state
         .blocks

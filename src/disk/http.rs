@@ -3,8 +3,13 @@
 //!
 //! The URL names the image index: `http://HOST/ARCHIVE/images/NAME`; chunks are fetched from
 //! `http://HOST/ARCHIVE/chunks/...` (and from mirrors: other archive base URLs) with an
-//! [`HttpStore`], verified, and kept in a [`ChunkCache`] on local disk. Zero chunks are
-//! never fetched. Writes are refused: put an [`OverlayBackend`] on top for a writable disk.
+//! [`HttpStore`], verified, and kept in the shared content-addressed chunk cache
+//! ([`CachedStore`], `CACHE_DIR/chunks/chunks/xx/<id>`: the same cache archive memory uses, so
+//! a chunk held by two images or by an image and a VM's memory is cached once). The cache
+//! is bounded by [`LazyHttpOptions::cache_max_bytes`] (oldest chunks evicted first) and
+//! may be shared by any number of processes. The last few chunks read are kept in memory,
+//! so the small reads of one chunk verify it once. Zero chunks are never fetched. Writes
+//! are refused: put an [`OverlayBackend`] on top for a writable disk.
 //!
 //! Prefetch: with [`LazyHttpOptions::record_prefetch`], the chunk indexes read (in first-read
 //! order, each once) are written to a file at every flush and at drop; with
@@ -13,17 +18,19 @@
 //!
 //! [`OverlayBackend`]: super::overlay::OverlayBackend
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use super::cache::{CacheError, CacheStats, ChunkCache};
 use super::overlay::{OverlayBackend, OverlayError};
 use super::{BackendIdentity, BlockBackend, DiskError, check_range};
 use crate::formats::file::{HEADER_LEN, TRAILER_LEN};
 use crate::image::{self, ImageEntry, ImageId, ImageIndex};
+use crate::store::ChunkRead;
+use crate::store::cache::{CacheError, CachedStore};
 use crate::store::http::{HttpError, HttpStats, HttpStore, HttpStoreOptions};
 use crate::util::error_chain;
 use crate::util::fs::write_atomic;
@@ -35,6 +42,8 @@ const PREFETCH_MAGIC: &str = "vmm-prefetch v1";
 const MAX_PREFETCH_FILE: u64 = 64 << 20;
 /// Number of striped fetch locks.
 const FETCH_STRIPES: usize = 64;
+/// Verified chunks kept in memory per disk (the last ones read).
+const RECENT_CHUNKS: usize = 4;
 
 /// Errors of remote disks.
 #[derive(Debug, thiserror::Error)]
@@ -65,8 +74,8 @@ pub enum RemoteDiskError {
         #[source]
         source: HttpError,
     },
-    /// The local cache could not be opened or used.
-    #[error("cannot open the image cache")]
+    /// The local chunk cache could not be opened.
+    #[error("cannot open the chunk cache")]
     Cache(#[source] CacheError),
     /// Fetching a chunk failed.
     #[error("cannot read chunk {idx} of {url}")]
@@ -101,9 +110,11 @@ pub enum RemoteDiskError {
 /// Options of [`LazyHttpDisk::open`].
 #[derive(Clone, Debug, Default)]
 pub struct LazyHttpOptions {
-    /// Cache root directory; `None` = [`default_cache_dir`].
+    /// Cache root directory (chunks in `DIR/chunks/`, shared with every image and with
+    /// archive memory); `None` = [`default_cache_dir`].
     pub cache_dir: Option<PathBuf>,
-    /// Size limit of this image's cache in bytes; `None` = no limit.
+    /// Size limit of the whole shared chunk cache in bytes, kept by this disk's writes
+    /// to it; `None` = no limit.
     pub cache_max_bytes: Option<u64>,
     /// HTTP options, mirrors (archive base URLs) included.
     pub http: HttpStoreOptions,
@@ -114,20 +125,10 @@ pub struct LazyHttpOptions {
     pub prefetch: Option<PathBuf>,
 }
 
-/// `$XDG_CACHE_HOME/vmm/images`, else `$HOME/.cache/vmm/images`, else `<tmp>/vmm-images`.
+/// The default cache root: [`crate::store::cache::default_cache_root`]
+/// (`$XDG_CACHE_HOME/vmm`, else `$HOME/.cache/vmm`, else `<tmp>/vmm-cache`).
 pub fn default_cache_dir() -> PathBuf {
-    let nonempty = |k| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    if let Some(x) = nonempty("XDG_CACHE_HOME") {
-        return x.join("vmm/images");
-    }
-    if let Some(h) = nonempty("HOME") {
-        return h.join(".cache/vmm/images");
-    }
-    std::env::temp_dir().join("vmm-images")
+    crate::store::cache::default_cache_root()
 }
 
 /// Opens the remote image at `url` and, with `overlay`, a persistent copy-on-write overlay
@@ -174,8 +175,8 @@ pub fn split_image_url(url: &str) -> Result<(String, String), RemoteDiskError> {
 pub struct RemoteDiskStats {
     /// HTTP traffic (bytes fetched, requests, retries, ...), the index included.
     pub http: HttpStats,
-    /// Cache state and hits.
-    pub cache: CacheStats,
+    /// This disk's use of the chunk cache.
+    pub cache: RemoteCacheStats,
     /// Bytes the guest read.
     pub bytes_read: u64,
     /// Chunks fetched for guest reads.
@@ -184,6 +185,19 @@ pub struct RemoteDiskStats {
     pub chunks_prefetched: u64,
     /// Failed chunk reads.
     pub read_errors: u64,
+}
+
+/// A remote disk's use of the shared chunk cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemoteCacheStats {
+    /// Distinct chunks of this image found in the cache when the disk was opened.
+    pub chunks: u64,
+    /// Chunk loads served by the cache.
+    pub hits: u64,
+    /// Chunk loads that missed it (then fetched).
+    pub misses: u64,
+    /// Chunks this disk's writes evicted from the cache (oldest first).
+    pub evicted: u64,
 }
 
 struct Recorder {
@@ -197,8 +211,14 @@ struct Inner {
     url: String,
     index: ImageIndex,
     image_id: ImageId,
-    store: HttpStore,
-    cache: ChunkCache,
+    store: Arc<HttpStore>,
+    cache: CachedStore,
+    /// Distinct chunks of the image cached at open.
+    cached_at_open: u64,
+    /// The last chunks loaded (index, verified bytes), newest last.
+    recent: Mutex<VecDeque<(usize, Arc<Vec<u8>>)>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
     recorder: Option<Recorder>,
     stop: AtomicBool,
     /// Striped locks held while a chunk is fetched and cached, so two readers of one
@@ -232,7 +252,8 @@ impl LazyHttpDisk {
     pub fn open(url: &str, opts: LazyHttpOptions) -> Result<Self, RemoteDiskError> {
         let (base, name) = split_image_url(url)?;
         let url = format!("{base}/images/{name}");
-        let store = HttpStore::new(&base, opts.http.clone()).map_err(RemoteDiskError::Http)?;
+        let store =
+            Arc::new(HttpStore::new(&base, opts.http.clone()).map_err(RemoteDiskError::Http)?);
         let max = (HEADER_LEN + TRAILER_LEN) as u64 + crate::formats::INDEX_KIND.max_payload;
         let t = Instant::now();
         let index = store
@@ -254,16 +275,20 @@ impl LazyHttpDisk {
             })?;
         let image_id = index.id();
         let cache_root = opts.cache_dir.clone().unwrap_or_else(default_cache_dir);
-        let cache = ChunkCache::open(&cache_root, &index, &image_id, opts.cache_max_bytes)
-            .map_err(RemoteDiskError::Cache)?;
+        let cache = CachedStore::with_limit(
+            Arc::clone(&store) as Arc<dyn ChunkRead>,
+            Some(&cache_root.join("chunks")),
+            opts.cache_max_bytes,
+        )
+        .map_err(RemoteDiskError::Cache)?;
+        let cached_at_open = count_cached(&cache, &index);
         log::info!(
-            "remote disk {url}: {} bytes in {} chunks of {} KiB, image id {image_id}, index fetched in {} ms, cache {} ({} chunks cached)",
+            "remote disk {url}: {} bytes in {} chunks of {} KiB, image id {image_id}, index fetched in {} ms, cache {} ({cached_at_open} chunks cached)",
             index.size,
             index.chunk_count(),
             index.chunk_size >> 10,
             t.elapsed().as_millis(),
-            cache.dir().display(),
-            cache.stats().chunks
+            cache_root.display(),
         );
         let recorder = opts.record_prefetch.as_ref().map(|p| Recorder {
             path: p.clone(),
@@ -277,6 +302,10 @@ impl LazyHttpDisk {
                 image_id,
                 store,
                 cache,
+                cached_at_open,
+                recent: Mutex::new(VecDeque::new()),
+                hits: AtomicU64::new(0),
+                misses: AtomicU64::new(0),
                 recorder,
                 stop: AtomicBool::new(false),
                 fetch_locks: std::array::from_fn(|_| Mutex::new(())),
@@ -316,7 +345,12 @@ impl LazyHttpDisk {
         let i = &self.inner;
         RemoteDiskStats {
             http: i.store.stats(),
-            cache: i.cache.stats(),
+            cache: RemoteCacheStats {
+                chunks: i.cached_at_open,
+                hits: i.hits.load(Ordering::Relaxed),
+                misses: i.misses.load(Ordering::Relaxed),
+                evicted: i.cache.stats().evicted,
+            },
             bytes_read: i.bytes_read.load(Ordering::Relaxed),
             chunks_fetched: i.chunks_fetched.load(Ordering::Relaxed),
             chunks_prefetched: i.chunks_prefetched.load(Ordering::Relaxed),
@@ -370,15 +404,12 @@ impl Inner {
                 continue;
             };
             let _stripe = lock(&self.fetch_locks[idx % FETCH_STRIPES]);
-            if self.cache.contains(idx) {
+            if self.cache.is_cached(id) {
                 continue;
             }
             match self.store.fetch_chunk(id, Some(self.index.chunk_len(idx))) {
                 Ok(data) => {
-                    if let Err(e) = self.cache.insert(idx, &data) {
-                        log::warn!("prefetch stopped: {}", error_chain(&e));
-                        break;
-                    }
+                    self.cache.insert(id, &data);
                     fetched += 1;
                     self.chunks_prefetched.fetch_add(1, Ordering::Relaxed);
                 }
@@ -435,31 +466,76 @@ impl Inner {
             ImageEntry::Chunk(id) => id,
         };
         self.record(idx);
-        match self.cache.read(idx, within, out) {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(e) => log::warn!("{}; fetching instead", error_chain(&e)),
-        }
-        let _stripe = lock(&self.fetch_locks[idx % FETCH_STRIPES]);
-        // Another reader may have fetched it while this one waited for the stripe.
-        if self.cache.contains(idx) && matches!(self.cache.read(idx, within, out), Ok(true)) {
-            return Ok(());
-        }
-        let data = self
-            .store
-            .fetch_chunk(&id, Some(self.index.chunk_len(idx)))
-            .map_err(|source| RemoteDiskError::Fetch {
-                url: self.url.clone(),
-                idx,
-                source,
-            })?;
-        self.chunks_fetched.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.cache.insert(idx, &data) {
-            log::warn!("{}", error_chain(&e));
-        }
+        let data = match self.recent(idx) {
+            Some(d) => d,
+            None => {
+                let _stripe = lock(&self.fetch_locks[idx % FETCH_STRIPES]);
+                // Another reader may have loaded it while this one waited for the stripe.
+                match self.recent(idx) {
+                    Some(d) => d,
+                    None => self.load(idx, &id)?,
+                }
+            }
+        };
         out.copy_from_slice(&data[within..within + out.len()]);
         Ok(())
     }
+
+    /// Chunk `idx` if it is among the last loaded.
+    fn recent(&self, idx: usize) -> Option<Arc<Vec<u8>>> {
+        lock(&self.recent)
+            .iter()
+            .find(|(i, _)| *i == idx)
+            .map(|(_, d)| Arc::clone(d))
+    }
+
+    /// Loads chunk `idx` (id `id`) from the cache, else fetches and caches it; keeps it
+    /// among the recent ones. Called with the chunk's fetch stripe held.
+    fn load(
+        &self,
+        idx: usize,
+        id: &crate::store::ChunkId,
+    ) -> Result<Arc<Vec<u8>>, RemoteDiskError> {
+        let len = self.index.chunk_len(idx);
+        let mut buf = vec![0u8; len];
+        let data = if self.cache.lookup_into(id, &mut buf) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            Arc::new(buf)
+        } else {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            let data =
+                self.store
+                    .fetch_chunk(id, Some(len))
+                    .map_err(|source| RemoteDiskError::Fetch {
+                        url: self.url.clone(),
+                        idx,
+                        source,
+                    })?;
+            self.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+            self.cache.insert(id, &data);
+            data
+        };
+        let mut recent = lock(&self.recent);
+        if recent.len() >= RECENT_CHUNKS {
+            recent.pop_front();
+        }
+        recent.push_back((idx, Arc::clone(&data)));
+        Ok(data)
+    }
+}
+
+/// The distinct chunks of `index` present in `cache` (not verified).
+fn count_cached(cache: &CachedStore, index: &ImageIndex) -> u64 {
+    let mut seen = std::collections::HashSet::new();
+    index
+        .entries
+        .iter()
+        .filter_map(|e| match e {
+            ImageEntry::Chunk(id) if seen.insert(*id) => Some(id),
+            _ => None,
+        })
+        .filter(|id| cache.is_cached(id))
+        .count() as u64
 }
 
 /// Reads a prefetch list written by a disk recording with
@@ -548,12 +624,10 @@ impl BlockBackend for LazyHttpDisk {
         Err(DiskError::ReadOnly)
     }
 
-    /// Persists the cache bitmap and the prefetch record; their failures are logged, not
-    /// returned (the guest's data does not depend on them).
+    /// Persists the prefetch record; its failure is logged, not returned (the guest's
+    /// data does not depend on it). The chunk cache needs no flush: each chunk file is
+    /// verified when read, so one lost in a crash is fetched again.
     fn flush(&self) -> super::Result<()> {
-        if let Err(e) = self.inner.cache.persist() {
-            log::warn!("{}", error_chain(&e));
-        }
         if let Err(e) = self.inner.save_record() {
             log::warn!("{}", error_chain(&e));
         }

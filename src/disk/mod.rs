@@ -5,7 +5,6 @@
 //! Each backend reports a serializable [`BackendIdentity`] so that a snapshot restore can refuse
 //! to attach a different disk than the one the snapshot was taken with.
 
-pub mod cache;
 pub mod file;
 pub mod http;
 pub mod mem;

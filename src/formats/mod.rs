@@ -76,7 +76,8 @@ pub const MAP_KIND: FileKind = FileKind {
     name: "vmm overlay map",
 };
 
-/// Container kind of the remote image cache's presence bitmap file (`disk::cache`).
+/// Container kind of the former per-image remote disk cache's presence bitmap file (no
+/// longer written or read: the one chunk cache replaced it; kept so such files stay known).
 pub const PRESENT_KIND: FileKind = FileKind {
     magic: *b"VMMCACH\0",
     version: 1,

@@ -13,8 +13,11 @@
 //! one page-cache write, not a disk flush. Two processes caching the same chunk at once
 //! write two temp files and rename one over the other, with the same bytes: safe.
 //!
-//! Chunk ids are content hashes, so one cache serves every archive and every VM.
-//! Nothing is ever evicted; delete the directory to reclaim space.
+//! Chunk ids are content hashes, so one cache serves every archive, every remote disk
+//! image and every VM. With a size limit ([`CachedStore::with_limit`]) the directory is
+//! kept under it by a [`Budget`]: oldest chunks first, down to 7/8 of the limit, safe
+//! with other processes sharing the directory (a reader whose chunk was evicted under it
+//! fetches it again). Without one nothing is evicted.
 
 use std::fs;
 use std::io::{self, Write};
@@ -23,9 +26,28 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::codec::{self, Compression};
+use super::evict::{Budget, EvictError};
 use super::local::{LocalStore, LocalStoreOptions};
 use super::{ChunkId, ChunkRead, Result, StoreError};
 use crate::util::fs::Staged;
+
+/// `$XDG_CACHE_HOME/vmm`, else `$HOME/.cache/vmm`, else `<tmp>/vmm-cache`: the default
+/// root of the one shared chunk cache (chunks in `chunks/` below it), used by remote
+/// disks and archive memory alike.
+pub fn default_cache_root() -> PathBuf {
+    let nonempty = |k| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(x) = nonempty("XDG_CACHE_HOME") {
+        return x.join("vmm");
+    }
+    if let Some(h) = nonempty("HOME") {
+        return h.join(".cache/vmm");
+    }
+    std::env::temp_dir().join("vmm-cache")
+}
 
 /// Errors of opening a chunk cache.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +61,24 @@ pub enum CacheError {
         #[source]
         source: StoreError,
     },
+    /// The cache directory cannot be counted or trimmed to its size limit.
+    #[error("cannot keep the chunk cache {} within its size limit", path.display())]
+    Evict {
+        /// The cache root.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: EvictError,
+    },
+}
+
+/// Where [`CachedStore::read_into`] found a chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// In the cache.
+    Cache,
+    /// Fetched from the upstream store (and cached).
+    Upstream,
 }
 
 /// Why a chunk is being warmed (fetched into the cache ahead of the guest).
@@ -72,6 +112,8 @@ pub struct CacheStats {
     pub corrupt_in_cache: u64,
     /// Failed cache writes (the chunk was served anyway).
     pub write_errors: u64,
+    /// Chunks this process evicted to keep the cache within its size limit.
+    pub evicted: u64,
 }
 
 #[derive(Default)]
@@ -96,6 +138,7 @@ fn add(c: &AtomicU64, n: u64) {
 pub struct CachedStore {
     upstream: Arc<dyn ChunkRead>,
     cache: Option<LocalStore>,
+    budget: Option<Budget>,
     counters: Counters,
     /// Chunk ids read through [`ChunkRead::get_into`] while recording, in order.
     recording: Mutex<Option<Vec<ChunkId>>>,
@@ -117,6 +160,16 @@ impl CachedStore {
         upstream: Arc<dyn ChunkRead>,
         cache_root: Option<&Path>,
     ) -> std::result::Result<Self, CacheError> {
+        Self::with_limit(upstream, cache_root, None)
+    }
+
+    /// As [`new`](Self::new), keeping the cache directory within `max_bytes` (`None`: no
+    /// limit); a cache already over it is trimmed now.
+    pub fn with_limit(
+        upstream: Arc<dyn ChunkRead>,
+        cache_root: Option<&Path>,
+        max_bytes: Option<u64>,
+    ) -> std::result::Result<Self, CacheError> {
         let cache = match cache_root {
             None => None,
             Some(root) => Some(
@@ -133,9 +186,19 @@ impl CachedStore {
                 })?,
             ),
         };
+        let budget = match (cache_root, max_bytes) {
+            (Some(root), Some(max)) => {
+                Some(Budget::open(root, max).map_err(|source| CacheError::Evict {
+                    path: root.to_path_buf(),
+                    source,
+                })?)
+            }
+            _ => None,
+        };
         Ok(CachedStore {
             upstream,
             cache,
+            budget,
             counters: Counters::default(),
             recording: Mutex::new(None),
         })
@@ -160,6 +223,7 @@ impl CachedStore {
             fill_bytes: g(&c.fill_bytes),
             corrupt_in_cache: g(&c.corrupt_in_cache),
             write_errors: g(&c.write_errors),
+            evicted: self.budget.as_ref().map_or(0, Budget::evicted),
         }
     }
 
@@ -219,6 +283,37 @@ impl CachedStore {
         Ok(true)
     }
 
+    /// Reads chunk `id` (of `buf.len()` bytes) into `buf` from the cache only, verified;
+    /// false on a miss (a damaged cache file is removed and counts as one). For callers
+    /// that fetch misses themselves and then [`insert`](Self::insert) them.
+    pub fn lookup_into(&self, id: &ChunkId, buf: &mut [u8]) -> bool {
+        let hit = self.cache_get_into(id, buf);
+        if hit {
+            add(&self.counters.hits, 1);
+        }
+        hit
+    }
+
+    /// Caches chunk `id` whose verified bytes are `data` (best effort: failures are
+    /// counted and logged once), keeping the cache within its limit.
+    pub fn insert(&self, id: &ChunkId, data: &[u8]) {
+        self.cache_put(id, data);
+    }
+
+    /// Reads chunk `id` into `buf` (its exact length) from the cache, else from the
+    /// upstream store (then cached); says which.
+    pub fn read_into(&self, id: &ChunkId, buf: &mut [u8]) -> Result<Source> {
+        self.record(id);
+        if self.lookup_into(id, buf) {
+            return Ok(Source::Cache);
+        }
+        self.upstream.get_into(id, buf)?;
+        add(&self.counters.demand_fetches, 1);
+        add(&self.counters.demand_bytes, buf.len() as u64);
+        self.cache_put(id, buf);
+        Ok(Source::Upstream)
+    }
+
     /// Reads `id` from the cache into `buf`; false on a miss (or a damaged file, which
     /// is removed).
     fn cache_get_into(&self, id: &ChunkId, buf: &mut [u8]) -> bool {
@@ -249,15 +344,23 @@ impl CachedStore {
         let dest = cache.chunk_path(id);
         // Not fsynced: a chunk lost in a crash is fetched again.
         let result = (|| -> io::Result<()> {
+            let enc = codec::encode(id, data, Compression::None).map_err(io::Error::other)?;
+            let len = (enc.header.len() + enc.body.len()) as u64;
+            if self.budget.as_ref().is_some_and(|b| !b.fits(len)) {
+                return Ok(());
+            }
             let dir = dest.parent().unwrap_or(cache.root());
             fs::create_dir_all(dir)?;
-            let enc = codec::encode(id, data, Compression::None).map_err(io::Error::other)?;
             Staged::write(&dest, false, |f| {
                 f.write_all(&enc.header)?;
                 f.write_all(&enc.body)
             })
             .and_then(|mut staged| staged.commit())
-            .map_err(io::Error::other)
+            .map_err(io::Error::other)?;
+            match &self.budget {
+                Some(b) => b.added(len).map_err(io::Error::other),
+                None => Ok(()),
+            }
         })();
         if let Err(e) = result
             && self.counters.write_errors.fetch_add(1, Ordering::Relaxed) == 0
@@ -297,16 +400,7 @@ impl ChunkRead for CachedStore {
     }
 
     fn get_into(&self, id: &ChunkId, buf: &mut [u8]) -> Result<()> {
-        self.record(id);
-        if self.cache_get_into(id, buf) {
-            add(&self.counters.hits, 1);
-            return Ok(());
-        }
-        self.upstream.get_into(id, buf)?;
-        add(&self.counters.demand_fetches, 1);
-        add(&self.counters.demand_bytes, buf.len() as u64);
-        self.cache_put(id, buf);
-        Ok(())
+        self.read_into(id, buf).map(|_| ())
     }
 
     fn contains(&self, id: &ChunkId) -> Result<bool> {
@@ -396,5 +490,38 @@ mod tests {
             Err(StoreError::Corrupt { .. })
         ));
         assert!(!c.is_cached(&id));
+    }
+
+    #[test]
+    fn a_size_limit_evicts_oldest_and_readers_refetch() {
+        let up_dir = TempDir::new("cache-up3");
+        let cache_dir = TempDir::new("cache-c3");
+        let up = Arc::new(LocalStore::open(up_dir.path(), LocalStoreOptions::default()).unwrap());
+        let ids: Vec<_> = (0..6)
+            .map(|i| up.put(&chunk(101 + 2 * i)).unwrap())
+            .collect();
+        // Room for four chunk files (64 KiB + a small header each).
+        let limit = 4 * (64 << 10) + 4 * 64;
+        let c = CachedStore::with_limit(up.clone(), Some(cache_dir.path()), Some(limit)).unwrap();
+        let mut buf = vec![0u8; 64 << 10];
+        for id in &ids {
+            assert_eq!(c.read_into(id, &mut buf).unwrap(), Source::Upstream);
+            // Distinct modification times, whatever the file system's granularity.
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let u = super::super::evict::usage(cache_dir.path()).unwrap();
+        assert!(u.bytes <= limit, "{u:?}");
+        assert!(c.stats().evicted >= 2, "{:?}", c.stats());
+        assert!(!c.is_cached(&ids[0]) && c.is_cached(&ids[5]));
+        // An evicted chunk is simply fetched again.
+        assert_eq!(c.read_into(&ids[0], &mut buf).unwrap(), Source::Upstream);
+        assert_eq!(buf, chunk(101));
+        assert_eq!(c.read_into(&ids[0], &mut buf).unwrap(), Source::Cache);
+        // A second store on the same directory (another process, say) sees its chunks,
+        // and a limit smaller than one chunk caches nothing.
+        let c2 = CachedStore::with_limit(up.clone(), Some(cache_dir.path()), Some(100)).unwrap();
+        assert!(!c2.is_cached(&ids[5]), "trimmed at open");
+        assert_eq!(c2.read_into(&ids[5], &mut buf).unwrap(), Source::Upstream);
+        assert!(!c2.is_cached(&ids[5]));
     }
 }

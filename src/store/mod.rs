@@ -16,6 +16,7 @@
 
 pub mod cache;
 pub mod codec;
+pub mod evict;
 pub mod http;
 pub mod local;
 
