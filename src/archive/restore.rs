@@ -604,6 +604,22 @@ fn resume_and_report(
     Ok(())
 }
 
+/// Puts the cache limit on the archived VM's remote disks; returns the identities of the
+/// disks the snapshot recorded (checked against the opened ones after the build).
+fn limit_disk_caches(loaded: &mut Loaded, cache_max_mib: Option<u64>) -> Vec<BackendIdentity> {
+    for b in &mut loaded.state.config.blocks {
+        if b.url.is_some() {
+            b.cache_max_mib = cache_max_mib;
+        }
+    }
+    loaded
+        .state
+        .blocks
+        .iter()
+        .map(|b| b.device.identity.clone())
+        .collect()
+}
+
 /// Resumes the archived VM at `source` (see the module documentation). The VM runs
 /// (unless `start_paused`) when this returns; run it with [`Vmm::run`] and drop the
 /// session after the VM.
@@ -620,17 +636,7 @@ pub fn restore(
     let remote_chunks = loaded.chunks_http.is_some();
     let store = open_store(&loaded, &cache_root, opts.cache_max_mib, opts.record)?;
     let temp_dir = prepare_disks(&mut loaded, &cache_root, opts.overlay_dir.as_deref())?;
-    for b in &mut loaded.state.config.blocks {
-        if b.url.is_some() {
-            b.cache_max_mib = opts.cache_max_mib;
-        }
-    }
-    let recorded: Vec<BackendIdentity> = loaded
-        .state
-        .blocks
-        .iter()
-        .map(|b| b.device.identity.clone())
-        .collect();
+    let recorded = limit_disk_caches(&mut loaded, opts.cache_max_mib);
     let plan = (!opts.eager_memory && remote_chunks).then(|| prefetch_plan(&mut loaded, &opts));
     let memory_size = loaded.manifest.memory_size();
     let ropts = RestoreOptions {
