@@ -549,8 +549,8 @@ mod tests {
         {
             let ov = OverlayBackend::open(&path, b.clone()).unwrap();
             for i in 0..200u64 {
-                let off = (rng.next_u64() % shadow.len() as u64) as usize;
-                let len = ((rng.next_u64() % 9000) as usize).min(shadow.len() - off);
+                let off = (rng.next() % shadow.len() as u64) as usize;
+                let len = ((rng.next() % 9000) as usize).min(shadow.len() - off);
                 let data: Vec<u8> = (0..len).map(|j| (i as usize + j) as u8).collect();
                 ov.write_at(&data, off as u64).unwrap();
                 shadow[off..off + len].copy_from_slice(&data);

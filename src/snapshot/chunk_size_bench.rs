@@ -26,7 +26,7 @@ const WORDS: &[&str] = &[
 fn text_page(rng: &mut Rng, page: &mut [u8]) {
     let mut i = 0;
     while i < page.len() {
-        let w = WORDS[(rng.next_u64() % WORDS.len() as u64) as usize].as_bytes();
+        let w = WORDS[(rng.next() % WORDS.len() as u64) as usize].as_bytes();
         for &b in w.iter().chain(b" ") {
             if i < page.len() {
                 page[i] = b;
@@ -45,7 +45,7 @@ fn realistic_memory(size: usize, seed: u64) -> Vec<u8> {
     let pages = size / PAGE;
     let mut p = 0;
     while p < pages {
-        let r = rng.next_u64();
+        let r = rng.next();
         let len = match r % 8 {
             0 => 1 + (r >> 8) % 256,
             1..=3 => 1 + (r >> 8) % 32,
@@ -58,13 +58,13 @@ fn realistic_memory(size: usize, seed: u64) -> Vec<u8> {
             5 | 6 => rng.fill(area),
             7 | 8 => {
                 for page in area.chunks_mut(PAGE) {
-                    if !rng.next_u64().is_multiple_of(10) {
+                    if !rng.next().is_multiple_of(10) {
                         text_page(&mut rng, page);
                     }
                 }
             }
             _ if p > len => {
-                let from = (rng.next_u64() as usize % (p - len + 1)) * PAGE;
+                let from = (rng.next() as usize % (p - len + 1)) * PAGE;
                 mem.copy_within(from..from + (end - p) * PAGE, p * PAGE);
             }
             _ => rng.fill(area),
@@ -80,10 +80,10 @@ fn mutate(mem: &mut [u8], seed: u64) {
     let mut rng = Rng::new(seed);
     let pages = mem.len() / PAGE;
     for _ in 0..pages / 200 {
-        let at = (rng.next_u64() as usize % pages) * PAGE + (rng.next_u64() as usize % (PAGE - 8));
-        mem[at..at + 8].copy_from_slice(&rng.next_u64().to_le_bytes());
+        let at = (rng.next() as usize % pages) * PAGE + (rng.next() as usize % (PAGE - 8));
+        mem[at..at + 8].copy_from_slice(&rng.next().to_le_bytes());
     }
-    let start = (rng.next_u64() as usize % (pages - 256)) * PAGE;
+    let start = (rng.next() as usize % (pages - 256)) * PAGE;
     rng.fill(&mut mem[start..start + (1 << 20)]);
 }
 

@@ -38,32 +38,80 @@ impl Drop for TempDir {
     }
 }
 
-/// Deterministic xorshift64* byte generator for test data.
+/// The deterministic generator of the unit tests, integration tests and benches:
+/// xorshift64* (Vigna), enough for test data and random kill points, reproducible from its
+/// seed (`x ^= x >> 12; x ^= x << 25; x ^= x >> 27`, output `x * 0x2545f4914f6cdd1d`).
+#[derive(Clone, Debug)]
 pub struct Rng(u64);
 
 impl Rng {
-    /// A generator from a non-zero seed.
+    /// A generator whose state starts at `seed | 1` (the state must not be zero).
     pub fn new(seed: u64) -> Self {
         Rng(seed | 1)
     }
 
-    /// Next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    /// Seeded from the environment variable `var` if set, else from the clock; prints the
+    /// seed as `var=SEED` (with `what`), so that a failing run can be replayed.
+    pub fn from_env_or_clock(var: &str, what: &str) -> Self {
+        let seed = std::env::var(var)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64)
+            })
+            | 1;
+        eprintln!("  {what}: {var}={seed}");
+        Rng(seed)
     }
 
-    /// Fills `buf` with random bytes.
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
+    /// The next 64 random bits.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
+
+    /// A number in [0, n).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    /// A duration uniformly in [0, max), in whole microseconds.
+    pub fn duration_below(&mut self, max: std::time::Duration) -> std::time::Duration {
+        let us = max.as_micros().max(1) as u64;
+        std::time::Duration::from_micros(self.next() % us)
+    }
+
+    /// Fills `buf` with the next numbers, little-endian; one more number is drawn for the
+    /// tail (cut to fit, and drawn even when there is no tail: the sequence the recorded
+    /// seeds of the tests replay).
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        let mut it = buf.chunks_exact_mut(8);
+        for w in &mut it {
+            w.copy_from_slice(&self.next().to_le_bytes());
+        }
+        let rem = it.into_remainder();
+        let v = self.next().to_le_bytes();
+        let n = rem.len();
+        rem.copy_from_slice(&v[..n]);
+    }
+
+    /// `len` bytes of [`Rng::fill`].
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.fill(&mut v);
+        v
+    }
+}
+
+/// `len` random bytes for `seed`; nearby seeds (0, 1, 2 …) give unrelated bytes (the seed
+/// is multiplied by the golden ratio first).
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    Rng::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)).bytes(len)
 }
 
 /// `len` bytes of private anonymous memory (`MAP_NORESERVE`), untouched until used (its

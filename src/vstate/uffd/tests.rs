@@ -60,7 +60,7 @@ fn compressible(buf: &mut [u8], rng: &mut Rng) {
     ];
     let mut i = 0;
     while i < buf.len() {
-        let r = rng.next_u64();
+        let r = rng.next();
         let w = if r.is_multiple_of(4) {
             &r.to_le_bytes()[..3]
         } else {
@@ -198,9 +198,9 @@ fn concurrent_random_reads_match_source() {
             s.spawn(move || {
                 let mut rng = Rng::new(100 + t);
                 for _ in 0..300 {
-                    let &(addr, src_off, len) = &regions[rng.next_u64() as usize % regions.len()];
-                    let n = 1 + rng.next_u64() as usize % (3 * PAGE_SIZE);
-                    let off = rng.next_u64() as usize % (len - n);
+                    let &(addr, src_off, len) = &regions[rng.next() as usize % regions.len()];
+                    let n = 1 + rng.next() as usize % (3 * PAGE_SIZE);
+                    let off = rng.next() as usize % (len - n);
                     let got = read_at(addr + off, n);
                     assert!(
                         got == src[src_off + off..src_off + off + n],
