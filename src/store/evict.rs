@@ -19,6 +19,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use crate::util::IoError;
+
 /// Age after which a leftover temp file in the cache is removed.
 const STALE_TEMP: Duration = Duration::from_secs(3600);
 
@@ -26,21 +28,13 @@ const STALE_TEMP: Duration = Duration::from_secs(3600);
 #[derive(Debug, thiserror::Error)]
 pub enum EvictError {
     /// A directory or file of the cache could not be listed, opened or removed.
-    #[error("cannot {op} {}", path.display())]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
 }
 
-fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> EvictError {
-    let path = path.to_path_buf();
-    move |source| EvictError::Io { op, path, source }
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> EvictError + use<> {
+    let at = IoError::at(op, path);
+    move |source| EvictError::Io(at(source))
 }
 
 /// One chunk file found by a scan.
