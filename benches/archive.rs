@@ -78,7 +78,8 @@ fn fill(vm: &Vmm, mib: u64) -> u64 {
                         c.copy_from_slice(&rng.next().to_le_bytes());
                     }
                 }
-                vm.mem
+                vm.machine
+                    .mem
                     .write_slice(&buf, GuestAddress(a))
                     .expect("fill guest memory");
                 nonzero += CHUNK;
@@ -108,7 +109,7 @@ fn workload_set(dir: &Path) -> Vec<u64> {
 fn workload(vm: &Vmm, set: &[u64], mut each: impl FnMut()) -> Duration {
     let t = Instant::now();
     for &a in set {
-        let _: u64 = vm.mem.read_obj(GuestAddress(a + 8)).expect("read");
+        let _: u64 = vm.machine.mem.read_obj(GuestAddress(a + 8)).expect("read");
         each();
     }
     t.elapsed()

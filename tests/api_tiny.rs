@@ -39,7 +39,7 @@ fn api_drives_pause_snapshot_resume_shutdown() {
     let mut vmm = vm.vmm;
     let runner = std::thread::spawn(move || {
         let r = vmm.run();
-        (r.map_err(|e| e.to_string()), vmm.state)
+        (r.map_err(|e| e.to_string()), vmm.machine.state)
     });
     let t = ApiTarget::Unix(sock.clone());
 

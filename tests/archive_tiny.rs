@@ -403,11 +403,14 @@ fn a_local_archive_with_a_disk_resumes_from_the_directory() {
                 FillRate::Unlimited,
                 patient_http(),
             )?;
-            ensure(vm.vmm.remote.len() == 1, || {
-                format!("{} remote disks attached, expected 1", vm.vmm.remote.len())
+            ensure(vm.vmm.machine.remote.len() == 1, || {
+                format!(
+                    "{} remote disks attached, expected 1",
+                    vm.vmm.machine.remote.len()
+                )
             })?;
             let mut got = vec![0u8; content.len()];
-            vm.vmm.remote[0]
+            vm.vmm.machine.remote[0]
                 .1
                 .read_at(&mut got, 0)
                 .map_err(|e| error_chain(&e))?;

@@ -112,9 +112,9 @@ fn api_answers_while_the_remote_disk_server_is_down() {
     let mut spec = Spec::new(Scenario::VirtioReads);
     spec.mem_mib = 16;
     let mut vm = tiny::boot(spec, vec![disk("cache")]).expect("boot");
-    let remote = vm.vmm.remote[0].1.clone();
+    let remote = vm.vmm.machine.remote[0].1.clone();
     let console = vm.console.clone();
-    let mem = vm.vmm.mem.clone();
+    let mem = vm.vmm.machine.mem.clone();
     let sock = tmp.join("api.sock");
     let (server, chan) = api::start(None, Some(&sock)).expect("API server");
     vm.vmm.attach_api(chan).expect("attach the API");
@@ -229,7 +229,7 @@ fn api_answers_while_the_remote_disk_server_is_down() {
     // The snapshot taken with read 3 in flight: restored with an empty cache, the read is
     // replayed (fetched from nginx again) and the guest goes on from there.
     let r = tiny::restore(&snap, Some(vec![disk("cache2")]), true).expect("restore");
-    let (avail, used) = ring_indexes(&r.vmm.mem);
+    let (avail, used) = ring_indexes(&r.vmm.machine.mem);
     assert_eq!(
         avail,
         used.wrapping_add(1),
@@ -244,7 +244,7 @@ fn api_answers_while_the_remote_disk_server_is_down() {
         "restored console:\n{text}"
     );
     assert!(
-        r.vmm.remote[0].1.stats().chunks_fetched >= 2,
+        r.vmm.machine.remote[0].1.stats().chunks_fetched >= 2,
         "the replayed read did not fetch"
     );
 }

@@ -178,7 +178,7 @@ fn snapshot_gap_restore(name: &str, clock: ClockMode) -> Result<Across, String> 
     })?;
     vm.pause()?;
     let pv_after = Pvclock::read(&vm)?;
-    let tsc_khz = vm.vmm.vcpus[0]
+    let tsc_khz = vm.vmm.machine.vcpus[0]
         .with(|fd| fd.get_tsc_khz())
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("KVM_GET_TSC_KHZ: {e}"))?;

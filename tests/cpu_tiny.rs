@@ -69,8 +69,8 @@ fn template_is_applied_recorded_and_kept() {
         let snap = tmp.join("snap");
         let mut vm = snapshot_at_tick_3(CpuTemplate::X86_64V2, &snap)?;
         let pre = vm.console.text();
-        ensure(vm.vmm.cpu == p.record, || {
-            format!("record {:?}\nplan {:?}", vm.vmm.cpu, p.record)
+        ensure(vm.vmm.machine.cpu == p.record, || {
+            format!("record {:?}\nplan {:?}", vm.vmm.machine.cpu, p.record)
         })?;
         let names = p.record.features.names();
         for n in [
@@ -80,7 +80,7 @@ fn template_is_applied_recorded_and_kept() {
                 format!("{n} not given: {names:?}")
             })?;
         }
-        let given = vm.vmm.vcpus[0]
+        let given = vm.vmm.machine.vcpus[0]
             .with(|fd| fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES))
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("KVM_GET_CPUID2: {e}"))?;
@@ -126,7 +126,8 @@ fn template_is_applied_recorded_and_kept() {
         continues(&back, &pre)?;
         back.pause()?;
         ensure(
-            back.vmm.cpu == p.record && back.vmm.config.cpu_template == CpuTemplate::X86_64V2,
+            back.vmm.machine.cpu == p.record
+                && back.vmm.machine.config.cpu_template == CpuTemplate::X86_64V2,
             || "the restored VM lost its CPU record or template".into(),
         )?;
         let again = tmp.join("again");
@@ -217,7 +218,7 @@ fn restore_refuses_features_this_host_lacks() {
         let mut forced = restore(&snap, true)?;
         continues(&forced, &pre)?;
         forced.pause()?;
-        ensure(forced.vmm.cpu.features.has(f.word, f.bit), || {
+        ensure(forced.vmm.machine.cpu.features.has(f.word, f.bit), || {
             "the forced VM forgot what its guest was given".into()
         })?;
         eprintln!("  refused and forced: {}", f.name);

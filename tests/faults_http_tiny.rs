@@ -292,8 +292,11 @@ fn lazy_memory_rides_out_transient_http_faults() {
                 })?;
             }
             guest_touch(&vm, 2, PAT_BASE + 40 * 4096)?;
-            ensure(vm.vmm.exit.reason().is_none(), || {
-                format!("{fault:?}: the VM exited: {:?}", vm.vmm.exit.reason())
+            ensure(vm.vmm.machine.exit.reason().is_none(), || {
+                format!(
+                    "{fault:?}: the VM exited: {:?}",
+                    vm.vmm.machine.exit.reason()
+                )
             })?;
             let injected = proxy.injected();
             eprintln!("  {fault:?}: {} requests faulted", injected.len());

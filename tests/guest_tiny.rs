@@ -130,7 +130,8 @@ fn guest_memory_visible_to_host_across_pause_resume() {
         vmm.pause().map_err(|e| format!("pause: {e}"))?;
         let pause = t.elapsed();
         let mut buf = vec![0u8; guest::PATTERN_LEN as usize];
-        vmm.mem
+        vmm.machine
+            .mem
             .read_slice(&mut buf, GuestAddress(guest::PATTERN_BASE))
             .map_err(|e| format!("read guest memory: {e}"))?;
         let bad_qwords = buf
@@ -144,10 +145,12 @@ fn guest_memory_visible_to_host_across_pause_resume() {
         let host: Vec<u8> = (0..0x1000u64 / 8)
             .flat_map(|i| ((guest::HOST_DATA + 8 * i) ^ guest::HOST_XOR).to_le_bytes())
             .collect();
-        vmm.mem
+        vmm.machine
+            .mem
             .write_slice(&host, GuestAddress(guest::HOST_DATA))
             .map_err(|e| format!("write guest memory: {e}"))?;
-        vmm.mem
+        vmm.machine
+            .mem
             .write_obj(guest::HOST_GO, GuestAddress(guest::MB_HOST_GO))
             .map_err(|e| format!("write guest memory: {e}"))?;
         let t = Instant::now();
@@ -235,7 +238,12 @@ fn second_vcpu_started_by_init_sipi() {
     spec.vcpus = 2;
     let out = tiny::run_with(spec, |vmm| {
         let exit = vmm.run().map_err(|e| format!("Vmm::run: {e}"))?;
-        let read = |addr: u64| vmm.mem.read_obj::<u32>(GuestAddress(addr)).unwrap_or(0);
+        let read = |addr: u64| {
+            vmm.machine
+                .mem
+                .read_obj::<u32>(GuestAddress(addr))
+                .unwrap_or(0)
+        };
         Ok((
             exit,
             read(guest::TRAMP_RM_MARK),

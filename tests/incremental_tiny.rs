@@ -39,7 +39,7 @@ fn full_manifest(vm: &TinyVm, scratch: &Path, chunk: usize) -> Result<MemoryMani
     let store =
         LocalStore::open(scratch, LocalStoreOptions::default()).map_err(|e| e.to_string())?;
     // SAFETY: the VM is paused and its devices run on this thread.
-    let regions = unsafe { memory_slices(&vm.vmm.mem) };
+    let regions = unsafe { memory_slices(&vm.vmm.machine.mem) };
     save_memory(&regions, chunk, &store)
         .map(|(m, _)| m)
         .map_err(|e| e.to_string())
@@ -49,7 +49,7 @@ fn full_manifest(vm: &TinyVm, scratch: &Path, chunk: usize) -> Result<MemoryMani
 /// log nor the VMM's write bitmap sees it.
 fn write_behind_the_logs_back(vm: &TinyVm, gpa: u64, byte: u8) {
     // SAFETY: the VM is paused and no device is active; the slices are dropped at once.
-    let mut regions = unsafe { memory_slices_mut(&vm.vmm.mem) };
+    let mut regions = unsafe { memory_slices_mut(&vm.vmm.machine.mem) };
     for (start, mem) in regions.iter_mut() {
         if gpa >= *start && gpa < *start + mem.len() as u64 {
             mem[(gpa - *start) as usize] = byte;
@@ -65,7 +65,7 @@ fn snap(vm: &mut TinyVm, dir: &Path, store: &Path) -> Result<SnapshotReport, Str
         r.dirty_method,
         r.incremental,
         r.memory,
-        vm.vmm.dirty_log
+        vm.vmm.machine.dirty_log
     );
     Ok(r)
 }
@@ -86,7 +86,7 @@ fn incremental_snapshots_equal_full_saves_and_restore() {
             let a: Vec<u64> = addrs.iter().map(|a| a + u64::from(seq) * 0x1000).collect();
             dirty(&mut vm, seq, &a)?;
             let dir = tmp.join(format!("s{}", seq + 1));
-            let trusted = vm.vmm.dirty_log == LogState::Trusted;
+            let trusted = vm.vmm.machine.dirty_log == LogState::Trusted;
             let r = snap(&mut vm, &dir, &store)?;
             let m = manifest(&dir)?;
             let full = full_manifest(&vm, &tmp.join("scratch"), m.chunk_size as usize)?;
@@ -126,8 +126,11 @@ fn incremental_snapshots_equal_full_saves_and_restore() {
         for seq in 1..=4u32 {
             let r = tiny::restore(&tmp.join(format!("s{}", seq + 1)), None, true)?;
             for a in addrs.iter().map(|a| a + u64::from(seq) * 0x1000) {
-                let got = vm_memory::Bytes::read_obj::<u64>(&r.vmm.mem, vm_memory::GuestAddress(a))
-                    .map_err(|e| e.to_string())?;
+                let got = vm_memory::Bytes::read_obj::<u64>(
+                    &r.vmm.machine.mem,
+                    vm_memory::GuestAddress(a),
+                )
+                .map_err(|e| e.to_string())?;
                 ensure(got == u64::from(seq) << 32 | a, || {
                     format!("s{}: {got:#x} at {a:#x}", seq + 1)
                 })?;
@@ -147,7 +150,7 @@ fn a_restored_vm_snapshots_incrementally_against_its_snapshot() {
             let store = tmp.join("store");
             let mut vm = boot(64)?;
             snap(&mut vm, &tmp.join("s1"), &store)?;
-            let log_after_boot_check = vm.vmm.dirty_log;
+            let log_after_boot_check = vm.vmm.machine.dirty_log;
             drop(vm);
             let mut vm = tiny::restore(&tmp.join("s1"), None, true)?;
             dirty(&mut vm, 1, &[0x60_0000])?;
@@ -177,7 +180,8 @@ fn a_restored_vm_snapshots_incrementally_against_its_snapshot() {
             // Distrusting the log is only right if it really misses writes here, which
             // the booted VM's check would have found too.
             ensure(
-                vm.vmm.dirty_log != LogState::Broken || log_after_boot_check == LogState::Broken,
+                vm.vmm.machine.dirty_log != LogState::Broken
+                    || log_after_boot_check == LogState::Broken,
                 || "the log was distrusted after a restore into another store".into(),
             )?;
             Ok(())
@@ -193,14 +197,17 @@ fn a_log_that_missed_writes_is_not_used() {
         let tmp = TempDir::new("incr-missed");
         let store = tmp.join("store");
         let mut vm = boot(64)?;
-        if vm.vmm.dirty_log == LogState::Off {
+        if vm.vmm.machine.dirty_log == LogState::Off {
             eprintln!("SKIP: dirty logging is off on this host");
             return Ok(());
         }
         write_behind_the_logs_back(&vm, 0x70_0000, 0x5a);
         snap(&mut vm, &tmp.join("s1"), &store)?;
-        ensure(vm.vmm.dirty_log == LogState::Broken, || {
-            format!("log state after a missed write: {:?}", vm.vmm.dirty_log)
+        ensure(vm.vmm.machine.dirty_log == LogState::Broken, || {
+            format!(
+                "log state after a missed write: {:?}",
+                vm.vmm.machine.dirty_log
+            )
         })?;
         dirty(&mut vm, 1, &[0x50_0000])?;
         write_behind_the_logs_back(&vm, 0x74_0000, 0xa5);
@@ -227,10 +234,10 @@ fn the_spot_check_catches_a_log_that_starts_missing_writes() {
             let store = tmp.join("store");
             let mut vm = boot(16)?;
             snap(&mut vm, &tmp.join("s1"), &store)?;
-            if vm.vmm.dirty_log != LogState::Trusted {
+            if vm.vmm.machine.dirty_log != LogState::Trusted {
                 eprintln!(
                     "SKIP: the dirty log is not trusted here ({:?})",
-                    vm.vmm.dirty_log
+                    vm.vmm.machine.dirty_log
                 );
                 return Ok(());
             }
@@ -239,11 +246,11 @@ fn the_spot_check_catches_a_log_that_starts_missing_writes() {
             }
             let r = snap(&mut vm, &tmp.join("s2"), &store)?;
             ensure(
-                !r.incremental && vm.vmm.dirty_log == LogState::Broken,
+                !r.incremental && vm.vmm.machine.dirty_log == LogState::Broken,
                 || {
                     format!(
                         "after unlogged writes everywhere: {r:?}, log {:?}",
-                        vm.vmm.dirty_log
+                        vm.vmm.machine.dirty_log
                     )
                 },
             )?;
@@ -342,8 +349,9 @@ fn snapshots_in_a_shared_store_dedup_unchanged_chunks() {
         // s4 restores from the shared store with the guest's writes.
         let r = tiny::restore(&tmp.join("s4"), None, true)?;
         for &a in &addrs {
-            let got = vm_memory::Bytes::read_obj::<u64>(&r.vmm.mem, vm_memory::GuestAddress(a))
-                .map_err(|e| e.to_string())?;
+            let got =
+                vm_memory::Bytes::read_obj::<u64>(&r.vmm.machine.mem, vm_memory::GuestAddress(a))
+                    .map_err(|e| e.to_string())?;
             ensure(got == 2 << 32 | a, || {
                 format!(
                     "restored s4 has {got:#x} at {a:#x}, expected {:#x}",
@@ -392,6 +400,7 @@ fn idle_1gib_snapshot_stores_at_most_the_nonzero_memory() {
             let mut addr = 0u64;
             while addr < 1024 << 20 {
                 vm.vmm
+                    .machine
                     .mem
                     .read_slice(&mut page, vm_memory::GuestAddress(addr))
                     .map_err(|e| format!("read {addr:#x}: {e}"))?;

@@ -79,7 +79,11 @@ fn snapshot_of_a_vm_on_a_remote_disk_restores_with_its_overlay() {
     // Straight back: the overlay already holds the snapshot's content and is kept.
     let r =
         tiny::restore(&snap, None, true).expect("restore with the same remote disk and overlay");
-    assert_eq!(r.vmm.remote.len(), 1, "the remote disk was not re-attached");
+    assert_eq!(
+        r.vmm.machine.remote.len(),
+        1,
+        "the remote disk was not re-attached"
+    );
     drop(r);
     assert_eq!(contents(&url, &cache, &tmp.join("a.overlay")), at_snapshot);
 

@@ -38,6 +38,7 @@ const MEM_MIB: u64 = 64;
 
 fn write_mem(vm: &TinyVm, addr: u64, data: &[u8]) -> Result<(), String> {
     vm.vmm
+        .machine
         .mem
         .write_slice(data, GuestAddress(addr))
         .map_err(|e| format!("write guest memory at {addr:#x}: {e}"))
@@ -46,6 +47,7 @@ fn write_mem(vm: &TinyVm, addr: u64, data: &[u8]) -> Result<(), String> {
 fn read_mem(vm: &TinyVm, addr: u64, len: usize) -> Result<Vec<u8>, String> {
     let mut v = vec![0u8; len];
     vm.vmm
+        .machine
         .mem
         .read_slice(&mut v, GuestAddress(addr))
         .map_err(|e| format!("read guest memory at {addr:#x}: {e}"))?;

@@ -82,7 +82,7 @@ fn ticks_across_snapshot(timer_lapic: bool) -> Result<(), String> {
         format!("restored MB_COUNT/MB_TICKS {count_a}/{ticks_a}, saved {count}/{ticks}")
     })?;
     {
-        let serial = lock(&a.vmm.serial).serial.state();
+        let serial = lock(&a.vmm.machine.serial).serial.state();
         let got = [
             serial.baud_divisor_low,
             serial.baud_divisor_high,
@@ -238,11 +238,11 @@ fn serial_input_is_neither_lost_nor_repeated_across_snapshots() {
             let mut unfinished = Vec::new();
             for round in 0..ROUNDS {
                 let chunk = &input[sent..sent + FIFO];
-                let queued = lock(&vm.vmm.serial).enqueue_input(chunk);
+                let queued = lock(&vm.vmm.machine.serial).enqueue_input(chunk);
                 sent += queued;
                 vm.pause()?;
                 // The last exit of vCPU 0: an I/O exit means the instruction is unfinished.
-                let exit = vm.vmm.vcpus[0]
+                let exit = vm.vmm.machine.vcpus[0]
                     .with(|fd| fd.get_kvm_run().exit_reason)
                     .map_err(|e| format!("vcpu0: {e}"))?;
                 if exit == kvm_bindings::KVM_EXIT_IO || exit == kvm_bindings::KVM_EXIT_MMIO {
@@ -345,7 +345,9 @@ fn virtio_in_flight(mode: InFlight) -> Result<(), String> {
     let mut spec = Spec::new(Scenario::SnapVirtio);
     spec.start_paused = true;
     let mut vm = tiny::boot(spec, vec![disk])?;
-    let gate = vmm::util::lock(&vm.vmm.blocks[0].device).io_gate().clone();
+    let gate = vmm::util::lock(&vm.vmm.machine.blocks[0].device)
+        .io_gate()
+        .clone();
     if mode == InFlight::Pending {
         gate.hold();
     }
@@ -396,7 +398,7 @@ fn virtio_in_flight(mode: InFlight) -> Result<(), String> {
     // The read landed in guest memory (the guest checked it too) ...
     let mut buf = vec![0u8; guest::IO_LEN as usize];
     vm_memory::Bytes::read_slice(
-        &r.vmm.mem,
+        &r.vmm.machine.mem,
         &mut buf,
         vm_memory::GuestAddress(guest::READ_BUF),
     )

@@ -91,9 +91,9 @@ pub fn full_snapshots(root: &Path, kernel: &Path, creates: &Creates, restores: &
         let mut vm = boot_tiny(kernel, mib);
         let boot_ms = ms(t.elapsed());
         let t = Instant::now();
-        Pattern::new(0x5eed ^ mib).fill(&vm.mem);
+        Pattern::new(0x5eed ^ mib).fill(&vm.machine.mem);
         let fill_ms = ms(t.elapsed());
-        let content = scan(&vm.mem);
+        let content = scan(&vm.machine.mem);
         println!(
             "full snapshot, {mib} MiB (VM built in {boot_ms:.1} ms, filled in {fill_ms:.0} ms):"
         );

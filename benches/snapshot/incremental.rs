@@ -44,8 +44,8 @@ fn incremental_series(csv: &Csv, run: u64, root: &Path, kernel: &Path, mib: u64,
     let store = root.join(format!("store-{method}"));
     let mut vm = boot_tiny(kernel, mib);
     let mut pat = Pattern::new(0x5eed_0abc);
-    pat.fill(&vm.mem);
-    let content = scan(&vm.mem);
+    pat.fill(&vm.machine.mem);
+    let content = scan(&vm.machine.mem);
     println!(
         "incremental ({method}), {mib} MiB, shared store ({:.1} % pages non-zero):",
         100.0 * content.nonzero_pages as f64 / content.pages as f64
@@ -60,14 +60,14 @@ fn incremental_series(csv: &Csv, run: u64, root: &Path, kernel: &Path, mib: u64,
             (0, 0)
         } else {
             let n = (pages as f64 * pct / 100.0).round() as usize;
-            (n, pat.dirty_tracked(&vm.mem, n))
+            (n, pat.dirty_tracked(&vm.machine.mem, n))
         };
         let dir = root.join(format!("incr-{method}-{i}"));
         let r = create_snapshot(&mut vm, &dir, Some(&store)).expect("create_snapshot");
         if pct.is_nan() {
             // The pattern was written behind the logs' back, so the base snapshot's
             // check distrusts the log; pick the method under test explicitly.
-            vm.dirty_log = if method == "kvm-log" {
+            vm.machine.dirty_log = if method == "kvm-log" {
                 LogState::Trusted
             } else {
                 LogState::Broken
@@ -125,7 +125,7 @@ fn idle_series(run: u64, root: &Path, kernel: &Path, mib: u64) {
     let csv = Csv::new("idle_series", IDLE_HEADER);
     let store = root.join("store-idle");
     let mut vm = boot_tiny(kernel, mib);
-    Pattern::new(0x1d1e).fill(&vm.mem);
+    Pattern::new(0x1d1e).fill(&vm.machine.mem);
     let mut first = 0u64;
     println!("idle series, {mib} MiB, 10 snapshots into one store:");
     for i in 1..=10 {

@@ -154,7 +154,7 @@ pub fn linux_guest(root: &Path, creates: &Creates, restores: &Restores) {
     let rep = report_from_json(&rep, &snap);
     // What the guest's memory holds: restore it once and scan.
     let (_, _, vm) = restore_in_process(&snap, true);
-    let content = scan(&vm.mem);
+    let content = scan(&vm.machine.mem);
     drop(vm);
     println!("  `vmm snapshot create` CLI wall time {cli_ms:.1} ms");
     creates.row("linux", mib, &content, &rep, dir_bytes(&snap));

@@ -34,7 +34,7 @@ pub fn restore_in_process(dir: &Path, eager: bool) -> (Duration, Option<Duration
     let t = Instant::now();
     let vmm = build_from_snapshot(&state, &memory, opts).expect("build_from_snapshot");
     let ready = t.elapsed();
-    let filled = vmm.lazy.as_ref().map(|l| {
+    let filled = vmm.machine.lazy.as_ref().map(|l| {
         assert!(
             l.wait_complete(Duration::from_secs(300)),
             "lazy memory fill did not complete"
@@ -202,7 +202,7 @@ impl Restores {
             if i == 0 {
                 // First run: page-cache warm-up, and the correctness check (a lazy
                 // restore's memory is read through its fault handler).
-                let got = scan(&vm.mem);
+                let got = scan(&vm.machine.mem);
                 assert_eq!(
                     (got.nonzero_chunks, got.digest),
                     (want.nonzero_chunks, want.digest),

@@ -193,7 +193,7 @@ fn record_working_set(
     let (mut vmm, session) = restore(&src, opts).map_err(|e| error_chain(&e))?;
     vmm.watch_lazy_memory()
         .map_err(|e| format!("lazy memory: {e}"))?;
-    let exit = vmm.exit.clone();
+    let exit = vmm.machine.exit.clone();
     let timer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs_f64(seconds));
         exit.exit(ExitReason::Shutdown);

@@ -546,7 +546,7 @@ fn prefetch_plan(loaded: &mut Loaded, opts: &ArchiveRestoreOptions) -> PrefetchP
 /// Checks that the remote images are the archived ones (`recorded` identities);
 /// with `force` a mismatch is only logged.
 fn check_images(vmm: &Vmm, recorded: &[BackendIdentity], force: bool) -> Result<(), RestoreError> {
-    for (i, disk) in &vmm.remote {
+    for (i, disk) in &vmm.machine.remote {
         let want = recorded
             .get(*i)
             .and_then(|id| {
@@ -666,8 +666,13 @@ pub fn restore(
         chunks_http: loaded.chunks_http,
         meta_local_bytes: loaded.meta_local_bytes,
         store: Arc::clone(&store),
-        disks: vmm.remote.iter().map(|(_, d)| Arc::clone(d)).collect(),
-        lazy: vmm.lazy.as_ref().and_then(|l| l.handle().ok()),
+        disks: vmm
+            .machine
+            .remote
+            .iter()
+            .map(|(_, d)| Arc::clone(d))
+            .collect(),
+        lazy: vmm.machine.lazy.as_ref().and_then(|l| l.handle().ok()),
     });
     let before = meters.snapshot();
     let mut session = ArchiveSession {
@@ -690,7 +695,7 @@ pub fn restore(
         resume_and_report(&mut vmm, &mut session, started)?;
     }
     if let Some(plan) = plan {
-        let lazy = vmm.lazy.as_ref().and_then(|l| l.handle().ok());
+        let lazy = vmm.machine.lazy.as_ref().and_then(|l| l.handle().ok());
         session.prefetcher = Some(Prefetcher::start(store, plan, lazy));
     }
     Ok((vmm, session))

@@ -16,7 +16,7 @@ use crate::config::{self, VmConfig};
 use crate::devices::virtio::block::{BlockConfig as BlockDeviceConfig, BlockDevice};
 use crate::devices::virtio::mmio::{MmioTransport, kernel_cmdline_arg};
 use crate::disk::BlockBackend;
-use crate::vmm::{AttachedBlock, Vmm, VmmParts};
+use crate::vmm::{AttachedBlock, Machine, Vmm};
 use crate::vstate::bus::{Bus, BusError};
 use crate::vstate::memory::{self, GuestMemory};
 use crate::vstate::vcpu::{KvmVcpu, RunState};
@@ -283,7 +283,7 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
             cpu.record.features.names().join(" ")
         );
     }
-    Ok(Vmm::from_parts(VmmParts {
+    Ok(Vmm::new(Machine {
         cpu: cpu.record,
         config: cfg.clone(),
         cmdline,

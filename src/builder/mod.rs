@@ -1,7 +1,7 @@
 //! Building a VM: [`boot`] (`build_for_boot`: kernel + command line) and [`restore`]
 //! (`build_from_snapshot`: every component rebuilt from its saved state through
 //! [`Persist`](crate::formats::Persist)); both share the device and vCPU helpers here, and
-//! both end in [`Vmm::from_parts`].
+//! both end in [`Vmm::new`] over the [`Machine`](crate::vmm::Machine) they made.
 
 use std::fs::File;
 use std::io::Write;

@@ -34,7 +34,7 @@ use crate::snapshot::SnapshotBase;
 use crate::snapshot::manifest::{MemoryManifest, ZeroChunks, restore_memory};
 use crate::snapshot::microvm::MicrovmState;
 use crate::store::local::{LocalStore, LocalStoreOptions};
-use crate::vmm::{AttachedBlock, Vmm, VmmParts};
+use crate::vmm::{AttachedBlock, Machine, Vmm};
 use crate::vstate::bus::Bus;
 use crate::vstate::memory::{self, GuestMemory};
 use crate::vstate::uffd::LazyMemory;
@@ -132,7 +132,7 @@ pub fn build_from_snapshot(
     // The restored memory and overlays are exactly the snapshot's, and dirty tracking
     // starts now: the next snapshot into the same store can be incremental.
     vmm.snapshot_base = Some(base);
-    vmm.dirty_log = vmm.dirty_log.from_known_base();
+    vmm.machine.dirty_log = vmm.machine.dirty_log.from_known_base();
     Ok(vmm)
 }
 
@@ -474,7 +474,7 @@ pub fn build_from_parts(
     let blocks = restore_transports(&mem, wired, &state, &mut mmio)?;
 
     let (pio, mmio, vcpus) = start_vcpus(kvm_vcpus, pio, mmio, &exit, true)?;
-    let mut vmm = Vmm::from_parts(VmmParts {
+    let mut vmm = Vmm::new(Machine {
         cpu: state.cpu.clone(),
         config: cfg,
         cmdline: state.cmdline.clone(),

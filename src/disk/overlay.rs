@@ -36,7 +36,7 @@ use std::os::unix::fs::FileExt;
 use super::{BackendIdentity, BlockBackend, DiskError, check_range};
 use crate::formats::MAP_KIND;
 use crate::formats::file::{self, StateFileError};
-use crate::util::lock;
+use crate::util::{IoError, lock};
 
 /// Chunk size of captured overlays (`overlay_capture`): 64 KiB, like guest memory (or the
 /// overlay's block size when that is larger); an overlay tracks the spans written since
@@ -50,16 +50,8 @@ pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum OverlayError {
     /// A file operation failed.
-    #[error("overlay: cannot {op} {}", path.display())]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// The file concerned.
-        path: PathBuf,
-        /// Underlying error.
-        #[source]
-        source: io::Error,
-    },
+    #[error("overlay")]
+    Io(#[from] IoError),
     /// The map file is unreadable or corrupt.
     #[error("overlay map {}", path.display())]
     Map {
@@ -172,9 +164,8 @@ fn same_base(saved: &BackendIdentity, now: &BackendIdentity) -> bool {
         }
 }
 
-fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> OverlayError {
-    let path = path.to_path_buf();
-    move |source| OverlayError::Io { op, path, source }
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> OverlayError + use<> {
+    crate::util::io_err(op, path)
 }
 
 fn disk_io(op: &'static str) -> impl Fn(io::Error) -> DiskError {

@@ -26,6 +26,7 @@ use super::overlay::{CAPTURE_CHUNK_SIZE, OverlayBackend, OverlayMap, map_path};
 use crate::formats::MAP_KIND;
 use crate::formats::file::{self, StateFileError};
 use crate::store::{ChunkId, ChunkRead, ChunkWrite, PutOutcome, StoreError};
+use crate::util::IoError;
 
 /// An overlay's content at snapshot time: which blocks it held and their bytes, as
 /// content-addressed chunks of `chunk_size` bytes of the overlay's data file.
@@ -48,16 +49,8 @@ pub struct OverlayManifest {
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
     /// Reading or writing an overlay file failed.
-    #[error("overlay {}: cannot {op}", path.display())]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// The file concerned.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: io::Error,
-    },
+    #[error("overlay")]
+    Io(#[from] IoError),
     /// The chunk store failed.
     #[error("overlay chunk store")]
     Store(#[source] StoreError),
@@ -154,11 +147,7 @@ fn read_span(src: &Source<'_>, chunk: u64, c: u64, buf: &mut Vec<u8>) -> Result<
         return Ok(false);
     }
     buf.resize((end - start) as usize, 0);
-    (src.read)(buf, start).map_err(|source| CaptureError::Io {
-        op: "read",
-        path: src.path.to_path_buf(),
-        source,
-    })?;
+    (src.read)(buf, start).map_err(io_at("read", src.path))?;
     for b in first..=last {
         if !bit(&src.bitmap, b) {
             let lo = (b * block - start) as usize;
@@ -252,11 +241,7 @@ fn holds(path: &Path, map: &OverlayMap, want: &OverlayManifest) -> Result<bool> 
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(want.chunks.is_empty()),
         Err(source) => {
-            return Err(CaptureError::Io {
-                op: "open",
-                path: path.to_path_buf(),
-                source,
-            });
+            return Err(io_at("open", path)(source));
         }
     };
     let read = |buf: &mut [u8], off: u64| data.read_exact_at(buf, off);
@@ -296,9 +281,8 @@ pub enum Prepared {
     },
 }
 
-fn io_at(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CaptureError {
-    let path = path.to_path_buf();
-    move |source| CaptureError::Io { op, path, source }
+fn io_at(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CaptureError + use<> {
+    crate::util::io_err(op, path)
 }
 
 /// Moves an existing overlay at `path` (data file and map `map_file`) to

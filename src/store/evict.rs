@@ -14,6 +14,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,8 +59,8 @@ pub struct Usage {
 pub struct Budget {
     root: PathBuf,
     max: u64,
-    /// Bytes believed to be in the directory.
-    estimate: AtomicU64,
+    /// The shared count of the directory's bytes.
+    counter: SharedCount,
     /// Chunks this process evicted.
     evicted: AtomicU64,
     /// One eviction at a time inside the process.
@@ -70,15 +71,16 @@ impl Budget {
     /// The budget of the cache rooted at `root` with a limit of `max` bytes; counts the
     /// directory, trimming it at once if it is over the limit.
     pub fn open(root: &Path, max: u64) -> Result<Budget, EvictError> {
+        fs::create_dir_all(root).map_err(io_err("create", root))?;
         let b = Budget {
             root: root.to_path_buf(),
             max,
-            estimate: AtomicU64::new(0),
+            counter: SharedCount::open(&root.join("usage"))?,
             evicted: AtomicU64::new(0),
             running: Mutex::new(()),
         };
         let usage = usage_of(&scan(root)?);
-        b.estimate.store(usage.bytes, Ordering::Relaxed);
+        b.counter.update(|_| usage.bytes)?;
         if usage.bytes > max {
             b.trim()?;
         }
@@ -102,9 +104,9 @@ impl Budget {
     }
 
     /// Notes a chunk file of `len` bytes written by this process; trims the directory if
-    /// the estimate passes the limit.
+    /// the shared count passes the limit.
     pub fn added(&self, len: u64) -> Result<(), EvictError> {
-        let now = self.estimate.fetch_add(len, Ordering::Relaxed) + len;
+        let now = self.counter.update(|n| n.saturating_add(len))?;
         if now > self.max {
             self.trim()?;
         }
@@ -158,9 +160,54 @@ impl Budget {
                 total -= f.len;
             }
         }
-        self.estimate.store(total, Ordering::Relaxed);
+        self.counter.update(|_| total)?;
         self.evicted.fetch_add(removed, Ordering::Relaxed);
         Ok(removed)
+    }
+}
+
+/// A byte count shared by the processes using one cache directory: an 8-byte file, read
+/// and rewritten under an exclusive lock.
+#[derive(Debug)]
+struct SharedCount {
+    file: File,
+    path: PathBuf,
+}
+
+impl SharedCount {
+    fn open(path: &Path) -> Result<SharedCount, EvictError> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io_err("open", path))?;
+        Ok(SharedCount {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Replaces the count `n` by `f(n)` (a missing or short file counts as 0); returns the
+    /// new count.
+    fn update(&self, f: impl FnOnce(u64) -> u64) -> Result<u64, EvictError> {
+        self.file.lock().map_err(io_err("lock", &self.path))?;
+        let r = (|| {
+            let mut b = [0u8; 8];
+            let n = match self.file.read_exact_at(&mut b, 0) {
+                Ok(()) => u64::from_le_bytes(b),
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+                Err(e) => return Err(io_err("read", &self.path)(e)),
+            };
+            let new = f(n);
+            self.file
+                .write_all_at(&new.to_le_bytes(), 0)
+                .map_err(io_err("write", &self.path))?;
+            Ok(new)
+        })();
+        let _ = self.file.unlock();
+        r
     }
 }
 
@@ -267,6 +314,29 @@ mod tests {
         assert_eq!(usage(dir.path()).unwrap().bytes, 1000);
         assert!(p8.exists() && b.evicted() == 6);
         assert!(b.fits(2000) && !b.fits(2001));
+    }
+
+    #[test]
+    fn the_limit_holds_for_all_users_of_the_directory_together() {
+        let dir = TempDir::new("evict-shared");
+        // Two budgets over one directory: two processes sharing a cache.
+        let a = Budget::open(dir.path(), 8000).unwrap();
+        let b = Budget::open(dir.path(), 8000).unwrap();
+        for i in 0..5 {
+            put(dir.path(), i, 1000, i);
+            a.added(1000).unwrap();
+            put(dir.path(), 10 + i, 1000, 10 + i);
+            b.added(1000).unwrap();
+        }
+        // 10 chunks of 1000 bytes were written under a limit of 8000; each budget alone
+        // wrote only 5000, but the shared count made one of them trim.
+        let u = usage(dir.path()).unwrap();
+        // At 9000 bytes the directory went down to 7000 (the two oldest removed), then
+        // the tenth chunk made 8000.
+        assert_eq!(u.bytes, 8000, "{u:?}");
+        assert_eq!(a.evicted() + b.evicted(), 2);
+        // The count follows the directory.
+        assert_eq!(a.counter.update(|n| n).unwrap(), u.bytes);
     }
 
     #[test]

@@ -71,8 +71,27 @@ pub struct AttachedBlock {
     pub gsi: u32,
 }
 
-/// A running VM and everything attached to it.
+/// A running VM and everything attached to it: the [`Machine`] a builder made, plus the
+/// control-plane state that grows while it runs (API channel, snapshot base, `GET /vm`
+/// extras, repository parent).
 pub struct Vmm {
+    /// The VM, its memory, vCPUs and devices.
+    pub machine: Machine,
+    /// Control API requests, when an API server runs.
+    pub api: Option<ApiChannel>,
+    /// What the next snapshot can be incremental against.
+    pub snapshot_base: Option<crate::snapshot::SnapshotBase>,
+    /// Extra sections of `GET /vm`, by key (e.g. `archive`: the fetch report of a VM
+    /// resumed from an archive), computed when asked.
+    pub status_extras: Vec<(&'static str, StatusFn)>,
+    /// The repository snapshot the VM was last snapshotted into or restored from: the parent
+    /// of its next snapshot in that repository (src/repo/).
+    pub repo_parent: Option<crate::repo::RepoParent>,
+}
+
+/// What a builder (boot or restore, `src/builder/`) makes: the VM with its memory, vCPU
+/// threads and devices, ready to run.
+pub struct Machine {
     /// VM configuration.
     pub config: VmConfig,
     /// The CPU features the guest was given at boot (kept across restores).
@@ -99,8 +118,6 @@ pub struct Vmm {
     pub events: EventManager<Subscriber>,
     /// Whole-VM run state.
     pub state: RunState,
-    /// Control API requests, when an API server runs.
-    pub api: Option<ApiChannel>,
     /// Lazily restored memory: the userfaultfd handler serving guest page faults.
     /// Declared after the vCPUs so that it is dropped after them.
     pub lazy: Option<crate::vstate::uffd::LazyMemory>,
@@ -108,80 +125,18 @@ pub struct Vmm {
     pub remote: Vec<(usize, Arc<crate::disk::http::LazyHttpDisk>)>,
     /// Copy-on-write overlays by disk index (captured into snapshots).
     pub overlays: Vec<Option<Arc<crate::disk::overlay::OverlayBackend>>>,
-    /// What the next snapshot can be incremental against.
-    pub snapshot_base: Option<crate::snapshot::SnapshotBase>,
     /// Where the KVM dirty log stands (see [`crate::vstate::dirty`]).
-    pub dirty_log: crate::vstate::dirty::LogState,
-    /// Extra sections of `GET /vm`, by key (e.g. `archive`: the fetch report of a VM
-    /// resumed from an archive), computed when asked.
-    pub status_extras: Vec<(&'static str, StatusFn)>,
-    /// The repository snapshot the VM was last snapshotted into or restored from: the parent
-    /// of its next snapshot in that repository (src/repo/).
-    pub repo_parent: Option<crate::repo::RepoParent>,
-}
-
-/// What a builder hands over to make a [`Vmm`] (see [`Vmm::from_parts`]).
-pub struct VmmParts {
-    /// VM configuration.
-    pub config: VmConfig,
-    /// The CPU features the guest was given at boot.
-    pub cpu: crate::arch::x86_64::cpu_template::CpuRecord,
-    /// The final kernel command line given to the guest.
-    pub cmdline: String,
-    /// The KVM VM.
-    pub vm: Vm,
-    /// Guest memory.
-    pub mem: GuestMemory,
-    /// vCPU threads.
-    pub vcpus: Vec<VcpuHandle>,
-    /// Exit latch.
-    pub exit: Arc<ExitSignal>,
-    /// Port-I/O bus.
-    pub pio: Arc<Bus>,
-    /// MMIO bus.
-    pub mmio: Arc<Bus>,
-    /// COM1.
-    pub serial: Arc<Mutex<SerialDevice>>,
-    /// virtio-block disks in attach order.
-    pub blocks: Vec<AttachedBlock>,
-    /// Device event loop.
-    pub events: EventManager<Subscriber>,
-    /// Whole-VM run state (the state the vCPU threads were started in).
-    pub state: RunState,
-    /// Lazily restored memory, if any.
-    pub lazy: Option<crate::vstate::uffd::LazyMemory>,
-    /// Lazy remote disk images, by disk index.
-    pub remote: Vec<(usize, Arc<crate::disk::http::LazyHttpDisk>)>,
-    /// Copy-on-write overlays by disk index.
-    pub overlays: Vec<Option<Arc<crate::disk::overlay::OverlayBackend>>>,
-    /// Where the KVM dirty log stands.
     pub dirty_log: crate::vstate::dirty::LogState,
 }
 
 impl Vmm {
-    /// A VMM over freshly built parts: no API channel, no snapshot base, no status
+    /// A VMM over a freshly built machine: no API channel, no snapshot base, no status
     /// extras, no repository parent yet.
-    pub fn from_parts(p: VmmParts) -> Self {
+    pub fn new(machine: Machine) -> Self {
         Vmm {
-            config: p.config,
-            cpu: p.cpu,
-            cmdline: p.cmdline,
-            vm: p.vm,
-            mem: p.mem,
-            vcpus: p.vcpus,
-            exit: p.exit,
-            pio: p.pio,
-            mmio: p.mmio,
-            serial: p.serial,
-            blocks: p.blocks,
-            events: p.events,
-            state: p.state,
+            machine,
             api: None,
-            lazy: p.lazy,
-            remote: p.remote,
-            overlays: p.overlays,
             snapshot_base: None,
-            dirty_log: p.dirty_log,
             status_extras: Vec::new(),
             repo_parent: None,
         }
@@ -189,13 +144,13 @@ impl Vmm {
 
     /// Stops and joins every vCPU thread.
     pub fn stop_vcpus(&mut self) {
-        for v in &self.vcpus {
+        for v in &self.machine.vcpus {
             let _ = v.send(VcpuRequest::Exit);
         }
-        for v in &mut self.vcpus {
+        for v in &mut self.machine.vcpus {
             v.stop();
         }
-        self.state = RunState::Exited;
+        self.machine.state = RunState::Exited;
     }
 
     /// Pauses every vCPU (they leave KVM_RUN and wait), then holds every disk's I/O gate:
@@ -204,16 +159,16 @@ impl Vmm {
     /// `devices::virtio::block::worker`).
     pub fn pause(&mut self) -> Result<(), VmmError> {
         self.expect(RunState::Running, "pause")?;
-        for v in &self.vcpus {
+        for v in &self.machine.vcpus {
             v.send(VcpuRequest::Pause).map_err(VmmError::Vcpu)?;
         }
-        for v in &self.vcpus {
+        for v in &self.machine.vcpus {
             expect_response(v, |r| matches!(r, VcpuResponse::Paused))?;
         }
         for g in self.io_gates() {
             g.hold();
         }
-        self.state = RunState::Paused;
+        self.machine.state = RunState::Paused;
         self.kvmclock_ctrl();
         Ok(())
     }
@@ -228,10 +183,10 @@ impl Vmm {
             g.release();
         }
         let resumed = (|| {
-            for v in &self.vcpus {
+            for v in &self.machine.vcpus {
                 v.send(VcpuRequest::Resume).map_err(VmmError::Vcpu)?;
             }
-            for v in &self.vcpus {
+            for v in &self.machine.vcpus {
                 expect_response(v, |r| matches!(r, VcpuResponse::Resumed))?;
             }
             Ok(())
@@ -243,13 +198,14 @@ impl Vmm {
             }
             return Err(e);
         }
-        self.state = RunState::Running;
+        self.machine.state = RunState::Running;
         Ok(())
     }
 
     /// The I/O gate of every disk.
     fn io_gates(&self) -> Vec<Arc<crate::devices::virtio::IoGate>> {
-        self.blocks
+        self.machine
+            .blocks
             .iter()
             .map(|b| lock(&b.device).io_gate().clone())
             .collect()
@@ -258,7 +214,7 @@ impl Vmm {
     /// Tells KVM the vCPUs were stopped (KVM_KVMCLOCK_CTRL), so a guest using kvmclock does
     /// not report soft lockups for the paused time. Guests without kvmclock ignore it.
     fn kvmclock_ctrl(&self) {
-        for v in &self.vcpus {
+        for v in &self.machine.vcpus {
             match v.with(|fd| crate::arch::x86_64::vcpu_state::kvmclock_ctrl(fd)) {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => log::debug!("vcpu{}: {e}", v.id()),
@@ -268,11 +224,11 @@ impl Vmm {
     }
 
     fn expect(&self, needed: RunState, what: &'static str) -> Result<(), VmmError> {
-        if self.state != needed {
+        if self.machine.state != needed {
             return Err(VmmError::WrongState {
                 what,
                 needed,
-                current: self.state,
+                current: self.machine.state,
             });
         }
         Ok(())
@@ -296,7 +252,7 @@ fn expect_response(v: &VcpuHandle, ok: impl Fn(&VcpuResponse) -> bool) -> Result
 impl Drop for Vmm {
     fn drop(&mut self) {
         self.stop_vcpus();
-        if let Some(l) = self.lazy.take() {
+        if let Some(l) = self.machine.lazy.take() {
             l.stop();
         }
     }

@@ -21,15 +21,17 @@ impl Vmm {
     /// Runs the event loop until the guest or the user ends the VM; stops the vCPUs.
     pub fn run(&mut self) -> Result<ExitReason, VmmError> {
         let reason = loop {
-            if let Some(r) = self.exit.reason() {
+            if let Some(r) = self.machine.exit.reason() {
                 break r;
             }
-            if let Some(msg) = self.lazy.as_ref().and_then(|l| l.fatal_error()) {
-                self.exit
+            if let Some(msg) = self.machine.lazy.as_ref().and_then(|l| l.fatal_error()) {
+                self.machine
+                    .exit
                     .exit(ExitReason::MemoryUnavailable { message: msg });
                 continue;
             }
-            self.events
+            self.machine
+                .events
                 .run_with_timeout(100)
                 .map_err(VmmError::EventLoop)?;
             self.handle_api_requests();
@@ -41,7 +43,8 @@ impl Vmm {
     /// Attaches a control API channel: its requests are served by [`Vmm::run`].
     pub fn attach_api(&mut self, chan: ApiChannel) -> std::io::Result<()> {
         let waker = chan.eventfd().try_clone()?;
-        self.events
+        self.machine
+            .events
             .add_subscriber(Arc::new(Mutex::new(EventFdDrain(waker))));
         self.api = Some(chan);
         Ok(())
@@ -63,16 +66,16 @@ impl Vmm {
         match req {
             ApiRequest::GetVm => {
                 let mut v = serde_json::json!({
-                    "state": self.state,
-                    "config": self.config,
-                    "cmdline": self.cmdline,
+                    "state": self.machine.state,
+                    "config": self.machine.config,
+                    "cmdline": self.machine.cmdline,
                     "cpu": {
-                        "template": self.config.cpu_template,
-                        "features": self.cpu.features.names(),
-                        "host": self.cpu.host,
+                        "template": self.machine.config.cpu_template,
+                        "features": self.machine.cpu.features.names(),
+                        "host": self.machine.cpu.host,
                     },
                     "remote_disks": self.remote_disk_report(),
-                    "dirty_log": self.dirty_log,
+                    "dirty_log": self.machine.dirty_log,
                 });
                 for (key, f) in &self.status_extras {
                     v[*key] = f();
@@ -95,10 +98,10 @@ impl Vmm {
                          store, automatically",
                     ));
                 }
-                if self.state != RunState::Paused {
+                if self.machine.state != RunState::Paused {
                     return Err(ApiError::conflict(format!(
                         "the VM must be paused to snapshot it (it is {:?})",
-                        self.state
+                        self.machine.state
                     )));
                 }
                 if let Some(repo) = &r.repo {
@@ -115,7 +118,7 @@ impl Vmm {
                 serde_json::to_value(report).map_err(|e| ApiError::internal(e.to_string()))
             }
             ApiRequest::Shutdown => {
-                self.exit.exit(ExitReason::Shutdown);
+                self.machine.exit.exit(ExitReason::Shutdown);
                 Ok(serde_json::Value::Null)
             }
         }
@@ -123,7 +126,8 @@ impl Vmm {
 
     /// Fetch statistics of the lazy remote disks, one JSON object per disk.
     pub fn remote_disk_report(&self) -> Vec<serde_json::Value> {
-        self.remote
+        self.machine
+            .remote
             .iter()
             .map(|(i, d)| {
                 let s = d.stats();
@@ -141,9 +145,10 @@ impl Vmm {
 
     /// Makes the lazy memory handler's fatal errors wake the event loop.
     pub fn watch_lazy_memory(&mut self) -> std::io::Result<()> {
-        if let Some(l) = &self.lazy {
+        if let Some(l) = &self.machine.lazy {
             let evt = l.fatal_event().try_clone()?;
-            self.events
+            self.machine
+                .events
                 .add_subscriber(Arc::new(Mutex::new(EventFdDrain(evt))));
         }
         Ok(())

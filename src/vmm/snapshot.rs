@@ -178,7 +178,7 @@ impl crate::store::ChunkWrite for HashOnly {
 /// durable.
 fn save_devices(vmm: &Vmm) -> Result<(Vec<BlockSnapshot>, SerialDeviceState), CreateError> {
     let mut blocks = Vec::new();
-    for (index, b) in vmm.blocks.iter().enumerate() {
+    for (index, b) in vmm.machine.blocks.iter().enumerate() {
         // The transport locks the device itself: never hold both locks.
         let transport = lock(&b.transport)
             .save()
@@ -199,14 +199,16 @@ fn save_devices(vmm: &Vmm) -> Result<(Vec<BlockSnapshot>, SerialDeviceState), Cr
             overlay: None,
         });
     }
-    let serial = lock(&vmm.serial).save().map_err(CreateError::Serial)?;
+    let serial = lock(&vmm.machine.serial)
+        .save()
+        .map_err(CreateError::Serial)?;
     Ok((blocks, serial))
 }
 
 /// Saves every vCPU's state (each on its own thread) and the VM-wide KVM state.
 fn save_kvm_state(vmm: &Vmm) -> Result<(Vec<VcpuState>, VmState), CreateError> {
     let mut vcpus = Vec::new();
-    for v in &vmm.vcpus {
+    for v in &vmm.machine.vcpus {
         let st = v
             .with_vcpu(|kvm_vcpu| kvm_vcpu.save())
             .map_err(|e| CreateError::Vcpu(v.id(), e))?
@@ -214,6 +216,7 @@ fn save_kvm_state(vmm: &Vmm) -> Result<(Vec<VcpuState>, VmState), CreateError> {
         vcpus.push(st);
     }
     let vm = vmm
+        .machine
         .vm
         .in_kernel_devices()
         .save()
@@ -306,15 +309,18 @@ fn save_guest_memory(
     reference: Option<&SnapshotBase>,
     base: Option<&SnapshotBase>,
 ) -> Result<SavedMemory, CreateError> {
-    let log_state = vmm.dirty_log;
+    let log_state = vmm.machine.dirty_log;
     let pages = if log_state.is_logging() {
-        vmm.dirty_log = log_state.while_snapshotting();
-        Some(dirty::take_dirty_pages(vmm.vm.fd(), &vmm.mem).map_err(CreateError::Dirty)?)
+        vmm.machine.dirty_log = log_state.while_snapshotting();
+        Some(
+            dirty::take_dirty_pages(vmm.machine.vm.fd(), &vmm.machine.mem)
+                .map_err(CreateError::Dirty)?,
+        )
     } else {
         None
     };
     // SAFETY: the VM is paused (checked by the caller) and devices run on this thread.
-    let regions = unsafe { memory_slices(&vmm.mem) };
+    let regions = unsafe { memory_slices(&vmm.machine.mem) };
     let chunk = base.map_or(DEFAULT_CHUNK_SIZE, |b| b.memory.chunk_size as usize);
     let is_dirty = |r: usize, c: usize| {
         pages
@@ -334,7 +340,7 @@ fn save_guest_memory(
         // (the base, or zeros after boot) must be in the log.
         let before = reference.map(|b| b.memory.regions.as_slice());
         let missed = dirty::check_log(&manifest.regions, before, &is_dirty);
-        new_state = log_state.after_check(missed, || dirty::selftest_passed(vmm.vm.kvm()));
+        new_state = log_state.after_check(missed, || dirty::selftest_passed(vmm.machine.vm.kvm()));
     }
     Ok(SavedMemory {
         manifest,
@@ -359,7 +365,7 @@ fn capture_overlays(
     base: Option<&SnapshotBase>,
 ) -> Result<CapturedOverlays, CreateError> {
     let (mut stats, mut manifests, mut touched) = (Vec::new(), Vec::new(), Vec::new());
-    for (index, ov) in vmm.overlays.iter().enumerate() {
+    for (index, ov) in vmm.machine.overlays.iter().enumerate() {
         let Some(ov) = ov else {
             stats.push(None);
             manifests.push(None);
@@ -407,8 +413,8 @@ pub fn create_snapshot(
     dir: &Path,
     store: Option<&Path>,
 ) -> Result<SnapshotReport, CreateError> {
-    if vmm.state != RunState::Paused {
-        return Err(CreateError::NotPaused(vmm.state));
+    if vmm.machine.state != RunState::Paused {
+        return Err(CreateError::NotPaused(vmm.machine.state));
     }
     let t0 = Instant::now();
     std::fs::create_dir_all(dir).map_err(|source| CreateError::Dir {
@@ -437,9 +443,10 @@ pub fn create_snapshot(
     let memory_ms = t1.elapsed().as_secs_f64() * 1e3;
 
     let state = MicrovmState {
-        config: vmm.config.clone(),
-        cmdline: vmm.cmdline.clone(),
+        config: vmm.machine.config.clone(),
+        cmdline: vmm.machine.cmdline.clone(),
         memory_regions: vmm
+            .machine
             .mem
             .iter()
             .map(|r| (r.start_addr().0, r.len()))
@@ -450,7 +457,7 @@ pub fn create_snapshot(
         blocks,
         store: store.map(|s| std::fs::canonicalize(s).unwrap_or_else(|_| s.to_path_buf())),
         created_unix: now_unix(),
-        cpu: vmm.cpu.clone(),
+        cpu: vmm.machine.cpu.clone(),
     };
     write_files(dir, &saved.manifest, &state)?;
     let (stats, incremental) = (saved.stats, saved.incremental);
@@ -499,10 +506,10 @@ fn log_report(r: &SnapshotReport) {
 /// snapshot the VM's base, from which the dirty log (in `log_state`) now counts.
 fn finish(vmm: &mut Vmm, touched: Vec<(usize, Vec<u64>)>, log_state: LogState, base: SnapshotBase) {
     for (index, t) in touched {
-        if let Some(ov) = &vmm.overlays[index] {
+        if let Some(ov) = &vmm.machine.overlays[index] {
             ov.clear_touched(&t);
         }
     }
-    vmm.dirty_log = log_state.after_snapshot();
+    vmm.machine.dirty_log = log_state.after_snapshot();
     vmm.snapshot_base = Some(base);
 }

@@ -55,6 +55,7 @@ impl Changing {
         self.current = random_bytes(self.seq, self.area_len);
         self.vm
             .vmm
+            .machine
             .mem
             .write_slice(&self.current, GuestAddress(AREAS))
             .map_err(|e| format!("write guest memory: {e}"))?;
@@ -117,6 +118,7 @@ pub fn restore_and_check(dir: &Path, expect: &Expect) -> Result<(), String> {
     for (addr, bytes) in expect {
         let mut got = vec![0u8; bytes.len()];
         vm.vmm
+            .machine
             .mem
             .read_slice(&mut got, GuestAddress(*addr))
             .map_err(|e| format!("read guest memory: {e}"))?;

@@ -390,7 +390,7 @@ pub fn wait_until(
         if cond() {
             return Ok(());
         }
-        if let Some(r) = vmm.exit.reason() {
+        if let Some(r) = vmm.machine.exit.reason() {
             return Err(format!("the VM exited ({r:?}) while waiting for {what}"));
         }
         if Instant::now() >= deadline {
@@ -441,7 +441,7 @@ where
             let res = build_for_boot(&cfg, opts)
                 .map_err(|e| format!("build_for_boot: {e}"))
                 .and_then(|mut vmm| {
-                    let _ = exit_tx.send(vmm.exit.clone());
+                    let _ = exit_tx.send(vmm.machine.exit.clone());
                     body(&mut vmm)
                 });
             let _ = done_tx.send((res, start.elapsed()));
@@ -623,7 +623,7 @@ impl TinyVm {
 
     /// vCPU 0's general-purpose registers (the VM must be paused).
     pub fn regs(&self) -> Result<kvm_bindings::kvm_regs, String> {
-        self.vmm.vcpus[0]
+        self.vmm.machine.vcpus[0]
             .with(|fd| fd.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}")))
             .map_err(|e| format!("vcpu0: {e}"))?
     }
@@ -632,6 +632,7 @@ impl TinyVm {
     pub fn read_u32(&self, addr: u64) -> Result<u32, String> {
         use vm_memory::Bytes;
         self.vmm
+            .machine
             .mem
             .read_obj(vm_memory::GuestAddress(addr))
             .map_err(|e| format!("read guest memory at {addr:#x}: {e}"))
@@ -641,6 +642,7 @@ impl TinyVm {
     pub fn read_u64(&self, addr: u64) -> Result<u64, String> {
         use vm_memory::Bytes;
         self.vmm
+            .machine
             .mem
             .read_obj(vm_memory::GuestAddress(addr))
             .map_err(|e| format!("read guest memory at {addr:#x}: {e}"))
@@ -650,6 +652,7 @@ impl TinyVm {
     pub fn write<T: vm_memory::ByteValued>(&self, addr: u64, val: T) -> Result<(), String> {
         use vm_memory::Bytes;
         self.vmm
+            .machine
             .mem
             .write_obj(val, vm_memory::GuestAddress(addr))
             .map_err(|e| format!("write guest memory at {addr:#x}: {e}"))
@@ -658,7 +661,7 @@ impl TinyVm {
 
 /// Runs the event loop of `vm` until the VM exits, or stops it after `timeout`.
 pub fn run_for(vm: &mut TinyVm, timeout: Duration) -> Result<ExitReason, String> {
-    let exit = vm.vmm.exit.clone();
+    let exit = vm.vmm.machine.exit.clone();
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
         if let Err(RecvTimeoutError::Timeout) = stop_rx.recv_timeout(timeout) {
