@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use vmm::api::{self, ApiTarget};
 use vmm::vstate::exit::ExitReason;
 
-use support::env::TempDir;
+use support::env::temp_dir;
 use support::tiny;
 use support::tiny::{Scenario, Spec};
 
@@ -29,7 +29,7 @@ fn api_drives_pause_snapshot_resume_shutdown() {
         println!("SKIP: no KVM");
         return;
     }
-    let tmp = TempDir::new("api");
+    let tmp = temp_dir("api");
     let sock = tmp.join("api.sock");
     let mut vm = tiny::boot(Spec::new(Scenario::SnapDirty), Vec::new()).expect("boot");
     vm.wait_for(Instant::now() + Duration::from_secs(120), "dirty: ready\n")
@@ -105,7 +105,7 @@ fn idle_connections_do_not_starve_new_clients() {
         println!("SKIP: no KVM");
         return;
     }
-    let tmp = TempDir::new("api-idle");
+    let tmp = temp_dir("api-idle");
     let sock = tmp.join("api.sock");
     let mut vm = tiny::boot(Spec::new(Scenario::SnapDirty), Vec::new()).expect("boot");
     vm.wait_for(Instant::now() + Duration::from_secs(120), "dirty: ready\n")

@@ -8,7 +8,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use support::env::TempDir;
+use support::env::{TempDir, temp_dir};
 use support::nginx::{Nginx, nginx_available};
 use support::tiny;
 use support::tiny::archive::{PagePattern, snapshot_with_pattern};
@@ -107,7 +107,7 @@ fn resume(
 #[test]
 fn push_and_resume_over_http() {
     check("push_and_resume_over_http", || {
-        let tmp = TempDir::new("archive-http");
+        let tmp = temp_dir("archive-http");
         let a = archive_vm(&tmp, Scenario::SnapTicks, "tick 3\n", "ticks")?;
         let pre_last = check_ticks(&a.pre)?;
         let nginx = Nginx::start(&a.archive);
@@ -218,7 +218,7 @@ fn guest_touch(vm: &TinyVm, addr: u64) -> Result<(), String> {
 #[test]
 fn server_down_and_altered_chunk_stop_the_vm_cleanly() {
     check("server_down_and_altered_chunk_stop_the_vm_cleanly", || {
-        let tmp = TempDir::new("archive-faults");
+        let tmp = temp_dir("archive-faults");
         let a = archive_vm(&tmp, Scenario::SnapDirty, "dirty: ready\n", "dirty")?;
         let mut nginx = Nginx::start(&a.archive);
         let url = format!("{}/vms/dirty", nginx.url());
@@ -325,7 +325,7 @@ fn wait_tick(r: &mut support::process::Running, pre: &str, target: u32) -> Resul
 #[test]
 fn two_clones_at_once_share_the_cache() {
     check("two_clones_at_once_share_the_cache", || {
-        let tmp = TempDir::new("archive-clones");
+        let tmp = temp_dir("archive-clones");
         let a = archive_vm(&tmp, Scenario::SnapTicks, "tick 3\n", "ticks")?;
         let pre_last = check_ticks(&a.pre)?;
         let nginx = Nginx::start(&a.archive);
@@ -379,7 +379,7 @@ fn a_local_archive_with_a_disk_resumes_from_the_directory() {
         "a_local_archive_with_a_disk_resumes_from_the_directory",
         || {
             use vmm::disk::BlockBackend as _;
-            let tmp = TempDir::new("archive-local-disk");
+            let tmp = temp_dir("archive-local-disk");
             let disk = tmp.join("disk.img");
             let content = support::rng::random_bytes(99, 1 << 20);
             std::fs::write(&disk, &content).map_err(|e| e.to_string())?;

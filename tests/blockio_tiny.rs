@@ -11,7 +11,7 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use support::env::TempDir;
+use support::env::{TempDir, temp_dir};
 use support::nginx::{Nginx, nginx_available};
 use support::tiny;
 use support::tiny::{Scenario, Spec, guest};
@@ -39,7 +39,7 @@ impl FastDir {
                 return Self(p, None);
             }
         }
-        let t = TempDir::new(name);
+        let t = temp_dir(name);
         Self(t.path().to_path_buf(), Some(t))
     }
 
@@ -93,7 +93,7 @@ fn api_answers_while_the_remote_disk_server_is_down() {
     if !nginx_available() {
         return;
     }
-    let tmp = TempDir::new("blockio-outage");
+    let tmp = temp_dir("blockio-outage");
     let src = tmp.join("src.img");
     write_image(&src);
     let archive = tmp.join("archive");

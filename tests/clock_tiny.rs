@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use vmm::arch::x86_64::ClockMode;
 
-use support::env::TempDir;
+use support::env::temp_dir;
 use support::tiny;
 use support::tiny::harness::{check, deadline, ensure};
 use support::tiny::{Scenario, Spec, TinyVm, Variant, guest};
@@ -156,7 +156,7 @@ fn snapshot_gap_restore(name: &str, clock: ClockMode) -> Result<Across, String> 
         scenario: Scenario::TscClock,
         defsyms: vec![("KVMCLOCK", 1)],
     };
-    let tmp = TempDir::new(name);
+    let tmp = temp_dir(name);
     let snap = tmp.join("snap");
     let mut vm = tiny::boot(Spec::new(variant), Vec::new())?;
     vm.wait_console(deadline(), "tick 3", |c| ticks(c).len() >= 3)?;

@@ -10,7 +10,7 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 
-use support::env::TempDir;
+use support::env::temp_dir;
 use support::tiny;
 use support::tiny::harness::{check, check_ticks, deadline, ensure};
 use support::tiny::{Capture, Scenario, Spec, TinyVm};
@@ -62,7 +62,7 @@ fn snapshot_at_tick_3(template: CpuTemplate, dir: &std::path::Path) -> Result<Ti
 #[test]
 fn template_is_applied_recorded_and_kept() {
     check("template_is_applied_recorded_and_kept", || {
-        let tmp = TempDir::new("cpu-template");
+        let tmp = temp_dir("cpu-template");
         let h = host()?;
         let p = plan(CpuTemplate::X86_64V2, &h).map_err(|e| e.to_string())?;
         let keep = p.keep.clone().ok_or("a template keeps a set")?;
@@ -163,7 +163,7 @@ fn lacking(h: &HostCpu) -> Option<&'static Feature> {
 #[test]
 fn restore_refuses_features_this_host_lacks() {
     check("restore_refuses_features_this_host_lacks", || {
-        let tmp = TempDir::new("cpu-refuse");
+        let tmp = temp_dir("cpu-refuse");
         let h = host()?;
         let f = lacking(&h).ok_or("this host has every feature: nothing to test")?;
         let snap = tmp.join("snap");

@@ -13,7 +13,7 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
-use support::env::TempDir;
+use support::env::{TempDir, temp_dir};
 use support::faults::fusefs::{Mounted, Op, Plan};
 use support::faults::vm::{Changing, Expect, check_archive, restore_and_check, verify_repo};
 use support::faults::{Tmpfs, root_or_skip, temp_files};
@@ -114,7 +114,7 @@ fn count_ops(
 #[test]
 fn snapshot_create_into_a_repository_on_a_full_disk() {
     fs_check("snapshot_create_repo_enospc", || {
-        let tmp = TempDir::new("faults-snap-enospc");
+        let tmp = temp_dir("faults-snap-enospc");
         let fs = Tmpfs::mount(&tmp.join("fs"), 128 << 20)?;
         let repo = fs.path().join("repo");
         let mut g = Changing::boot(AREA)?;
@@ -172,7 +172,7 @@ fn snapshot_create_into_a_repository_on_a_full_disk() {
 #[test]
 fn snapshot_create_over_a_snapshot_directory_on_a_full_disk() {
     fs_check("snapshot_create_dir_enospc", || {
-        let tmp = TempDir::new("faults-snapdir-enospc");
+        let tmp = temp_dir("faults-snapdir-enospc");
         let fs = Tmpfs::mount(&tmp.join("fs"), 128 << 20)?;
         let dir = fs.path().join("snap");
         let mut g = Changing::boot(AREA)?;
@@ -248,7 +248,7 @@ fn snapshot_create_over_a_snapshot_directory_on_a_full_disk() {
 #[test]
 fn snapshot_create_with_io_errors() {
     fs_check("snapshot_create_eio", || {
-        let tmp = TempDir::new("faults-snap-eio");
+        let tmp = temp_dir("faults-snap-eio");
         let m = fuse(&tmp)?;
         let repo = m.path().join("repo");
         let mut g = Changing::boot(AREA)?;
@@ -331,7 +331,7 @@ fn archive_after(archive: &Path, old: &str, new: &str, pushed: bool) -> Result<(
 #[test]
 fn archive_push_on_a_full_disk_and_with_io_errors() {
     fs_check("archive_push_faults", || {
-        let tmp = TempDir::new("faults-push");
+        let tmp = temp_dir("faults-push");
         let mut g = Changing::boot(AREA)?;
         let (old_snap, _) = local_snapshot(&tmp, "old", &mut g)?;
         let (new_snap, new_expect) = local_snapshot(&tmp, "new", &mut g)?;
@@ -402,7 +402,7 @@ fn archive_push_on_a_full_disk_and_with_io_errors() {
 #[test]
 fn image_import_on_a_full_disk_and_with_io_errors() {
     fs_check("image_import_faults", || {
-        let tmp = TempDir::new("faults-import");
+        let tmp = temp_dir("faults-import");
         let old_src = tmp.join("old.img");
         let new_src = tmp.join("new.img");
         std::fs::write(&old_src, support::rng::random_bytes(1, 3 << 20))
@@ -508,7 +508,7 @@ fn image_import_on_a_full_disk_and_with_io_errors() {
 #[test]
 fn export_import_and_gc_on_a_full_disk_and_with_io_errors() {
     fs_check("export_import_gc_faults", || {
-        let tmp = TempDir::new("faults-export");
+        let tmp = temp_dir("faults-export");
         let src_repo = tmp.join("src-repo");
         let mut g = Changing::boot(AREA)?;
         let (a, _) = g.repo_snapshot(&src_repo)??;

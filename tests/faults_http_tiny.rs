@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use support::env::TempDir;
+use support::env::{TempDir, temp_dir};
 use support::faults::proxy::{Fault, Proxy};
 use support::nginx::{Nginx, nginx_available};
 use support::tiny;
@@ -133,7 +133,7 @@ const VIRTIO_OK: &str = "virtio: read posted\nvirtio: go\nvirtio: read ok\nvirti
 #[test]
 fn remote_disk_rides_out_transient_http_faults() {
     check("remote_disk_transient_faults", || {
-        let tmp = TempDir::new("faults-http-disk");
+        let tmp = temp_dir("faults-http-disk");
         let (archive, _) = disk_archive(&tmp)?;
         let nginx = Nginx::start(&archive);
         let proxy = Proxy::start(&nginx.url());
@@ -166,7 +166,7 @@ fn remote_disk_rides_out_transient_http_faults() {
 #[test]
 fn remote_disk_rejects_a_lying_servers_bytes() {
     check("remote_disk_lying_server", || {
-        let tmp = TempDir::new("faults-http-disk-lie");
+        let tmp = temp_dir("faults-http-disk-lie");
         let (archive, chunks) = disk_archive(&tmp)?;
         ensure(chunks.len() >= 2, || format!("chunks {chunks:?}"))?;
         let nginx = Nginx::start(&archive);
@@ -267,7 +267,7 @@ fn chunk_path(archive: &Path, gpa: u64) -> Result<String, String> {
 #[test]
 fn lazy_memory_rides_out_transient_http_faults() {
     check("lazy_memory_transient_faults", || {
-        let tmp = TempDir::new("faults-http-mem");
+        let tmp = temp_dir("faults-http-mem");
         let archive = archive_vm(&tmp)?;
         let nginx = Nginx::start(&archive);
         let proxy = Proxy::start(&nginx.url());
@@ -322,7 +322,7 @@ fn lazy_memory_rides_out_transient_http_faults() {
 #[test]
 fn lazy_memory_stops_the_vm_on_a_lying_server() {
     check("lazy_memory_lying_server", || {
-        let tmp = TempDir::new("faults-http-mem-lie");
+        let tmp = temp_dir("faults-http-mem-lie");
         let archive = archive_vm(&tmp)?;
         let nginx = Nginx::start(&archive);
         let proxy = Proxy::start(&nginx.url());

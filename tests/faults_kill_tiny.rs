@@ -13,7 +13,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use support::env::TempDir;
+use support::env::{TempDir, temp_dir};
 use support::faults;
 use support::faults::vm::{Changing, Expect, check_archive, restore_and_check, verify_repo};
 use support::faults::{Killed, run_and_kill, time_ok};
@@ -96,7 +96,7 @@ impl Window {
 #[test]
 fn archive_push_killed_at_random_points() {
     check("archive_push_killed", || {
-        let tmp = TempDir::new("kill-push");
+        let tmp = temp_dir("kill-push");
         let ((big, big_e), (small, _)) = snapshots(&tmp)?;
         let archive = tmp.join("archive");
         let push = |snap: &Path, name: &str| {
@@ -143,7 +143,7 @@ fn archive_push_killed_at_random_points() {
 #[test]
 fn image_import_killed_at_random_points() {
     check("image_import_killed", || {
-        let tmp = TempDir::new("kill-import");
+        let tmp = temp_dir("kill-import");
         let old_src = tmp.join("old.img");
         let new_src = tmp.join("new.img");
         std::fs::write(&old_src, support::rng::random_bytes(1, 1 << 20))
@@ -198,7 +198,7 @@ fn image_import_killed_at_random_points() {
 #[test]
 fn export_and_import_killed_at_random_points() {
     check("export_import_killed", || {
-        let tmp = TempDir::new("kill-export");
+        let tmp = temp_dir("kill-export");
         let ((big, big_e), (small, _)) = snapshots(&tmp)?;
         // Repositories from the two snapshot directories, through export files.
         let src = tmp.join("src-repo");
@@ -316,7 +316,7 @@ fn api(sock: &Path, method: &str, path: &str, body: Option<&str>) -> Result<(u16
 #[test]
 fn snapshot_create_killed_at_random_points() {
     check("snapshot_create_killed", || {
-        let tmp = TempDir::new("kill-create");
+        let tmp = temp_dir("kill-create");
         let ((big, big_e), (small, _)) = snapshots(&tmp)?;
         // Each round snapshots the big VM into its own repository holding only a small
         // snapshot, so that every snapshot writes all of the big VM's memory.

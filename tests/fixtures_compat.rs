@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::json;
-use support::env::TempDir;
+use support::env::{TempDir, temp_dir};
 use support::files::copy_dir;
 use support::rng::Rng;
 use support::tiny;
@@ -164,7 +164,7 @@ fn fixture_sets_use_readable_versions() {
 fn snapshot_fixtures_restore() {
     check("snapshot_fixtures_restore", || {
         for set in fixture_sets() {
-            let tmp = TempDir::new("fixture-snapshot");
+            let tmp = temp_dir("fixture-snapshot");
             let dir = copy_part(&set, "snapshot", &tmp)?;
             let what = format!("{}/snapshot", set.display());
             let vm = restore_fixture(&dir, &what)?;
@@ -182,7 +182,7 @@ fn repository_fixtures_read() {
     check("repository_fixtures_read", || {
         for set in fixture_sets() {
             let f = formats(&set);
-            let tmp = TempDir::new("fixture-repo");
+            let tmp = temp_dir("fixture-repo");
             let what = format!("{}/repo", set.display());
             let root = copy_part(&set, "repo", &tmp)?;
             let repo = Repo::open(&root).map_err(s(&what))?;
@@ -233,7 +233,7 @@ fn repository_fixtures_read() {
 fn archive_fixtures_read() {
     check("archive_fixtures_read", || {
         for set in fixture_sets() {
-            let tmp = TempDir::new("fixture-archive");
+            let tmp = temp_dir("fixture-archive");
             let what = format!("{}/archive", set.display());
             let archive = copy_part(&set, "archive", &tmp)?;
             let vm_dir = archive.join("vms").join(ARCHIVE_VM);
@@ -293,7 +293,7 @@ fn archive_fixtures_read() {
 fn newer_versions_are_refused_clearly() {
     check("newer_versions_are_refused_clearly", || {
         let set = fixture_sets().pop().expect("a fixture set");
-        let tmp = TempDir::new("fixture-future");
+        let tmp = temp_dir("fixture-future");
         let v = vmm::formats::current();
         let needs = |what: &str, name: &str, err: String| {
             let want = format!("{name} has format version {}", v[what] + 1);
@@ -454,7 +454,7 @@ fn make_fixtures() {
         support::env::kvm_or_skip(),
         "making fixtures needs /dev/kvm"
     );
-    let work = TempDir::new("make-fixtures");
+    let work = temp_dir("make-fixtures");
     let set = work.join("set");
     write_set(&set, &work).unwrap_or_else(|e| panic!("{e}"));
     if let Some(parent) = out.parent() {

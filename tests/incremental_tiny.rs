@@ -19,7 +19,7 @@ use vmm::vmm::SnapshotReport;
 use vmm::vstate::dirty::{DirtyMethod, LogState};
 use vmm::vstate::memory::{memory_slices, memory_slices_mut};
 
-use support::env::TempDir;
+use support::env::temp_dir;
 use support::tiny;
 use support::tiny::harness::{check, deadline, ensure};
 use support::tiny::snap::{changed_chunks, dirty, manifest};
@@ -73,7 +73,7 @@ fn snap(vm: &mut TinyVm, dir: &Path, store: &Path) -> Result<SnapshotReport, Str
 #[test]
 fn incremental_snapshots_equal_full_saves_and_restore() {
     check("incremental_snapshots_equal_full_saves_and_restore", || {
-        let tmp = TempDir::new("incr");
+        let tmp = temp_dir("incr");
         let store = tmp.join("store");
         let mut vm = boot(64)?;
         let s1 = snap(&mut vm, &tmp.join("s1"), &store)?;
@@ -146,7 +146,7 @@ fn a_restored_vm_snapshots_incrementally_against_its_snapshot() {
     check(
         "a_restored_vm_snapshots_incrementally_against_its_snapshot",
         || {
-            let tmp = TempDir::new("incr-restored");
+            let tmp = temp_dir("incr-restored");
             let store = tmp.join("store");
             let mut vm = boot(64)?;
             snap(&mut vm, &tmp.join("s1"), &store)?;
@@ -194,7 +194,7 @@ fn a_restored_vm_snapshots_incrementally_against_its_snapshot() {
 #[test]
 fn a_log_that_missed_writes_is_not_used() {
     check("a_log_that_missed_writes_is_not_used", || {
-        let tmp = TempDir::new("incr-missed");
+        let tmp = temp_dir("incr-missed");
         let store = tmp.join("store");
         let mut vm = boot(64)?;
         if vm.vmm.machine.dirty_log == LogState::Off {
@@ -230,7 +230,7 @@ fn the_spot_check_catches_a_log_that_starts_missing_writes() {
     check(
         "the_spot_check_catches_a_log_that_starts_missing_writes",
         || {
-            let tmp = TempDir::new("incr-spot");
+            let tmp = temp_dir("incr-spot");
             let store = tmp.join("store");
             let mut vm = boot(16)?;
             snap(&mut vm, &tmp.join("s1"), &store)?;
@@ -273,7 +273,7 @@ fn the_spot_check_catches_a_log_that_starts_missing_writes() {
 #[test]
 fn snapshots_in_a_shared_store_dedup_unchanged_chunks() {
     check("snapshots_in_a_shared_store_dedup_unchanged_chunks", || {
-        let tmp = TempDir::new("dedup");
+        let tmp = temp_dir("dedup");
         let store = tmp.join("store");
         let mut vm = tiny::boot(Spec::new(Scenario::SnapDirty), Vec::new())?;
         support::tiny::snap::wait_dirty_ready(&mut vm, deadline())?;
@@ -389,7 +389,7 @@ fn idle_1gib_snapshot_stores_at_most_the_nonzero_memory() {
     check(
         "idle_1gib_snapshot_stores_at_most_the_nonzero_memory",
         || {
-            let tmp = TempDir::new("idle1g");
+            let tmp = temp_dir("idle1g");
             let mut spec = Spec::new(Scenario::SnapDirty);
             spec.mem_mib = 1024;
             let mut vm = tiny::boot(spec, Vec::new())?;

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::env::TempDir;
+use support::env::{TempDir, temp_dir};
 use support::files::{test_image, tree_hashes};
 use support::nginx::{Nginx, nginx_available};
 use vmm::disk::BlockBackend;
@@ -19,6 +19,7 @@ use vmm::disk::http::{
 use vmm::disk::overlay::OverlayBackend;
 use vmm::image::{ImageEntry, ImportOptions, import_image_with};
 use vmm::store::http::HttpStoreOptions;
+use vmm::util::error_chain;
 
 const CS: u32 = 64 << 10;
 
@@ -34,7 +35,7 @@ impl Setup {
         if !nginx_available() {
             return None;
         }
-        let dir = TempDir::new(tag);
+        let dir = temp_dir(tag);
         let src = dir.path().join("src.img");
         let data = test_image(&src);
         let archive = dir.path().join("archive");
@@ -68,17 +69,6 @@ impl Setup {
     fn open(&self, cache: &str) -> LazyHttpDisk {
         LazyHttpDisk::open(&self.url("img"), self.opts(cache)).unwrap()
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(" / ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn rng(seed: &mut u64) -> u64 {
@@ -305,7 +295,7 @@ fn server_outage_fails_reads_in_bounded_time_then_recovers() {
     let t = Instant::now();
     let e = disk.read_at(&mut buf, (2 << 20) + (256 << 10)).unwrap_err();
     let el = t.elapsed();
-    let msg = chain(&e);
+    let msg = error_chain(&e);
     println!("outage: error after {el:?}: {msg}");
     // The retries' back-off sleeps add up to more than a second (a loaded host only makes
     // them longer); the ceiling only catches a hang (e.g. one request timeout per attempt),
@@ -382,7 +372,7 @@ fn tampered_chunks_are_rejected() {
     std::fs::write(&path, &bytes).unwrap();
     let mut buf = vec![0u8; 512];
     let retries_before = disk.stats().http.retries;
-    let e = chain(&disk.read_at(&mut buf, u64::from(CS)).unwrap_err());
+    let e = error_chain(&disk.read_at(&mut buf, u64::from(CS)).unwrap_err());
     // A damaged answer may have been damaged on the way (a confused proxy, a cut
     // connection), so it is asked for again, every answer verified; the server keeps
     // sending the same wrong bytes, so the read fails once the attempts are used up.
@@ -405,14 +395,14 @@ fn tampered_chunks_are_rejected() {
     let (id, path) = chunk_file(2);
     let good = std::fs::read(&path).unwrap();
     std::fs::write(&path, &good[..1000]).unwrap();
-    let e = chain(&disk.read_at(&mut buf, 2 * u64::from(CS)).unwrap_err());
+    let e = error_chain(&disk.read_at(&mut buf, 2 * u64::from(CS)).unwrap_err());
     assert!(e.contains(&id.to_hex()) && e.contains("corrupt"), "{e}");
     std::fs::write(&path, vec![0u8; 8 << 20]).unwrap();
-    let e = chain(&disk.read_at(&mut buf, 2 * u64::from(CS)).unwrap_err());
+    let e = error_chain(&disk.read_at(&mut buf, 2 * u64::from(CS)).unwrap_err());
     assert!(e.contains("larger than the limit"), "{e}");
     // Missing on the server.
     std::fs::remove_file(&path).unwrap();
-    let e = chain(&disk.read_at(&mut buf, 2 * u64::from(CS)).unwrap_err());
+    let e = error_chain(&disk.read_at(&mut buf, 2 * u64::from(CS)).unwrap_err());
     assert!(e.contains("404"), "{e}");
     // Restored: read fine, nothing bad was cached.
     std::fs::write(&path, &good).unwrap();
@@ -442,14 +432,14 @@ fn missing_truncated_or_corrupt_index_fails_at_open() {
     ] {
         std::fs::write(&broken, &bytes).unwrap();
         let e = LazyHttpDisk::open(&s.url("broken"), fast()).unwrap_err();
-        let msg = chain(&e);
+        let msg = error_chain(&e);
         assert!(matches!(e, RemoteDiskError::Index { .. }), "{msg}");
         assert!(msg.contains(want) && msg.contains("images/broken"), "{msg}");
     }
     let mut flipped = index.clone();
     flipped[40] ^= 0xff;
     std::fs::write(&broken, &flipped).unwrap();
-    let msg = chain(&LazyHttpDisk::open(&s.url("broken"), fast()).unwrap_err());
+    let msg = error_chain(&LazyHttpDisk::open(&s.url("broken"), fast()).unwrap_err());
     assert!(msg.contains("checksum mismatch"), "{msg}");
     for bad in ["http://h/x", "https://h/images/a"] {
         assert!(matches!(
@@ -579,7 +569,7 @@ fn guest_artifact_disk_image_round_trips() {
         println!("SKIP: {} missing", img.display());
         return;
     }
-    let dir = TempDir::new("artifact");
+    let dir = temp_dir("artifact");
     let archive = dir.path().join("archive");
     let r = vmm::image::import_image(&img, &archive, "disk", vmm::image::DEFAULT_IMAGE_CHUNK_SIZE)
         .unwrap();
@@ -643,7 +633,7 @@ fn measure_chunk_sizes() {
     }
     let pattern = boot_like_pattern(&img).expect("debugfs");
     let wanted: u64 = pattern.iter().map(|r| r.1).sum();
-    let dir = TempDir::new("measure");
+    let dir = temp_dir("measure");
     let nginx = Nginx::start(dir.path());
     println!(
         "rootfs.ext4 {} MiB; boot-like pattern: {} reads, {} KiB",

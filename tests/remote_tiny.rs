@@ -8,7 +8,7 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use support::env::TempDir;
+use support::env::temp_dir;
 use support::nginx::{Nginx, nginx_available};
 use support::tiny;
 use support::tiny::{Scenario, Spec};
@@ -41,7 +41,7 @@ fn snapshot_of_a_vm_on_a_remote_disk_restores_with_its_overlay() {
     if !support::env::kvm_or_skip() || !nginx_available() {
         return;
     }
-    let tmp = TempDir::new("tiny-remote");
+    let tmp = temp_dir("tiny-remote");
     let src = tmp.join("src.img");
     let base = support::rng::random_bytes(7, DISK);
     std::fs::write(&src, &base).unwrap();

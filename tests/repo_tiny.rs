@@ -20,7 +20,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::repo::{Repo, SnapshotId};
 use vmm::store::ChunkId;
 
-use support::env::TempDir;
+use support::env::temp_dir;
 use support::faults::vm::Expect;
 use support::process::vmm_cli;
 use support::rng::{Rng, random_bytes};
@@ -149,7 +149,7 @@ fn bytes_of(repo: &Path, chunks: &BTreeSet<ChunkId>) -> u64 {
 #[test]
 fn rm_and_gc_free_exactly_the_chunks_no_remaining_snapshot_uses() {
     check("rm_and_gc_free_exactly", || {
-        let tmp = TempDir::new("repo-gc");
+        let tmp = temp_dir("repo-gc");
         let repo = tmp.join("repo");
         let mut g = Changing::boot()?;
         let mut snaps = Vec::new();
@@ -227,7 +227,7 @@ fn rm_and_gc_free_exactly_the_chunks_no_remaining_snapshot_uses() {
 #[test]
 fn gc_killed_at_random_points_leaves_every_snapshot_restorable() {
     check("gc_killed_at_random_points", || {
-        let tmp = TempDir::new("repo-gc-kill");
+        let tmp = temp_dir("repo-gc-kill");
         let repo = tmp.join("repo");
         let mut g = Changing::boot()?;
         let mut snaps = Vec::new();
@@ -313,7 +313,7 @@ fn whole_state(vm: &TinyVm) -> Result<(Vec<u8>, kvm_bindings::kvm_regs), String>
 #[test]
 fn export_import_into_an_empty_repo_restores_the_same_state() {
     check("export_import", || {
-        let tmp = TempDir::new("repo-export");
+        let tmp = temp_dir("repo-export");
         let repo = tmp.join("repo");
         let mut g = Changing::boot()?;
         g.snapshot(&repo, 1 << 20, None)?;
@@ -381,7 +381,7 @@ fn export_import_into_an_empty_repo_restores_the_same_state() {
 #[test]
 fn verify_detects_a_corrupt_and_a_missing_chunk() {
     check("verify_detects", || {
-        let tmp = TempDir::new("repo-verify");
+        let tmp = temp_dir("repo-verify");
         let repo = tmp.join("repo");
         let mut g = Changing::boot()?;
         let (a, _, _) = g.snapshot(&repo, 1 << 20, Some("first"))?;
@@ -481,7 +481,7 @@ fn restore_process(
 #[test]
 fn restore_from_a_repo_then_snapshot_creates_a_branch() {
     check("restore_then_snapshot_branches", || {
-        let tmp = TempDir::new("repo-branch");
+        let tmp = temp_dir("repo-branch");
         let repo = tmp.join("repo");
         let mut g = Changing::boot()?;
         let mut ids = Vec::new();
@@ -583,7 +583,7 @@ fn restore_from_a_repo_then_snapshot_creates_a_branch() {
 #[test]
 fn snapshot_after_its_parent_was_removed_and_collected() {
     check("parent_removed_and_collected", || {
-        let tmp = TempDir::new("repo-parent-gone");
+        let tmp = temp_dir("repo-parent-gone");
         let repo = tmp.join("repo");
         let mut g = Changing::boot()?;
         let (a, _, _) = g.snapshot(&repo, 1 << 20, None)?;
@@ -635,7 +635,7 @@ fn temp_repos(repo: &Path) -> Vec<String> {
 #[test]
 fn vmm_killed_during_the_first_snapshot_into_a_new_repo() {
     check("killed_during_first_repo_snapshot", || {
-        let tmp = TempDir::new("repo-first-kill");
+        let tmp = temp_dir("repo-first-kill");
         let src = tmp.join("src");
         let mut g = Changing::boot()?;
         let (id, _, _) = g.snapshot(&src, 1 << 20, None)?;

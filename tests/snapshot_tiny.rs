@@ -20,7 +20,7 @@ use vmm::config::BlockConfig;
 use vmm::util::lock;
 use vmm::vstate::exit::ExitReason;
 
-use support::env::TempDir;
+use support::env::temp_dir;
 use support::tiny;
 use support::tiny::harness::{check, check_ticks, deadline, ensure};
 use support::tiny::{Scenario, Spec, TinyVm, Variant, guest};
@@ -49,7 +49,7 @@ fn ticks_across_snapshot(timer_lapic: bool) -> Result<(), String> {
         scenario: Scenario::SnapTicks,
         defsyms: vec![("TIMER_LAPIC", u64::from(timer_lapic))],
     };
-    let tmp = TempDir::new(if timer_lapic {
+    let tmp = temp_dir(if timer_lapic {
         "ticks-lapic"
     } else {
         "ticks-pit"
@@ -169,7 +169,7 @@ fn check_numbers(stream: &str) -> Result<u64, String> {
 #[test]
 fn serial_output_is_exact_across_a_chain_of_snapshots() {
     check("serial_output_is_exact_across_a_chain_of_snapshots", || {
-        let tmp = TempDir::new("stream");
+        let tmp = temp_dir("stream");
         let mut stream = String::new();
         let mut vm = tiny::boot(Spec::new(Scenario::SnapStream), Vec::new())?;
         for round in 0..=5 {
@@ -229,7 +229,7 @@ fn serial_input_is_neither_lost_nor_repeated_across_snapshots() {
         || {
             const ROUNDS: usize = 40;
             const FIFO: usize = 64;
-            let tmp = TempDir::new("echo");
+            let tmp = temp_dir("echo");
             let input = echo_input(ROUNDS * FIFO);
             let mut vm = tiny::boot(Spec::new(Scenario::SnapEcho), Vec::new())?;
             vm.wait_for(deadline(), "echo: ready\n")?;
@@ -333,7 +333,7 @@ enum InFlight {
 }
 
 fn virtio_in_flight(mode: InFlight) -> Result<(), String> {
-    let tmp = TempDir::new(&format!("virtio-{mode:?}"));
+    let tmp = temp_dir(&format!("virtio-{mode:?}"));
     let disk_path = tmp.join("disk.img");
     let disk = make_disk(&disk_path)?;
     let snap = tmp.join("snap");
@@ -535,7 +535,7 @@ const CHUNK_CAUSES: &[&str] = &["corrupt", "missing", "length", "holds"];
 #[test]
 fn corrupt_snapshots_are_rejected_with_clear_errors() {
     check("corrupt_snapshots_are_rejected_with_clear_errors", || {
-        let tmp = TempDir::new("corrupt");
+        let tmp = temp_dir("corrupt");
         let good = tmp.join("good");
         let mut vm = tiny::boot(Spec::new(Scenario::SnapDirty), Vec::new())?;
         support::tiny::snap::wait_dirty_ready(&mut vm, deadline())?;
@@ -685,7 +685,7 @@ fn corrupt_snapshots_are_rejected_with_clear_errors() {
 #[test]
 fn lazy_restore_stops_on_a_corrupt_chunk() {
     check("lazy_restore_stops_on_a_corrupt_chunk", || {
-        let tmp = TempDir::new("lazy-corrupt");
+        let tmp = temp_dir("lazy-corrupt");
         let good = tmp.join("good");
         let mut vm = tiny::boot(Spec::new(Scenario::SnapDirty), Vec::new())?;
         support::tiny::snap::wait_dirty_ready(&mut vm, deadline())?;
@@ -714,7 +714,7 @@ fn lazy_restore_stops_on_a_corrupt_chunk() {
 #[test]
 fn restore_refuses_a_different_disk_unless_forced() {
     check("restore_refuses_a_different_disk_unless_forced", || {
-        let tmp = TempDir::new("disk-identity");
+        let tmp = temp_dir("disk-identity");
         let disk = |name: &str, len: usize| -> Result<BlockConfig, String> {
             let p = tmp.join(name);
             fs::write(&p, vec![0x5au8; len]).map_err(|e| e.to_string())?;

@@ -6,15 +6,21 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// A fresh, empty directory under the system temp dir, removed on drop.
+/// A fresh, empty directory, removed on drop (kept when `VMM_TEST_KEEP_TMP` is set).
 pub struct TempDir(PathBuf);
 
 impl TempDir {
-    /// Creates a fresh empty directory whose name contains `tag`.
+    /// Creates a fresh empty directory under the system temp dir whose name contains `tag`.
     pub fn new(tag: &str) -> Self {
+        Self::new_in(&std::env::temp_dir(), tag)
+    }
+
+    /// Creates a fresh empty directory under `base` (created if needed) whose name
+    /// contains `tag`.
+    pub fn new_in(base: &Path, tag: &str) -> Self {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
+        let path = base.join(format!(
             "vmm-test-{tag}-{}-{n}-{}",
             std::process::id(),
             std::time::SystemTime::now()
@@ -30,11 +36,18 @@ impl TempDir {
     pub fn path(&self) -> &Path {
         &self.0
     }
+
+    /// A path inside it.
+    pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
+        self.0.join(p)
+    }
 }
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if std::env::var_os("VMM_TEST_KEEP_TMP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 

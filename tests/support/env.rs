@@ -4,7 +4,6 @@
 //! where missing artifacts or programs are a failure.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::lock::{SlotLock, linux_guest_lock};
 
@@ -152,40 +151,10 @@ pub fn scratch(name: &str) -> PathBuf {
     d
 }
 
-/// A fresh, empty directory `<target>/tmp/tests/<name>-<pid>-<n>`, removed when dropped
-/// (kept when `VMM_TEST_KEEP_TMP` is set).
-pub struct TempDir(PathBuf);
+pub use vmm::util::testutil::TempDir;
 
-impl TempDir {
-    /// Creates the directory.
-    pub fn new(name: &str) -> Self {
-        static SEQ: AtomicU64 = AtomicU64::new(0);
-        let p = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join("tests")
-            .join(format!(
-                "{name}-{}-{}",
-                std::process::id(),
-                SEQ.fetch_add(1, Ordering::Relaxed)
-            ));
-        fresh_dir(&p);
-        Self(p)
-    }
-
-    /// The directory.
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
-    /// A path inside it.
-    pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
-        self.0.join(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::env::var_os("VMM_TEST_KEEP_TMP").is_none() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+/// A fresh, empty directory `<target>/tmp/tests/<name>-<pid>-<n>-<ns>` (on the disk the
+/// build is on, not tmpfs), removed when dropped (kept when `VMM_TEST_KEEP_TMP` is set).
+pub fn temp_dir(name: &str) -> TempDir {
+    TempDir::new_in(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("tests"), name)
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::env::{TempDir, skip_unless_ci};
+use super::env::{TempDir, skip_unless_ci, temp_dir};
 
 /// Where Debian installs nginx.
 pub const NGINX: &str = "/usr/sbin/nginx";
@@ -73,7 +73,7 @@ impl Nginx {
         let mut n = Nginx {
             child: None,
             port: free_port()?,
-            conf_dir: TempDir::new("nginx"),
+            conf_dir: temp_dir("nginx"),
             root: root.to_path_buf(),
             config,
         };

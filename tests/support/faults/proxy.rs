@@ -121,9 +121,7 @@ impl Drop for Proxy {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use vmm::util::lock;
 
 /// Reads one request head (the client sends no bodies); None at EOF or on error.
 fn read_head(c: &mut TcpStream) -> Option<String> {

@@ -258,9 +258,7 @@ impl BusDevice for RecordingDevice {
 }
 
 /// Locks a mutex, ignoring poisoning (a panicking vCPU thread must not hide the evidence).
-pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub use vmm::util::lock;
 
 /// A console writer that keeps everything in memory.
 #[derive(Clone, Default)]
