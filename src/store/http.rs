@@ -1,8 +1,11 @@
 //! [`HttpStore`]: a read-only chunk store ([`ChunkRead`] only) over plain HTTP.
 //!
-//! A chunk `id` is fetched with `GET BASE/chunks/<2 hex>/<64 hex>` — the [`LocalStore`]
-//! layout served by any static web server — and decoded with the chunk [`codec`]. Every
-//! chunk is checked against its id before it is returned.
+//! A chunk `id` is fetched from the archive's packs with an HTTP `Range` request for its
+//! record (`BASE/packs/list` and the listed `BASE/packs/<id>.idx` are fetched first, once:
+//! see `packs`), or, when no pack holds it, with `GET BASE/chunks/<2 hex>/<64 hex>` (the
+//! older [`LocalStore`] layout) — both served by any static web server that supports
+//! ranges (nginx, S3) — and decoded with the chunk [`codec`]. Every chunk is checked
+//! against its id before it is returned.
 //!
 //! * **Keep-alive pool**: one `ureq` agent keeps idle connections; at most
 //!   [`HttpStoreOptions::max_connections`] requests are in flight at once.
@@ -29,6 +32,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+mod packs;
 
 use super::codec::{self, HEADER_LEN};
 use super::{ChunkId, ChunkRead, MAX_CHUNK_LEN, Result, StoreError};
@@ -282,6 +287,8 @@ pub struct HttpStore {
     counters: Counters,
     /// The base that answered last: tried first in each round.
     preferred: AtomicUsize,
+    /// The archive's pack indexes (`packs/list`), loaded on first use.
+    packs: Mutex<packs::RemotePacks>,
 }
 
 impl std::fmt::Debug for HttpStore {
@@ -364,6 +371,7 @@ impl HttpStore {
             inflight: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             preferred: AtomicUsize::new(0),
+            packs: Mutex::new(packs::RemotePacks::default()),
         })
     }
 
@@ -385,10 +393,19 @@ impl HttpStore {
         }
     }
 
-    /// One GET of `url`, refusing bodies longer than `max_len`.
-    fn get_once(&self, url: &str, max_len: u64) -> std::result::Result<Vec<u8>, HttpError> {
+    /// One GET of `url` (of the byte range `(offset, len)` only, if given), refusing
+    /// bodies longer than `max_len`.
+    fn get_once(
+        &self,
+        url: &str,
+        max_len: u64,
+        range: Option<(u64, u64)>,
+    ) -> std::result::Result<Vec<u8>, HttpError> {
         if let Some(path) = url.strip_prefix("file://") {
-            return self.read_local(url, path, max_len);
+            return match range {
+                None => self.read_local(url, path, max_len),
+                Some(r) => self.read_local_range(url, path, r),
+            };
         }
         let transport = |e: ureq::Error| HttpError::Transport {
             url: url.into(),
@@ -396,9 +413,19 @@ impl HttpStore {
         };
         let _permit = self.permits.acquire();
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        let mut resp = self.agent.get(url).call().map_err(transport)?;
+        let mut req = self.agent.get(url);
+        if let Some((offset, len)) = range {
+            req = req.header("Range", format!("bytes={offset}-{}", offset + len - 1));
+        }
+        let mut resp = req.call().map_err(transport)?;
         let status = resp.status().as_u16();
-        if status != 200 {
+        if range.is_some() && status == 200 {
+            return Err(HttpError::Invalid {
+                url: url.into(),
+                reason: "the server ignored the Range request (packs need range support)".into(),
+            });
+        }
+        if status != 200 && !(range.is_some() && status == 206) {
             return Err(HttpError::Status {
                 url: url.into(),
                 status,
@@ -464,6 +491,37 @@ impl HttpStore {
         Ok(body)
     }
 
+    /// `get_once` of a byte range of a `file://` URL.
+    fn read_local_range(
+        &self,
+        url: &str,
+        path: &str,
+        (offset, len): (u64, u64),
+    ) -> std::result::Result<Vec<u8>, HttpError> {
+        use std::os::unix::fs::FileExt as _;
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let failed = |e: std::io::Error| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                HttpError::Status {
+                    url: url.into(),
+                    status: 404,
+                }
+            } else {
+                HttpError::Invalid {
+                    url: url.into(),
+                    reason: format!("cannot read {len} bytes at {offset}: {e}"),
+                }
+            }
+        };
+        let f = std::fs::File::open(path).map_err(failed)?;
+        let mut body = vec![0u8; len as usize];
+        f.read_exact_at(&mut body, offset).map_err(failed)?;
+        self.counters
+            .bytes_fetched
+            .fetch_add(len, Ordering::Relaxed);
+        Ok(body)
+    }
+
     /// Fetches `BASE/rel` (trying mirrors and retrying as described in the module
     /// documentation), refusing bodies over `max_len` bytes, and hands each body to `check`
     /// — a rejection by `check` is retried like a damaged answer.
@@ -471,6 +529,17 @@ impl HttpStore {
         &self,
         rel: &str,
         max_len: u64,
+        check: impl Fn(&str, Vec<u8>) -> std::result::Result<T, HttpError>,
+    ) -> std::result::Result<T, HttpError> {
+        self.fetch_inner(rel, max_len, None, check)
+    }
+
+    /// `fetch_with`, of the byte range `(offset, len)` of the file if given.
+    fn fetch_inner<T>(
+        &self,
+        rel: &str,
+        max_len: u64,
+        range: Option<(u64, u64)>,
         check: impl Fn(&str, Vec<u8>) -> std::result::Result<T, HttpError>,
     ) -> std::result::Result<T, HttpError> {
         let start = Instant::now();
@@ -491,7 +560,10 @@ impl HttpStore {
                 let base = &self.bases[i];
                 attempts += 1;
                 let url = format!("{base}/{rel}");
-                match self.get_once(&url, max_len).and_then(|b| check(&url, b)) {
+                match self
+                    .get_once(&url, max_len, range)
+                    .and_then(|b| check(&url, b))
+                {
                     Ok(v) => {
                         self.preferred.store(i, Ordering::Relaxed);
                         if attempts > 1 {
@@ -614,7 +686,33 @@ impl HttpStore {
         result
     }
 
+    /// Fetches chunk `id` from its pack if a pack index lists it, else its chunk file
+    /// (older layout); a chunk found in neither makes the pack list be reloaded once.
     fn fetch_chunk_uncoalesced(
+        &self,
+        id: &ChunkId,
+        len: Option<usize>,
+    ) -> std::result::Result<Vec<u8>, HttpError> {
+        if let Some(loc) = self.pack_location(id, false) {
+            let data = self.fetch_from_pack(id, loc, len)?;
+            self.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+            return Ok(data);
+        }
+        match self.fetch_chunk_file(id, len) {
+            Err(e) if e.is_not_found() => match self.pack_location(id, true) {
+                Some(loc) => {
+                    let data = self.fetch_from_pack(id, loc, len)?;
+                    self.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+                    Ok(data)
+                }
+                None => Err(e),
+            },
+            r => r,
+        }
+    }
+
+    /// Fetches chunk file `chunks/xx/<id>` (the older layout).
+    fn fetch_chunk_file(
         &self,
         id: &ChunkId,
         len: Option<usize>,
@@ -659,8 +757,12 @@ impl ChunkRead for HttpStore {
         Ok(())
     }
 
-    /// Asks the servers with `HEAD` (one attempt each): present if any answers 200.
+    /// Present if a pack index lists it; else asks the servers for its chunk file with
+    /// `HEAD` (one attempt each): present if any answers 200.
     fn contains(&self, id: &ChunkId) -> Result<bool> {
+        if self.pack_location(id, true).is_some() {
+            return Ok(true);
+        }
         let mut last = None;
         for base in &self.bases {
             let url = format!("{base}/{}", id.relative_path());
@@ -758,8 +860,9 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(30));
         let msg = format!("{e}: {}", std::error::Error::source(&e).unwrap());
         assert!(msg.contains("gave up after 3 attempts"), "{msg}");
+        // The pack list (first use), then the chunk file: 3 attempts each.
         let st = store.stats();
-        assert_eq!((st.requests, st.retries, st.failed_requests), (3, 2, 3));
+        assert_eq!((st.requests, st.retries, st.failed_requests), (6, 4, 6));
         // Writing is refused at compile time: HttpStore is no `ChunkWrite` (see the
         // `compile_fail` example on `ChunkRead`).
     }
