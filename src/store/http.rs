@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 mod packs;
 
 use super::codec::{self, HEADER_LEN};
-use super::{ChunkId, ChunkRead, MAX_CHUNK_LEN, Result, StoreError};
+use super::{ChunkId, ChunkRead, MAX_CHUNK_LEN, Result, StoreError, pack};
 use crate::util::lock;
 use crate::util::{IoError, error_chain};
 
@@ -694,17 +694,11 @@ impl HttpStore {
         len: Option<usize>,
     ) -> std::result::Result<Vec<u8>, HttpError> {
         if let Some(loc) = self.pack_location(id, false) {
-            let data = self.fetch_from_pack(id, loc, len)?;
-            self.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
-            return Ok(data);
+            return self.fetch_from_pack(id, loc, len);
         }
         match self.fetch_chunk_file(id, len) {
             Err(e) if e.is_not_found() => match self.pack_location(id, true) {
-                Some(loc) => {
-                    let data = self.fetch_from_pack(id, loc, len)?;
-                    self.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
-                    Ok(data)
-                }
+                Some(loc) => self.fetch_from_pack(id, loc, len),
                 None => Err(e),
             },
             r => r,
@@ -738,6 +732,129 @@ impl HttpStore {
         })?;
         self.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
         Ok(data)
+    }
+}
+
+/// Pack reading (see `packs`): locating chunks, ranged fetches, merged runs.
+impl HttpStore {
+    /// Where chunk `id` is in a pack: loads the list and indexes the first time, and again
+    /// (rate-limited) when `reload_on_miss` and the chunk is unknown.
+    fn pack_location(&self, id: &ChunkId, reload_on_miss: bool) -> Option<packs::RemoteLoc> {
+        {
+            let p = lock(&self.packs);
+            if let Some(l) = p.get(id) {
+                return Some(l);
+            }
+            if !p.due(reload_on_miss) {
+                return None;
+            }
+        }
+        self.load_packs();
+        lock(&self.packs).get(id)
+    }
+
+    /// Fetches `packs/list` and the indexes not loaded yet. Failures are logged: the
+    /// chunk file layout is still tried.
+    fn load_packs(&self) {
+        lock(&self.packs).loading();
+        let list = match self.fetch(&packs::list_rel(), 64 << 20) {
+            Ok(b) => pack::parse_list(&String::from_utf8_lossy(&b)),
+            Err(e) if e.is_not_found() => return,
+            Err(e) => {
+                log::warn!("no pack list: {}", error_chain(&e));
+                return;
+            }
+        };
+        for id in list {
+            if lock(&self.packs).has(&id) {
+                continue;
+            }
+            let got = self.fetch_with(&id.index_rel(), packs::INDEX_CAP, |url, body| {
+                packs::parse_index(id, &body).map_err(|reason| HttpError::Invalid {
+                    url: url.into(),
+                    reason,
+                })
+            });
+            match got {
+                Ok(ix) => lock(&self.packs).add(id, &ix),
+                Err(e) => log::warn!("skipping pack {id}: {}", error_chain(&e)),
+            }
+        }
+    }
+
+    /// Fetches one chunk from its pack record (one `Range` request), verified.
+    fn fetch_from_pack(
+        &self,
+        id: &ChunkId,
+        loc: packs::RemoteLoc,
+        len: Option<usize>,
+    ) -> std::result::Result<Vec<u8>, HttpError> {
+        let range = (loc.offset, u64::from(loc.len));
+        let data = self.fetch_inner(&loc.pack.pack_rel(), range.1, Some(range), |url, rec| {
+            packs::decode_checked(id, &rec, len).map_err(|reason| HttpError::Corrupt {
+                id: *id,
+                url: url.into(),
+                reason,
+            })
+        })?;
+        self.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+        Ok(data)
+    }
+
+    /// Fetches several chunks, merging those adjacent in one pack (up to
+    /// [`packs::MAX_RUN_BYTES`] per request) into one `Range` request; chunks not in a
+    /// pack are fetched one by one. Results are in the order of `ids`.
+    pub fn fetch_many(&self, ids: &[ChunkId]) -> Vec<std::result::Result<Vec<u8>, HttpError>> {
+        let mut out: Vec<Option<std::result::Result<Vec<u8>, HttpError>>> =
+            (0..ids.len()).map(|_| None).collect();
+        let mut located = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            match self.pack_location(id, false) {
+                Some(l) => located.push((l, i)),
+                None => {
+                    let r = self.fetch_chunk(id, None);
+                    out[i] = Some(r.map(|a| Arc::try_unwrap(a).unwrap_or_else(|a| (*a).clone())));
+                }
+            }
+        }
+        located.sort_by_key(|(l, _)| (l.pack, l.offset));
+        for run in packs::runs(&located) {
+            let (first, last) = (run[0].0, run[run.len() - 1].0);
+            let len = last.offset + u64::from(last.len) - first.offset;
+            let rel = first.pack.pack_rel();
+            let got = self.fetch_inner(&rel, len, Some((first.offset, len)), |url, body| {
+                run.iter()
+                    .map(|(l, i)| {
+                        let at = (l.offset - first.offset) as usize;
+                        let rec = &body[at..at + l.len as usize];
+                        packs::decode_checked(&ids[*i], rec, None).map_err(|reason| {
+                            HttpError::Corrupt {
+                                id: ids[*i],
+                                url: url.into(),
+                                reason,
+                            }
+                        })
+                    })
+                    .collect::<std::result::Result<Vec<_>, _>>()
+            });
+            match got {
+                Ok(datas) => {
+                    let n = datas.len() as u64;
+                    self.counters.chunks_fetched.fetch_add(n, Ordering::Relaxed);
+                    for ((_, i), d) in run.iter().zip(datas) {
+                        out[*i] = Some(Ok(d));
+                    }
+                }
+                Err(e) => {
+                    for (_, i) in run {
+                        out[*i] = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .map(|r| r.expect("every chunk was fetched"))
+            .collect()
     }
 }
 
@@ -798,72 +915,4 @@ impl ChunkRead for HttpStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base_urls_are_checked() {
-        assert_eq!(normalize_base("http://h:8/a/").unwrap(), "http://h:8/a");
-        for bad in [
-            "https://h/a",
-            "ftp://h",
-            "http://",
-            "http:///x",
-            "http://h/a?x",
-            "h/a",
-        ] {
-            assert!(normalize_base(bad).is_err(), "{bad}");
-        }
-        let e = HttpStore::new("https://h", HttpStoreOptions::default()).unwrap_err();
-        assert!(e.to_string().contains("https"), "{e}");
-    }
-
-    #[test]
-    fn a_file_url_reads_a_local_archive_directory() {
-        assert_eq!(normalize_base("file:///srv/a/").unwrap(), "file:///srv/a");
-        assert!(normalize_base("file://srv/a").is_err(), "relative file URL");
-        let dir = crate::util::testutil::TempDir::new("http-file");
-        std::fs::write(dir.path().join("x"), b"hello").unwrap();
-        let base = format!("file://{}", dir.path().display());
-        let store = HttpStore::new(&base, HttpStoreOptions::default()).unwrap();
-        assert_eq!(store.fetch("x", 16).unwrap(), b"hello");
-        assert!(store.fetch("missing", 16).unwrap_err().is_not_found());
-        assert!(matches!(
-            store.fetch("x", 3),
-            Err(HttpError::TooLarge { limit: 3, .. })
-        ));
-        let data = vec![7u8; 4096];
-        let id = ChunkId::of(&data);
-        let local = crate::store::local::LocalStore::open(dir.path(), Default::default()).unwrap();
-        crate::store::ChunkWrite::put(&local, &data).unwrap();
-        assert_eq!(*store.fetch_chunk(&id, Some(4096)).unwrap(), data);
-    }
-
-    #[test]
-    fn unreachable_server_gives_up_within_budget() {
-        // A port nothing listens on: bind then drop.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let opts = HttpStoreOptions {
-            attempts: 3,
-            first_backoff: Duration::from_millis(20),
-            ..HttpStoreOptions::default()
-        };
-        let store = HttpStore::new(&format!("http://127.0.0.1:{port}/a"), opts).unwrap();
-        let id = ChunkId::of(b"x");
-        let t = Instant::now();
-        let e = store.get(&id).unwrap_err();
-        // A ceiling that only a hang reaches (the attempts are counted below).
-        assert!(t.elapsed() < Duration::from_secs(30));
-        let msg = format!("{e}: {}", std::error::Error::source(&e).unwrap());
-        assert!(msg.contains("gave up after 3 attempts"), "{msg}");
-        // The pack list (first use), then the chunk file: 3 attempts each.
-        let st = store.stats();
-        assert_eq!((st.requests, st.retries, st.failed_requests), (6, 4, 6));
-        // Writing is refused at compile time: HttpStore is no `ChunkWrite` (see the
-        // `compile_fail` example on `ChunkRead`).
-    }
-}
+mod tests;
