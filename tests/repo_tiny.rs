@@ -116,17 +116,61 @@ fn repo_json(cmd: &str, repo: &Path, args: &[&str]) -> Result<serde_json::Value,
     serde_json::from_str(&out).map_err(|e| format!("vmm {a:?}: bad JSON ({e}): {out}"))
 }
 
-/// Chunk files in the repository's store.
-fn chunk_files(repo: &Path) -> BTreeSet<ChunkId> {
-    let mut out = BTreeSet::new();
-    for d in fs::read_dir(repo.join("chunks")).unwrap().flatten() {
-        for f in fs::read_dir(d.path()).unwrap().flatten() {
-            if let Ok(id) = f.file_name().to_string_lossy().parse() {
-                out.insert(id);
-            }
+/// The complete packs of the repository's store (an index, and a pack at least as long as
+/// it says): their indexes.
+fn pack_indexes(repo: &Path) -> Vec<vmm::store::pack::PackIndex> {
+    let dir = repo.join("packs");
+    let mut out = Vec::new();
+    for f in fs::read_dir(&dir).unwrap().flatten() {
+        let name = f.file_name().to_string_lossy().into_owned();
+        let Some(id) = name
+            .strip_suffix(".idx")
+            .and_then(vmm::store::pack::PackId::parse)
+        else {
+            continue;
+        };
+        if let Ok(Some((ix, _))) = vmm::store::pack::open_complete(&dir, id) {
+            out.push(ix);
         }
     }
     out
+}
+
+/// The chunks in the repository's store: chunk files (older layout) and the chunks of
+/// every complete pack.
+fn chunk_files(repo: &Path) -> BTreeSet<ChunkId> {
+    let mut out = BTreeSet::new();
+    if let Ok(rd) = fs::read_dir(repo.join("chunks")) {
+        for d in rd.flatten() {
+            for f in fs::read_dir(d.path()).unwrap().flatten() {
+                if let Ok(id) = f.file_name().to_string_lossy().parse() {
+                    out.insert(id);
+                }
+            }
+        }
+    }
+    for ix in pack_indexes(repo) {
+        out.extend(ix.entries.iter().map(|e| e.id));
+    }
+    out
+}
+
+/// Packs that gc must repack to keep only `live`: some but less than half of their bytes
+/// live.
+fn packs_to_repack(repo: &Path, live: &BTreeSet<ChunkId>) -> usize {
+    pack_indexes(repo)
+        .iter()
+        .filter(|ix| {
+            let total: u64 = ix.entries.iter().map(|e| u64::from(e.len)).sum();
+            let l: u64 = ix
+                .entries
+                .iter()
+                .filter(|e| live.contains(&e.id))
+                .map(|e| u64::from(e.len))
+                .sum();
+            l > 0 && (l as f64) < 0.5 * total as f64
+        })
+        .count()
 }
 
 fn refs_of(repo: &Path, ids: &[SnapshotId]) -> BTreeSet<ChunkId> {
@@ -138,9 +182,10 @@ fn refs_of(repo: &Path, ids: &[SnapshotId]) -> BTreeSet<ChunkId> {
 }
 
 fn bytes_of(repo: &Path, chunks: &BTreeSet<ChunkId>) -> u64 {
+    let store = vmm::store::LocalStore::open(repo, Default::default()).unwrap();
     chunks
         .iter()
-        .map(|c| fs::metadata(repo.join(c.relative_path())).unwrap().len())
+        .map(|c| store.stored_len(c).unwrap().unwrap())
         .sum()
 }
 
@@ -245,7 +290,13 @@ fn gc_killed_at_random_points_leaves_every_snapshot_restorable() {
         repo_json("rm", &repo, &gone_refs)?;
         let keep_refs = refs_of(&repo, &kept_ids);
         let to_delete = chunk_files(&repo).difference(&keep_refs).count();
-        eprintln!("  {to_delete} chunks to sweep");
+        let to_repack = packs_to_repack(&repo, &keep_refs);
+        eprintln!("  {to_delete} chunks to sweep, {to_repack} packs to repack");
+        // The first snapshot's pack holds the guest's code (live) and its first area
+        // (dead): gc must copy the live chunks out, so kills land in a repack too.
+        ensure(to_repack > 0, || {
+            "no pack to repack: the test misses repack".into()
+        })?;
 
         let mut rng = Rng::from_env_or_clock("FAULTS_SEED", "gc kill points");
         let (mut kills, mut finished) = (0, false);
@@ -292,6 +343,21 @@ fn gc_killed_at_random_points_leaves_every_snapshot_restorable() {
         ensure(chunk_files(&repo) == keep_refs, || {
             "after a full gc the store is not exactly the remaining chunks".into()
         })?;
+        ensure(packs_to_repack(&repo, &keep_refs) == 0, || {
+            "a sparse pack is left after a full gc".into()
+        })?;
+        let names: Vec<String> = fs::read_dir(repo.join("packs"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        ensure(
+            names.iter().all(|n| {
+                let stem = n.trim_end_matches(".pack").trim_end_matches(".idx");
+                names.contains(&format!("{stem}.pack")) && names.contains(&format!("{stem}.idx"))
+            }),
+            || format!("packs without index or index without pack after gc: {names:?}"),
+        )?;
         ensure(
             fs::read_dir(repo.join("tmp")).unwrap().next().is_none(),
             || "tmp/ not empty after gc".into(),

@@ -22,6 +22,7 @@ pub mod http;
 pub mod local;
 pub mod pack;
 pub mod pack_gc;
+pub mod pack_migrate;
 
 pub use codec::Compression;
 pub use local::{Layout, LocalStore, LocalStoreOptions, StoreStats};
