@@ -289,6 +289,9 @@ pub struct HttpStore {
     preferred: AtomicUsize,
     /// The archive's pack indexes (`packs/list`), loaded on first use.
     packs: Mutex<packs::RemotePacks>,
+    /// Held while the pack list and indexes load: other threads wait for that load
+    /// instead of missing chunks it is about to add.
+    packs_loading: Mutex<()>,
 }
 
 impl std::fmt::Debug for HttpStore {
@@ -372,6 +375,7 @@ impl HttpStore {
             counters: Counters::default(),
             preferred: AtomicUsize::new(0),
             packs: Mutex::new(packs::RemotePacks::default()),
+            packs_loading: Mutex::new(()),
         })
     }
 
@@ -740,6 +744,11 @@ impl HttpStore {
     /// Where chunk `id` is in a pack: loads the list and indexes the first time, and again
     /// (rate-limited) when `reload_on_miss` and the chunk is unknown.
     fn pack_location(&self, id: &ChunkId, reload_on_miss: bool) -> Option<packs::RemoteLoc> {
+        if let Some(l) = lock(&self.packs).get(id) {
+            return Some(l);
+        }
+        // One load at a time; a thread that waited for it looks again before loading.
+        let _loading = lock(&self.packs_loading);
         {
             let p = lock(&self.packs);
             if let Some(l) = p.get(id) {
