@@ -162,7 +162,24 @@ impl LocalStore {
     /// Opens the store rooted at `root`, creating the directory new chunks go to
     /// (`chunks/` or `packs/`) if needed, and loads the pack indexes.
     pub fn open(root: impl AsRef<Path>, options: LocalStoreOptions) -> Result<Self> {
-        let root = root.as_ref().to_path_buf();
+        Self::open_inner(root.as_ref(), options, true)
+    }
+
+    /// Opens the store rooted at `root` for reading, creating nothing (a store on
+    /// read-only media, a snapshot directory restored from): whichever of `chunks/` and
+    /// `packs/` exist are read. Nothing may be written through it.
+    pub fn open_read(root: impl AsRef<Path>) -> Result<Self> {
+        Self::open_inner(root.as_ref(), LocalStoreOptions::default(), false)
+    }
+
+    /// Whether `root` holds a chunk store (a `chunks/` or a `packs/` directory).
+    pub fn exists(root: impl AsRef<Path>) -> bool {
+        let root = root.as_ref();
+        root.join("chunks").is_dir() || root.join(pack::PACKS_DIR).is_dir()
+    }
+
+    fn open_inner(root: &Path, options: LocalStoreOptions, create: bool) -> Result<Self> {
+        let root = root.to_path_buf();
         let chunks_dir = root.join("chunks");
         let packs_dir = root.join(pack::PACKS_DIR);
         let write_dir = match options.layout {
@@ -170,8 +187,8 @@ impl LocalStore {
             Layout::Packs => &packs_dir,
         };
         let existed = write_dir.is_dir();
-        fs::create_dir_all(write_dir).map_err(io_err("create directory", write_dir))?;
-        if !existed {
+        if create && !existed {
+            fs::create_dir_all(write_dir).map_err(io_err("create directory", write_dir))?;
             fsync_dir(&root)?;
             if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
                 fsync_dir(parent)?;
