@@ -403,11 +403,18 @@ impl PackWriter {
             .create_new(true)
             .open(&path)
             .map_err(|e| IoError::new("create", &path, e))?;
-        file.write_all(&pack_header())
-            .map_err(|e| IoError::new("write", &path, e))?;
-        let read = file
-            .try_clone()
-            .map_err(|e| IoError::new("open", &path, e))?;
+        // A pack that cannot even be started is removed at once.
+        let started = file
+            .write_all(&pack_header())
+            .map_err(|e| IoError::new("write", &path, e))
+            .and_then(|()| file.try_clone().map_err(|e| IoError::new("open", &path, e)));
+        let read = match started {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                return Err(e.into());
+            }
+        };
         Ok(PackWriter {
             id,
             reader: Arc::new(PackFile {
