@@ -461,12 +461,25 @@ fn verify_detects_a_corrupt_and_a_missing_chunk() {
         ensure(only_b.len() >= 2, || {
             "snapshot b has no chunks of its own".into()
         })?;
-        let corrupt = repo.join(only_b[0].relative_path());
-        let mut data = fs::read(&corrupt).unwrap();
-        let n = data.len() / 2;
+        // Damage the middle of one chunk's record; take another out of its pack's index.
+        let store = vmm::store::LocalStore::open_read(&repo).unwrap();
+        let loc = store.location(&only_b[0]).unwrap().unwrap();
+        let mut data = fs::read(&loc.path).unwrap();
+        let n = (loc.offset + loc.len / 2) as usize;
         data[n] ^= 0x40;
-        fs::write(&corrupt, data).unwrap();
-        fs::remove_file(repo.join(only_b[1].relative_path())).unwrap();
+        fs::write(&loc.path, data).unwrap();
+        for ix_path in fs::read_dir(repo.join("packs"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+        {
+            if ix_path.extension().is_some_and(|e| e == "idx") {
+                let mut ix = vmm::store::pack::read_index(&ix_path).unwrap();
+                ix.entries.retain(|e| e.id != only_b[1]);
+                vmm::formats::file::write_file(&ix_path, &vmm::formats::PACK_INDEX_KIND, &ix)
+                    .unwrap();
+            }
+        }
 
         let r = repo.to_str().unwrap();
         let (code, out, _) = vmm_cli(&["snapshot", "verify", "--repo", r, "--json"]);
