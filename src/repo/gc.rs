@@ -20,7 +20,7 @@ use serde::Serialize;
 use super::progress::Progress;
 use super::{Repo, RepoError, Result, SnapshotId, lock::LockMode};
 use crate::store::pack::PACKS_DIR;
-use crate::store::pack_gc::{PackGcReport, sweep_packs};
+use crate::store::pack_gc::{PackGcReport, REPACK_LIVE_FRACTION, sweep_packs_below};
 use crate::store::{ChunkId, LocalStore};
 use crate::util::IoError;
 use crate::util::fs::fsync_dir;
@@ -28,6 +28,11 @@ use crate::util::fs::fsync_dir;
 /// Test hook: microseconds to sleep after each chunk file gc deletes, so a test can kill gc
 /// in the middle of its sweep. Not for production use.
 pub const GC_DELAY_ENV: &str = "VMM_REPO_GC_DELAY_US";
+
+/// Repacks packs whose live bytes are below this fraction instead of the default
+/// (`store::pack_gc::REPACK_LIVE_FRACTION`); `1` repacks every pack with a dead chunk, so
+/// that gc frees every dead chunk. A test hook and an escape hatch, not a tuning knob.
+pub const GC_REPACK_BELOW_ENV: &str = "VMM_REPO_GC_REPACK_BELOW";
 
 /// Disk usage of one snapshot's chunks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -209,8 +214,12 @@ pub fn gc(repo: &Repo, progress: Option<bool>) -> Result<GcReport> {
         bar.add(1);
     }
     bar.finish();
-    let packs =
-        sweep_packs(&repo.root().join(PACKS_DIR), &live, delay).map_err(RepoError::Store)?;
+    let below = std::env::var(GC_REPACK_BELOW_ENV)
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(REPACK_LIVE_FRACTION);
+    let packs = sweep_packs_below(&repo.root().join(PACKS_DIR), &live, delay, below)
+        .map_err(RepoError::Store)?;
     report.chunks_kept += packs.chunks_kept;
     report.chunks_deleted += packs.chunks_deleted;
     report.bytes_freed += packs.bytes_freed;

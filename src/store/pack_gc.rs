@@ -66,6 +66,17 @@ pub fn sweep_packs(
     live: &BTreeSet<ChunkId>,
     delay: Option<Duration>,
 ) -> Result<PackGcReport> {
+    sweep_packs_below(dir, live, delay, REPACK_LIVE_FRACTION)
+}
+
+/// [`sweep_packs`] repacking the packs whose live bytes are below `repack_below` (a
+/// fraction: 1.0 repacks every pack holding a dead chunk).
+pub fn sweep_packs_below(
+    dir: &Path,
+    live: &BTreeSet<ChunkId>,
+    delay: Option<Duration>,
+    repack_below: f64,
+) -> Result<PackGcReport> {
     let mut report = PackGcReport::default();
     let (found, litter) = scan(dir)?;
     let pause = || {
@@ -92,7 +103,7 @@ pub fn sweep_packs(
             .count() as u64;
         if n_live == 0 {
             dead_packs.push(f);
-        } else if (live_bytes as f64) < REPACK_LIVE_FRACTION * total as f64 {
+        } else if (live_bytes as f64) < repack_below * total as f64 {
             repack.push(f);
         } else {
             report.packs_kept += 1;
