@@ -453,6 +453,6 @@ fn syscall_count_of_one_save() {
     Rng::new(7).fill(&mut mem);
     let store = LocalStore::open(dir.path(), LocalStoreOptions::packs()).unwrap();
     let (m, stats) = save_memory(&[(0, &mem)], DEFAULT_CHUNK_SIZE, &store).unwrap();
-    m.write_to(&dir.path().join("memory")).unwrap();
+    m.write_to(dir.path().join("memory")).unwrap();
     eprintln!("{mib} MiB: {} chunks written", stats.chunks_new);
 }
