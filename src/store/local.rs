@@ -326,6 +326,18 @@ impl LocalStore {
         self.write_record(id, header, body, data.len())
     }
 
+    /// Like [`put_stored`](Self::put_stored), but a chunk only counts as present when a
+    /// pack holds it (a chunk file does not): what moving chunk files into packs needs.
+    pub fn put_stored_in_pack(&self, id: &ChunkId, bytes: &[u8]) -> Result<PutOutcome> {
+        if self.pack_location(id, Reload::IfChanged)?.is_some() {
+            self.chunks_deduped.fetch_add(1, Ordering::Relaxed);
+            return Ok(PutOutcome::Present);
+        }
+        let data = codec::decode(id, bytes)?;
+        let (header, body) = bytes.split_at(HEADER_LEN);
+        self.write_record(id, header, body, data.len())
+    }
+
     /// Makes the chunks written so far durable. Call once after a whole snapshot.
     /// Packs: `fdatasync` of each pack, its index written (temp name, `fdatasync`,
     /// rename), the list updated if asked, one fsync of `packs/`. Files: an fsync of every

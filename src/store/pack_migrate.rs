@@ -85,7 +85,7 @@ pub fn migrate(root: &Path, publish_list: bool) -> Result<MigrateReport> {
             };
             let path = e.path();
             let bytes = fs::read(&path).map_err(|e| IoError::new("read", &path, e))?;
-            match store.put_stored(&id, &bytes) {
+            match store.put_stored_in_pack(&id, &bytes) {
                 Ok(PutOutcome::Written { stored_bytes }) => {
                     report.chunks_moved += 1;
                     report.bytes_moved += stored_bytes;
