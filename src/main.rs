@@ -134,6 +134,22 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ImageCmd,
     },
+    /// Chunk store maintenance (docs/SNAPSHOT_FORMAT.md, "Packs").
+    Store {
+        #[command(subcommand)]
+        cmd: StoreCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum StoreCmd {
+    /// Move the chunk files (`chunks/xx/<id>`, the older layout) of a snapshot directory,
+    /// repository or archive into packs. Run it while nothing else writes to the store
+    /// (a repository's lock is taken).
+    Migrate {
+        /// The store's directory (snapshot directory, repository or archive).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -277,6 +293,9 @@ fn main() -> ExitCode {
             cmd: SnapshotCmd::Repo(cmd),
         }) => vmm::repo::cli::run(cmd),
         Some(Cmd::Archive { cmd }) => vmm::archive::cli::run(cmd),
+        Some(Cmd::Store {
+            cmd: StoreCmd::Migrate { dir },
+        }) => store_migrate(&dir),
         Some(Cmd::Image {
             cmd:
                 ImageCmd::Import {
@@ -293,6 +312,36 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(1, error_chain(&e)),
         },
+    }
+}
+
+/// `vmm store migrate DIR`: a repository under its exclusive lock; an archive also lists
+/// its new packs for HTTP readers.
+fn store_migrate(dir: &Path) -> ExitCode {
+    let _lock = if dir.join(vmm::repo::MARKER_FILE).is_file() {
+        let repo = match vmm::repo::Repo::open(dir) {
+            Ok(r) => r,
+            Err(e) => return fail(1, error_chain(&e)),
+        };
+        match repo.lock(vmm::repo::lock::LockMode::Exclusive, "store migrate") {
+            Ok(l) => Some(l),
+            Err(e) => return fail(1, error_chain(&e)),
+        }
+    } else {
+        None
+    };
+    let archive =
+        dir.join(vmm::formats::marker::ARCHIVE_MARKER).is_file() || dir.join("vms").is_dir();
+    match vmm::store::pack_migrate::migrate(dir, archive) {
+        Ok(r) => {
+            println!("{r}");
+            if r.damaged.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => fail(1, error_chain(&e)),
     }
 }
 

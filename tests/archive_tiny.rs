@@ -248,14 +248,18 @@ fn server_down_and_altered_chunk_stop_the_vm_cleanly() {
         nginx.restart();
         let addr = PAT_BASE + 40 * 4096;
         let id = chunk_of(&a.archive, "dirty", addr)?;
-        let file = a.archive.join("chunks").join(&id[..2]).join(&id);
-        // A well-formed chunk file (raw encoding, right length) with other content: only
-        // the hash check can tell.
-        let len = 64u32 << 10;
-        let mut bytes = vec![b'V', b'C', 1, 0];
-        bytes.extend_from_slice(&len.to_le_bytes());
-        bytes.resize(8 + len as usize, 0xab);
-        std::fs::write(&file, bytes).map_err(|e| e.to_string())?;
+        // The chunk's record in its pack keeps its header, its body is replaced: a raw
+        // body is then only caught by the hash check, a zstd one by decoding.
+        let store = vmm::store::LocalStore::open(&a.archive, Default::default())
+            .map_err(|e| e.to_string())?;
+        let cid: vmm::store::ChunkId = id.parse().map_err(|e| format!("{e}"))?;
+        let loc = store
+            .location(&cid)
+            .map_err(|e| e.to_string())?
+            .ok_or("the chunk is not in the archive")?;
+        let mut bytes = std::fs::read(&loc.path).map_err(|e| e.to_string())?;
+        bytes[(loc.offset + 8) as usize..(loc.offset + loc.len) as usize].fill(0xab);
+        std::fs::write(&loc.path, bytes).map_err(|e| e.to_string())?;
         let (mut vm, s) = resume(&url, &tmp.join("cache-b"), FillRate::Off, quick_http())?;
         guest_touch(&vm, addr)?;
         let reason = tiny::run_for(&mut vm, Duration::from_secs(120))?;

@@ -317,16 +317,32 @@ fn archive_after(archive: &Path, old: &str, new: &str, pushed: bool) -> Result<(
     ensure(pushed == vms.iter().any(|v| v == new), || {
         format!("push result {pushed} but archive VMs {vms:?}")
     })?;
-    ensure(temp_files(&archive.join("chunks")).is_empty(), || {
-        format!(
-            "temp chunk files left: {:?}",
-            temp_files(&archive.join("chunks"))
-        )
+    let packs_dir = archive.join("packs");
+    ensure(temp_files(&packs_dir).is_empty(), || {
+        format!("temp files left: {:?}", temp_files(&packs_dir))
+    })?;
+    // A failed push removes its pack: no pack is left without its index.
+    let packs: Vec<String> = std::fs::read_dir(archive.join("packs"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let orphans: Vec<&String> = packs
+        .iter()
+        .filter(|n| {
+            n.strip_suffix(".pack")
+                .is_some_and(|stem| !packs.contains(&format!("{stem}.idx")))
+        })
+        .collect();
+    ensure(orphans.is_empty(), || {
+        format!("packs without an index left: {orphans:?}")
     })
 }
 
 /// `archive push` onto a full disk and with EIO: a clear error, the archive's earlier VM
-/// intact, the half-pushed VM not complete (no state file), no temp chunk left; the push
+/// intact, the half-pushed VM not complete (no state file), no temp file or pack without index left; the push
 /// succeeds once the fault is gone and the VM resumes from the archive directory.
 #[test]
 fn archive_push_on_a_full_disk_and_with_io_errors() {

@@ -118,17 +118,61 @@ fn repo_json(cmd: &str, repo: &Path, args: &[&str]) -> Result<serde_json::Value,
     serde_json::from_str(&out).map_err(|e| format!("vmm {a:?}: bad JSON ({e}): {out}"))
 }
 
-/// Chunk files in the repository's store.
-fn chunk_files(repo: &Path) -> BTreeSet<ChunkId> {
-    let mut out = BTreeSet::new();
-    for d in fs::read_dir(repo.join("chunks")).unwrap().flatten() {
-        for f in fs::read_dir(d.path()).unwrap().flatten() {
-            if let Ok(id) = f.file_name().to_string_lossy().parse() {
-                out.insert(id);
-            }
+/// The complete packs of the repository's store (an index, and a pack at least as long as
+/// it says): their indexes.
+fn pack_indexes(repo: &Path) -> Vec<vmm::store::pack::PackIndex> {
+    let dir = repo.join("packs");
+    let mut out = Vec::new();
+    for f in fs::read_dir(&dir).unwrap().flatten() {
+        let name = f.file_name().to_string_lossy().into_owned();
+        let Some(id) = name
+            .strip_suffix(".idx")
+            .and_then(vmm::store::pack::PackId::parse)
+        else {
+            continue;
+        };
+        if let Ok(Some((ix, _))) = vmm::store::pack::open_complete(&dir, id) {
+            out.push(ix);
         }
     }
     out
+}
+
+/// The chunks in the repository's store: chunk files (older layout) and the chunks of
+/// every complete pack.
+fn chunk_files(repo: &Path) -> BTreeSet<ChunkId> {
+    let mut out = BTreeSet::new();
+    if let Ok(rd) = fs::read_dir(repo.join("chunks")) {
+        for d in rd.flatten() {
+            for f in fs::read_dir(d.path()).unwrap().flatten() {
+                if let Ok(id) = f.file_name().to_string_lossy().parse() {
+                    out.insert(id);
+                }
+            }
+        }
+    }
+    for ix in pack_indexes(repo) {
+        out.extend(ix.entries.iter().map(|e| e.id));
+    }
+    out
+}
+
+/// Packs that gc must repack to keep only `live`: some but less than half of their bytes
+/// live.
+fn packs_to_repack(repo: &Path, live: &BTreeSet<ChunkId>) -> usize {
+    pack_indexes(repo)
+        .iter()
+        .filter(|ix| {
+            let total: u64 = ix.entries.iter().map(|e| u64::from(e.len)).sum();
+            let l: u64 = ix
+                .entries
+                .iter()
+                .filter(|e| live.contains(&e.id))
+                .map(|e| u64::from(e.len))
+                .sum();
+            l > 0 && (l as f64) < 0.5 * total as f64
+        })
+        .count()
 }
 
 fn refs_of(repo: &Path, ids: &[SnapshotId]) -> BTreeSet<ChunkId> {
@@ -140,9 +184,10 @@ fn refs_of(repo: &Path, ids: &[SnapshotId]) -> BTreeSet<ChunkId> {
 }
 
 fn bytes_of(repo: &Path, chunks: &BTreeSet<ChunkId>) -> u64 {
+    let store = vmm::store::LocalStore::open(repo, Default::default()).unwrap();
     chunks
         .iter()
-        .map(|c| fs::metadata(repo.join(c.relative_path())).unwrap().len())
+        .map(|c| store.stored_len(c).unwrap().unwrap())
         .sum()
 }
 
@@ -247,7 +292,10 @@ fn gc_killed_at_random_points_leaves_every_snapshot_restorable() {
         repo_json("rm", &repo, &gone_refs)?;
         let keep_refs = refs_of(&repo, &kept_ids);
         let to_delete = chunk_files(&repo).difference(&keep_refs).count();
-        eprintln!("  {to_delete} chunks to sweep");
+        let to_repack = packs_to_repack(&repo, &keep_refs);
+        eprintln!("  {to_delete} chunks to sweep, {to_repack} packs to repack");
+        // gc runs with every pack holding a dead chunk repacked (`GC_REPACK_BELOW_ENV`),
+        // so that it frees every dead chunk and the kills land in repacks too.
 
         let mut rng = Rng::from_env_or_clock("FAULTS_SEED", "gc kill points");
         let (mut kills, mut finished) = (0, false);
@@ -255,6 +303,7 @@ fn gc_killed_at_random_points_leaves_every_snapshot_restorable() {
             let mut child = Command::new(support::env::vmm_bin())
                 .args(["snapshot", "gc", "--repo", repo.to_str().unwrap()])
                 .env(vmm::repo::gc::GC_DELAY_ENV, "10000")
+                .env(vmm::repo::gc::GC_REPACK_BELOW_ENV, "1")
                 .env("RUST_LOG", "warn")
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
@@ -290,10 +339,30 @@ fn gc_killed_at_random_points_leaves_every_snapshot_restorable() {
             }
         }
         ensure(kills >= 5, || format!("only {kills} kills landed"))?;
-        repo_json("gc", &repo, &[])?;
+        let full = Command::new(support::env::vmm_bin())
+            .args(["snapshot", "gc", "--repo", repo.to_str().unwrap()])
+            .env(vmm::repo::gc::GC_REPACK_BELOW_ENV, "1")
+            .status()
+            .map_err(|e| format!("gc: {e}"))?;
+        ensure(full.success(), || format!("the last gc failed: {full}"))?;
         ensure(chunk_files(&repo) == keep_refs, || {
             "after a full gc the store is not exactly the remaining chunks".into()
         })?;
+        ensure(packs_to_repack(&repo, &keep_refs) == 0, || {
+            "a sparse pack is left after a full gc".into()
+        })?;
+        let names: Vec<String> = fs::read_dir(repo.join("packs"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        ensure(
+            names.iter().all(|n| {
+                let stem = n.trim_end_matches(".pack").trim_end_matches(".idx");
+                names.contains(&format!("{stem}.pack")) && names.contains(&format!("{stem}.idx"))
+            }),
+            || format!("packs without index or index without pack after gc: {names:?}"),
+        )?;
         ensure(
             fs::read_dir(repo.join("tmp")).unwrap().next().is_none(),
             || "tmp/ not empty after gc".into(),
@@ -397,12 +466,25 @@ fn verify_detects_a_corrupt_and_a_missing_chunk() {
         ensure(only_b.len() >= 2, || {
             "snapshot b has no chunks of its own".into()
         })?;
-        let corrupt = repo.join(only_b[0].relative_path());
-        let mut data = fs::read(&corrupt).unwrap();
-        let n = data.len() / 2;
+        // Damage the middle of one chunk's record; take another out of its pack's index.
+        let store = vmm::store::LocalStore::open_read(&repo).unwrap();
+        let loc = store.location(&only_b[0]).unwrap().unwrap();
+        let mut data = fs::read(&loc.path).unwrap();
+        let n = (loc.offset + loc.len / 2) as usize;
         data[n] ^= 0x40;
-        fs::write(&corrupt, data).unwrap();
-        fs::remove_file(repo.join(only_b[1].relative_path())).unwrap();
+        fs::write(&loc.path, data).unwrap();
+        for ix_path in fs::read_dir(repo.join("packs"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+        {
+            if ix_path.extension().is_some_and(|e| e == "idx") {
+                let mut ix = vmm::store::pack::read_index(&ix_path).unwrap();
+                ix.entries.retain(|e| e.id != only_b[1]);
+                vmm::formats::file::write_file(&ix_path, &vmm::formats::PACK_INDEX_KIND, &ix)
+                    .unwrap();
+            }
+        }
 
         let r = repo.to_str().unwrap();
         let (code, out, _) = vmm_cli(&["snapshot", "verify", "--repo", r, "--json"]);

@@ -454,8 +454,32 @@ fn virtio_request_completed_but_unconsumed_at_snapshot() {
 // ---------------------------------------------------------------------------------------
 // 4: corrupt snapshots.
 
-/// Chunk files of a store, sorted.
+/// Turns the packs of `store` into chunk files (`chunks/xx/<id>`, the older layout, which
+/// restores still read), so that single chunks can be damaged or removed as files.
+fn unpack(store: &Path) -> Result<(), String> {
+    let packs = store.join("packs");
+    let Ok(rd) = fs::read_dir(&packs) else {
+        return Ok(());
+    };
+    for p in rd.flatten().map(|e| e.path()) {
+        if p.extension().is_none_or(|e| e != "idx") {
+            continue;
+        }
+        let ix = vmm::store::pack::read_index(&p).map_err(|e| e.to_string())?;
+        let data = fs::read(p.with_extension("pack")).map_err(|e| e.to_string())?;
+        for e in &ix.entries {
+            let dest = store.join(e.id.relative_path());
+            fs::create_dir_all(dest.parent().unwrap()).map_err(|e| e.to_string())?;
+            let rec = &data[e.offset as usize..(e.offset + u64::from(e.len)) as usize];
+            fs::write(&dest, rec).map_err(|e| e.to_string())?;
+        }
+    }
+    fs::remove_dir_all(&packs).map_err(|e| e.to_string())
+}
+
+/// Chunk files of a store (its packs turned into chunk files first), sorted.
 fn chunk_files(store: &Path) -> Result<Vec<PathBuf>, String> {
+    unpack(store)?;
     let mut out = Vec::new();
     let chunks = store.join("chunks");
     for d in fs::read_dir(&chunks).map_err(|e| format!("{}: {e}", chunks.display()))? {

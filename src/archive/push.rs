@@ -2,10 +2,11 @@
 //!
 //! 1. Reads the snapshot's state and manifest, and every chunk it needs
 //!    ([`chunk_refs`]: memory and captured overlays).
-//! 2. Copies the chunks the archive lacks into `ARCHIVE/chunks/`, file by file as they
-//!    are (compressed or not), each verified against its id first, to temp files; then
-//!    one `syncfs`, the renames, and fsyncs of the fan-out directories (a crash before
-//!    the renames leaves only temp files, never a chunk name with partial content).
+//! 2. Copies the chunks the archive lacks into one new pack `ARCHIVE/packs/<id>.pack`,
+//!    record by record as they are stored (compressed or not), each verified against its
+//!    id first; then the pack and its index are made durable and the pack is added to
+//!    `ARCHIVE/packs/list` (what HTTP readers load). A crash before the index is renamed
+//!    leaves a pack without an index, which every reader ignores.
 //! 3. Disks: a remote image stays a URL — relative (`../../images/X`) when the same image
 //!    (same image id) is in this archive; a local file is imported as image
 //!    `NAME.diskN` ([`crate::image`]) and referred to relatively. Writable disks get
@@ -16,7 +17,6 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,9 +29,9 @@ use crate::image::{self, ImageError};
 use crate::snapshot::manifest::{ManifestError, MemoryManifest};
 use crate::snapshot::microvm::{MEMORY_FILE, MicrovmState, STATE_FILE};
 use crate::snapshot::refs::{RefsError, chunk_refs};
-use crate::store::{ChunkId, StoreError, codec};
+use crate::store::{ChunkId, ChunkRead, LocalStore, LocalStoreOptions, PutOutcome, StoreError};
 use crate::util::IoError;
-use crate::util::fs::{Staged, fsync_dir, replace_pair};
+use crate::util::fs::replace_pair;
 
 /// Errors of `archive push`.
 #[derive(Debug, thiserror::Error)]
@@ -63,10 +63,10 @@ pub enum PushError {
     /// The list of chunks the snapshot needs.
     #[error("cannot list the snapshot's chunks")]
     Refs(#[source] RefsError),
-    /// A chunk of the snapshot is missing or damaged.
-    #[error("snapshot chunk {}", path.display())]
+    /// A chunk of the snapshot is missing or damaged, or the archive's store failed.
+    #[error("chunk store {}", path.display())]
     Chunk {
-        /// Its file.
+        /// The store (the snapshot's or the archive's).
         path: PathBuf,
         /// Cause.
         #[source]
@@ -166,7 +166,6 @@ pub fn push(snapshot_dir: &Path, archive: &Path, name: &str) -> Result<PushRepor
     })?;
     let refs = chunk_refs(snapshot_dir).map_err(PushError::Refs)?;
     let src_store = state.store_dir(snapshot_dir);
-    fs::create_dir_all(archive.join("chunks")).map_err(io("create", archive))?;
     let (copied, bytes, present) = copy_chunks(&refs, &src_store, archive)?;
 
     let mut imported = Vec::new();
@@ -229,20 +228,32 @@ pub fn push(snapshot_dir: &Path, archive: &Path, name: &str) -> Result<PushRepor
     })
 }
 
-/// Copies the chunks of `refs` missing from `archive` out of `src_store`, verified, on a
-/// few threads; returns (copied, bytes copied, already present).
+/// Copies the chunks of `refs` missing from `archive` out of `src_store` (records as
+/// stored, each checked to decode to its id) into one new pack of the archive, on a few
+/// threads, and publishes it: pack and index made durable, `packs/list` updated, one
+/// directory fsync. Returns (copied, bytes copied, already present).
 fn copy_chunks(
     refs: &BTreeSet<ChunkId>,
     src_store: &Path,
     archive: &Path,
 ) -> Result<(u64, u64, u64), PushError> {
+    let store_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| PushError::Chunk { path, source }
+    };
+    let src =
+        LocalStore::open(src_store, LocalStoreOptions::default()).map_err(store_err(src_store))?;
+    let dest = LocalStore::open(
+        archive,
+        LocalStoreOptions {
+            publish_list: true,
+            ..LocalStoreOptions::packs()
+        },
+    )
+    .map_err(store_err(archive))?;
     let ids: Vec<&ChunkId> = refs.iter().collect();
     let next = AtomicU64::new(0);
     let (copied, bytes, present) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
-    let dirs = Mutex::new(BTreeSet::new());
-    // Chunk files written to temp names; renamed once all are durable (one `syncfs`
-    // instead of one fsync per chunk).
-    let pending: Mutex<Vec<Written>> = Mutex::new(Vec::new());
     let first_err = Mutex::new(None);
     let workers = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
@@ -253,27 +264,26 @@ fn copy_chunks(
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                     let Some(id) = ids.get(i) else { return };
-                    if first_err.lock().map(|e| e.is_some()).unwrap_or(true) {
+                    if crate::util::lock(&first_err).is_some() {
                         return;
                     }
-                    match copy_one(id, src_store, archive) {
-                        Ok(None) => {
+                    let copy = || -> Result<PutOutcome, PushError> {
+                        if dest.contains(id).map_err(store_err(archive))? {
+                            return Ok(PutOutcome::Present);
+                        }
+                        let rec = src.read_stored(id).map_err(store_err(src_store))?;
+                        dest.put_stored(id, &rec).map_err(store_err(archive))
+                    };
+                    match copy() {
+                        Ok(PutOutcome::Present) => {
                             present.fetch_add(1, Ordering::Relaxed);
                         }
-                        Ok(Some(w)) => {
+                        Ok(PutOutcome::Written { stored_bytes }) => {
                             copied.fetch_add(1, Ordering::Relaxed);
-                            bytes.fetch_add(w.len, Ordering::Relaxed);
-                            if let Ok(mut d) = dirs.lock() {
-                                d.insert(w.dir.clone());
-                            }
-                            if let Ok(mut p) = pending.lock() {
-                                p.push(w);
-                            }
+                            bytes.fetch_add(stored_bytes, Ordering::Relaxed);
                         }
                         Err(e) => {
-                            if let Ok(mut f) = first_err.lock() {
-                                f.get_or_insert(e);
-                            }
+                            crate::util::lock(&first_err).get_or_insert(e);
                             return;
                         }
                     }
@@ -281,70 +291,16 @@ fn copy_chunks(
             });
         }
     });
-    // Dropping a `Written` that was not committed removes its temp file.
-    let mut pending = pending.into_inner().unwrap_or_default();
+    // On an error, dropping `dest` unsynced deletes the new pack.
     if let Some(e) = first_err.into_inner().ok().flatten() {
         return Err(e);
     }
-    if !pending.is_empty() {
-        let chunks = archive.join("chunks");
-        crate::store::local::syncfs(&chunks).map_err(io("syncfs", &chunks))?;
-        for w in &mut pending {
-            w.staged.commit()?;
-        }
-    }
-    let dirs = dirs.into_inner().unwrap_or_default();
-    for d in &dirs {
-        fsync_dir(d)?;
-    }
-    if !dirs.is_empty() {
-        fsync_dir(&archive.join("chunks"))?;
-    }
+    dest.sync().map_err(store_err(archive))?;
     Ok((
         copied.into_inner(),
         bytes.into_inner(),
         present.into_inner(),
     ))
-}
-
-/// A chunk file written under a temp name, to be renamed into place once durable.
-struct Written {
-    len: u64,
-    dir: PathBuf,
-    staged: Staged,
-}
-
-/// Writes one chunk file (verified) to a temp name in its fan-out directory unless the
-/// archive has it.
-fn copy_one(id: &ChunkId, src_store: &Path, archive: &Path) -> Result<Option<Written>, PushError> {
-    let rel = id.relative_path();
-    let dest = archive.join(&rel);
-    if dest.is_file() {
-        return Ok(None);
-    }
-    let src = src_store.join(&rel);
-    let bytes = match fs::read(&src) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(PushError::Chunk {
-                path: src,
-                source: StoreError::NotFound { id: *id },
-            });
-        }
-        Err(e) => return Err(io("read", &src)(e)),
-    };
-    codec::decode(id, &bytes).map_err(|source| PushError::Chunk {
-        path: src.clone(),
-        source,
-    })?;
-    let dir = dest.parent().unwrap_or(archive).to_path_buf();
-    fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-    let staged = Staged::write(&dest, false, |f| f.write_all(&bytes))?;
-    Ok(Some(Written {
-        len: bytes.len() as u64,
-        dir,
-        staged,
-    }))
 }
 
 /// The image id a remote disk's identity records (`image-id=<hex>`).

@@ -32,7 +32,7 @@ use crate::snapshot::manifest::{ManifestError, MemoryManifest};
 use crate::snapshot::microvm::{MEMORY_FILE, MicrovmState, STATE_FILE};
 use crate::store::cache::{CacheError, CachedStore};
 use crate::store::http::{HttpError, HttpStore, HttpStoreOptions};
-use crate::store::local::{LocalStore, LocalStoreOptions};
+use crate::store::local::LocalStore;
 use crate::store::{ChunkId, ChunkRead, StoreError};
 use crate::util::error_chain;
 use crate::vmm::Vmm;
@@ -330,8 +330,7 @@ fn load_local(vm_dir: &Path) -> Result<Loaded, RestoreError> {
     let working_set = read_working_set(vm_dir);
     let store_dir = state.store_dir(vm_dir);
     crate::formats::check_archive(&store_dir).map_err(RestoreError::Archive)?;
-    let store =
-        LocalStore::open(&store_dir, LocalStoreOptions::default()).map_err(RestoreError::Store)?;
+    let store = LocalStore::open_read(&store_dir).map_err(RestoreError::Store)?;
     Ok(Loaded {
         meta_local_bytes: (state_bytes.len() + mem_bytes.len()) as u64,
         state,

@@ -33,7 +33,7 @@ use crate::formats::Persist;
 use crate::snapshot::SnapshotBase;
 use crate::snapshot::manifest::{MemoryManifest, ZeroChunks, restore_memory};
 use crate::snapshot::microvm::MicrovmState;
-use crate::store::local::{LocalStore, LocalStoreOptions};
+use crate::store::local::LocalStore;
 use crate::vmm::{AttachedBlock, Machine, Vmm};
 use crate::vstate::bus::Bus;
 use crate::vstate::memory::{self, GuestMemory};
@@ -106,14 +106,14 @@ pub fn build_from_snapshot(
         .map_err(|e| snap_err_chain("memory manifest", memory_path, &e))?;
     let snap_dir = cpu_path.parent().unwrap_or(Path::new("."));
     let store_dir = state.store_dir(snap_dir);
-    if !store_dir.join("chunks").is_dir() {
+    if !LocalStore::exists(&store_dir) {
         return Err(snap_err(
             "chunk store",
             &store_dir,
-            "missing (no chunks/ directory)",
+            "missing (no packs/ or chunks/ directory)",
         ));
     }
-    let store = LocalStore::open(&store_dir, LocalStoreOptions::default())
+    let store = LocalStore::open_read(&store_dir)
         .map_err(|e| snap_err_chain("chunk store", &store_dir, &e))?;
     let base = SnapshotBase {
         store: std::fs::canonicalize(&store_dir).unwrap_or(store_dir),

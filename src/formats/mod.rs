@@ -52,6 +52,21 @@ pub const EXPORT_VERSION: u32 = 1;
 /// Archive layout version this build reads and writes (`archive`; [`marker`]).
 pub const ARCHIVE_VERSION: u32 = 1;
 
+/// Container kind of a pack's index file (`store::pack`, `STORE/packs/<pack id>.idx`).
+pub const PACK_INDEX_KIND: FileKind = FileKind {
+    magic: *b"VMMPIDX\0",
+    version: 1,
+    max_payload: 256 << 20,
+    name: "vmm pack index",
+};
+
+/// The pack file format version written and read (`store::pack`, `STORE/packs/<id>.pack`).
+pub const PACK_VERSION: u32 = 1;
+
+/// Chunk store layout version written (`store`): 1 = one file per chunk
+/// (`chunks/xx/<id>`), 2 = packs (`packs/<id>.pack` + `.idx`). Both are read.
+pub const STORE_VERSION: u32 = 2;
+
 /// The container kind of disk image index files (`image`).
 pub const INDEX_KIND: FileKind = FileKind {
     magic: *b"VMMIMG\0\0",
@@ -124,6 +139,23 @@ pub fn all() -> Vec<Format> {
             version: u32::from(CHUNK_VERSION),
             oldest: u32::from(CHUNK_VERSION),
         },
+        Format {
+            name: "store",
+            what: "chunk store layout (1: STORE/chunks/xx/<id>; 2: STORE/packs/)",
+            version: STORE_VERSION,
+            oldest: 1,
+        },
+        Format {
+            name: "pack",
+            what: "pack file (STORE/packs/<pack id>.pack)",
+            version: PACK_VERSION,
+            oldest: PACK_VERSION,
+        },
+        kind(
+            "pack_index",
+            "pack index (STORE/packs/<pack id>.idx)",
+            &PACK_INDEX_KIND,
+        ),
         Format {
             name: "repository",
             what: "snapshot repository layout and catalogue (REPO/vmm-repo.json, meta.json)",

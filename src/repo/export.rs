@@ -242,27 +242,13 @@ fn write_head(w: &mut impl Write, header: &[u8], parts: &ExportParts<'_>) -> io:
     Ok(())
 }
 
-/// Reads chunk file `c` of snapshot `id` as stored, checking that it decodes.
+/// Reads chunk `c` of snapshot `id` as stored (its record, from a pack or a chunk file),
+/// checking that it decodes: never export damage, the importer would refuse it anyway.
 fn read_chunk(store: &LocalStore, id: &SnapshotId, c: &ChunkId) -> Result<Vec<u8>> {
-    let p = store.chunk_path(c);
-    let bytes = fs::read(&p).map_err(|e| ExportError::Chunk {
-        id: id.short(),
-        source: if e.kind() == io::ErrorKind::NotFound {
-            crate::store::StoreError::NotFound { id: *c }
-        } else {
-            crate::store::StoreError::Io(IoError {
-                op: "read",
-                path: p.clone(),
-                source: e,
-            })
-        },
-    })?;
-    // Never export damage: the importer would refuse it anyway.
-    codec::decode(c, &bytes).map_err(|source| ExportError::Chunk {
+    store.read_stored(c).map_err(|source| ExportError::Chunk {
         id: id.short(),
         source,
-    })?;
-    Ok(bytes)
+    })
 }
 
 struct HashReader<R: Read> {

@@ -4,8 +4,9 @@
 //! (`snapshots/<id>` → `tmp/rm-…`) before deleting anything, so a listed snapshot is always
 //! complete. `gc` holds the repository lock exclusively (no create or import can be between
 //! writing chunks and listing its snapshot), marks the chunks of every listed snapshot, and
-//! only then deletes chunk files outside that set; it aborts without deleting anything if a
-//! listed snapshot cannot be read. Killing it at any point leaves every listed snapshot with
+//! only then deletes chunk files outside that set and packs with no live chunk, and repacks
+//! packs that are mostly dead (`store::pack_gc`: the new pack is durable before the old ones
+//! go); it aborts without deleting anything if a listed snapshot cannot be read. Killing it at any point leaves every listed snapshot with
 //! all its chunks; the next run finishes the job.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -18,13 +19,20 @@ use serde::Serialize;
 
 use super::progress::Progress;
 use super::{Repo, RepoError, Result, SnapshotId, lock::LockMode};
-use crate::store::ChunkId;
+use crate::store::pack::PACKS_DIR;
+use crate::store::pack_gc::{PackGcReport, REPACK_LIVE_FRACTION, sweep_packs_below};
+use crate::store::{ChunkId, LocalStore};
 use crate::util::IoError;
 use crate::util::fs::fsync_dir;
 
 /// Test hook: microseconds to sleep after each chunk file gc deletes, so a test can kill gc
 /// in the middle of its sweep. Not for production use.
 pub const GC_DELAY_ENV: &str = "VMM_REPO_GC_DELAY_US";
+
+/// Repacks packs whose live bytes are below this fraction instead of the default
+/// (`store::pack_gc::REPACK_LIVE_FRACTION`); `1` repacks every pack with a dead chunk, so
+/// that gc frees every dead chunk. A test hook and an escape hatch, not a tuning knob.
+pub const GC_REPACK_BELOW_ENV: &str = "VMM_REPO_GC_REPACK_BELOW";
 
 /// Disk usage of one snapshot's chunks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -39,11 +47,10 @@ pub struct Usage {
     pub chunks_missing: u64,
 }
 
-/// Size on disk of a chunk file, `None` when it is missing.
-fn chunk_file_len(repo_root: &Path, id: &ChunkId) -> Option<u64> {
-    fs::metadata(repo_root.join(id.relative_path()))
-        .ok()
-        .map(|m| m.len())
+/// Size on disk of a chunk's record (in a pack or a chunk file), `None` when it is
+/// missing or cannot be looked up.
+fn chunk_file_len(store: Option<&LocalStore>, id: &ChunkId) -> Option<u64> {
+    store?.stored_len(id).ok().flatten()
 }
 
 /// Usage of every snapshot in `refs`, given the chunks of all listed snapshots.
@@ -57,9 +64,10 @@ pub fn usage(
             *users.entry(c).or_default() += 1;
         }
     }
+    let store = repo.store().ok();
     let sizes: BTreeMap<&ChunkId, Option<u64>> = users
         .keys()
-        .map(|c| (*c, chunk_file_len(repo.root(), c)))
+        .map(|c| (*c, chunk_file_len(store.as_ref(), c)))
         .collect();
     refs.iter()
         .map(|(id, set)| {
@@ -120,8 +128,9 @@ pub fn rm(repo: &Repo, ids: &[SnapshotId]) -> Result<RmReport> {
     }
     let (mut chunks_freed, mut bytes_freed) = (0, 0);
     if kept_complete {
+        let store = repo.store().ok();
         for c in gone_chunks.difference(&kept_chunks) {
-            if let Some(n) = chunk_file_len(repo.root(), c) {
+            if let Some(n) = chunk_file_len(store.as_ref(), c) {
                 chunks_freed += 1;
                 bytes_freed += n;
             }
@@ -166,10 +175,12 @@ pub fn rm(repo: &Repo, ids: &[SnapshotId]) -> Result<RmReport> {
 pub struct GcReport {
     /// Listed snapshots whose chunks were kept.
     pub snapshots: u64,
-    /// Chunk files kept.
+    /// Chunks kept (chunk files, and live chunks in packs).
     pub chunks_kept: u64,
-    /// Chunk files deleted.
+    /// Chunks deleted (chunk files, and dead chunks of packs deleted or repacked).
     pub chunks_deleted: u64,
+    /// What was done to the packs (`packs/`).
+    pub packs: PackGcReport,
     /// Bytes deleted.
     pub bytes_freed: u64,
     /// Leftovers of interrupted writes deleted (temp chunk files, work directories).
@@ -203,6 +214,17 @@ pub fn gc(repo: &Repo, progress: Option<bool>) -> Result<GcReport> {
         bar.add(1);
     }
     bar.finish();
+    let below = std::env::var(GC_REPACK_BELOW_ENV)
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(REPACK_LIVE_FRACTION);
+    let packs = sweep_packs_below(&repo.root().join(PACKS_DIR), &live, delay, below)
+        .map_err(RepoError::Store)?;
+    report.chunks_kept += packs.chunks_kept;
+    report.chunks_deleted += packs.chunks_deleted;
+    report.bytes_freed += packs.bytes_freed;
+    report.leftovers_deleted += packs.leftovers_deleted;
+    report.packs = packs;
 
     // Names of removed snapshots (left by an rm that was killed after its rename).
     let listed: BTreeSet<SnapshotId> = refs.keys().copied().collect();

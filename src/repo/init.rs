@@ -28,6 +28,8 @@ use crate::util::fs::fsync_dir;
 
 /// The chunk store's directory inside a repository.
 const CHUNKS_DIR: &str = "chunks";
+/// The pack directory of the chunk store (`store::pack::PACKS_DIR`).
+const PACKS_DIR: &str = crate::store::pack::PACKS_DIR;
 /// Infix of the temporary names new repositories are built under (`.NAME.vmm-repo-new-…`).
 const TEMP_INFIX: &str = ".vmm-repo-new-";
 
@@ -64,6 +66,7 @@ pub(crate) fn classify(path: &Path) -> Result<Found> {
         let ok = match e.file_name().to_str() {
             Some(SNAPSHOTS_DIR | NAMES_DIR | TMP_DIR) => is_empty_dir(&p),
             Some(CHUNKS_DIR) => only_empty_dirs(&p, 2),
+            Some(PACKS_DIR) => is_empty_dir(&p),
             Some(LOCK_FILE) => fs::symlink_metadata(&p).is_ok_and(|m| m.is_file() && m.len() == 0),
             _ => false,
         };
@@ -98,7 +101,7 @@ fn make_layout(dir: &Path) -> Result<()> {
         let p = dir.join(d);
         fs::create_dir_all(&p).map_err(io_err("create directory", &p))?;
     }
-    LocalStore::open(dir, LocalStoreOptions::default()).map_err(RepoError::Store)?;
+    LocalStore::open(dir, LocalStoreOptions::packs()).map_err(RepoError::Store)?;
     let mpath = dir.join(MARKER_FILE);
     crate::formats::write_marker(&mpath, REPO_FORMAT, REPO_VERSION).map_err(|source| {
         RepoError::Write {

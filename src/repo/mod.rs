@@ -5,7 +5,8 @@
 //! ```text
 //! REPO/vmm-repo.json          marker: {"format": "vmm-snapshot-repository", "version": 1}
 //! REPO/lock                   flock: shared for create/import/rm, exclusive for gc
-//! REPO/chunks/xx/<id>         the LocalStore (REPO is its root)
+//! REPO/packs/<id>.{pack,idx}  the LocalStore (REPO is its root), in packs
+//! REPO/chunks/xx/<id>         chunk files of the older layout, still read
 //! REPO/snapshots/<id>/state   MicrovmState, store = "../.."
 //! REPO/snapshots/<id>/memory  memory manifest
 //! REPO/snapshots/<id>/meta.json
@@ -38,6 +39,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::snapshot::microvm::{MEMORY_FILE, MicrovmState, STATE_FILE};
+use crate::store::ChunkRead as _;
 use crate::store::local::{LocalStore, LocalStoreOptions};
 use crate::util::IoError;
 use crate::util::fs::fsync_dir;
@@ -386,9 +388,9 @@ impl Repo {
         self.root.join(TMP_DIR)
     }
 
-    /// The chunk store.
+    /// The chunk store (new chunks are written in packs).
     pub fn store(&self) -> Result<LocalStore> {
-        LocalStore::open(&self.root, LocalStoreOptions::default()).map_err(RepoError::Store)
+        LocalStore::open(&self.root, LocalStoreOptions::packs()).map_err(RepoError::Store)
     }
 
     /// Takes the repository lock.
@@ -553,10 +555,12 @@ impl Repo {
                 source: Box::new(source),
             })?;
         let store = self.store()?;
-        let missing: Vec<_> = refs
-            .iter()
-            .filter(|c| !store.chunk_path(c).is_file())
-            .collect();
+        let mut missing = Vec::new();
+        for c in &refs {
+            if !store.contains(c).map_err(RepoError::Store)? {
+                missing.push(c);
+            }
+        }
         if let Some(first) = missing.first() {
             return Err(RepoError::MissingChunks {
                 count: missing.len(),

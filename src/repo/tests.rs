@@ -87,16 +87,39 @@ pub(crate) fn random_mem(seed: u64, chunks: usize) -> Vec<u8> {
     v
 }
 
+/// The chunks stored: chunk files and the chunks of every indexed pack.
 fn chunk_files(root: &Path) -> BTreeSet<crate::store::ChunkId> {
     let mut out = BTreeSet::new();
-    for d in fs::read_dir(root.join("chunks")).unwrap() {
-        for f in fs::read_dir(d.unwrap().path()).unwrap() {
-            if let Ok(id) = f.unwrap().file_name().to_string_lossy().parse() {
-                out.insert(id);
+    if let Ok(rd) = fs::read_dir(root.join("chunks")) {
+        for d in rd {
+            for f in fs::read_dir(d.unwrap().path()).unwrap() {
+                if let Ok(id) = f.unwrap().file_name().to_string_lossy().parse() {
+                    out.insert(id);
+                }
             }
         }
     }
+    for f in fs::read_dir(root.join("packs")).unwrap() {
+        let p = f.unwrap().path();
+        if p.extension().is_some_and(|e| e == "idx") {
+            let ix = crate::store::pack::read_index(&p).unwrap();
+            out.extend(ix.entries.iter().map(|e| e.id));
+        }
+    }
     out
+}
+
+/// Takes chunk `id` out of the index of the pack holding it (as if it had never been
+/// written).
+fn drop_from_index(root: &Path, id: &crate::store::ChunkId) {
+    for f in fs::read_dir(root.join("packs")).unwrap() {
+        let p = f.unwrap().path();
+        if p.extension().is_some_and(|e| e == "idx") {
+            let mut ix = crate::store::pack::read_index(&p).unwrap();
+            ix.entries.retain(|e| e.id != *id);
+            crate::formats::file::write_file(&p, &crate::formats::PACK_INDEX_KIND, &ix).unwrap();
+        }
+    }
 }
 
 #[test]
@@ -105,7 +128,7 @@ fn init_open_and_refuse_foreign_dirs() {
     let p = t.path().join("r");
     assert!(matches!(Repo::open(&p), Err(RepoError::NotARepo { .. })));
     let r = Repo::open_or_init(&p).unwrap();
-    assert!(p.join(MARKER_FILE).is_file() && p.join("chunks").is_dir());
+    assert!(p.join(MARKER_FILE).is_file() && p.join("packs").is_dir());
     assert_eq!(Repo::open(&p).unwrap().root(), r.root());
     let other = t.path().join("other");
     fs::create_dir_all(&other).unwrap();
@@ -273,14 +296,8 @@ fn rm_and_gc_free_exactly_the_unreferenced_chunks() {
         .collect();
     let expect_freed = before.difference(&keep).count() as u64;
     assert_eq!(rep.chunks_freed, expect_freed);
-    // A leftover temp chunk and work dir are cleaned too.
-    let fan = fs::read_dir(r.root().join("chunks"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    fs::write(fan.join(".deadbeef.tmp.1.2"), b"x").unwrap();
+    // A leftover temp index and work dir are cleaned too.
+    fs::write(r.root().join("packs/.deadbeef.idx.tmp.1.2"), b"x").unwrap();
     fs::create_dir_all(r.tmp_dir().join("create-1-1")).unwrap();
     let g = gc::gc(&r, Some(false)).unwrap();
     assert_eq!(g.chunks_deleted, expect_freed);
@@ -323,12 +340,12 @@ fn verify_reports_missing_corrupt_and_bad_meta() {
     assert!(verify::verify(&r, None, Some(false)).unwrap().ok);
     let refs: Vec<_> = r.refs(&a).unwrap().into_iter().collect();
     let store = r.store().unwrap();
-    fs::remove_file(store.chunk_path(&refs[0])).unwrap();
-    let p = store.chunk_path(&refs[1]);
-    let mut bytes = fs::read(&p).unwrap();
-    let last = bytes.len() - 1;
+    let loc = store.location(&refs[1]).unwrap().unwrap();
+    drop_from_index(r.root(), &refs[0]);
+    let mut bytes = fs::read(&loc.path).unwrap();
+    let last = (loc.offset + loc.len - 1) as usize;
     bytes[last] ^= 0xff;
-    fs::write(&p, bytes).unwrap();
+    fs::write(&loc.path, bytes).unwrap();
     fs::write(r.snapshot_dir(&a).join(META_FILE), b"{").unwrap();
     let v = verify::verify(&r, None, Some(false)).unwrap();
     assert!(!v.ok);

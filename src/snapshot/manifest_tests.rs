@@ -435,3 +435,24 @@ fn parallel_map_keeps_order_and_stops_on_error() {
     let empty: Vec<u32> = parallel_map(Vec::new(), 4, 4, |i: u32| Ok::<_, ()>(i)).unwrap();
     assert!(empty.is_empty());
 }
+
+/// For counting the flushes and renames of one snapshot's memory save (docs/BENCHMARKS.md,
+/// "Snapshot create"): `SYSCALL_COUNT_MIB` MiB of random memory (default 64) saved into a
+/// fresh store in packs, then the manifest written. Run it under
+/// `strace -f -c -e trace=fsync,fdatasync,rename,renameat,renameat2,syncfs` with
+/// `TMPDIR` on the file system to measure.
+#[test]
+#[ignore]
+fn syscall_count_of_one_save() {
+    let mib: usize = std::env::var("SYSCALL_COUNT_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let dir = TempDir::new("syscalls");
+    let mut mem = vec![0u8; mib << 20];
+    Rng::new(7).fill(&mut mem);
+    let store = LocalStore::open(dir.path(), LocalStoreOptions::packs()).unwrap();
+    let (m, stats) = save_memory(&[(0, &mem)], DEFAULT_CHUNK_SIZE, &store).unwrap();
+    m.write_to(dir.path().join("memory")).unwrap();
+    eprintln!("{mib} MiB: {} chunks written", stats.chunks_new);
+}

@@ -1,8 +1,11 @@
 //! [`HttpStore`]: a read-only chunk store ([`ChunkRead`] only) over plain HTTP.
 //!
-//! A chunk `id` is fetched with `GET BASE/chunks/<2 hex>/<64 hex>` — the [`LocalStore`]
-//! layout served by any static web server — and decoded with the chunk [`codec`]. Every
-//! chunk is checked against its id before it is returned.
+//! A chunk `id` is fetched from the archive's packs with an HTTP `Range` request for its
+//! record (`BASE/packs/list` and the listed `BASE/packs/<id>.idx` are fetched first, once:
+//! see `packs`), or, when no pack holds it, with `GET BASE/chunks/<2 hex>/<64 hex>` (the
+//! older [`LocalStore`] layout) — both served by any static web server that supports
+//! ranges (nginx, S3) — and decoded with the chunk [`codec`]. Every chunk is checked
+//! against its id before it is returned.
 //!
 //! * **Keep-alive pool**: one `ureq` agent keeps idle connections; at most
 //!   [`HttpStoreOptions::max_connections`] requests are in flight at once.
@@ -30,8 +33,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+mod packs;
+
 use super::codec::{self, HEADER_LEN};
-use super::{ChunkId, ChunkRead, MAX_CHUNK_LEN, Result, StoreError};
+use super::{ChunkId, ChunkRead, MAX_CHUNK_LEN, Result, StoreError, pack};
 use crate::util::lock;
 use crate::util::{IoError, error_chain};
 
@@ -282,6 +287,11 @@ pub struct HttpStore {
     counters: Counters,
     /// The base that answered last: tried first in each round.
     preferred: AtomicUsize,
+    /// The archive's pack indexes (`packs/list`), loaded on first use.
+    packs: Mutex<packs::RemotePacks>,
+    /// Held while the pack list and indexes load: other threads wait for that load
+    /// instead of missing chunks it is about to add.
+    packs_loading: Mutex<()>,
 }
 
 impl std::fmt::Debug for HttpStore {
@@ -364,6 +374,8 @@ impl HttpStore {
             inflight: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             preferred: AtomicUsize::new(0),
+            packs: Mutex::new(packs::RemotePacks::default()),
+            packs_loading: Mutex::new(()),
         })
     }
 
@@ -385,10 +397,19 @@ impl HttpStore {
         }
     }
 
-    /// One GET of `url`, refusing bodies longer than `max_len`.
-    fn get_once(&self, url: &str, max_len: u64) -> std::result::Result<Vec<u8>, HttpError> {
+    /// One GET of `url` (of the byte range `(offset, len)` only, if given), refusing
+    /// bodies longer than `max_len`.
+    fn get_once(
+        &self,
+        url: &str,
+        max_len: u64,
+        range: Option<(u64, u64)>,
+    ) -> std::result::Result<Vec<u8>, HttpError> {
         if let Some(path) = url.strip_prefix("file://") {
-            return self.read_local(url, path, max_len);
+            return match range {
+                None => self.read_local(url, path, max_len),
+                Some(r) => self.read_local_range(url, path, r),
+            };
         }
         let transport = |e: ureq::Error| HttpError::Transport {
             url: url.into(),
@@ -396,9 +417,19 @@ impl HttpStore {
         };
         let _permit = self.permits.acquire();
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        let mut resp = self.agent.get(url).call().map_err(transport)?;
+        let mut req = self.agent.get(url);
+        if let Some((offset, len)) = range {
+            req = req.header("Range", format!("bytes={offset}-{}", offset + len - 1));
+        }
+        let mut resp = req.call().map_err(transport)?;
         let status = resp.status().as_u16();
-        if status != 200 {
+        if range.is_some() && status == 200 {
+            return Err(HttpError::Invalid {
+                url: url.into(),
+                reason: "the server ignored the Range request (packs need range support)".into(),
+            });
+        }
+        if status != 200 && !(range.is_some() && status == 206) {
             return Err(HttpError::Status {
                 url: url.into(),
                 status,
@@ -464,6 +495,37 @@ impl HttpStore {
         Ok(body)
     }
 
+    /// `get_once` of a byte range of a `file://` URL.
+    fn read_local_range(
+        &self,
+        url: &str,
+        path: &str,
+        (offset, len): (u64, u64),
+    ) -> std::result::Result<Vec<u8>, HttpError> {
+        use std::os::unix::fs::FileExt as _;
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let failed = |e: std::io::Error| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                HttpError::Status {
+                    url: url.into(),
+                    status: 404,
+                }
+            } else {
+                HttpError::Invalid {
+                    url: url.into(),
+                    reason: format!("cannot read {len} bytes at {offset}: {e}"),
+                }
+            }
+        };
+        let f = std::fs::File::open(path).map_err(failed)?;
+        let mut body = vec![0u8; len as usize];
+        f.read_exact_at(&mut body, offset).map_err(failed)?;
+        self.counters
+            .bytes_fetched
+            .fetch_add(len, Ordering::Relaxed);
+        Ok(body)
+    }
+
     /// Fetches `BASE/rel` (trying mirrors and retrying as described in the module
     /// documentation), refusing bodies over `max_len` bytes, and hands each body to `check`
     /// — a rejection by `check` is retried like a damaged answer.
@@ -471,6 +533,17 @@ impl HttpStore {
         &self,
         rel: &str,
         max_len: u64,
+        check: impl Fn(&str, Vec<u8>) -> std::result::Result<T, HttpError>,
+    ) -> std::result::Result<T, HttpError> {
+        self.fetch_inner(rel, max_len, None, check)
+    }
+
+    /// `fetch_with`, of the byte range `(offset, len)` of the file if given.
+    fn fetch_inner<T>(
+        &self,
+        rel: &str,
+        max_len: u64,
+        range: Option<(u64, u64)>,
         check: impl Fn(&str, Vec<u8>) -> std::result::Result<T, HttpError>,
     ) -> std::result::Result<T, HttpError> {
         let start = Instant::now();
@@ -491,7 +564,10 @@ impl HttpStore {
                 let base = &self.bases[i];
                 attempts += 1;
                 let url = format!("{base}/{rel}");
-                match self.get_once(&url, max_len).and_then(|b| check(&url, b)) {
+                match self
+                    .get_once(&url, max_len, range)
+                    .and_then(|b| check(&url, b))
+                {
                     Ok(v) => {
                         self.preferred.store(i, Ordering::Relaxed);
                         if attempts > 1 {
@@ -614,7 +690,27 @@ impl HttpStore {
         result
     }
 
+    /// Fetches chunk `id` from its pack if a pack index lists it, else its chunk file
+    /// (older layout); a chunk found in neither makes the pack list be reloaded once.
     fn fetch_chunk_uncoalesced(
+        &self,
+        id: &ChunkId,
+        len: Option<usize>,
+    ) -> std::result::Result<Vec<u8>, HttpError> {
+        if let Some(loc) = self.pack_location(id, false) {
+            return self.fetch_from_pack(id, loc, len);
+        }
+        match self.fetch_chunk_file(id, len) {
+            Err(e) if e.is_not_found() => match self.pack_location(id, true) {
+                Some(loc) => self.fetch_from_pack(id, loc, len),
+                None => Err(e),
+            },
+            r => r,
+        }
+    }
+
+    /// Fetches chunk file `chunks/xx/<id>` (the older layout).
+    fn fetch_chunk_file(
         &self,
         id: &ChunkId,
         len: Option<usize>,
@@ -643,6 +739,134 @@ impl HttpStore {
     }
 }
 
+/// Pack reading (see `packs`): locating chunks, ranged fetches, merged runs.
+impl HttpStore {
+    /// Where chunk `id` is in a pack: loads the list and indexes the first time, and again
+    /// (rate-limited) when `reload_on_miss` and the chunk is unknown.
+    fn pack_location(&self, id: &ChunkId, reload_on_miss: bool) -> Option<packs::RemoteLoc> {
+        if let Some(l) = lock(&self.packs).get(id) {
+            return Some(l);
+        }
+        // One load at a time; a thread that waited for it looks again before loading.
+        let _loading = lock(&self.packs_loading);
+        {
+            let p = lock(&self.packs);
+            if let Some(l) = p.get(id) {
+                return Some(l);
+            }
+            if !p.due(reload_on_miss) {
+                return None;
+            }
+        }
+        self.load_packs();
+        lock(&self.packs).get(id)
+    }
+
+    /// Fetches `packs/list` and the indexes not loaded yet. Failures are logged: the
+    /// chunk file layout is still tried.
+    fn load_packs(&self) {
+        lock(&self.packs).loading();
+        let list = match self.fetch(&packs::list_rel(), 64 << 20) {
+            Ok(b) => pack::parse_list(&String::from_utf8_lossy(&b)),
+            Err(e) if e.is_not_found() => return,
+            Err(e) => {
+                log::warn!("no pack list: {}", error_chain(&e));
+                return;
+            }
+        };
+        for id in list {
+            if lock(&self.packs).has(&id) {
+                continue;
+            }
+            let got = self.fetch_with(&id.index_rel(), packs::INDEX_CAP, |url, body| {
+                packs::parse_index(id, &body).map_err(|reason| HttpError::Invalid {
+                    url: url.into(),
+                    reason,
+                })
+            });
+            match got {
+                Ok(ix) => lock(&self.packs).add(id, &ix),
+                Err(e) => log::warn!("skipping pack {id}: {}", error_chain(&e)),
+            }
+        }
+    }
+
+    /// Fetches one chunk from its pack record (one `Range` request), verified.
+    fn fetch_from_pack(
+        &self,
+        id: &ChunkId,
+        loc: packs::RemoteLoc,
+        len: Option<usize>,
+    ) -> std::result::Result<Vec<u8>, HttpError> {
+        let range = (loc.offset, u64::from(loc.len));
+        let data = self.fetch_inner(&loc.pack.pack_rel(), range.1, Some(range), |url, rec| {
+            packs::decode_checked(id, &rec, len).map_err(|reason| HttpError::Corrupt {
+                id: *id,
+                url: url.into(),
+                reason,
+            })
+        })?;
+        self.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+        Ok(data)
+    }
+
+    /// Fetches several chunks, merging those adjacent in one pack (up to
+    /// [`packs::MAX_RUN_BYTES`] per request) into one `Range` request; chunks not in a
+    /// pack are fetched one by one. Results are in the order of `ids`.
+    pub fn fetch_many(&self, ids: &[ChunkId]) -> Vec<std::result::Result<Vec<u8>, HttpError>> {
+        let mut out: Vec<Option<std::result::Result<Vec<u8>, HttpError>>> =
+            (0..ids.len()).map(|_| None).collect();
+        let mut located = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            match self.pack_location(id, false) {
+                Some(l) => located.push((l, i)),
+                None => {
+                    let r = self.fetch_chunk(id, None);
+                    out[i] = Some(r.map(|a| Arc::try_unwrap(a).unwrap_or_else(|a| (*a).clone())));
+                }
+            }
+        }
+        located.sort_by_key(|(l, _)| (l.pack, l.offset));
+        for run in packs::runs(&located) {
+            let (first, last) = (run[0].0, run[run.len() - 1].0);
+            let len = last.offset + u64::from(last.len) - first.offset;
+            let rel = first.pack.pack_rel();
+            let got = self.fetch_inner(&rel, len, Some((first.offset, len)), |url, body| {
+                run.iter()
+                    .map(|(l, i)| {
+                        let at = (l.offset - first.offset) as usize;
+                        let rec = &body[at..at + l.len as usize];
+                        packs::decode_checked(&ids[*i], rec, None).map_err(|reason| {
+                            HttpError::Corrupt {
+                                id: ids[*i],
+                                url: url.into(),
+                                reason,
+                            }
+                        })
+                    })
+                    .collect::<std::result::Result<Vec<_>, _>>()
+            });
+            match got {
+                Ok(datas) => {
+                    let n = datas.len() as u64;
+                    self.counters.chunks_fetched.fetch_add(n, Ordering::Relaxed);
+                    for ((_, i), d) in run.iter().zip(datas) {
+                        out[*i] = Some(Ok(d));
+                    }
+                }
+                Err(e) => {
+                    for (_, i) in run {
+                        out[*i] = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .map(|r| r.expect("every chunk was fetched"))
+            .collect()
+    }
+}
+
 impl ChunkRead for HttpStore {
     fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
         let data = self
@@ -659,8 +883,12 @@ impl ChunkRead for HttpStore {
         Ok(())
     }
 
-    /// Asks the servers with `HEAD` (one attempt each): present if any answers 200.
+    /// Present if a pack index lists it; else asks the servers for its chunk file with
+    /// `HEAD` (one attempt each): present if any answers 200.
     fn contains(&self, id: &ChunkId) -> Result<bool> {
+        if self.pack_location(id, true).is_some() {
+            return Ok(true);
+        }
         let mut last = None;
         for base in &self.bases {
             let url = format!("{base}/{}", id.relative_path());
@@ -696,71 +924,4 @@ impl ChunkRead for HttpStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base_urls_are_checked() {
-        assert_eq!(normalize_base("http://h:8/a/").unwrap(), "http://h:8/a");
-        for bad in [
-            "https://h/a",
-            "ftp://h",
-            "http://",
-            "http:///x",
-            "http://h/a?x",
-            "h/a",
-        ] {
-            assert!(normalize_base(bad).is_err(), "{bad}");
-        }
-        let e = HttpStore::new("https://h", HttpStoreOptions::default()).unwrap_err();
-        assert!(e.to_string().contains("https"), "{e}");
-    }
-
-    #[test]
-    fn a_file_url_reads_a_local_archive_directory() {
-        assert_eq!(normalize_base("file:///srv/a/").unwrap(), "file:///srv/a");
-        assert!(normalize_base("file://srv/a").is_err(), "relative file URL");
-        let dir = crate::util::testutil::TempDir::new("http-file");
-        std::fs::write(dir.path().join("x"), b"hello").unwrap();
-        let base = format!("file://{}", dir.path().display());
-        let store = HttpStore::new(&base, HttpStoreOptions::default()).unwrap();
-        assert_eq!(store.fetch("x", 16).unwrap(), b"hello");
-        assert!(store.fetch("missing", 16).unwrap_err().is_not_found());
-        assert!(matches!(
-            store.fetch("x", 3),
-            Err(HttpError::TooLarge { limit: 3, .. })
-        ));
-        let data = vec![7u8; 4096];
-        let id = ChunkId::of(&data);
-        let local = crate::store::local::LocalStore::open(dir.path(), Default::default()).unwrap();
-        crate::store::ChunkWrite::put(&local, &data).unwrap();
-        assert_eq!(*store.fetch_chunk(&id, Some(4096)).unwrap(), data);
-    }
-
-    #[test]
-    fn unreachable_server_gives_up_within_budget() {
-        // A port nothing listens on: bind then drop.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let opts = HttpStoreOptions {
-            attempts: 3,
-            first_backoff: Duration::from_millis(20),
-            ..HttpStoreOptions::default()
-        };
-        let store = HttpStore::new(&format!("http://127.0.0.1:{port}/a"), opts).unwrap();
-        let id = ChunkId::of(b"x");
-        let t = Instant::now();
-        let e = store.get(&id).unwrap_err();
-        // A ceiling that only a hang reaches (the attempts are counted below).
-        assert!(t.elapsed() < Duration::from_secs(30));
-        let msg = format!("{e}: {}", std::error::Error::source(&e).unwrap());
-        assert!(msg.contains("gave up after 3 attempts"), "{msg}");
-        let st = store.stats();
-        assert_eq!((st.requests, st.retries, st.failed_requests), (3, 2, 3));
-        // Writing is refused at compile time: HttpStore is no `ChunkWrite` (see the
-        // `compile_fail` example on `ChunkRead`).
-    }
-}
+mod tests;

@@ -1,28 +1,35 @@
-//! [`LocalStore`]: chunks kept as files in a directory.
-//!
-//! Layout under the store root (see `docs/SNAPSHOT_FORMAT.md`):
+//! [`LocalStore`]: chunks kept in a directory, in one of two layouts (see
+//! `docs/SNAPSHOT_FORMAT.md`):
 //!
 //! ```text
-//! <root>/chunks/<first 2 hex digits of id>/<64 hex digits of id>
+//! <root>/packs/<pack id>.pack + .idx         Layout::Packs (store layout version 2)
+//! <root>/chunks/<2 hex digits>/<64 hex>      Layout::Files (version 1)
 //! ```
 //!
-//! Each file is one chunk in the [`codec`](super::codec) format. The path depends on
-//! the id alone ([`ChunkId::relative_path`]), so any reader of the same tree (a web
-//! server, for instance) can find a chunk without an index.
+//! Reading serves both layouts, whatever the store was opened to write: packs through an
+//! in-memory map of every pack index (loaded at open, reloaded when a chunk is not found,
+//! so chunks another process wrote meanwhile are found) read with `pread`, then chunk
+//! files. The layout option says how new chunks are written:
 //!
-//! Writes go to `.<hex>.tmp.<pid>.<n>` in the same directory, are fsynced, then
-//! renamed into place, so a chunk file is either absent or complete. Directory
-//! fsyncs are batched: call [`LocalStore::sync`] once after a whole snapshot.
+//! * **Packs**: the chunks of one batch (everything `put` before [`LocalStore::sync`]) are
+//!   appended to one pack (a new one every [`MAX_PACK_LEN`](pack::MAX_PACK_LEN)); `sync`
+//!   `fdatasync`s each pack, writes its index (temp name, `fdatasync`, rename) and fsyncs
+//!   `packs/` once: a constant number of flushes and renames per batch. Until then the new
+//!   chunks are visible to this store instance only; dropped without `sync`, its packs are
+//!   deleted.
+//! * **Files**: one file per chunk, written to `.<hex>.tmp.<pid>.<n>`, fsynced and renamed
+//!   into place; `sync` fsyncs the fan-out directories that got entries. The chunk cache
+//!   (`store::cache`) and image import keep this layout: a file per chunk is what their
+//!   readers (eviction by file age, per-chunk HTTP GETs) need.
 
-use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 
 use super::codec::{self, ChunkHeader, Compression, Encoding, HEADER_LEN};
+use super::pack::{self, Location, PackSet, PackWriter};
 use super::{
     ChunkId, ChunkRead, ChunkWrite, MAX_CHUNK_LEN, PutOutcome, Result, StoreError, verify,
 };
@@ -30,28 +37,47 @@ use super::{
 use crate::util::fs::{Staged, fsync_dir};
 use crate::util::lock;
 
+/// How a [`LocalStore`] writes new chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Layout {
+    /// One file per chunk, `chunks/xx/<id>` (store layout version 1).
+    #[default]
+    Files,
+    /// Packs with an index, `packs/<pack id>.{pack,idx}` (store layout version 2).
+    Packs,
+}
+
 /// Options of a [`LocalStore`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LocalStoreOptions {
     /// Compression of newly written chunks. Reading handles both encodings whatever
     /// this says.
     pub compression: Compression,
-    /// Make chunks durable in one batch at [`ChunkWrite::sync`] instead of one fsync
-    /// per chunk: `put` writes a temp file and returns; `sync` flushes the file system
-    /// once (`syncfs`), then renames every temp file to its chunk name and fsyncs the
-    /// directories. Until `sync`, new chunks are visible to this store instance only
-    /// (through their temp files), and a store dropped without `sync` deletes them.
-    /// For writers that end with `sync` anyway (snapshot creation).
-    pub batch_durability: bool,
+    /// How new chunks are written (reading serves both layouts).
+    pub layout: Layout,
+    /// With [`Layout::Packs`]: also add every new pack to `packs/list` at `sync`, so that
+    /// HTTP readers, which cannot list a directory, find them (archives).
+    pub publish_list: bool,
 }
 
 impl Default for LocalStoreOptions {
     /// zstd level 1: fast, and guest memory pages that compress at all mostly
-    /// compress well at that level.
+    /// compress well at that level. One file per chunk.
     fn default() -> Self {
         LocalStoreOptions {
             compression: Compression::Zstd { level: 1 },
-            batch_durability: false,
+            layout: Layout::Files,
+            publish_list: false,
+        }
+    }
+}
+
+impl LocalStoreOptions {
+    /// The options of a store written in packs (zstd level 1).
+    pub fn packs() -> Self {
+        LocalStoreOptions {
+            layout: Layout::Packs,
+            ..Default::default()
         }
     }
 }
@@ -63,11 +89,29 @@ pub struct StoreStats {
     pub chunks_written: u64,
     /// `put` calls that found the chunk already stored.
     pub chunks_deduped: u64,
-    /// Bytes of chunk files written (headers included, after compression): the
+    /// Bytes of chunk records written (headers included, after compression): the
     /// disk space added.
     pub bytes_written: u64,
     /// Uncompressed bytes of the chunks written.
     pub raw_bytes_written: u64,
+}
+
+/// Where a chunk's record is stored, for tools and tests that look at the bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkLocation {
+    /// The file: a chunk file, or a pack.
+    pub path: PathBuf,
+    /// Offset of the record in it (0 for a chunk file).
+    pub offset: u64,
+    /// Length of the record (chunk header + body).
+    pub len: u64,
+}
+
+/// Packs being written by this store instance, published at the next `sync`.
+#[derive(Debug, Default)]
+struct Writing {
+    current: Option<PackWriter>,
+    full: Vec<PackWriter>,
 }
 
 /// A [`ChunkWrite`] store in a local directory.
@@ -75,6 +119,7 @@ pub struct StoreStats {
 pub struct LocalStore {
     root: PathBuf,
     chunks_dir: PathBuf,
+    packs_dir: PathBuf,
     options: LocalStoreOptions,
     /// Fan-out directories known to exist.
     made: [AtomicBool; 256],
@@ -82,8 +127,12 @@ pub struct LocalStore {
     dirty: [AtomicBool; 256],
     /// `chunks/` has new fan-out directories not yet fsynced.
     chunks_dir_dirty: AtomicBool,
-    /// With `batch_durability`: chunks written to temp files, not yet renamed.
-    pending: Mutex<HashMap<ChunkId, Pending>>,
+    /// Whether `chunks/` existed (or was made) at open: else no chunk file is looked for.
+    has_files: AtomicBool,
+    /// The chunks of every complete pack, and of the packs this instance is writing.
+    packs: RwLock<PackSet>,
+    /// Packs being written (`Layout::Packs`).
+    writing: Mutex<Writing>,
     chunks_written: AtomicU64,
     chunks_deduped: AtomicU64,
     bytes_written: AtomicU64,
@@ -94,61 +143,70 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError
     crate::util::io_err(op, path)
 }
 
-/// A chunk written to a temp file, renamed at the next `sync` (`batch_durability`).
-#[derive(Debug)]
-struct Pending {
-    staged: Staged,
-    idx: usize,
-}
-
 impl Drop for LocalStore {
-    /// Deletes pending chunks never synced (dropping them removes their temp files):
-    /// nothing durable refers to them.
+    /// Packs written but never synced are deleted (dropping their writers): nothing
+    /// durable refers to them.
     fn drop(&mut self) {
-        let pending = std::mem::take(&mut *lock(&self.pending));
-        if !pending.is_empty() {
+        let w = std::mem::take(&mut *lock(&self.writing));
+        let n = w.full.len() + usize::from(w.current.is_some());
+        if n > 0 {
             log::warn!(
-                "chunk store {}: {} chunks written but never synced are discarded",
-                self.root.display(),
-                pending.len()
+                "chunk store {}: {n} packs written but never synced are discarded",
+                self.root.display()
             );
         }
     }
 }
 
-/// Flushes the file system holding `path` (`syncfs`): what batched writers call once
-/// before renaming their temp files into place.
-pub(crate) fn syncfs(path: &Path) -> io::Result<()> {
-    let d = File::open(path)?;
-    // SAFETY: syncfs on a valid, open file descriptor; no memory is passed.
-    if unsafe { libc::syncfs(d.as_raw_fd()) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 impl LocalStore {
-    /// Opens the store rooted at `root`, creating `root/chunks` if needed.
+    /// Opens the store rooted at `root`, creating the directory new chunks go to
+    /// (`chunks/` or `packs/`) if needed, and loads the pack indexes.
     pub fn open(root: impl AsRef<Path>, options: LocalStoreOptions) -> Result<Self> {
-        let root = root.as_ref().to_path_buf();
+        Self::open_inner(root.as_ref(), options, true)
+    }
+
+    /// Opens the store rooted at `root` for reading, creating nothing (a store on
+    /// read-only media, a snapshot directory restored from): whichever of `chunks/` and
+    /// `packs/` exist are read. Nothing may be written through it.
+    pub fn open_read(root: impl AsRef<Path>) -> Result<Self> {
+        Self::open_inner(root.as_ref(), LocalStoreOptions::default(), false)
+    }
+
+    /// Whether `root` holds a chunk store (a `chunks/` or a `packs/` directory).
+    pub fn exists(root: impl AsRef<Path>) -> bool {
+        let root = root.as_ref();
+        root.join("chunks").is_dir() || root.join(pack::PACKS_DIR).is_dir()
+    }
+
+    fn open_inner(root: &Path, options: LocalStoreOptions, create: bool) -> Result<Self> {
+        let root = root.to_path_buf();
         let chunks_dir = root.join("chunks");
-        let existed = chunks_dir.is_dir();
-        fs::create_dir_all(&chunks_dir).map_err(io_err("create directory", &chunks_dir))?;
-        if !existed {
+        let packs_dir = root.join(pack::PACKS_DIR);
+        let write_dir = match options.layout {
+            Layout::Files => &chunks_dir,
+            Layout::Packs => &packs_dir,
+        };
+        let existed = write_dir.is_dir();
+        if create && !existed {
+            fs::create_dir_all(write_dir).map_err(io_err("create directory", write_dir))?;
             fsync_dir(&root)?;
             if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
                 fsync_dir(parent)?;
             }
         }
+        let mut packs = PackSet::default();
+        packs.load(&packs_dir)?;
         Ok(LocalStore {
+            has_files: AtomicBool::new(chunks_dir.is_dir()),
             root,
             chunks_dir,
+            packs_dir,
             options,
             made: std::array::from_fn(|_| AtomicBool::new(false)),
             dirty: std::array::from_fn(|_| AtomicBool::new(false)),
             chunks_dir_dirty: AtomicBool::new(false),
-            pending: Mutex::new(HashMap::new()),
+            packs: RwLock::new(packs),
+            writing: Mutex::new(Writing::default()),
             chunks_written: AtomicU64::new(0),
             chunks_deduped: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
@@ -166,7 +224,7 @@ impl LocalStore {
         self.options
     }
 
-    /// Path of the file that holds (or would hold) chunk `id`.
+    /// Path of the file that holds (or would hold) chunk `id` in the `Files` layout.
     pub fn chunk_path(&self, id: &ChunkId) -> PathBuf {
         self.root.join(id.relative_path())
     }
@@ -181,27 +239,111 @@ impl LocalStore {
         }
     }
 
-    /// Fsyncs every directory that received new entries since the last call, making
-    /// the chunks written so far durable. Call once after a whole snapshot. With
-    /// `batch_durability`, first flushes the file system and renames the pending chunks.
-    pub fn sync(&self) -> Result<()> {
-        let pending: Vec<(ChunkId, Pending)> = lock(&self.pending).drain().collect();
-        if !pending.is_empty() {
-            if let Err(e) = syncfs(&self.chunks_dir) {
-                lock(&self.pending).extend(pending);
-                return Err(io_err("syncfs", &self.chunks_dir)(e));
-            }
-            let mut iter = pending.into_iter();
-            while let Some((id, mut p)) = iter.next() {
-                if let Err(e) = p.staged.commit() {
-                    let mut left = lock(&self.pending);
-                    left.insert(id, p);
-                    left.extend(iter);
-                    return Err(e.into());
-                }
-                self.dirty[p.idx].store(true, Ordering::Release);
-            }
+    fn packs_read(&self) -> std::sync::RwLockReadGuard<'_, PackSet> {
+        self.packs.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn packs_write(&self) -> std::sync::RwLockWriteGuard<'_, PackSet> {
+        self.packs.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where chunk `id` is in a pack, loading new pack indexes first if `reload`.
+    fn pack_location(&self, id: &ChunkId, reload: Reload) -> Result<Option<Location>> {
+        if let Some(l) = self.packs_read().get(id) {
+            return Ok(Some(l.clone()));
         }
+        let mut set = self.packs_write();
+        match reload {
+            Reload::No => {}
+            Reload::IfChanged => {
+                set.reload_if_changed(&self.packs_dir)?;
+            }
+            Reload::Always => set.load(&self.packs_dir)?,
+        }
+        Ok(set.get(id).cloned())
+    }
+
+    /// Where chunk `id`'s record is (a pack first, then a chunk file), if present.
+    pub fn location(&self, id: &ChunkId) -> Result<Option<ChunkLocation>> {
+        if let Some(l) = self.pack_location(id, Reload::Always)? {
+            return Ok(Some(ChunkLocation {
+                path: l.pack.path.clone(),
+                offset: l.offset,
+                len: u64::from(l.len),
+            }));
+        }
+        let path = self.chunk_path(id);
+        match fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ok(Some(ChunkLocation {
+                path,
+                offset: 0,
+                len: m.len(),
+            })),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("stat", &path)(e)),
+        }
+    }
+
+    /// Bytes chunk `id` takes on disk (its record), `None` when it is not stored.
+    pub fn stored_len(&self, id: &ChunkId) -> Result<Option<u64>> {
+        Ok(self.location(id)?.map(|l| l.len))
+    }
+
+    /// Chunk `id` as stored: its record in the chunk file format (header + raw or zstd
+    /// body), checked to decode to `id` — what copying a chunk between stores moves.
+    pub fn read_stored(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let bytes = self.read_record(id)?;
+        codec::decode(id, &bytes)?;
+        Ok(bytes)
+    }
+
+    /// The record of chunk `id`, unchecked beyond its length cap.
+    fn read_record(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        if let Some(l) = self.pack_location(id, Reload::No)? {
+            return l.read_record(id);
+        }
+        match self.open_chunk(id) {
+            Ok((mut f, path)) => Self::read_capped(id, &mut f, &path, HEADER_LEN + MAX_CHUNK_LEN),
+            Err(StoreError::NotFound { .. }) => match self.pack_location(id, Reload::Always)? {
+                Some(l) => l.read_record(id),
+                None => Err(StoreError::NotFound { id: *id }),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Stores chunk `id` from its record `bytes` (chunk file format, e.g. from
+    /// [`read_stored`](Self::read_stored) of another store) as it is, after checking that
+    /// it decodes to `id`.
+    pub fn put_stored(&self, id: &ChunkId, bytes: &[u8]) -> Result<PutOutcome> {
+        if self.contains(id)? {
+            self.chunks_deduped.fetch_add(1, Ordering::Relaxed);
+            return Ok(PutOutcome::Present);
+        }
+        let data = codec::decode(id, bytes)?;
+        let (header, body) = bytes.split_at(HEADER_LEN);
+        self.write_record(id, header, body, data.len())
+    }
+
+    /// Like [`put_stored`](Self::put_stored), but a chunk only counts as present when a
+    /// pack holds it (a chunk file does not): what moving chunk files into packs needs.
+    pub fn put_stored_in_pack(&self, id: &ChunkId, bytes: &[u8]) -> Result<PutOutcome> {
+        if self.pack_location(id, Reload::IfChanged)?.is_some() {
+            self.chunks_deduped.fetch_add(1, Ordering::Relaxed);
+            return Ok(PutOutcome::Present);
+        }
+        let data = codec::decode(id, bytes)?;
+        let (header, body) = bytes.split_at(HEADER_LEN);
+        self.write_record(id, header, body, data.len())
+    }
+
+    /// Makes the chunks written so far durable. Call once after a whole snapshot.
+    /// Packs: `fdatasync` of each pack, its index written (temp name, `fdatasync`,
+    /// rename), the list updated if asked, one fsync of `packs/`. Files: an fsync of every
+    /// directory that received new entries.
+    pub fn sync(&self) -> Result<()> {
+        self.sync_packs()?;
         for idx in 0..256 {
             if self.dirty[idx].swap(false, Ordering::AcqRel)
                 && let Err(e) = fsync_dir(&self.fanout_dir(idx))
@@ -216,6 +358,28 @@ impl LocalStore {
             self.chunks_dir_dirty.store(true, Ordering::Release);
             return Err(e.into());
         }
+        Ok(())
+    }
+
+    fn sync_packs(&self) -> Result<()> {
+        let mut w = lock(&self.writing);
+        let mut packs = std::mem::take(&mut w.full);
+        packs.extend(w.current.take());
+        if packs.is_empty() {
+            return Ok(());
+        }
+        let mut ids = Vec::new();
+        for p in packs {
+            // A failure drops the remaining writers, deleting their packs: the batch
+            // fails as a whole, and nothing refers to its chunks.
+            let ix = p.finish()?;
+            ids.push(ix.pack);
+        }
+        drop(w);
+        if self.options.publish_list {
+            pack::publish_list(&self.packs_dir, &ids)?;
+        }
+        fsync_dir(&self.packs_dir)?;
         Ok(())
     }
 
@@ -236,45 +400,64 @@ impl LocalStore {
         Ok(dir)
     }
 
-    /// Writes `header` + `body` to a temp file beside `dest`, fsyncs it and renames it to
-    /// `dest` — or, with `batch_durability`, leaves it pending for [`sync`](Self::sync).
-    fn write_file(
+    /// Writes the record `header` + `body` of chunk `id` (of `raw_len` bytes decoded) in
+    /// the store's layout.
+    fn write_record(
         &self,
         id: &ChunkId,
-        idx: usize,
-        dest: &Path,
         header: &[u8],
         body: &[u8],
-    ) -> Result<()> {
-        let batch = self.options.batch_durability;
-        let mut staged = Staged::write(dest, !batch, |f| {
-            f.write_all(header)?;
-            f.write_all(body)
-        })?;
-        if batch {
-            lock(&self.pending).insert(*id, Pending { staged, idx });
-            return Ok(());
+        raw_len: usize,
+    ) -> Result<PutOutcome> {
+        match self.options.layout {
+            Layout::Files => {
+                let idx = id.as_bytes()[0] as usize;
+                self.ensure_fanout_dir(idx)?;
+                let dest = self.chunk_path(id);
+                let mut staged = Staged::write(&dest, true, |f| {
+                    f.write_all(header)?;
+                    f.write_all(body)
+                })?;
+                staged.commit()?;
+                self.dirty[idx].store(true, Ordering::Release);
+            }
+            Layout::Packs => {
+                let mut w = lock(&self.writing);
+                // Another thread of this instance may have appended it meanwhile.
+                if self.packs_read().get(id).is_some() {
+                    self.chunks_deduped.fetch_add(1, Ordering::Relaxed);
+                    return Ok(PutOutcome::Present);
+                }
+                let rec = (header.len() + body.len()) as u64;
+                if w.current
+                    .as_ref()
+                    .is_some_and(|p| !p.is_empty() && p.len() + rec > pack::MAX_PACK_LEN)
+                {
+                    let full = w.current.take().expect("checked above");
+                    w.full.push(full);
+                }
+                if w.current.is_none() {
+                    w.current = Some(PackWriter::create(&self.packs_dir)?);
+                }
+                let p = w.current.as_mut().expect("set above");
+                let loc = p.append(id, header, body)?;
+                self.packs_write().insert(*id, loc);
+            }
         }
-        staged.commit()?;
-        self.dirty[idx].store(true, Ordering::Release);
-        Ok(())
+        let stored_bytes = (header.len() + body.len()) as u64;
+        self.chunks_written.fetch_add(1, Ordering::Relaxed);
+        self.bytes_written
+            .fetch_add(stored_bytes, Ordering::Relaxed);
+        self.raw_bytes_written
+            .fetch_add(raw_len as u64, Ordering::Relaxed);
+        Ok(PutOutcome::Written { stored_bytes })
     }
 
     fn open_chunk(&self, id: &ChunkId) -> Result<(File, PathBuf)> {
         let path = self.chunk_path(id);
         match File::open(&path) {
             Ok(f) => Ok((f, path)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let tmp = lock(&self.pending)
-                    .get(id)
-                    .map(|p| p.staged.tmp().to_path_buf());
-                match tmp {
-                    Some(tmp) => File::open(&tmp)
-                        .map(|f| (f, tmp.clone()))
-                        .map_err(io_err("open", &tmp)),
-                    None => Err(StoreError::NotFound { id: *id }),
-                }
-            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::NotFound { id: *id }),
             Err(e) => Err(io_err("open", &path)(e)),
         }
     }
@@ -293,19 +476,11 @@ impl LocalStore {
         }
         Ok(v)
     }
-}
 
-impl ChunkRead for LocalStore {
-    fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        let (mut f, path) = self.open_chunk(id)?;
-        let file = Self::read_capped(id, &mut f, &path, HEADER_LEN + MAX_CHUNK_LEN)?;
-        codec::decode(id, &file)
-    }
-
-    fn get_into(&self, id: &ChunkId, buf: &mut [u8]) -> Result<()> {
-        let (mut f, path) = self.open_chunk(id)?;
+    /// `get_into` from a chunk file.
+    fn file_get_into(&self, id: &ChunkId, mut f: File, path: &Path, buf: &mut [u8]) -> Result<()> {
         let mut hbuf = [0u8; HEADER_LEN];
-        let got = read_full(&mut f, &mut hbuf).map_err(io_err("read", &path))?;
+        let got = read_full(&mut f, &mut hbuf).map_err(io_err("read", path))?;
         let header = ChunkHeader::parse(id, &hbuf[..got])?;
         if header.len != buf.len() {
             return Err(StoreError::LengthMismatch {
@@ -317,9 +492,9 @@ impl ChunkRead for LocalStore {
         match header.encoding {
             Encoding::Raw => {
                 // Read straight into the destination, then make sure nothing follows.
-                let got = read_full(&mut f, buf).map_err(io_err("read", &path))?;
+                let got = read_full(&mut f, buf).map_err(io_err("read", path))?;
                 let mut extra = [0u8; 1];
-                let more = read_full(&mut f, &mut extra).map_err(io_err("read", &path))?;
+                let more = read_full(&mut f, &mut extra).map_err(io_err("read", path))?;
                 if got != buf.len() || more != 0 {
                     return Err(StoreError::Corrupt {
                         id: *id,
@@ -333,22 +508,92 @@ impl ChunkRead for LocalStore {
                 verify(id, buf)
             }
             Encoding::Zstd => {
-                let body = Self::read_capped(id, &mut f, &path, MAX_CHUNK_LEN)?;
+                let body = Self::read_capped(id, &mut f, path, MAX_CHUNK_LEN)?;
                 codec::decode_body(id, &header, &body, buf)
             }
         }
     }
 
+    /// `get_into` from a pack record: a raw body is read straight into `buf`.
+    fn pack_get_into(&self, id: &ChunkId, l: &Location, buf: &mut [u8]) -> Result<()> {
+        let mut hbuf = [0u8; HEADER_LEN];
+        if (l.len as usize) < HEADER_LEN {
+            return Err(StoreError::Corrupt {
+                id: *id,
+                reason: "pack record shorter than a chunk header".into(),
+            });
+        }
+        l.pack.read_at(l.offset, &mut hbuf)?;
+        let header = ChunkHeader::parse(id, &hbuf)?;
+        if header.len != buf.len() {
+            return Err(StoreError::LengthMismatch {
+                id: *id,
+                expected: buf.len(),
+                actual: header.len,
+            });
+        }
+        let body_len = l.len as usize - HEADER_LEN;
+        let body_off = l.offset + HEADER_LEN as u64;
+        match header.encoding {
+            Encoding::Raw if body_len == buf.len() => {
+                l.pack.read_at(body_off, buf)?;
+                verify(id, buf)
+            }
+            Encoding::Raw => Err(StoreError::Corrupt {
+                id: *id,
+                reason: format!("raw body is {body_len} bytes, header says {}", buf.len()),
+            }),
+            Encoding::Zstd => {
+                let mut body = vec![0u8; body_len];
+                l.pack.read_at(body_off, &mut body)?;
+                codec::decode_body(id, &header, &body, buf)
+            }
+        }
+    }
+}
+
+/// Whether a lookup that misses loads new pack indexes first.
+#[derive(Clone, Copy)]
+enum Reload {
+    No,
+    IfChanged,
+    Always,
+}
+
+impl ChunkRead for LocalStore {
+    fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let rec = self.read_record(id)?;
+        codec::decode(id, &rec)
+    }
+
+    fn get_into(&self, id: &ChunkId, buf: &mut [u8]) -> Result<()> {
+        if let Some(l) = self.pack_location(id, Reload::No)? {
+            return self.pack_get_into(id, &l, buf);
+        }
+        match self.open_chunk(id) {
+            Ok((f, path)) => self.file_get_into(id, f, &path, buf),
+            Err(StoreError::NotFound { .. }) => match self.pack_location(id, Reload::Always)? {
+                Some(l) => self.pack_get_into(id, &l, buf),
+                None => Err(StoreError::NotFound { id: *id }),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
     fn contains(&self, id: &ChunkId) -> Result<bool> {
-        if lock(&self.pending).contains_key(id) {
+        if self.packs_read().get(id).is_some() {
             return Ok(true);
         }
-        let path = self.chunk_path(id);
-        match fs::symlink_metadata(&path) {
-            Ok(m) => Ok(m.is_file()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(io_err("stat", &path)(e)),
+        if self.has_files.load(Ordering::Relaxed) {
+            let path = self.chunk_path(id);
+            match fs::symlink_metadata(&path) {
+                Ok(m) if m.is_file() => return Ok(true),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("stat", &path)(e)),
+            }
         }
+        Ok(self.pack_location(id, Reload::IfChanged)?.is_some())
     }
 }
 
@@ -371,18 +616,8 @@ impl ChunkWrite for LocalStore {
             self.chunks_deduped.fetch_add(1, Ordering::Relaxed);
             return Ok(PutOutcome::Present);
         }
-        let idx = id.as_bytes()[0] as usize;
-        self.ensure_fanout_dir(idx)?;
         let encoded = codec::encode(id, data, self.options.compression)?;
-        let dest = self.chunk_path(id);
-        self.write_file(id, idx, &dest, &encoded.header, &encoded.body)?;
-        let stored_bytes = encoded.file_len() as u64;
-        self.chunks_written.fetch_add(1, Ordering::Relaxed);
-        self.bytes_written
-            .fetch_add(stored_bytes, Ordering::Relaxed);
-        self.raw_bytes_written
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
-        Ok(PutOutcome::Written { stored_bytes })
+        self.write_record(id, &encoded.header, &encoded.body, data.len())
     }
 
     fn sync(&self) -> Result<()> {
@@ -405,223 +640,4 @@ pub(crate) fn read_full(f: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> 
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::util::testutil::{Rng, TempDir};
-
-    fn open(dir: &TempDir, compression: Compression) -> LocalStore {
-        LocalStore::open(
-            dir.path().join("store"),
-            LocalStoreOptions {
-                compression,
-                ..Default::default()
-            },
-        )
-        .unwrap()
-    }
-
-    fn samples() -> Vec<Vec<u8>> {
-        let mut random = vec![0u8; 16384];
-        Rng::new(11).fill(&mut random);
-        let text: Vec<u8> = b"guest kernel text "
-            .iter()
-            .cycle()
-            .take(16384)
-            .copied()
-            .collect();
-        vec![random, text, vec![1u8; 4096], Vec::new()]
-    }
-
-    #[test]
-    fn put_get_round_trip_both_encodings() {
-        let dir = TempDir::new("local-rt");
-        for compression in [Compression::None, Compression::Zstd { level: 3 }] {
-            let store = open(&dir, compression);
-            for data in samples() {
-                let id = store.put(&data).unwrap();
-                assert_eq!(id, ChunkId::of(&data));
-                assert!(store.contains(&id).unwrap());
-                assert!(store.chunk_path(&id).ends_with(id.relative_path()));
-                assert_eq!(store.get(&id).unwrap(), data);
-                let mut buf = vec![0xAAu8; data.len()];
-                store.get_into(&id, &mut buf).unwrap();
-                assert_eq!(buf, data);
-            }
-            store.sync().unwrap();
-            let _ = fs::remove_dir_all(store.root());
-        }
-    }
-
-    #[test]
-    fn compression_is_used_only_when_it_pays() {
-        let dir = TempDir::new("local-comp");
-        let store = open(&dir, Compression::Zstd { level: 1 });
-        let s = samples();
-        let random = store.put(&s[0]).unwrap();
-        let text = store.put(&s[1]).unwrap();
-        let head = |id: &ChunkId| {
-            let f = fs::read(store.chunk_path(id)).unwrap();
-            ChunkHeader::parse(id, &f).unwrap().encoding
-        };
-        assert_eq!(head(&random), Encoding::Raw);
-        assert_eq!(head(&text), Encoding::Zstd);
-        let st = store.stats();
-        assert_eq!(st.chunks_written, 2);
-        assert_eq!(st.raw_bytes_written, 32768);
-        assert!(st.bytes_written < 16384 + 16 + 2000, "{st:?}");
-    }
-
-    #[test]
-    fn put_is_idempotent_and_counted() {
-        let dir = TempDir::new("local-dedup");
-        let store = open(&dir, Compression::None);
-        let data = vec![5u8; 8192];
-        let id = store.put(&data).unwrap();
-        let mtime = fs::metadata(store.chunk_path(&id))
-            .unwrap()
-            .modified()
-            .unwrap();
-        assert_eq!(store.put(&data).unwrap(), id);
-        assert_eq!(
-            fs::metadata(store.chunk_path(&id))
-                .unwrap()
-                .modified()
-                .unwrap(),
-            mtime
-        );
-        assert_eq!(
-            store.stats(),
-            StoreStats {
-                chunks_written: 1,
-                chunks_deduped: 1,
-                bytes_written: 8192 + HEADER_LEN as u64,
-                raw_bytes_written: 8192,
-            }
-        );
-        // No temp files are left behind.
-        let dir_entries: Vec<_> = fs::read_dir(store.chunk_path(&id).parent().unwrap())
-            .unwrap()
-            .collect();
-        assert_eq!(dir_entries.len(), 1);
-        // Reopening sees the chunk.
-        let again = open(&dir, Compression::None);
-        assert!(again.contains(&id).unwrap());
-        assert_eq!(again.get(&id).unwrap(), data);
-    }
-
-    #[test]
-    fn missing_corrupt_and_truncated_chunks_are_errors() {
-        let dir = TempDir::new("local-bad");
-        for compression in [Compression::None, Compression::Zstd { level: 3 }] {
-            let store = open(&dir, compression);
-            for data in &samples()[..3] {
-                let id = store.put(data).unwrap();
-                let path = store.chunk_path(&id);
-                let good = fs::read(&path).unwrap();
-                let check = |what: &str| {
-                    let e1 = store.get(&id).unwrap_err();
-                    let mut buf = vec![0u8; data.len()];
-                    let e2 = store.get_into(&id, &mut buf).unwrap_err();
-                    for e in [e1, e2] {
-                        assert!(e.to_string().contains(&id.to_hex()), "{what}: {e}");
-                    }
-                };
-                // Flip a selection of bytes (every header byte, then a stride).
-                let stride = (good.len() / 64).max(1);
-                for i in (0..HEADER_LEN).chain((HEADER_LEN..good.len()).step_by(stride)) {
-                    let mut bad = good.clone();
-                    bad[i] ^= 0x80;
-                    fs::write(&path, &bad).unwrap();
-                    check(&format!("flip {i}"));
-                }
-                for len in [0, 3, HEADER_LEN, good.len() / 2, good.len() - 1] {
-                    fs::write(&path, &good[..len]).unwrap();
-                    check(&format!("truncate {len}"));
-                }
-                let mut longer = good.clone();
-                longer.extend_from_slice(b"junk");
-                fs::write(&path, &longer).unwrap();
-                check("trailing junk");
-                fs::remove_file(&path).unwrap();
-                assert!(matches!(store.get(&id), Err(StoreError::NotFound { .. })));
-                assert!(!store.contains(&id).unwrap());
-                check("missing");
-                fs::write(&path, &good).unwrap();
-                assert_eq!(&store.get(&id).unwrap(), data);
-            }
-            let _ = fs::remove_dir_all(store.root());
-        }
-    }
-
-    #[test]
-    fn get_into_wrong_length_is_refused() {
-        let dir = TempDir::new("local-len");
-        let store = open(&dir, Compression::None);
-        let id = store.put(b"abcd").unwrap();
-        let mut buf = [0u8; 5];
-        assert!(matches!(
-            store.get_into(&id, &mut buf),
-            Err(StoreError::LengthMismatch { .. })
-        ));
-    }
-
-    #[test]
-    fn concurrent_puts_of_the_same_chunk() {
-        let dir = TempDir::new("local-conc");
-        let store = open(&dir, Compression::Zstd { level: 1 });
-        let data = vec![9u8; 65536];
-        std::thread::scope(|s| {
-            for _ in 0..4 {
-                s.spawn(|| {
-                    for _ in 0..20 {
-                        store.put(&data).unwrap();
-                    }
-                });
-            }
-        });
-        store.sync().unwrap();
-        assert_eq!(store.get(&ChunkId::of(&data)).unwrap(), data);
-        let st = store.stats();
-        assert_eq!(st.chunks_written + st.chunks_deduped, 80);
-    }
-
-    #[test]
-    fn batch_durability_renames_at_sync_and_discards_unsynced_chunks() {
-        let dir = TempDir::new("store-batch");
-        let opts = LocalStoreOptions {
-            batch_durability: true,
-            ..Default::default()
-        };
-        let mut data = vec![0u8; 65536];
-        Rng::new(5).fill(&mut data);
-        let store = LocalStore::open(dir.path().join("s"), opts).unwrap();
-        let id = store.put(&data).unwrap();
-        // Pending: visible to this instance through its temp file, not under its name.
-        assert!(store.contains(&id).unwrap());
-        assert_eq!(store.get(&id).unwrap(), data);
-        assert!(!store.chunk_path(&id).exists());
-        assert_eq!(
-            store.put_hashed(&id, &data).unwrap(),
-            PutOutcome::Present,
-            "a pending chunk is not written twice"
-        );
-        store.sync().unwrap();
-        assert!(store.chunk_path(&id).is_file());
-        let other = LocalStore::open(dir.path().join("s"), LocalStoreOptions::default()).unwrap();
-        assert_eq!(other.get(&id).unwrap(), data);
-
-        // Dropped without sync: the chunk and its temp file are gone.
-        data[0] ^= 1;
-        let store = LocalStore::open(dir.path().join("s"), opts).unwrap();
-        let id2 = store.put(&data).unwrap();
-        let fanout = store.chunk_path(&id2).parent().unwrap().to_path_buf();
-        drop(store);
-        assert!(!other.contains(&id2).unwrap());
-        let leftovers: Vec<_> = std::fs::read_dir(&fanout)
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
-            .collect();
-        assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
-    }
-}
+mod tests;

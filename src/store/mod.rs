@@ -5,7 +5,8 @@
 //! chunks by id ([`ChunkRead`]); a writable one also keeps them ([`ChunkWrite`]): writing
 //! the same bytes twice stores them once.
 //!
-//! * [`local`] — [`LocalStore`], chunks as files under a directory.
+//! * [`local`] — [`LocalStore`], chunks in packs or as files under a directory.
+//! * [`pack`] — the pack and pack index formats ([`pack::PackWriter`], [`pack::PackSet`]).
 //! * [`http`] — [`HttpStore`](http::HttpStore), a read-only store over HTTP.
 //! * [`cache`] — [`CachedStore`](cache::CachedStore), a read-through local chunk cache
 //!   in front of another store.
@@ -19,9 +20,12 @@ pub mod codec;
 pub mod evict;
 pub mod http;
 pub mod local;
+pub mod pack;
+pub mod pack_gc;
+pub mod pack_migrate;
 
 pub use codec::Compression;
-pub use local::{LocalStore, LocalStoreOptions, StoreStats};
+pub use local::{Layout, LocalStore, LocalStoreOptions, StoreStats};
 
 use std::fmt;
 use std::io;

@@ -224,15 +224,11 @@ fn save_kvm_state(vmm: &Vmm) -> Result<(Vec<VcpuState>, VmState), CreateError> {
     Ok((vcpus, vm))
 }
 
-/// Opens the chunk store at `dir` with one file-system flush for all new chunks instead
-/// of one fsync each; nothing refers to them before `sync` (called by the memory and
-/// overlay saves) returns.
+/// Opens the chunk store at `dir` writing packs: the new chunks of the snapshot go to one
+/// pack, made durable with a constant number of flushes; nothing refers to them before
+/// `sync` (called by the memory and overlay saves) returns.
 fn open_store(dir: &Path) -> Result<LocalStore, CreateError> {
-    let options = LocalStoreOptions {
-        batch_durability: true,
-        ..Default::default()
-    };
-    LocalStore::open(dir, options).map_err(|source| CreateError::Store {
+    LocalStore::open(dir, LocalStoreOptions::packs()).map_err(|source| CreateError::Store {
         path: dir.to_path_buf(),
         source,
     })
