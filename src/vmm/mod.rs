@@ -21,6 +21,7 @@ use crate::config::VmConfig;
 use crate::devices::legacy::SerialDevice;
 use crate::devices::virtio::block::BlockDevice;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::NetDevice;
 use crate::util::lock;
 use crate::vstate::bus::Bus;
 use crate::vstate::exit::ExitSignal;
@@ -71,6 +72,18 @@ pub struct AttachedBlock {
     pub gsi: u32,
 }
 
+/// A virtio-net interface attached to the VM.
+pub struct AttachedNet {
+    /// The device (its thread moves the frames).
+    pub device: Arc<Mutex<NetDevice>>,
+    /// Its virtio-mmio transport on the MMIO bus.
+    pub transport: Arc<Mutex<MmioTransport>>,
+    /// MMIO window base.
+    pub base: u64,
+    /// Interrupt line.
+    pub gsi: u32,
+}
+
 /// A running VM and everything attached to it.
 pub struct Vmm {
     /// VM configuration.
@@ -95,6 +108,8 @@ pub struct Vmm {
     pub serial: Arc<Mutex<SerialDevice>>,
     /// virtio-block disks in attach order.
     pub blocks: Vec<AttachedBlock>,
+    /// virtio-net interfaces in attach order.
+    pub nets: Vec<AttachedNet>,
     /// Device event loop.
     pub events: EventManager<Subscriber>,
     /// Whole-VM run state.
@@ -144,6 +159,8 @@ pub struct VmmParts {
     pub serial: Arc<Mutex<SerialDevice>>,
     /// virtio-block disks in attach order.
     pub blocks: Vec<AttachedBlock>,
+    /// virtio-net interfaces in attach order.
+    pub nets: Vec<AttachedNet>,
     /// Device event loop.
     pub events: EventManager<Subscriber>,
     /// Whole-VM run state (the state the vCPU threads were started in).
@@ -174,6 +191,7 @@ impl Vmm {
             mmio: p.mmio,
             serial: p.serial,
             blocks: p.blocks,
+            nets: p.nets,
             events: p.events,
             state: p.state,
             api: None,
@@ -198,7 +216,8 @@ impl Vmm {
         self.state = RunState::Exited;
     }
 
-    /// Pauses every vCPU (they leave KVM_RUN and wait), then holds every disk's I/O gate:
+    /// Pauses every vCPU (they leave KVM_RUN and wait), then holds every disk's (and network
+    /// interface's) I/O gate:
     /// from then on no device writes guest memory or raises an interrupt. A disk request
     /// stuck in a slow backend is not waited for; it is recorded as pending (module
     /// `devices::virtio::block::worker`).
@@ -247,12 +266,14 @@ impl Vmm {
         Ok(())
     }
 
-    /// The I/O gate of every disk.
+    /// The I/O gate of every disk and network interface.
     fn io_gates(&self) -> Vec<Arc<crate::devices::virtio::IoGate>> {
-        self.blocks
+        let disks = self
+            .blocks
             .iter()
-            .map(|b| lock(&b.device).io_gate().clone())
-            .collect()
+            .map(|b| lock(&b.device).io_gate().clone());
+        let nets = self.nets.iter().map(|n| lock(&n.device).io_gate().clone());
+        disks.chain(nets).collect()
     }
 
     /// Tells KVM the vCPUs were stopped (KVM_KVMCLOCK_CTRL), so a guest using kvmclock does

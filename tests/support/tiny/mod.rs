@@ -567,6 +567,7 @@ fn restore_with(
     let opts = vmm::builder::RestoreOptions {
         console: Console::Writer(Box::new(console.clone())),
         blocks,
+        nets: Vec::new(),
         force: false,
         start_paused,
         eager_memory,
