@@ -247,6 +247,13 @@ fn main() -> ExitCode {
         }) => {
             let src = dir.to_string_lossy();
             if repo.is_none() && vmm::archive::is_archive_source(&src) {
+                if !net.is_empty() {
+                    return fail(
+                        2,
+                        "--net cannot change the taps of an archived VM (it reopens the recorded ones)"
+                            .into(),
+                    );
+                }
                 return restore_archive(&src, &block, &restore, &archive, &api);
             }
             let dir = match repo {

@@ -117,7 +117,7 @@ impl NetNs {
     /// Starts `vmm ARGS` inside the namespace.
     fn vmm(&self, args: &[String]) -> Running {
         let bin = support::env::vmm_bin();
-        let mut c = self.cmd(&[bin.to_str().unwrap()]);
+        let mut c = self.cmd(&[bin]);
         c.args(args);
         Running::spawn_cmd(&mut c)
     }

@@ -424,6 +424,7 @@ where
         blocks: Vec::new(),
         host_quirks: false,
         cpu_template: spec.cpu_template,
+        nets: Vec::new(),
     };
     let capture = Capture::default();
     let opts = BootOptions {
@@ -510,6 +511,7 @@ pub fn vm_config(spec: &Spec, blocks: Vec<vmm::config::BlockConfig>) -> VmConfig
         blocks,
         host_quirks: false,
         cpu_template: spec.cpu_template,
+        nets: Vec::new(),
     }
 }
 

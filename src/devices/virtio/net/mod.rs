@@ -15,10 +15,11 @@
 
 mod persist;
 pub mod queue;
+mod shared;
 pub mod tap;
 mod worker;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
@@ -32,6 +33,7 @@ use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use persist::{NetDeviceState, NetRestoreArgs};
+use shared::{Activation, Shared};
 pub use tap::{Tap, TapError};
 
 use super::block::gate::IoGate;
@@ -59,37 +61,6 @@ pub enum NetError {
     /// Saved state differs from this device in a guest-visible way.
     #[error("virtio-net: saved {0} differs from the device's")]
     StateMismatch(&'static str),
-}
-
-/// One activation of the device: from DRIVER_OK to reset.
-struct Activation {
-    mem: GuestMem,
-    interrupt: Arc<VirtioInterrupt>,
-    rx: Mutex<Queue>,
-    tx: Mutex<Queue>,
-    /// Set by [`IoGate::stop`] when the activation ends.
-    stopped: AtomicBool,
-    /// VIRTIO_NET_F_MRG_RXBUF was negotiated.
-    mergeable: bool,
-}
-
-/// What the device and its thread share.
-struct Shared {
-    tap: Tap,
-    gate: Arc<IoGate>,
-    current: Mutex<Option<Arc<Activation>>>,
-    /// Wakes the device thread (activation changed, stop).
-    wake: EventFd,
-    mac: [u8; 6],
-    /// The IPv4 address the guest last sent from (ARP or IPv4), for a gratuitous ARP
-    /// after a restore.
-    guest_ipv4: Mutex<Option<[u8; 4]>>,
-}
-
-impl Shared {
-    fn current(&self) -> Option<Arc<Activation>> {
-        lock(&self.current).clone()
-    }
 }
 
 /// A virtio-net device on a tap.
@@ -193,7 +164,7 @@ impl NetDevice {
             );
             return;
         };
-        let frame = worker::gratuitous_arp(self.shared.mac, ip);
+        let frame = shared::gratuitous_arp(self.shared.mac, ip);
         match self.shared.tap.write_frame(&frame) {
             Ok(_) => log::info!(
                 "virtio-net {}: announced {}.{}.{}.{} at {} on {}",
@@ -326,11 +297,6 @@ impl VirtioDevice for NetDevice {
             let _ = e.read();
         }
     }
-}
-
-/// Whether the activation was stopped (for the device thread).
-fn stopped(act: &Activation) -> bool {
-    act.stopped.load(Ordering::SeqCst)
 }
 
 #[cfg(test)]

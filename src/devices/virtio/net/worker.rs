@@ -18,7 +18,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::{self, Delivered, MAX_FRAME, VNET_HDR_LEN};
-use super::{Activation, Shared, stopped};
+use super::shared::{Activation, Shared, stopped};
 use crate::devices::virtio::block::gate::{ActivationGate, WriteGate};
 use crate::util::lock;
 
@@ -297,36 +297,5 @@ fn learn_ipv4(shared: &Shared, frame: &[u8]) {
     };
     if ip != [0; 4] {
         *lock(&shared.guest_ipv4) = Some(ip);
-    }
-}
-
-/// A gratuitous ARP request (vnet header first) announcing `ip` at `mac`.
-pub(super) fn gratuitous_arp(mac: [u8; 6], ip: [u8; 4]) -> Vec<u8> {
-    let mut f = vec![0u8; VNET_HDR_LEN];
-    f.extend_from_slice(&[0xff; 6]); // broadcast
-    f.extend_from_slice(&mac);
-    f.extend_from_slice(&[0x08, 0x06]); // ARP
-    f.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]); // Ethernet/IPv4, request
-    f.extend_from_slice(&mac);
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&[0; 6]);
-    f.extend_from_slice(&ip);
-    f.resize(VNET_HDR_LEN + 60, 0); // minimum Ethernet frame
-    f
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn garp_layout() {
-        let f = gratuitous_arp([2, 0, 0, 0, 0, 7], [10, 0, 0, 2]);
-        assert_eq!(f.len(), VNET_HDR_LEN + 60);
-        let e = &f[VNET_HDR_LEN..];
-        assert_eq!(&e[0..6], &[0xff; 6]);
-        assert_eq!(&e[12..14], &[8, 6]);
-        assert_eq!(&e[28..32], &[10, 0, 0, 2]);
-        assert_eq!(&e[38..42], &[10, 0, 0, 2]);
     }
 }
