@@ -78,22 +78,31 @@ impl NetNs {
         c
     }
 
-    /// One ping round of `count` echo requests of `size` bytes; true if any was answered.
+    /// Pings the guest with `count` echo requests of `size` bytes, round after round, until
+    /// one round has every request answered (true), or the ceiling (false).
     fn ping(&self, size: usize, count: u32) -> bool {
-        let out = self
-            .cmd(&[
-                "ping",
-                "-c",
-                &count.to_string(),
-                "-W",
-                "5",
-                "-s",
-                &size.to_string(),
-                GUEST_IP,
-            ])
-            .output()
-            .expect("ping");
-        out.status.success()
+        let deadline = Instant::now() + GUEST_EVENT_TIMEOUT;
+        while Instant::now() < deadline {
+            let out = self
+                .cmd(&[
+                    "ping",
+                    "-n",
+                    "-c",
+                    &count.to_string(),
+                    "-W",
+                    "10",
+                    "-s",
+                    &size.to_string(),
+                    GUEST_IP,
+                ])
+                .output()
+                .expect("ping");
+            let text = String::from_utf8_lossy(&out.stdout);
+            if text.contains(&format!("{count} received")) {
+                return true;
+            }
+        }
+        false
     }
 
     /// A UDP socket bound to `HOST_IP:UDP_PORT` inside the namespace (made on a thread that
@@ -145,7 +154,17 @@ fn recv_ticks(s: &UdpSocket, token: &str, into: &mut Vec<u64>) {
 
 /// Receives ticks until one of at least `n` arrived (or the ceiling).
 fn udp_until(s: &UdpSocket, token: &str, n: u64, into: &mut Vec<u64>) -> bool {
-    let deadline = Instant::now() + GUEST_EVENT_TIMEOUT;
+    udp_until_within(s, token, n, into, GUEST_EVENT_TIMEOUT)
+}
+
+fn udp_until_within(
+    s: &UdpSocket,
+    token: &str,
+    n: u64,
+    into: &mut Vec<u64>,
+    ceiling: Duration,
+) -> bool {
+    let deadline = Instant::now() + ceiling;
     while Instant::now() < deadline {
         recv_ticks(s, token, into);
         if into.last().is_some_and(|&t| t >= n) {
@@ -212,26 +231,16 @@ fn network_survives_snapshot_restore_and_clones() {
     }
     let ns = NetNs::new(0, "vmtap0");
     let sock_udp = ns.udp();
-    let extra: &'static str = Box::leak(
-        format!(
-            "ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off vmmtest.udp={HOST_IP}:{UDP_PORT}"
-        )
-        .into_boxed_str(),
+    let extra = format!(
+        "ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off vmmtest.udp={HOST_IP}:{UDP_PORT}"
     );
-    let spec = CounterSpec {
-        extra,
-        ..CounterSpec::new("net_linux", "net")
-    };
     // The counter guest, started inside the namespace with its interface.
     let dir = scratch("net_linux_boot");
     let token = format!("net{}", std::process::id());
     let root = dir.join("rootfs.ext4");
     std::fs::copy(a.rootfs(), &root).unwrap();
     let sock = dir.join("api.sock");
-    let cmdline = format!(
-        "init=/idle vmmtest.counter vmmtest.token={token} {}",
-        spec.extra
-    );
+    let cmdline = format!("init=/idle vmmtest.counter vmmtest.token={token} {extra}");
     let mut vm = ns.vmm(&[
         "--kernel".into(),
         kernel_arg(&a, &cmdline),
@@ -244,7 +253,7 @@ fn network_survives_snapshot_restore_and_clones() {
     ]);
     let t0 = Instant::now();
     let mut got = Vec::new();
-    if !udp_until(&sock_udp, &token, 3, &mut got) {
+    if !udp_until_within(&sock_udp, &token, 3, &mut got, BOOT_TIMEOUT) {
         fail(&vm, "no UDP tick reached the namespace");
     }
     eprintln!(
