@@ -144,10 +144,11 @@ fn recv_ticks(s: &UdpSocket, token: &str, into: &mut Vec<u64>) {
     while let Ok(n) = s.recv(&mut buf) {
         let text = String::from_utf8_lossy(&buf[..n]);
         let mut parts = text.split_whitespace();
-        if parts.next() == Some("tick") && parts.next() == Some(token) {
-            if let Some(t) = parts.next().and_then(|v| v.parse().ok()) {
-                into.push(t);
-            }
+        if parts.next() == Some("tick")
+            && parts.next() == Some(token)
+            && let Some(t) = parts.next().and_then(|v| v.parse().ok())
+        {
+            into.push(t);
         }
     }
 }

@@ -6,6 +6,9 @@ use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
 
 const SIZE: u16 = 16;
 
+/// A chain as (address, length, flags) per descriptor.
+type Chain = Vec<(u64, u32, u16)>;
+
 fn frame(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i % 251) as u8).collect()
 }
@@ -33,7 +36,7 @@ fn tx_gathers_a_frame_over_descriptors() {
 /// Each hostile TX chain is dropped with an error, and the next good one still goes.
 #[test]
 fn hostile_tx_chains_are_dropped() {
-    let cases: Vec<(&str, Vec<(u64, u32, u16)>, ChainError)> = vec![
+    let cases: Vec<(&str, Chain, ChainError)> = vec![
         ("zero length", vec![(HDR, 0, R)], ChainError::TooShort(0)),
         (
             "header only, short",
@@ -151,7 +154,7 @@ fn rx_waits_for_buffers() {
 /// returns the chain; the next good chain still takes the next frame.
 #[test]
 fn hostile_rx_chains_are_dropped() {
-    let cases: Vec<(&str, Vec<(u64, u32, u16)>, bool)> = vec![
+    let cases: Vec<(&str, Chain, bool)> = vec![
         ("zero length", vec![(DATA, 0, W)], true),
         ("read-only", vec![(DATA, 1500, R)], true),
         (
