@@ -124,6 +124,7 @@ fn local(dir: &Path, eager: bool) -> (f64, Vmm) {
     let opts = RestoreOptions {
         console: sink(),
         blocks: None,
+        nets: Vec::new(),
         force: false,
         start_paused: false,
         eager_memory: eager,

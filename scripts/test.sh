@@ -13,8 +13,9 @@ cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
 $SUDO bash resources/build-guest.sh --install-deps >/dev/null
-# The remote-disk tests serve images with a real nginx; qcow2 import uses qemu-img.
-$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y nginx qemu-utils >/dev/null
+# The remote-disk tests serve images with a real nginx; qcow2 import uses qemu-img; the
+# network tests (net_linux) use iproute2 (network namespaces, taps) and ping.
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y nginx qemu-utils iproute2 iputils-ping >/dev/null
 bash resources/build-guest.sh
 
 logs=target/test-logs

@@ -88,6 +88,17 @@ impl BlockConfig {
     }
 }
 
+/// One virtio-net interface on an existing tap device (docs/NETWORK.md).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    /// Interface id (`net0`, `net1`, … by default): names it on a restore's `--net id=…`.
+    pub id: String,
+    /// Host tap device name (at most 15 bytes).
+    pub tap: String,
+    /// Guest MAC address; a locally administered random one when not given.
+    pub mac: Option<[u8; 6]>,
+}
+
 /// The whole VM configuration, recorded in snapshots.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
@@ -105,6 +116,9 @@ pub struct VmConfig {
     pub host_quirks: bool,
     /// The CPU features the guest is given (docs/KEEPING_SNAPSHOTS.md, "Hosts").
     pub cpu_template: CpuTemplate,
+    /// virtio-net interfaces, in attach order (after the disks on the MMIO window).
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
 }
 
 /// Splits `a=1,b="x,y",c=z` on commas outside double quotes into (key, value) pairs,
@@ -335,6 +349,102 @@ pub fn parse_block(s: &str) -> Result<BlockConfig, ConfigError> {
     }
 }
 
+/// Parses a MAC address `aa:bb:cc:dd:ee:ff`; refuses multicast addresses.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *m = u8::from_str_radix(p, 16).ok()?;
+    }
+    (mac[0] & 1 == 0).then_some(mac)
+}
+
+/// `--net tap=NAME[,mac=MAC][,id=ID]`; `index` gives the default id `net<index>`. With
+/// `restore`, `id=` is required and `mac=` refused (a restored guest keeps its MAC).
+pub fn parse_net(s: &str, index: usize, restore: bool) -> Result<NetConfig, ConfigError> {
+    const F: &str = "net";
+    let mut n = NetConfig {
+        id: format!("net{index}"),
+        ..Default::default()
+    };
+    let mut have_id = false;
+    for (k, v) in parse_kv(F, s)? {
+        match k.as_str() {
+            "tap" => {
+                let ok = !v.is_empty()
+                    && v.len() <= 15
+                    && !v
+                        .bytes()
+                        .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace());
+                if !ok {
+                    return Err(ConfigError::Invalid {
+                        flag: F,
+                        message: format!(
+                            "tap={v:?}: a tap name is 1 to 15 bytes, without '/', ':' or spaces"
+                        ),
+                    });
+                }
+                n.tap = v;
+            }
+            "mac" if !restore => {
+                n.mac = Some(parse_mac(&v).ok_or_else(|| ConfigError::Invalid {
+                    flag: F,
+                    message: format!("mac={v:?}: expected a unicast aa:bb:cc:dd:ee:ff"),
+                })?)
+            }
+            "id" => {
+                if v.is_empty() || v.len() > 32 {
+                    return Err(ConfigError::Invalid {
+                        flag: F,
+                        message: "id= is 1 to 32 bytes".into(),
+                    });
+                }
+                n.id = v;
+                have_id = true;
+            }
+            _ if restore => return Err(unknown(F, &k, &["id", "tap"])),
+            _ => return Err(unknown(F, &k, &["tap", "mac", "id"])),
+        }
+    }
+    if n.tap.is_empty() {
+        return Err(ConfigError::Syntax {
+            flag: F,
+            message: "tap= is required".into(),
+        });
+    }
+    if restore && !have_id {
+        return Err(ConfigError::Syntax {
+            flag: F,
+            message: "id= is required on a restore (which interface gets this tap)".into(),
+        });
+    }
+    Ok(n)
+}
+
+/// Parses every `--net` (ids must be unique).
+pub fn parse_nets(flags: &[String], restore: bool) -> Result<Vec<NetConfig>, ConfigError> {
+    let nets = flags
+        .iter()
+        .enumerate()
+        .map(|(i, s)| parse_net(s, i, restore))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (i, n) in nets.iter().enumerate() {
+        if nets[..i].iter().any(|o| o.id == n.id) {
+            return Err(ConfigError::Invalid {
+                flag: "net",
+                message: format!("id {:?} given twice", n.id),
+            });
+        }
+    }
+    Ok(nets)
+}
+
 /// True when `/dev/kvm` is provided by the PVM module (nested, PVM-style KVM).
 pub fn pvm_host() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
@@ -423,6 +533,30 @@ mod tests {
         assert!(parse_block("url=ftp://h/x").is_err());
         assert!(parse_block("path=/d,url=http://h/x").is_err());
         assert!(parse_block("path=/d,overlay=/o").is_err());
+    }
+
+    #[test]
+    fn net() {
+        let n = parse_net("tap=tap0,mac=02:00:00:00:00:01", 0, false).unwrap();
+        assert_eq!((n.id.as_str(), n.tap.as_str()), ("net0", "tap0"));
+        assert_eq!(n.mac, Some([2, 0, 0, 0, 0, 1]));
+        assert_eq!(parse_net("tap=t,id=x", 3, false).unwrap().id, "x");
+        assert_eq!(parse_net("tap=t", 3, false).unwrap().id, "net3");
+        assert!(parse_net("tap=a234567890123456", 0, false).is_err());
+        assert!(
+            parse_net("tap=a234567890123456", 0, false)
+                .unwrap_err()
+                .to_string()
+                .contains("15")
+        );
+        assert!(parse_net("mac=02:00:00:00:00:01", 0, false).is_err());
+        assert!(parse_net("tap=t,mac=01:00:00:00:00:01", 0, false).is_err());
+        assert!(parse_net("tap=t,mac=02:00:00:00:00", 0, false).is_err());
+        assert!(parse_net("tap=t,mac=zz:00:00:00:00:00", 0, false).is_err());
+        assert!(parse_net("tap=t,foo=1", 0, false).is_err());
+        assert!(parse_net("tap=t", 0, true).is_err(), "restore needs id=");
+        assert!(parse_net("id=net0,tap=t,mac=02:00:00:00:00:01", 0, true).is_err());
+        assert!(parse_nets(&["tap=a,id=x".into(), "tap=b,id=x".into()], false).is_err());
     }
 
     #[test]

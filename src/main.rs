@@ -39,6 +39,11 @@ struct RunArgs {
     /// A virtio-block disk: `path=FILE[,read_only=true][,id=NAME][,root=true]` (repeatable).
     #[arg(long)]
     block: Vec<String>,
+    /// A virtio-net interface on an existing tap: `tap=NAME[,mac=MAC][,id=ID]` (repeatable;
+    /// ids net0, net1, …). With --memory_path/--cpu_path: `id=ID,tap=NAME` gives a restored
+    /// interface another tap.
+    #[arg(long)]
+    net: Vec<String>,
     /// Do not append the command-line workarounds for PVM-style nested KVM hosts.
     #[arg(long)]
     no_host_quirks: bool,
@@ -112,6 +117,10 @@ enum Cmd {
         /// Disks to attach instead of the recorded ones (same count and order).
         #[arg(long)]
         block: Vec<String>,
+        /// Another tap for a recorded network interface: `id=ID,tap=NAME` (repeatable; the
+        /// others reopen their recorded tap).
+        #[arg(long)]
+        net: Vec<String>,
         #[command(flatten)]
         restore: RestoreFlags,
         #[command(flatten)]
@@ -223,6 +232,7 @@ fn build_config(run: &RunArgs) -> Result<VmConfig, config::ConfigError> {
         blocks: parse_blocks(&run.block)?,
         host_quirks: !run.no_host_quirks,
         cpu_template: run.cpu_template,
+        nets: config::parse_nets(&run.net, false)?,
     })
 }
 
@@ -246,12 +256,20 @@ fn main() -> ExitCode {
             dir,
             repo,
             block,
+            net,
             restore,
             api,
             archive,
         }) => {
             let src = dir.to_string_lossy();
             if repo.is_none() && vmm::archive::is_archive_source(&src) {
+                if !net.is_empty() {
+                    return fail(
+                        2,
+                        "--net cannot change the taps of an archived VM (it reopens the recorded ones)"
+                            .into(),
+                    );
+                }
                 return restore_archive(&src, &block, &restore, &archive, &api);
             }
             let dir = match repo {
@@ -265,7 +283,7 @@ fn main() -> ExitCode {
                 },
             };
             let (state, memory) = builder::snapshot_files(&dir);
-            restore_vm(&state, &memory, &block, &restore, &api)
+            restore_vm(&state, &memory, (&block, &net), &restore, &api)
         }
         Some(Cmd::Snapshot {
             cmd:
@@ -350,7 +368,7 @@ fn run_vm(run: &RunArgs) -> ExitCode {
         if run.kernel.is_some() {
             log::info!("restoring a snapshot: --kernel is not needed and is ignored");
         }
-        return restore_vm(c, m, &run.block, &run.restore, &run.api);
+        return restore_vm(c, m, (&run.block, &run.net), &run.restore, &run.api);
     }
     let cfg = match build_config(run) {
         Ok(c) => c,
@@ -371,13 +389,17 @@ fn run_vm(run: &RunArgs) -> ExitCode {
 fn restore_vm(
     cpu: &Path,
     memory: &Path,
-    blocks: &[String],
+    (blocks, nets): (&[String], &[String]),
     flags: &RestoreFlags,
     api: &ApiFlags,
 ) -> ExitCode {
     let blocks = match parse_blocks(blocks) {
         Ok(b) if b.is_empty() => None,
         Ok(b) => Some(b),
+        Err(e) => return fail(2, e.to_string()),
+    };
+    let nets = match config::parse_nets(nets, true) {
+        Ok(n) => n,
         Err(e) => return fail(2, e.to_string()),
     };
     let server = match start_api(api) {
@@ -388,6 +410,7 @@ fn restore_vm(
     let opts = RestoreOptions {
         console: Console::Stdio,
         blocks,
+        nets,
         force: flags.force,
         start_paused: flags.paused,
         eager_memory: flags.eager_memory,

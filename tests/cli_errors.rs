@@ -134,3 +134,30 @@ fn bad_disks() {
         "512",
     );
 }
+
+#[test]
+fn bad_nets() {
+    // Taps are checked before the VM is created, so no KVM is needed here.
+    let k = tmpfile("kernel-placeholder-net", b"not checked before the taps");
+    let karg = format!("path={}", k.display());
+    let expect = |net: &str, needle: &str, code: i32| {
+        let args = ["--kernel", karg.as_str(), "--net", net];
+        assert_clear_error(&args, needle);
+        assert_eq!(run(&args).0, code, "{args:?}");
+    };
+    expect("tap=a234567890123456", "1 to 15 bytes", 2);
+    expect("tap=t0,mac=01:00:00:00:00:01", "unicast", 2);
+    expect("tap=t0,mac=02:00:00:00:00", "unicast", 2);
+    expect("mac=02:00:00:00:00:01", "tap= is required", 2);
+    expect("tap=vmmnosuchtap9", "no such network interface", 1);
+    let (code, stderr) = run(&[
+        "--kernel",
+        &karg,
+        "--net",
+        "tap=a,id=x",
+        "--net",
+        "tap=b,id=x",
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("given twice"), "{stderr}");
+}

@@ -139,6 +139,7 @@ fn restore_with_clock(dir: &Path, clock: ClockMode) -> Result<TinyVm, String> {
     let opts = vmm::builder::RestoreOptions {
         console: vmm::builder::Console::Writer(Box::new(console.clone())),
         blocks: None,
+        nets: Vec::new(),
         force: false,
         start_paused: false,
         eager_memory: false,

@@ -772,6 +772,7 @@ fn restore_refuses_a_different_disk_unless_forced() {
             vmm::builder::RestoreOptions {
                 console: vmm::builder::Console::Writer(Box::new(std::io::sink())),
                 blocks: Some(vec![bigger]),
+                nets: Vec::new(),
                 force: true,
                 start_paused: true,
                 eager_memory: false,

@@ -26,6 +26,7 @@ pub fn restore_in_process(dir: &Path, eager: bool) -> (Duration, Option<Duration
     let opts = RestoreOptions {
         console: Console::Writer(Box::new(std::io::sink())),
         blocks: None,
+        nets: Vec::new(),
         force: false,
         start_paused: true,
         eager_memory: eager,

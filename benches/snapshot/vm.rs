@@ -55,6 +55,7 @@ pub fn boot_tiny(kernel: &Path, mem_mib: u64) -> Vmm {
         blocks: Vec::new(),
         host_quirks: false,
         cpu_template: Default::default(),
+        nets: Vec::new(),
     };
     let opts = BootOptions {
         console: Console::Writer(Box::new(std::io::sink())),

@@ -641,6 +641,7 @@ pub fn restore(
     let ropts = RestoreOptions {
         console: opts.console,
         blocks: None,
+        nets: Vec::new(),
         force: opts.force,
         start_paused: true,
         eager_memory: opts.eager_memory,

@@ -249,8 +249,12 @@ fn setup_boot_vcpus(
 
 /// Builds and starts a VM that boots `cfg.kernel`.
 pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildError> {
+    let mut cfg = cfg.clone();
+    super::net::fill_macs(&mut cfg.nets);
+    let cfg = &cfg;
     let inputs = open_guest_inputs(cfg)?;
     let disks = open_disks(cfg)?;
+    let taps = super::net::open_taps(&cfg.nets)?;
     let vm = Vm::new()?;
     vm.check_vcpu_count(u32::from(cfg.vcpus))?;
     let host = arch::cpu_template::HostCpu::probe(vm.kvm(), config::pvm_host())?;
@@ -269,8 +273,11 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
         serial,
         events,
     } = platform;
-    let (blocks, device_params) =
+    let (blocks, mut device_params) =
         attach_blocks(&vm, &mem, cfg, disks.backends, &mut mmio, opts.start_paused)?;
+    let (nets, net_params) =
+        super::net::attach_nets(&vm, &mem, cfg, taps, &mut mmio, opts.start_paused)?;
+    device_params.extend(net_params);
     let (kvm_vcpus, cmdline) =
         setup_boot_vcpus(&vm, cfg, &mem, (&host, &cpu), guest, &device_params)?;
 
@@ -295,6 +302,7 @@ pub fn build_for_boot(cfg: &VmConfig, opts: BootOptions) -> Result<Vmm, BuildErr
         mmio,
         serial,
         blocks,
+        nets,
         events,
         lazy: None,
         remote: disks.remote,

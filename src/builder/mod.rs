@@ -36,6 +36,7 @@ use crate::vstate::vm::Vm;
 use kvm_ioctls::IoEventAddress;
 
 pub mod boot;
+pub mod net;
 pub mod restore;
 
 pub use boot::{BootOptions, build_for_boot, compose_cmdline};
@@ -87,6 +88,9 @@ pub enum BuildError {
     /// The event loop could not be created.
     #[error("event loop: {0:?}")]
     EventLoop(event_manager::Error),
+    /// A network interface's tap cannot be used.
+    #[error(transparent)]
+    Tap(crate::devices::virtio::net::TapError),
 }
 
 impl BuildError {
@@ -280,7 +284,9 @@ pub fn block_slot(index: usize, count: usize) -> Result<(u64, u32), BuildError> 
     let gsi = VIRTIO_FIRST_GSI + index as u32;
     match arch::layout::virtio_mmio_addr(index as u32) {
         Some(a) if gsi <= arch::mptable::MAX_LEGACY_IRQ => Ok((a.0, gsi)),
-        _ => Err(BuildError::Device(format!("too many disks ({count})"))),
+        _ => Err(BuildError::Device(format!(
+            "too many virtio devices ({count} disks and network interfaces)"
+        ))),
     }
 }
 

@@ -48,6 +48,9 @@ pub struct RestoreOptions {
     pub console: Console,
     /// Disks to attach instead of those recorded in the snapshot (same count and order).
     pub blocks: Option<Vec<BlockConfig>>,
+    /// Taps for the snapshot's network interfaces, by id (`--net id=…,tap=…`); the others
+    /// reopen their recorded tap.
+    pub nets: Vec<crate::config::NetConfig>,
     /// Accept disks whose identity or size differs from the snapshot's record.
     pub force: bool,
     /// Leave the vCPUs paused.
@@ -65,6 +68,7 @@ impl RestoreOptions {
         Self {
             console: Console::Stdio,
             blocks: None,
+            nets: Vec::new(),
             force: false,
             start_paused: false,
             eager_memory: false,
@@ -445,7 +449,9 @@ pub fn build_from_parts(
     let mut cfg = restore_config(&state, opts.blocks, cpu_path)?;
     prepare_overlays(&mut state, &cfg, store.as_ref())?;
     keep_disk_ids(&mut cfg, &state);
+    super::net::restore_net_config(&mut cfg, &state, &opts.nets)?;
     let disks = open_disks(&cfg)?;
+    let taps = super::net::open_taps(&cfg.nets)?;
     let (vm, mem) = create_vm_and_memory(&state, &cfg, opts.force)?;
     // Memory does not start from zeros: only a caller that knows what it starts from
     // (`build_from_snapshot` sets the snapshot base) may let the first snapshot check it.
@@ -469,9 +475,12 @@ pub fn build_from_parts(
         events,
     } = setup_platform(&vm, opts.console, Some(&state.serial))?;
     let wired = restore_block_devices(&vm, &cfg, &state, disks.backends, opts.force)?;
+    let wired_nets = super::net::restore_net_devices(&vm, &cfg, &state, taps)?;
     let kvm_vcpus = restore_kvm_state(&vm, &state, opts.clock)?;
     // Devices last: the transports re-activate their devices and re-raise interrupts.
     let blocks = restore_transports(&mem, wired, &state, &mut mmio)?;
+    let nets = super::net::restore_net_transports(&mem, wired_nets, &state, &mut mmio)?;
+    super::net::announce(&nets);
 
     let (pio, mmio, vcpus) = start_vcpus(kvm_vcpus, pio, mmio, &exit, true)?;
     let mut vmm = Vmm::new(Machine {
@@ -486,6 +495,7 @@ pub fn build_from_parts(
         mmio,
         serial,
         blocks,
+        nets,
         events,
         state: RunState::Paused,
         lazy,

@@ -117,7 +117,7 @@ impl FileKind {
     /// Device and vCPU state of a snapshot (`write_state_file`/`read_state_file`).
     pub const STATE: FileKind = FileKind {
         magic: *b"VMMSNAP\0",
-        version: 3,
+        version: 4,
         max_payload: 64 << 20,
         name: "vmm snapshot file",
     };

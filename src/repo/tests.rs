@@ -22,6 +22,7 @@ pub(crate) fn fake_state(created_unix: u64) -> MicrovmState {
             blocks: Vec::new(),
             host_quirks: false,
             cpu_template: Default::default(),
+            nets: Vec::new(),
         },
         cmdline: String::new(),
         memory_regions: Vec::new(),
@@ -52,6 +53,7 @@ pub(crate) fn fake_state(created_unix: u64) -> MicrovmState {
             features: Default::default(),
             host: "test".into(),
         },
+        nets: Vec::new(),
     }
 }
 

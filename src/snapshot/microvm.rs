@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::BlockSnapshot;
-use super::legacy::{StateV2, V2_HOST};
+use super::legacy::{StateV2, StateV3, V2_HOST};
+use super::{BlockSnapshot, NetSnapshot};
 use crate::arch::x86_64::cpu_features::CpuFeatures;
 use crate::arch::x86_64::cpu_template::{CpuRecord, CpuTemplate};
 use crate::arch::x86_64::vcpu_state::VcpuState;
@@ -47,6 +47,8 @@ pub struct MicrovmState {
     pub created_unix: u64,
     /// The CPU features the guest was given, and where (state version 3).
     pub cpu: CpuRecord,
+    /// virtio-net interfaces in attach order (state version 4).
+    pub nets: Vec<NetSnapshot>,
 }
 
 impl MicrovmState {
@@ -55,6 +57,7 @@ impl MicrovmState {
         let (version, payload) = file::decode_frame(&FileKind::STATE, bytes, OLDEST_STATE_VERSION)?;
         match version {
             2 => Ok(file::decode_payload::<StateV2>(payload)?.into()),
+            3 => Ok(file::decode_payload::<StateV3>(payload)?.into()),
             _ => file::decode_payload(payload),
         }
     }
@@ -100,6 +103,7 @@ impl From<StateV2> for MicrovmState {
                 blocks: c.blocks,
                 host_quirks: c.host_quirks,
                 cpu_template: CpuTemplate::None,
+                nets: Vec::new(),
             },
             cmdline: s.cmdline,
             memory_regions: s.memory_regions,
@@ -113,6 +117,35 @@ impl From<StateV2> for MicrovmState {
                 features,
                 host: V2_HOST.into(),
             },
+            nets: Vec::new(),
+        }
+    }
+}
+
+impl From<StateV3> for MicrovmState {
+    fn from(s: StateV3) -> Self {
+        let c = s.config;
+        MicrovmState {
+            config: VmConfig {
+                kernel: c.kernel,
+                initrd: c.initrd,
+                mem_mib: c.mem_mib,
+                vcpus: c.vcpus,
+                blocks: c.blocks,
+                host_quirks: c.host_quirks,
+                cpu_template: c.cpu_template,
+                nets: Vec::new(),
+            },
+            cmdline: s.cmdline,
+            memory_regions: s.memory_regions,
+            vcpus: s.vcpus,
+            vm: s.vm,
+            serial: s.serial,
+            blocks: s.blocks,
+            store: s.store,
+            created_unix: s.created_unix,
+            cpu: s.cpu,
+            nets: Vec::new(),
         }
     }
 }

@@ -40,6 +40,19 @@ pub struct BlockSnapshot {
     pub overlay: Option<OverlayManifest>,
 }
 
+/// A virtio-net interface as a snapshot records it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NetSnapshot {
+    /// MMIO window base.
+    pub base: u64,
+    /// Interrupt line.
+    pub gsi: u32,
+    /// Transport registers, interrupt status and queues.
+    pub transport: MmioTransportState,
+    /// Device state (id, tap, MAC, features, configuration space).
+    pub device: crate::devices::virtio::net::NetDeviceState,
+}
+
 /// What the next snapshot of a VM can be incremental against: the content of its
 /// memory and overlays as of its last snapshot (or the snapshot it was restored from),
 /// from which the dirty tracking counts.

@@ -21,6 +21,7 @@ use crate::config::VmConfig;
 use crate::devices::legacy::SerialDevice;
 use crate::devices::virtio::block::BlockDevice;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::NetDevice;
 use crate::util::lock;
 use crate::vstate::bus::Bus;
 use crate::vstate::exit::ExitSignal;
@@ -63,6 +64,18 @@ pub type StatusFn = Box<dyn Fn() -> serde_json::Value + Send>;
 pub struct AttachedBlock {
     /// The device (its I/O worker thread serves the queue).
     pub device: Arc<Mutex<BlockDevice>>,
+    /// Its virtio-mmio transport on the MMIO bus.
+    pub transport: Arc<Mutex<MmioTransport>>,
+    /// MMIO window base.
+    pub base: u64,
+    /// Interrupt line.
+    pub gsi: u32,
+}
+
+/// A virtio-net interface attached to the VM.
+pub struct AttachedNet {
+    /// The device (its thread moves the frames).
+    pub device: Arc<Mutex<NetDevice>>,
     /// Its virtio-mmio transport on the MMIO bus.
     pub transport: Arc<Mutex<MmioTransport>>,
     /// MMIO window base.
@@ -114,6 +127,8 @@ pub struct Machine {
     pub serial: Arc<Mutex<SerialDevice>>,
     /// virtio-block disks in attach order.
     pub blocks: Vec<AttachedBlock>,
+    /// virtio-net interfaces in attach order.
+    pub nets: Vec<AttachedNet>,
     /// Device event loop.
     pub events: EventManager<Subscriber>,
     /// Whole-VM run state.
@@ -153,7 +168,8 @@ impl Vmm {
         self.machine.state = RunState::Exited;
     }
 
-    /// Pauses every vCPU (they leave KVM_RUN and wait), then holds every disk's I/O gate:
+    /// Pauses every vCPU (they leave KVM_RUN and wait), then holds every disk's (and network
+    /// interface's) I/O gate:
     /// from then on no device writes guest memory or raises an interrupt. A disk request
     /// stuck in a slow backend is not waited for; it is recorded as pending (module
     /// `devices::virtio::block::worker`).
@@ -202,13 +218,19 @@ impl Vmm {
         Ok(())
     }
 
-    /// The I/O gate of every disk.
+    /// The I/O gate of every disk and network interface.
     fn io_gates(&self) -> Vec<Arc<crate::devices::virtio::IoGate>> {
-        self.machine
+        let disks = self
+            .machine
             .blocks
             .iter()
-            .map(|b| lock(&b.device).io_gate().clone())
-            .collect()
+            .map(|b| lock(&b.device).io_gate().clone());
+        let nets = self
+            .machine
+            .nets
+            .iter()
+            .map(|n| lock(&n.device).io_gate().clone());
+        disks.chain(nets).collect()
     }
 
     /// Tells KVM the vCPUs were stopped (KVM_KVMCLOCK_CTRL), so a guest using kvmclock does

@@ -14,7 +14,7 @@ use crate::disk::overlay_capture::{self, CaptureStats, OverlayManifest};
 use crate::formats::{Persist, file};
 use crate::snapshot::manifest::{self, DEFAULT_CHUNK_SIZE, MemoryManifest, SaveStats};
 use crate::snapshot::microvm::{MEMORY_FILE, MicrovmState, STATE_FILE};
-use crate::snapshot::{BlockSnapshot, SnapshotBase};
+use crate::snapshot::{BlockSnapshot, NetSnapshot, SnapshotBase};
 use crate::store::local::{LocalStore, LocalStoreOptions};
 use crate::util::lock;
 use crate::vstate::dirty::{self, DirtyMethod, LogState};
@@ -71,6 +71,24 @@ pub enum CreateError {
         /// Cause.
         #[source]
         source: crate::devices::virtio::block::BlockError,
+    },
+    /// Saving a network interface failed.
+    #[error("saving network interface {index}")]
+    Net {
+        /// Interface index.
+        index: usize,
+        /// Cause.
+        #[source]
+        source: crate::devices::virtio::net::NetError,
+    },
+    /// Saving a network interface's transport failed.
+    #[error("saving the transport of network interface {index}")]
+    NetTransport {
+        /// Interface index.
+        index: usize,
+        /// Cause.
+        #[source]
+        source: crate::devices::virtio::mmio::MmioError,
     },
     /// Saving the serial port failed.
     #[error("saving the serial port")]
@@ -203,6 +221,27 @@ fn save_devices(vmm: &Vmm) -> Result<(Vec<BlockSnapshot>, SerialDeviceState), Cr
         .save()
         .map_err(CreateError::Serial)?;
     Ok((blocks, serial))
+}
+
+/// Saves every network interface: transport (queues, interrupt status) and device.
+fn save_nets(vmm: &Vmm) -> Result<Vec<NetSnapshot>, CreateError> {
+    let mut nets = Vec::new();
+    for (index, n) in vmm.machine.nets.iter().enumerate() {
+        // The transport locks the device itself: never hold both locks.
+        let transport = lock(&n.transport)
+            .save()
+            .map_err(|source| CreateError::NetTransport { index, source })?;
+        let device = lock(&n.device)
+            .save()
+            .map_err(|source| CreateError::Net { index, source })?;
+        nets.push(NetSnapshot {
+            base: n.base,
+            gsi: n.gsi,
+            transport,
+            device,
+        });
+    }
+    Ok(nets)
 }
 
 /// Saves every vCPU's state (each on its own thread) and the VM-wide KVM state.
@@ -418,6 +457,7 @@ pub fn create_snapshot(
         source,
     })?;
     let (mut blocks, serial) = save_devices(vmm)?;
+    let nets = save_nets(vmm)?;
     let (vcpus, vm) = save_kvm_state(vmm)?;
     let state_ms = t0.elapsed().as_secs_f64() * 1e3;
 
@@ -454,6 +494,7 @@ pub fn create_snapshot(
         store: store.map(|s| std::fs::canonicalize(s).unwrap_or_else(|_| s.to_path_buf())),
         created_unix: now_unix(),
         cpu: vmm.machine.cpu.clone(),
+        nets,
     };
     write_files(dir, &saved.manifest, &state)?;
     let (stats, incremental) = (saved.stats, saved.incremental);

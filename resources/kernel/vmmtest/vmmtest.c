@@ -16,6 +16,7 @@
  *   vmmtest.force_write        send that write even to a read-only device
  *   vmmtest.counter            "vmmtest: tick TOKEN N mono=S.N real=S.N" once a second
  *   vmmtest.counter_disk=/dev/vdX  ... plus read/rewrite/md5 of one block per tick
+ *   vmmtest.udp=IP:PORT        ... and each tick as a UDP datagram "tick TOKEN N" to IP:PORT
  *   vmmtest.clock_sync         step the wall clock to kvmclock's (the host's) whenever
  *                              it is more than 100 ms off (boot, restore); checked 1/s
  *   vmmtest.poweroff           kernel_restart() once the one-shot work is done
@@ -29,6 +30,12 @@
 #include <linux/cpumask.h>
 #include <linux/delay.h>
 #include <linux/err.h>
+#include <linux/in.h>
+#include <linux/inet.h>
+#include <linux/net.h>
+#include <linux/socket.h>
+#include <linux/uio.h>
+#include <net/net_namespace.h>
 #include <linux/gfp.h>
 #include <linux/init.h>
 #include <linux/io.h>
@@ -97,6 +104,10 @@ MODULE_PARM_DESC(write, "Text written to the last 4 KiB block of vmmtest.disk");
 static bool force_write;
 module_param(force_write, bool, 0444);
 MODULE_PARM_DESC(force_write, "Send the write even if the device is read-only");
+
+static char udp[64];
+module_param_string(udp, udp, sizeof(udp), 0444);
+MODULE_PARM_DESC(udp, "IP:PORT each counter tick is sent to as a UDP datagram (implies counter)");
 
 static bool do_poweroff;
 module_param_named(poweroff, do_poweroff, bool, 0444);
@@ -426,14 +437,69 @@ static void vt_cdisk_tick(struct vt_cdisk *c, u64 n)
 		       MD5_DIGEST_SIZE, digest);
 }
 
+/* ---- udp: each tick as a datagram ------------------------------------------ */
+
+struct vt_udp {
+	struct socket *sock;
+	struct sockaddr_in addr;
+};
+
+/* Parse vmmtest.udp (IPv4:PORT) and create the kernel socket. */
+static int vt_udp_open(struct vt_udp *u)
+{
+	const char *colon = strrchr(udp, ':');
+	u16 port;
+
+	if (!colon || !in4_pton(udp, colon - udp, (u8 *)&u->addr.sin_addr.s_addr,
+				':', NULL))
+		return -EINVAL;
+	if (kstrtou16(colon + 1, 10, &port) || !port)
+		return -EINVAL;
+	u->addr.sin_family = AF_INET;
+	u->addr.sin_port = htons(port);
+	return sock_create_kern(&init_net, AF_INET, SOCK_DGRAM, IPPROTO_UDP, &u->sock);
+}
+
+/*
+ * Payload "tick <token> <n>" (no newline). Non-blocking: a send that fails
+ * (no route yet, no buffer) prints "vmmtest: udp <n> error=<errno>" and the
+ * tick is not retried. A datagram waiting for ARP is queued by the kernel.
+ */
+static void vt_udp_send(struct vt_udp *u, u64 n)
+{
+	struct msghdr msg = {};
+	struct kvec iov;
+	char buf[160];
+	int len, ret;
+
+	len = scnprintf(buf, sizeof(buf), "tick %s %llu", token, n);
+	iov.iov_base = buf;
+	iov.iov_len = len;
+	msg.msg_name = &u->addr;
+	msg.msg_namelen = sizeof(u->addr);
+	msg.msg_flags = MSG_DONTWAIT;
+	ret = kernel_sendmsg(u->sock, &msg, &iov, 1, len);
+	if (ret < 0)
+		vt_out("udp %llu error=%d", n, ret);
+}
+
 static int vt_counter_fn(void *unused)
 {
 	struct vt_cdisk c = {};
+	struct vt_udp u = {};
 	bool use_disk = false;
 	ktime_t next, now;
 	u64 n;
 
 	sched_set_fifo_low(current);
+	if (udp[0]) {
+		int ret = vt_udp_open(&u);
+
+		if (ret) {
+			vt_out("udp %s error=%d", udp, ret);
+			u.sock = NULL;
+		}
+	}
 	if (counter_disk[0]) {
 		int ret = vt_cdisk_open(&c);
 
@@ -454,6 +520,8 @@ static int vt_counter_fn(void *unused)
 			vt_times(&t);
 			vt_out("tick %s %llu %s", token, n, t.s);
 		}
+		if (u.sock)
+			vt_udp_send(&u, n);
 
 		/* One tick per second of monotonic time, without drift ... */
 		next = ktime_add_ms(next, MSEC_PER_SEC);
@@ -497,7 +565,7 @@ static int __init vmmtest_init(void)
 		if (IS_ERR(t))
 			vt_out("cannot start: %ld", PTR_ERR(t));
 	}
-	if (counter) {
+	if (counter || udp[0]) {
 		t = kthread_run(vt_counter_fn, NULL, "vmmtest-counter");
 		if (IS_ERR(t))
 			vt_out("cannot start counter: %ld", PTR_ERR(t));

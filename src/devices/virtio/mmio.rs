@@ -228,7 +228,10 @@ impl MmioTransport {
             dev_queues
                 .push(Queue::try_from(q.state()).map_err(|_| VirtioError::InvalidQueue { index })?);
         }
-        lock(&self.device).activate(self.mem.clone(), dev_queues, self.interrupt.clone())?;
+        let mut dev = lock(&self.device);
+        dev.ack_features(self.driver_features);
+        dev.activate(self.mem.clone(), dev_queues, self.interrupt.clone())?;
+        drop(dev);
         self.activated = true;
         Ok(())
     }

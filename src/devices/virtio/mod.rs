@@ -25,6 +25,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 #[cfg(test)]
 mod test_utils;
 
@@ -90,6 +91,9 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes device configuration space; read-only fields ignore writes.
     fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The features the driver acknowledged, told before [`activate`](Self::activate)
+    /// (a device that configures its backend from them, e.g. tap offloads, keeps them).
+    fn ack_features(&mut self, _features: u64) {}
     /// Starts the device with the queues the driver configured.
     fn activate(
         &mut self,

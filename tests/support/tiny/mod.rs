@@ -422,6 +422,7 @@ where
         blocks: Vec::new(),
         host_quirks: false,
         cpu_template: spec.cpu_template,
+        nets: Vec::new(),
     };
     let capture = Capture::default();
     let opts = BootOptions {
@@ -508,6 +509,7 @@ pub fn vm_config(spec: &Spec, blocks: Vec<vmm::config::BlockConfig>) -> VmConfig
         blocks,
         host_quirks: false,
         cpu_template: spec.cpu_template,
+        nets: Vec::new(),
     }
 }
 
@@ -565,6 +567,7 @@ fn restore_with(
     let opts = vmm::builder::RestoreOptions {
         console: Console::Writer(Box::new(console.clone())),
         blocks,
+        nets: Vec::new(),
         force: false,
         start_paused,
         eager_memory,
