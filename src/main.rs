@@ -18,6 +18,11 @@ use vmm::vmm::Vmm;
 struct Cli {
     #[command(flatten)]
     run: RunArgs,
+    /// S3-compatible endpoint (`http://HOST:PORT`) for `s3://BUCKET/PREFIX` archives and
+    /// disks; default: $AWS_ENDPOINT_URL. Credentials: $AWS_ACCESS_KEY_ID and
+    /// $AWS_SECRET_ACCESS_KEY (docs/OBJECT_STORAGE.md).
+    #[arg(long, global = true, value_name = "URL")]
+    s3_endpoint: Option<String>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -224,6 +229,9 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
     let cli = Cli::parse();
+    if let Some(e) = &cli.s3_endpoint {
+        vmm::store::s3sign::set_endpoint(e);
+    }
     match cli.cmd {
         None => run_vm(&cli.run),
         Some(Cmd::Restore {
