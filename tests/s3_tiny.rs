@@ -192,6 +192,9 @@ fn push_and_resume_from_seaweedfs() {
     });
 }
 
+/// A failing restore: URL, environment changes, what stderr must name.
+type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a [&'a str]);
+
 /// Wrong credentials, a missing bucket, a missing VM and no endpoint: a one-line error
 /// naming the cause, exit code 1, no panic.
 #[test]
@@ -199,7 +202,7 @@ fn wrong_credentials_and_missing_bucket_fail_clearly() {
     let Some(sw) = cluster() else { return };
     tiny::harness::check("wrong_credentials_and_missing_bucket_fail_clearly", || {
         sw.create_bucket("present");
-        let cases: [(&str, Vec<(&str, &str)>, &[&str]); 4] = [
+        let cases: [Case; 4] = [
             (
                 "s3://present/a/vms/x",
                 vec![("AWS_SECRET_ACCESS_KEY", "wrong-secret")],
@@ -282,6 +285,12 @@ fn altered_object_and_stopped_cluster_stop_the_vm_cleanly() {
 
             // 2. The whole cluster stopped after the resume.
             let (mut vm, s) = resume(url, &tmp.join("cache-b"), quick(&sw), |_| {})?;
+            // Fetch the guest's code, stack and mailbox (its low 4 MiB) while the cluster
+            // is up: the host's own mailbox write below must not fault on a chunk that
+            // cannot be fetched any more.
+            for addr in (0..4u64 << 20).step_by(64 << 10) {
+                vm.read_u64(addr)?;
+            }
             sw.stop();
             guest_touch(&vm, PATTERN.base + 5 * 4096)?;
             let reason = tiny::run_for(&mut vm, Duration::from_secs(120))?;

@@ -44,7 +44,7 @@ pub enum S3PushError {
     Config(#[source] S3Error),
     /// Staging the archive locally failed.
     #[error("archive push (staging)")]
-    Stage(#[source] PushError),
+    Stage(#[source] Box<PushError>),
     /// A staged file could not be read.
     #[error(transparent)]
     Io(#[from] IoError),
@@ -222,7 +222,7 @@ pub fn push_s3(
     let store = S3Store::open(url, opts).map_err(S3PushError::Config)?;
     let staging = staging_dir()?;
     let dir = staging.0.as_path();
-    let local = push(snapshot_dir, dir, name).map_err(S3PushError::Stage)?;
+    let local = push(snapshot_dir, dir, name).map_err(|e| S3PushError::Stage(Box::new(e)))?;
     let chunk_files = files_under(dir, "chunks")?;
     let (uploaded, present) = upload_all(&store, dir, &chunk_files, true)?;
     let mut rest = vec![ARCHIVE_MARKER.to_string()];

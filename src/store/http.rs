@@ -106,21 +106,9 @@ pub enum HttpError {
         #[source]
         last: Box<HttpError>,
     },
-    /// An S3 service answered with an error document.
-    #[error("{method} {url}: S3 error {code} (HTTP {status}): {message}")]
-    S3 {
-        /// The request.
-        method: &'static str,
-        /// The `s3://` URL asked for.
-        url: String,
-        /// The HTTP status.
-        status: u16,
-        /// The S3 error code (`NoSuchKey`, `NoSuchBucket`, `AccessDenied`,
-        /// `SignatureDoesNotMatch`, `InvalidAccessKeyId`, …); empty if the answer had none.
-        code: String,
-        /// The service's message.
-        message: String,
-    },
+    /// An S3 service answered with an error (status, and the error document's code).
+    #[error("{0}")]
+    S3(Box<S3Answer>),
     /// An `s3://` URL cannot be used (no endpoint configured, bad bucket name, …).
     #[error("cannot use {url}")]
     S3Config {
@@ -138,13 +126,48 @@ pub enum HttpError {
     },
 }
 
+/// An S3 service's error answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Answer {
+    /// The request.
+    pub method: &'static str,
+    /// The `s3://` URL asked for.
+    pub url: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// The S3 error code (`NoSuchKey`, `NoSuchBucket`, `AccessDenied`,
+    /// `SignatureDoesNotMatch`, `InvalidAccessKeyId`, …); empty if the answer had none
+    /// (a `HEAD`).
+    pub code: String,
+    /// The service's message.
+    pub message: String,
+}
+
+impl std::fmt::Display for S3Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let code = if self.code.is_empty() {
+            "(no code)"
+        } else {
+            &self.code
+        };
+        write!(
+            f,
+            "{} {}: S3 error {code} (HTTP {})",
+            self.method, self.url, self.status
+        )?;
+        if !self.message.is_empty() {
+            write!(f, ": {}", self.message)?;
+        }
+        Ok(())
+    }
+}
+
 impl HttpError {
     /// Whether asking the same server again may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            HttpError::Status { status, .. } | HttpError::S3 { status, .. } => {
-                *status >= 500 || matches!(status, 408 | 429)
-            }
+            HttpError::Status { status, .. } => *status >= 500 || matches!(status, 408 | 429),
+            HttpError::S3(a) => a.status >= 500 || matches!(a.status, 408 | 429),
             HttpError::Transport { .. } => true,
             // Damaged on the way (or by a confused proxy): the next answer is verified too.
             HttpError::TooLarge { url, .. }
@@ -159,7 +182,7 @@ impl HttpError {
         match self {
             HttpError::Status { status, .. } => matches!(status, 404 | 410),
             // A missing bucket is not a missing object: it is reported as it is.
-            HttpError::S3 { status, code, .. } => *status == 404 && code != "NoSuchBucket",
+            HttpError::S3(a) => a.status == 404 && a.code != "NoSuchBucket",
             HttpError::GaveUp { last, .. } => last.is_not_found(),
             _ => false,
         }
@@ -186,8 +209,8 @@ impl HttpError {
             e if e.is_not_found() => StoreError::NotFound { id: *id },
             e => {
                 let url = match &e {
+                    HttpError::S3(a) => a.url.clone(),
                     HttpError::Status { url, .. }
-                    | HttpError::S3 { url, .. }
                     | HttpError::Transport { url, .. }
                     | HttpError::TooLarge { url, .. }
                     | HttpError::GaveUp { url, .. } => url.clone(),
@@ -471,13 +494,13 @@ impl HttpStore {
             .read_to_vec()
             .unwrap_or_default();
         let (code, message) = s3sign::error_code(&body);
-        HttpError::S3 {
+        HttpError::S3(Box::new(S3Answer {
             method,
             url: url.into(),
             status,
             code,
             message,
-        }
+        }))
     }
 
     /// One GET of `url`, refusing bodies longer than `max_len`.

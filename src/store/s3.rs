@@ -254,7 +254,7 @@ impl S3Store {
         match self.with_retries(&url, || self.request(S3Method::Head, &url, &[], None, 0)) {
             Ok(_) => Ok(true),
             Err(e) if e.is_not_found() => Ok(false),
-            Err(HttpError::S3 { status: 404, .. }) => Ok(false),
+            Err(HttpError::S3(a)) if a.status == 404 => Ok(false),
             Err(e) => Err(e),
         }
     }
