@@ -165,7 +165,7 @@ fn push_and_resume_from_seaweedfs() {
             vec![a.join().unwrap(), b.join().unwrap()]
         });
         for (code, out, err) in &outs {
-            ensure(*code == 0 && out.contains("0 uploaded"), || {
+            ensure(*code == 0 && out.contains(" 0 chunk files uploaded"), || {
                 format!("concurrent push: exit {code}\n{out}\n{err}")
             })?;
             eprintln!("  {}", out.trim());

@@ -64,9 +64,9 @@ pub enum S3PushError {
 pub struct S3PushReport {
     /// `s3://BUCKET/PREFIX/vms/NAME`.
     pub vm_url: String,
-    /// Chunks the snapshot needs.
+    /// Chunks the snapshot needs (memory and captured overlays).
     pub chunks_total: u64,
-    /// Chunks uploaded.
+    /// Chunk files uploaded (those of imported disk images included).
     pub chunks_uploaded: u64,
     /// Chunks the bucket already had.
     pub chunks_present: u64,
@@ -82,8 +82,8 @@ impl std::fmt::Display for S3PushReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "pushed {}: {} chunks, {} uploaded, {} already in the bucket; {} bytes in {} \
-             requests in {:.2} s",
+            "pushed {}: {} chunks, {} chunk files uploaded (disk images included), {} \
+             already in the bucket; {} bytes in {} requests in {:.2} s",
             self.vm_url,
             self.chunks_total,
             self.chunks_uploaded,
