@@ -165,9 +165,10 @@ fn push_and_resume_from_seaweedfs() {
             vec![a.join().unwrap(), b.join().unwrap()]
         });
         for (code, out, err) in &outs {
-            ensure(*code == 0 && out.contains(" 0 chunk files uploaded"), || {
-                format!("concurrent push: exit {code}\n{out}\n{err}")
-            })?;
+            ensure(
+                *code == 0 && out.contains(" 0 chunk files uploaded"),
+                || format!("concurrent push: exit {code}\n{out}\n{err}"),
+            )?;
             eprintln!("  {}", out.trim());
         }
 
