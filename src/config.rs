@@ -421,6 +421,8 @@ mod tests {
         assert_eq!(r.url.as_deref(), Some("http://h/a/images/x"));
         assert_eq!(r.mirrors, vec!["http://m/a".to_string()]);
         assert!(parse_block("url=ftp://h/x").is_err());
+        let r = parse_block("url=s3://bkt/a/images/x").unwrap();
+        assert_eq!(r.url.as_deref(), Some("s3://bkt/a/images/x"));
         assert!(parse_block("path=/d,url=http://h/x").is_err());
         assert!(parse_block("path=/d,overlay=/o").is_err());
     }

@@ -21,6 +21,7 @@ use vmm::archive::s3push::push_s3;
 use vmm::archive::workingset::FillRate;
 use vmm::snapshot::{ChunkEntry, MemoryManifest};
 use vmm::store::http::HttpStoreOptions;
+use vmm::store::{ChunkId, ChunkRead, ChunkWrite, PutOutcome};
 use vmm::util::error_chain;
 use vmm::vstate::exit::ExitReason;
 
@@ -405,6 +406,50 @@ fn a_cache_smaller_than_the_working_set_stays_within_its_bound() {
             ensure(fetched[1] >= PATTERN.len / (64 << 10) - 16, || {
                 format!("the second instance did not fetch evicted chunks again: {fetched:?}")
             })?;
+            Ok(())
+        },
+    );
+}
+
+/// The chunk store itself: a put asks with HEAD first and skips a chunk that is there, a
+/// read is verified, a ranged read returns exactly the bytes asked for, a missing chunk is
+/// "missing", and a missing bucket is named as such (not as a missing chunk).
+#[test]
+fn the_s3_store_puts_once_reads_verified_and_reads_ranges() {
+    let Some(sw) = cluster() else { return };
+    tiny::harness::check(
+        "the_s3_store_puts_once_reads_verified_and_reads_ranges",
+        || {
+            sw.create_bucket("store");
+            let s = sw.store("s3://store/p");
+            let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+            let id = ChunkId::of(&data);
+            let first = s.put_hashed(&id, &data).map_err(|e| error_chain(&e))?;
+            let again = s.put_hashed(&id, &data).map_err(|e| error_chain(&e))?;
+            ensure(
+                matches!(first, PutOutcome::Written { .. }) && again == PutOutcome::Present,
+                || format!("put outcomes {first:?}, {again:?}"),
+            )?;
+            let w = s.write_stats();
+            ensure(w.puts == 1 && w.skipped == 1, || format!("{w:?}"))?;
+            ensure(s.get(&id).map_err(|e| error_chain(&e))? == data, || {
+                "read back differs".into()
+            })?;
+            s.put_object("packs/one", &data)
+                .map_err(|e| error_chain(&e))?;
+            let r = s
+                .get_range("packs/one", 1000, 5000)
+                .map_err(|e| error_chain(&e))?;
+            ensure(r == data[1000..6000], || "range read differs".into())?;
+            let missing = ChunkId::of(b"not stored");
+            ensure(!s.contains(&missing).map_err(|e| error_chain(&e))?, || {
+                "a missing chunk is present".into()
+            })?;
+            let e = error_chain(&s.get(&missing).unwrap_err());
+            ensure(e.contains("missing"), || e.clone())?;
+            let nb = sw.store("s3://no-such-bucket-x/p");
+            let e = error_chain(&nb.get(&id).unwrap_err());
+            ensure(e.contains("NoSuchBucket"), || e.clone())?;
             Ok(())
         },
     );
