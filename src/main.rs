@@ -148,7 +148,8 @@ enum ImageCmd {
     Import {
         /// Source image.
         src: PathBuf,
-        /// Archive directory (images/ and chunks/ are created in it).
+        /// Archive directory (images/ and chunks/ are created in it), or
+        /// `s3://BUCKET/PREFIX` (docs/OBJECT_STORAGE.md).
         archive: PathBuf,
         /// Image name (the index is written to ARCHIVE/images/NAME).
         #[arg(long)]
@@ -285,6 +286,31 @@ fn main() -> ExitCode {
             cmd: SnapshotCmd::Repo(cmd),
         }) => vmm::repo::cli::run(cmd),
         Some(Cmd::Archive { cmd }) => vmm::archive::cli::run(cmd),
+        Some(Cmd::Image {
+            cmd:
+                ImageCmd::Import {
+                    src,
+                    archive,
+                    name,
+                    chunk_kib,
+                },
+        }) if archive.to_str().is_some_and(|a| a.starts_with("s3://")) => {
+            let url = archive.to_string_lossy();
+            let chunk = chunk_kib.saturating_mul(1024);
+            match vmm::archive::s3push::import_image_s3(
+                &src,
+                &url,
+                &name,
+                chunk,
+                Default::default(),
+            ) {
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, error_chain(&e)),
+            }
+        }
         Some(Cmd::Image {
             cmd:
                 ImageCmd::Import {

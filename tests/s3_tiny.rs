@@ -454,3 +454,44 @@ fn the_s3_store_puts_once_reads_verified_and_reads_ranges() {
         },
     );
 }
+
+/// `vmm image import SRC s3://…` writes a remote image into the bucket, and a lazy disk
+/// (`url=s3://…/images/NAME`) reads it back exactly, through signed requests and the
+/// chunk cache.
+#[test]
+fn an_image_imported_to_a_bucket_reads_back_as_a_lazy_disk() {
+    use vmm::disk::BlockBackend;
+    use vmm::disk::http::{LazyHttpDisk, LazyHttpOptions};
+    let Some(sw) = cluster() else { return };
+    tiny::harness::check(
+        "an_image_imported_to_a_bucket_reads_back_as_a_lazy_disk",
+        || {
+            let tmp = TempDir::new("s3-image");
+            sw.create_bucket("images");
+            let img = tmp.join("disk.raw");
+            let data = support::files::test_image(&img);
+            let img_s = img.display().to_string();
+            let (code, out, err) = vmm_with_env(
+                &sw,
+                &["image", "import", &img_s, "s3://images/a", "--name", "disk"],
+                &[],
+            );
+            ensure(
+                code == 0 && out.contains("uploaded to s3://images/a/images/disk"),
+                || format!("image import: exit {code}\n{out}\n{err}"),
+            )?;
+            eprintln!("  {}", out.trim());
+            let opts = LazyHttpOptions {
+                cache_dir: Some(tmp.join("cache")),
+                http: patient(&sw),
+                ..LazyHttpOptions::default()
+            };
+            let disk = LazyHttpDisk::open("s3://images/a/images/disk", opts)
+                .map_err(|e| error_chain(&e))?;
+            let mut all = vec![0u8; data.len()];
+            disk.read_at(&mut all, 0).map_err(|e| format!("{e:?}"))?;
+            ensure(all == data, || "the disk reads differently".into())?;
+            Ok(())
+        },
+    );
+}

@@ -45,6 +45,9 @@ pub enum S3PushError {
     /// Staging the archive locally failed.
     #[error("archive push (staging)")]
     Stage(#[source] Box<PushError>),
+    /// Staging an image import locally failed.
+    #[error("image import (staging)")]
+    Import(#[source] Box<crate::image::ImageError>),
     /// A staged file could not be read.
     #[error(transparent)]
     Io(#[from] IoError),
@@ -253,4 +256,34 @@ pub fn push_s3(
         requests: w.requests,
         elapsed_ms: t0.elapsed().as_millis() as u64,
     })
+}
+
+/// `vmm image import SRC s3://BUCKET/PREFIX --name NAME`: imports the image into a local
+/// staging archive ([`crate::image::import_image`]), uploads the chunk files the bucket
+/// lacks, then `images/NAME` last. Returns the report line.
+pub fn import_image_s3(
+    src: &Path,
+    url: &str,
+    name: &str,
+    chunk_size: u32,
+    opts: HttpStoreOptions,
+) -> Result<String, S3PushError> {
+    let t0 = Instant::now();
+    let store = S3Store::open(url, opts).map_err(S3PushError::Config)?;
+    let staging = staging_dir()?;
+    let dir = staging.0.as_path();
+    let local = crate::image::import_image(src, dir, name, chunk_size)
+        .map_err(|e| S3PushError::Import(Box::new(e)))?;
+    let chunk_files = files_under(dir, "chunks")?;
+    let (uploaded, present) = upload_all(&store, dir, &chunk_files, true)?;
+    upload_all(&store, dir, &[format!("images/{name}")], false)?;
+    let w = store.write_stats();
+    Ok(format!(
+        "{local}; uploaded to {}/images/{name}: {uploaded} chunk files uploaded, {present} \
+         already in the bucket; {} bytes in {} requests in {:.2} s",
+        store.url(),
+        w.put_bytes,
+        w.requests,
+        t0.elapsed().as_secs_f64()
+    ))
 }
