@@ -142,7 +142,21 @@ impl Seaweed {
             .append(true)
             .open(self.dir.join(format!("{name}.log")))
             .expect("log");
-        let child = Command::new(&self.weed)
+        let mut cmd = Command::new(&self.weed);
+        // SAFETY: the closure runs in the child between fork and exec and only calls
+        // prctl(2), which is async-signal-safe. It makes a test process that is killed
+        // (no Drop) take its servers with it: they get SIGKILL when the thread that started
+        // them ends, which is the test's own thread.
+        unsafe {
+            use std::os::unix::process::CommandExt as _;
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
             .args(&args)
             .current_dir(&wd)
             .stdin(Stdio::null())
