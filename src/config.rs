@@ -55,7 +55,7 @@ pub struct BlockConfig {
     /// Open the local image with O_DIRECT (bypass the host page cache).
     #[serde(default)]
     pub direct: bool,
-    /// Remote image: `http://HOST/ARCHIVE/images/NAME`.
+    /// Remote image: `http://HOST/ARCHIVE/images/NAME` or `s3://BUCKET/PREFIX/images/NAME`.
     #[serde(default)]
     pub url: Option<String>,
     /// Root of the local chunk cache (shared by remote images and archive memory).
@@ -307,10 +307,10 @@ pub fn parse_block(s: &str) -> Result<BlockConfig, ConfigError> {
             "root" => b.root = parse_bool(F, &k, &v)?,
             "direct" => b.direct = parse_bool(F, &k, &v)?,
             "url" => {
-                if !v.starts_with("http://") {
+                if !v.starts_with("http://") && !v.starts_with("s3://") {
                     return Err(ConfigError::Invalid {
                         flag: F,
-                        message: format!("url= must be an http:// URL, got {v:?}"),
+                        message: format!("url= must be an http:// or s3:// URL, got {v:?}"),
                     });
                 }
                 b.url = Some(v)
@@ -531,6 +531,8 @@ mod tests {
         assert_eq!(r.url.as_deref(), Some("http://h/a/images/x"));
         assert_eq!(r.mirrors, vec!["http://m/a".to_string()]);
         assert!(parse_block("url=ftp://h/x").is_err());
+        let r = parse_block("url=s3://bkt/a/images/x").unwrap();
+        assert_eq!(r.url.as_deref(), Some("s3://bkt/a/images/x"));
         assert!(parse_block("path=/d,url=http://h/x").is_err());
         assert!(parse_block("path=/d,overlay=/o").is_err());
     }

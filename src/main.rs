@@ -18,6 +18,11 @@ use vmm::vmm::Vmm;
 struct Cli {
     #[command(flatten)]
     run: RunArgs,
+    /// S3-compatible endpoint (`http://HOST:PORT`) for `s3://BUCKET/PREFIX` archives and
+    /// disks; default: $AWS_ENDPOINT_URL. Credentials: $AWS_ACCESS_KEY_ID and
+    /// $AWS_SECRET_ACCESS_KEY (docs/OBJECT_STORAGE.md).
+    #[arg(long, global = true, value_name = "URL")]
+    s3_endpoint: Option<String>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -168,7 +173,8 @@ enum ImageCmd {
     Import {
         /// Source image.
         src: PathBuf,
-        /// Archive directory (images/ and chunks/ are created in it).
+        /// Archive directory (images/ and chunks/ are created in it), or
+        /// `s3://BUCKET/PREFIX` (docs/OBJECT_STORAGE.md).
         archive: PathBuf,
         /// Image name (the index is written to ARCHIVE/images/NAME).
         #[arg(long)]
@@ -250,6 +256,9 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
     let cli = Cli::parse();
+    if let Some(e) = &cli.s3_endpoint {
+        vmm::store::s3sign::set_endpoint(e);
+    }
     match cli.cmd {
         None => run_vm(&cli.run),
         Some(Cmd::Restore {
@@ -314,6 +323,31 @@ fn main() -> ExitCode {
         Some(Cmd::Store {
             cmd: StoreCmd::Migrate { dir },
         }) => store_migrate(&dir),
+        Some(Cmd::Image {
+            cmd:
+                ImageCmd::Import {
+                    src,
+                    archive,
+                    name,
+                    chunk_kib,
+                },
+        }) if archive.to_str().is_some_and(|a| a.starts_with("s3://")) => {
+            let url = archive.to_string_lossy();
+            let chunk = chunk_kib.saturating_mul(1024);
+            match vmm::archive::s3push::import_image_s3(
+                &src,
+                &url,
+                &name,
+                chunk,
+                Default::default(),
+            ) {
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, error_chain(&e)),
+            }
+        }
         Some(Cmd::Image {
             cmd:
                 ImageCmd::Import {

@@ -10,6 +10,7 @@ use super::workingset::FillRate;
 use super::{Source, WORKINGSET_FILE};
 use crate::builder::Console;
 use crate::store::http::HttpStoreOptions;
+use crate::store::s3sign::SCHEME as S3_SCHEME;
 use crate::util::error_chain;
 use crate::vmm::Vmm;
 use crate::vstate::exit::ExitReason;
@@ -19,11 +20,13 @@ use crate::vstate::exit::ExitReason;
 pub enum ArchiveCmd {
     /// Write a snapshot directory into an archive directory (ARCHIVE/vms/NAME plus the
     /// chunks the archive lacks); serve ARCHIVE with any web server and resume it with
-    /// `vmm restore http://HOST/…/vms/NAME`.
+    /// `vmm restore http://HOST/…/vms/NAME`. An archive `s3://BUCKET/PREFIX` is written
+    /// to S3-compatible object storage (same layout; docs/OBJECT_STORAGE.md) and resumed
+    /// with `vmm restore s3://BUCKET/PREFIX/vms/NAME`.
     Push {
         /// Snapshot directory (state + memory).
         snapshot: PathBuf,
-        /// Archive directory.
+        /// Archive directory, or `s3://BUCKET/PREFIX`.
         archive: PathBuf,
         /// Name of the archived VM.
         #[arg(long)]
@@ -56,7 +59,7 @@ pub struct ArchiveRestoreFlags {
     pub cache: Option<PathBuf>,
     /// Archived VMs: size limit of that cache in MiB (oldest chunks evicted first, down
     /// to 7/8 of it); default no limit.
-    #[arg(long)]
+    #[arg(long, visible_alias = "cache-size")]
     pub cache_max_mib: Option<u64>,
     /// Archived VMs: directory for this instance's fresh disk overlays, kept afterwards
     /// (default: a temporary directory under the cache root, removed at exit).
@@ -99,12 +102,21 @@ pub fn run(cmd: ArchiveCmd) -> ExitCode {
             snapshot,
             archive,
             name,
-        } => match super::push::push(&snapshot, &archive, &name) {
-            Ok(r) => {
-                println!("{r}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(1, error_chain(&e)),
+        } => match archive.to_str().filter(|a| a.starts_with(S3_SCHEME)) {
+            Some(url) => match super::s3push::push_s3(&snapshot, url, &name, Default::default()) {
+                Ok(r) => {
+                    println!("{r}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, error_chain(&e)),
+            },
+            None => match super::push::push(&snapshot, &archive, &name) {
+                Ok(r) => {
+                    println!("{r}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, error_chain(&e)),
+            },
         },
         ArchiveCmd::RecordWorkingset {
             source,

@@ -19,6 +19,8 @@
 //! * [`session`] is what a resumed archived VM fetched, and when.
 //! * [`workingset`] records the chunks a resumed VM touches in its first seconds and
 //!   prefetches them (then, rate-limited, the rest) on the next resume.
+//! * [`s3push`] pushes into an archive in an S3 bucket (`s3://BUCKET/PREFIX`, same
+//!   layout); [`restore`] reads `s3://…/vms/NAME` through signed requests.
 //! * [`cli`] is the `vmm archive …` / `vmm restore http://…` front end.
 //!
 //! Decisions and formats: `docs/ARCHIVE.md`.
@@ -26,6 +28,7 @@
 pub mod cli;
 pub mod push;
 pub mod restore;
+pub mod s3push;
 pub mod session;
 pub mod workingset;
 
@@ -79,9 +82,10 @@ pub enum Source {
 }
 
 impl Source {
-    /// `http://…` → [`Source::Http`], anything else a local directory.
+    /// `http://…` or `s3://…` → [`Source::Http`] (the HTTP store reads `s3://` URLs with
+    /// signed requests), anything else a local directory.
     pub fn parse(s: &str) -> Self {
-        if s.starts_with("http://") || s.starts_with("https://") {
+        if is_url(s) {
             Source::Http {
                 vm_url: s.trim_end_matches('/').to_string(),
             }
@@ -105,7 +109,7 @@ impl Source {
 /// plain snapshot directory: an `http://` URL, or a local directory `…/vms/NAME` whose
 /// state names its archive as chunk store.
 pub fn is_archive_source(s: &str) -> bool {
-    if s.starts_with("http://") || s.starts_with("https://") {
+    if is_url(s) {
         return true;
     }
     let p = std::path::Path::new(s);
@@ -115,6 +119,13 @@ pub fn is_archive_source(s: &str) -> bool {
         .and_then(|c| c.parent().map(|d| d.ends_with(VMS_DIR)))
         .unwrap_or(false);
     in_vms && p.join(crate::snapshot::microvm::STATE_FILE).is_file()
+}
+
+/// Whether `s` is a remote archive URL: `http://`, `https://` or `s3://`.
+pub fn is_url(s: &str) -> bool {
+    s.starts_with("http://")
+        || s.starts_with("https://")
+        || s.starts_with(crate::store::s3sign::SCHEME)
 }
 
 /// Checks that `name` can name an archived VM (same rules as image names).
@@ -209,6 +220,11 @@ mod tests {
         );
         assert!(matches!(Source::parse("/a/vms/x"), Source::Local { .. }));
         assert!(is_archive_source("http://h/x"));
+        assert!(is_archive_source("s3://bkt/a/vms/x"));
+        assert_eq!(
+            resolve_url("s3://bkt/a/vms/x", "../..").unwrap(),
+            "s3://bkt/a"
+        );
         assert!(!is_archive_source("/nonexistent/vms/x"));
         assert!(check_vm_name("ok-1.2").is_ok());
         assert!(check_vm_name("../x").is_err());

@@ -29,7 +29,9 @@ use crate::image::{self, ImageError};
 use crate::snapshot::manifest::{ManifestError, MemoryManifest};
 use crate::snapshot::microvm::{MEMORY_FILE, MicrovmState, STATE_FILE};
 use crate::snapshot::refs::{RefsError, chunk_refs};
-use crate::store::{ChunkId, ChunkRead, LocalStore, LocalStoreOptions, PutOutcome, StoreError};
+use crate::store::{
+    ChunkId, ChunkRead, Layout, LocalStore, LocalStoreOptions, PutOutcome, StoreError,
+};
 use crate::util::IoError;
 use crate::util::fs::replace_pair;
 
@@ -149,8 +151,21 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PushError
 }
 
 /// Pushes the snapshot in `snapshot_dir` into `archive` as VM `name` (see the module
-/// documentation). Pushing again under the same name replaces the archived VM.
+/// documentation), new chunks in packs. Pushing again under the same name replaces the
+/// archived VM.
 pub fn push(snapshot_dir: &Path, archive: &Path, name: &str) -> Result<PushReport, PushError> {
+    push_in_layout(snapshot_dir, archive, name, Layout::Packs)
+}
+
+/// [`push`], writing new chunks in `layout`: packs for an archive directory, chunk
+/// files for the staging copy of an object-store push (docs/OBJECT_STORAGE.md). Pushing
+/// again under the same name replaces the archived VM.
+pub fn push_in_layout(
+    snapshot_dir: &Path,
+    archive: &Path,
+    name: &str,
+    layout: Layout,
+) -> Result<PushReport, PushError> {
     let t0 = Instant::now();
     super::check_vm_name(name).map_err(PushError::Name)?;
     crate::formats::prepare_archive(archive).map_err(PushError::Archive)?;
@@ -166,7 +181,7 @@ pub fn push(snapshot_dir: &Path, archive: &Path, name: &str) -> Result<PushRepor
     })?;
     let refs = chunk_refs(snapshot_dir).map_err(PushError::Refs)?;
     let src_store = state.store_dir(snapshot_dir);
-    let (copied, bytes, present) = copy_chunks(&refs, &src_store, archive)?;
+    let (copied, bytes, present) = copy_chunks(&refs, &src_store, archive, layout)?;
 
     let mut imported = Vec::new();
     for i in 0..state.blocks.len() {
@@ -236,6 +251,7 @@ fn copy_chunks(
     refs: &BTreeSet<ChunkId>,
     src_store: &Path,
     archive: &Path,
+    layout: Layout,
 ) -> Result<(u64, u64, u64), PushError> {
     let store_err = |path: &Path| {
         let path = path.to_path_buf();
@@ -246,8 +262,9 @@ fn copy_chunks(
     let dest = LocalStore::open(
         archive,
         LocalStoreOptions {
-            publish_list: true,
-            ..LocalStoreOptions::packs()
+            layout,
+            publish_list: layout == Layout::Packs,
+            ..LocalStoreOptions::default()
         },
     )
     .map_err(store_err(archive))?;

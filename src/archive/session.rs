@@ -31,6 +31,8 @@ pub struct FetchSnapshot {
     pub fill_bytes: u64,
     /// Chunk reads served by the local cache.
     pub cache_hits: u64,
+    /// Chunks this instance evicted from the local cache to keep it within its bound.
+    pub cache_evicted: u64,
     /// HTTP bytes of remote disks (indexes and chunks).
     pub disk_bytes: u64,
     /// Page faults served so far.
@@ -70,6 +72,7 @@ impl Meters {
             prefetch_bytes: c.prefetch_bytes,
             fill_bytes: c.fill_bytes,
             cache_hits: c.hits,
+            cache_evicted: c.evicted,
             disk_bytes,
             faults: self.lazy.as_ref().map_or(0, |l| l.stats().faults),
             total_bytes: 0,
@@ -107,7 +110,7 @@ fn pct(n: u64, of: u64) -> f64 {
 pub(super) fn describe(s: &FetchSnapshot, memory: u64) -> String {
     format!(
         "{} bytes ({:.2} % of {} MiB of memory): metadata {}, memory {} in {} requests \
-         (faults {}, prefetch {}, fill {}; {} cache hits), disks {}; {} faults",
+         (faults {}, prefetch {}, fill {}; {} cache hits, {} evicted), disks {}; {} faults",
         s.total_bytes,
         pct(s.total_bytes, memory),
         memory >> 20,
@@ -118,6 +121,7 @@ pub(super) fn describe(s: &FetchSnapshot, memory: u64) -> String {
         s.prefetch_bytes,
         s.fill_bytes,
         s.cache_hits,
+        s.cache_evicted,
         s.disk_bytes,
         s.faults
     )

@@ -22,7 +22,10 @@
 //! * **Coalescing**: concurrent fetches of one chunk make one request; the others wait
 //!   for its result.
 //!
-//! Only `http://` URLs are supported (the crate is built without TLS).
+//! Only `http://` URLs are supported (the crate is built without TLS), and `s3://BUCKET/PREFIX`
+//! bases: each request then goes to a URL presigned for it by [`super::s3sign`] (endpoint
+//! and credentials from [`HttpStoreOptions::s3`] or the environment), and an S3 error
+//! answer is reported with its code ([`HttpError::S3`]).
 //!
 //! [`LocalStore`]: super::LocalStore
 
@@ -36,6 +39,7 @@ use std::time::{Duration, Instant};
 mod packs;
 
 use super::codec::{self, HEADER_LEN};
+use super::s3sign::{self, S3Config, S3Error, S3Method};
 use super::{ChunkId, ChunkRead, MAX_CHUNK_LEN, Result, StoreError, pack};
 use crate::util::lock;
 use crate::util::{IoError, error_chain};
@@ -107,6 +111,18 @@ pub enum HttpError {
         #[source]
         last: Box<HttpError>,
     },
+    /// An S3 service answered with an error (status, and the error document's code).
+    #[error("{0}")]
+    S3(Box<S3Answer>),
+    /// An `s3://` URL cannot be used (no endpoint configured, bad bucket name, …).
+    #[error("cannot use {url}")]
+    S3Config {
+        /// The URL.
+        url: String,
+        /// Cause.
+        #[source]
+        source: Arc<S3Error>,
+    },
     /// The fetch of this chunk by another thread, which this one waited for, ended abnormally.
     #[error("the shared fetch of chunk {id} was abandoned")]
     Abandoned {
@@ -115,11 +131,48 @@ pub enum HttpError {
     },
 }
 
+/// An S3 service's error answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Answer {
+    /// The request.
+    pub method: &'static str,
+    /// The `s3://` URL asked for.
+    pub url: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// The S3 error code (`NoSuchKey`, `NoSuchBucket`, `AccessDenied`,
+    /// `SignatureDoesNotMatch`, `InvalidAccessKeyId`, …); empty if the answer had none
+    /// (a `HEAD`).
+    pub code: String,
+    /// The service's message.
+    pub message: String,
+}
+
+impl std::fmt::Display for S3Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let code = if self.code.is_empty() {
+            "(no code)"
+        } else {
+            &self.code
+        };
+        write!(
+            f,
+            "{} {}: S3 error {code} (HTTP {})",
+            self.method, self.url, self.status
+        )?;
+        if !self.message.is_empty() {
+            write!(f, ": {}", self.message)?;
+        }
+        Ok(())
+    }
+}
+
 impl HttpError {
     /// Whether asking the same server again may succeed.
-    fn is_transient(&self) -> bool {
+    pub fn is_transient(&self) -> bool {
         match self {
             HttpError::Status { status, .. } => *status >= 500 || matches!(status, 408 | 429),
+            HttpError::S3(a) => a.status >= 500 || matches!(a.status, 408 | 429),
             HttpError::Transport { .. } => true,
             // Damaged on the way (or by a confused proxy): the next answer is verified too.
             HttpError::TooLarge { url, .. }
@@ -133,6 +186,8 @@ impl HttpError {
     pub fn is_not_found(&self) -> bool {
         match self {
             HttpError::Status { status, .. } => matches!(status, 404 | 410),
+            // A missing bucket is not a missing object: it is reported as it is.
+            HttpError::S3(a) => a.status == 404 && a.code != "NoSuchBucket",
             HttpError::GaveUp { last, .. } => last.is_not_found(),
             _ => false,
         }
@@ -159,6 +214,7 @@ impl HttpError {
             e if e.is_not_found() => StoreError::NotFound { id: *id },
             e => {
                 let url = match &e {
+                    HttpError::S3(a) => a.url.clone(),
                     HttpError::Status { url, .. }
                     | HttpError::Transport { url, .. }
                     | HttpError::TooLarge { url, .. }
@@ -196,6 +252,9 @@ pub struct HttpStoreOptions {
     pub response_timeout: Duration,
     /// Limit for one whole request, body included.
     pub request_timeout: Duration,
+    /// Endpoint and credentials for `s3://` bases; `None` = from `--s3-endpoint` and the
+    /// `AWS_*` environment variables ([`S3Config::from_env`]).
+    pub s3: Option<Arc<S3Config>>,
 }
 
 impl Default for HttpStoreOptions {
@@ -211,6 +270,7 @@ impl Default for HttpStoreOptions {
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(10),
+            s3: None,
         }
     }
 }
@@ -309,6 +369,13 @@ pub fn normalize_base(url: &str) -> std::result::Result<String, HttpError> {
         url: url.into(),
         reason,
     };
+    if url.starts_with(s3sign::SCHEME) {
+        let u = s3sign::S3Url::parse(url).map_err(|e| HttpError::S3Config {
+            url: url.into(),
+            source: Arc::new(e),
+        })?;
+        return Ok(u.to_string());
+    }
     if url.starts_with("https://") {
         return Err(invalid(
             "https is not supported by this build (serve the archive over plain http)",
@@ -397,6 +464,57 @@ impl HttpStore {
         }
     }
 
+    /// The URL to send a request for `url` to: `url` itself, or for an `s3://` URL the
+    /// one presigned for `method`.
+    pub fn request_url(
+        &self,
+        method: S3Method,
+        url: &str,
+    ) -> std::result::Result<String, HttpError> {
+        if !url.starts_with(s3sign::SCHEME) {
+            return Ok(url.to_string());
+        }
+        let err = |e: S3Error| HttpError::S3Config {
+            url: url.into(),
+            source: Arc::new(e),
+        };
+        let config = match &self.opts.s3 {
+            Some(c) => Arc::clone(c),
+            None => S3Config::from_env(url).map_err(err)?,
+        };
+        config.presign(method, url).map_err(err)
+    }
+
+    /// The error for a non-200 answer to a request for `url`: for an `s3://` URL the
+    /// error document's code and message (read up to 16 KiB).
+    pub fn status_error(
+        method: &'static str,
+        url: &str,
+        resp: &mut ureq::http::Response<ureq::Body>,
+    ) -> HttpError {
+        let status = resp.status().as_u16();
+        if !url.starts_with(s3sign::SCHEME) {
+            return HttpError::Status {
+                url: url.into(),
+                status,
+            };
+        }
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(16 << 10)
+            .read_to_vec()
+            .unwrap_or_default();
+        let (code, message) = s3sign::error_code(&body);
+        HttpError::S3(Box::new(S3Answer {
+            method,
+            url: url.into(),
+            status,
+            code,
+            message,
+        }))
+    }
+
     /// One GET of `url` (of the byte range `(offset, len)` only, if given), refusing
     /// bodies longer than `max_len`.
     fn get_once(
@@ -415,9 +533,10 @@ impl HttpStore {
             url: url.into(),
             source: Arc::new(e),
         };
+        let target = self.request_url(S3Method::Get, url)?;
         let _permit = self.permits.acquire();
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        let mut req = self.agent.get(url);
+        let mut req = self.agent.get(&target);
         if let Some((offset, len)) = range {
             req = req.header("Range", format!("bytes={offset}-{}", offset + len - 1));
         }
@@ -430,10 +549,7 @@ impl HttpStore {
             });
         }
         if status != 200 && !(range.is_some() && status == 206) {
-            return Err(HttpError::Status {
-                url: url.into(),
-                status,
-            });
+            return Err(Self::status_error("GET", url, &mut resp));
         }
         let too_large = || HttpError::TooLarge {
             url: url.into(),
@@ -892,9 +1008,12 @@ impl ChunkRead for HttpStore {
         let mut last = None;
         for base in &self.bases {
             let url = format!("{base}/{}", id.relative_path());
+            let target = self
+                .request_url(S3Method::Head, &url)
+                .map_err(|e| e.into_store_error(id))?;
             let _permit = self.permits.acquire();
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
-            match self.agent.head(&url).call() {
+            match self.agent.head(&target).call() {
                 Ok(r) if r.status().as_u16() == 200 => return Ok(true),
                 Ok(r) if matches!(r.status().as_u16(), 404 | 410) => {}
                 Ok(r) => {

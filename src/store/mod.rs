@@ -10,6 +10,8 @@
 //! * [`http`] — [`HttpStore`](http::HttpStore), a read-only store over HTTP.
 //! * [`cache`] — [`CachedStore`](cache::CachedStore), a read-through local chunk cache
 //!   in front of another store.
+//! * [`s3`] — [`S3Store`](s3::S3Store), chunks as objects in S3-compatible storage
+//!   (reads through the HTTP store, `s3://` URLs signed by [`s3sign`]).
 //! * [`codec`] — the on-disk encoding of one chunk file (raw or zstd), shared by
 //!   every store that reads the same layout (e.g. a future HTTP store).
 //!
@@ -23,6 +25,8 @@ pub mod local;
 pub mod pack;
 pub mod pack_gc;
 pub mod pack_migrate;
+pub mod s3;
+pub mod s3sign;
 
 pub use codec::Compression;
 pub use local::{Layout, LocalStore, LocalStoreOptions, StoreStats};

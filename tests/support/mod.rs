@@ -10,6 +10,7 @@
 //! | [`linux`] | Linux-guest helpers: timeouts, command line, ticks, the counter guest, snapshots |
 //! | [`nginx`] | a real nginx serving a directory on a free loopback port |
 //! | [`rng`] | the deterministic xorshift64* generator and random bytes |
+//! | [`seaweed`] | a real SeaweedFS cluster (master, three volume servers, filer + S3 gateway) on loopback |
 //! | [`files`] | file helpers: md5, tree hashes, test images, directory copy and size |
 //! | [`mapping`] | an anonymous memory mapping |
 //! | [`tiny`] | the tiny freestanding guest (`tiny/guest.s`) run in-process |
@@ -29,4 +30,5 @@ pub mod mapping;
 pub mod nginx;
 pub mod process;
 pub mod rng;
+pub mod seaweed;
 pub mod tiny;
