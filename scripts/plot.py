@@ -313,6 +313,20 @@ def main():
             hlines=[(1.1, "target ≤ 1.1× after 10")],
             note="snapshot number; tiny: resumed 200 ms between snapshots; Linux: idle, 2 s apart (vmm snapshot create --store)",
         )
+    peers = read(os.path.join(d, "peers.csv"), lambda r: ())
+    peers = [r for r in peers if num(r["ratio"]) is not None]
+    if peers:
+        # benches/peers.rs: vmm ÷ Firecracker for each figure of the same run.
+        bar_chart(
+            os.path.join(d, "peers.svg"),
+            "vmm ÷ Firecracker, same run (below 1: vmm faster / smaller)",
+            [r["metric"].replace(", ", ",\n", 1) for r in peers],
+            [("vmm ÷ Firecracker", [num(r["ratio"]) for r in peers])],
+            "ratio (log scale)",
+            log=True,
+            hlines=[(1.0, "parity")],
+            note=f"load average {min(num(r['load1']) for r in peers):.1f}–{max(num(r['load1']) for r in peers):.1f} on 2 cores",
+        )
     if host:
         names = [
             ("memcpy_warm", "memcpy"),
