@@ -29,6 +29,7 @@ pub struct Table {
 }
 
 impl Table {
+    /// A row: `metric` in `unit` for `vmm` and Firecracker (None: not measured).
     pub fn add(
         &mut self,
         metric: impl Into<String>,

@@ -29,11 +29,14 @@ pub const TICK_TIMEOUT: Duration = Duration::from_secs(120);
 /// Which VMM.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Kind {
+    /// This project's `vmm`.
     Vmm,
+    /// Firecracker.
     Firecracker,
 }
 
 impl Kind {
+    /// Its name in tables and CSV files.
     pub fn name(self) -> &'static str {
         match self {
             Kind::Vmm => "vmm",
