@@ -5,12 +5,15 @@
 #   scripts/bench.sh                      # all: snapshot snapshot_tmpfs block_request boot guest_disk
 #   scripts/bench.sh snapshot boot        # some of them
 #   scripts/bench.sh archive              # resume from an HTTP archive (not in the default set)
+#   scripts/bench.sh peers                # vmm and Firecracker side by side (not in the default set)
 #
 # Environment knobs (see the benches' headers): SNAPSHOT_BENCH_SIZES (MiB list, default
 # 256,1024,4096), SNAPSHOT_BENCH_INCR_MIB (1024), SNAPSHOT_BENCH_REPS (3),
 # SNAPSHOT_BENCH_LINUX (1), SNAPSHOT_BENCH_DROP_CACHES (1), BOOT_BENCH_RUNS (3),
 # GUEST_DISK_MIB (2), BENCH_DIR (scratch directory; default target/tmp),
-# ARCHIVE_BENCH_SIZES (MiB list, default 256,1024,4096), ARCHIVE_BENCH_REPS (2).
+# ARCHIVE_BENCH_SIZES (MiB list, default 256,1024,4096), ARCHIVE_BENCH_REPS (2),
+# FIRECRACKER (binary; default ../shared/peers/firecracker), PEERS_RESTORES (10),
+# PEERS_CLONES (4), PEERS_PAUSES (5).
 # Needs /dev/kvm, the guest artifacts (resources/build-guest.sh) for boot, guest_disk and
 # the Linux part of snapshot, and root for dropping the page cache (else that is skipped).
 # About 8–10 minutes on the 2-core PVM host.
@@ -23,7 +26,7 @@ if [ $# -gt 0 ]; then benches=("$@"); else benches=(snapshot snapshot_tmpfs bloc
 
 # This script's earlier CSVs are kept aside so that target/bench holds this run only
 # (other CSV files there are left alone).
-CSVS=(host snapshot restore incremental idle_series boot guest_disk block_request archive_create archive_restore archive_storage archive_timeline)
+CSVS=(host snapshot restore incremental idle_series boot guest_disk block_request archive_create archive_restore archive_storage archive_timeline peers peers_samples)
 stamp=$(date +%s)
 for n in "${CSVS[@]}"; do
     if [ -f "target/bench/$n.csv" ]; then
@@ -57,7 +60,7 @@ for b in "${benches[@]}"; do
             BENCH_DIR=/dev/shm SNAPSHOT_BENCH_TAG=tmpfs SNAPSHOT_BENCH_SIZES=256,1024 \
                 SNAPSHOT_BENCH_INCR_MIB=0 SNAPSHOT_BENCH_LINUX=0 SNAPSHOT_BENCH_DROP_CACHES=0 \
                 cargo bench --bench snapshot -- --bench 2>&1 | tee "$OUT/$b.log" ;;
-        snapshot|boot|guest_disk|archive)
+        snapshot|boot|guest_disk|archive|peers)
             cargo bench --bench "$b" -- --bench 2>&1 | tee "$OUT/$b.log" ;;
         *) echo "unknown bench $b" >&2; exit 2 ;;
     esac

@@ -47,6 +47,8 @@ def fmt(v):
         return f"{v:.0f}"
     if v >= 10:
         return f"{v:.1f}"
+    if 0 < v < 0.01:
+        return f"{v:.2g}"
     return f"{v:.2f}"
 
 
@@ -313,6 +315,20 @@ def main():
             hlines=[(1.1, "target ≤ 1.1× after 10")],
             note="snapshot number; tiny: resumed 200 ms between snapshots; Linux: idle, 2 s apart (vmm snapshot create --store)",
         )
+    peers = read(os.path.join(d, "peers.csv"), lambda r: ())
+    peers = [r for r in peers if num(r["ratio"]) is not None]
+    if peers:
+        # benches/peers.rs: vmm ÷ Firecracker for each figure of the same run.
+        bar_chart(
+            os.path.join(d, "peers.svg"),
+            "vmm ÷ Firecracker, same run (below 1: vmm faster / smaller)",
+            [peer_label(r["metric"]) for r in peers],
+            [("vmm ÷ Firecracker", [num(r["ratio"]) for r in peers])],
+            "vmm ÷ Firecracker",
+            log=True,
+            hlines=[(1.0, "parity")],
+            note=f"same host, same run; 1-minute load average {num(peers[-1]['load1']):.1f} on 2 cores at its end",
+        )
     if host:
         names = [
             ("memcpy_warm", "memcpy"),
@@ -333,6 +349,27 @@ def main():
             "GB/s",
             log=True,
         )
+
+
+# Short x labels for the metrics of benches/peers.rs (first match wins).
+PEER_LABELS = [
+    ("boot", "boot"),
+    ("full snapshot create", "full snap.\ntime"),
+    ("pause", "pause"),
+    ("full snapshot, bytes", "full snap.\nbytes"),
+    ("create, p50", "10 snaps\ntime"),
+    ("FC: full", "10 snaps\nvs full"),
+    ("diff)", "10 snaps\nvs diff"),
+    ("running, p50", "restore\np50"),
+    ("running, min", "restore\nmin"),
+    ("running, max", "restore\nmax"),
+    ("all running", "clones\nall up"),
+    ("PSS", "clones\nPSS"),
+]
+
+
+def peer_label(metric):
+    return next((label for key, label in PEER_LABELS if key in metric), metric[:10])
 
 
 def started(rows):
