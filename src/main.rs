@@ -269,31 +269,7 @@ fn main() -> ExitCode {
             restore,
             api,
             archive,
-        }) => {
-            let src = dir.to_string_lossy();
-            if repo.is_none() && vmm::archive::is_archive_source(&src) {
-                if !net.is_empty() {
-                    return fail(
-                        2,
-                        "--net cannot change the taps of an archived VM (it reopens the recorded ones)"
-                            .into(),
-                    );
-                }
-                return restore_archive(&src, &block, &restore, &archive, &api);
-            }
-            let dir = match repo {
-                None => dir,
-                Some(r) => match vmm::repo::Repo::open(&r).and_then(|repo| {
-                    let id = repo.resolve(&dir.to_string_lossy())?;
-                    Ok(repo.snapshot_dir(&id))
-                }) {
-                    Ok(d) => d,
-                    Err(e) => return fail(2, error_chain(&e)),
-                },
-            };
-            let (state, memory) = builder::snapshot_files(&dir);
-            restore_vm(&state, &memory, (&block, &net), &restore, &api)
-        }
+        }) => restore_cmd(dir, repo, (&block, &net), &restore, (&archive, &api)),
         Some(Cmd::Snapshot {
             cmd:
                 SnapshotCmd::Create {
@@ -331,40 +307,63 @@ fn main() -> ExitCode {
                     name,
                     chunk_kib,
                 },
-        }) if archive.to_str().is_some_and(|a| a.starts_with("s3://")) => {
-            let url = archive.to_string_lossy();
-            let chunk = chunk_kib.saturating_mul(1024);
-            match vmm::archive::s3push::import_image_s3(
-                &src,
-                &url,
-                &name,
-                chunk,
-                Default::default(),
-            ) {
-                Ok(report) => {
-                    println!("{report}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(1, error_chain(&e)),
-            }
-        }
-        Some(Cmd::Image {
-            cmd:
-                ImageCmd::Import {
-                    src,
-                    archive,
-                    name,
-                    chunk_kib,
-                },
-        }) => match vmm::image::import_image(&src, &archive, &name, chunk_kib.saturating_mul(1024))
-        {
-            Ok(report) => {
-                println!("{report}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(1, error_chain(&e)),
-        },
+        }) => image_import(&src, &archive, &name, chunk_kib.saturating_mul(1024)),
     }
+}
+
+/// `vmm image import SRC ARCHIVE|s3://BUCKET/PREFIX --name NAME`.
+fn image_import(src: &Path, archive: &Path, name: &str, chunk: u32) -> ExitCode {
+    let report = match archive.to_str().filter(|a| a.starts_with("s3://")) {
+        Some(url) => {
+            vmm::archive::s3push::import_image_s3(src, url, name, chunk, Default::default())
+                .map(|r| r.to_string())
+                .map_err(|e| error_chain(&e))
+        }
+        None => vmm::image::import_image(src, archive, name, chunk)
+            .map(|r| r.to_string())
+            .map_err(|e| error_chain(&e)),
+    };
+    match report {
+        Ok(r) => {
+            println!("{r}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, e),
+    }
+}
+
+/// `vmm restore DIR|ID|URL`: a snapshot directory, a repository snapshot (`--repo`) or an
+/// archived VM (`http://`, `s3://`, or a local archive's `vms/NAME`).
+fn restore_cmd(
+    dir: PathBuf,
+    repo: Option<PathBuf>,
+    (block, net): (&[String], &[String]),
+    restore: &RestoreFlags,
+    (archive, api): (&vmm::archive::cli::ArchiveRestoreFlags, &ApiFlags),
+) -> ExitCode {
+    let src = dir.to_string_lossy();
+    if repo.is_none() && vmm::archive::is_archive_source(&src) {
+        if !net.is_empty() {
+            return fail(
+                2,
+                "--net cannot change the taps of an archived VM (it reopens the recorded ones)"
+                    .into(),
+            );
+        }
+        return restore_archive(&src, block, restore, archive, api);
+    }
+    let dir = match repo {
+        None => dir,
+        Some(r) => match vmm::repo::Repo::open(&r).and_then(|repo| {
+            let id = repo.resolve(&dir.to_string_lossy())?;
+            Ok(repo.snapshot_dir(&id))
+        }) {
+            Ok(d) => d,
+            Err(e) => return fail(2, error_chain(&e)),
+        },
+    };
+    let (state, memory) = builder::snapshot_files(&dir);
+    restore_vm(&state, &memory, (block, net), restore, api)
 }
 
 /// `vmm store migrate DIR`: a repository under its exclusive lock; an archive also lists

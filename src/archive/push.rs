@@ -195,25 +195,7 @@ pub fn push_in_layout(
     // The manifest goes as read (same bytes: a working set names its hash).
     let mem_bytes = fs::read(&mem_path).map_err(io("read", &mem_path))?;
     drop(manifest);
-    let ws_src = snapshot_dir.join(WORKINGSET_FILE);
-    let ws_dest = vm_dir.join(WORKINGSET_FILE);
-    let working_set = ws_src.is_file();
-    if working_set {
-        let ws = super::workingset::WorkingSet::read_from(&ws_src).map_err(|e| match e {
-            super::workingset::WorkingSetError::File(source) => PushError::Write {
-                path: ws_src.clone(),
-                source,
-            },
-        })?;
-        ws.write_to(&ws_dest).map_err(|e| match e {
-            super::workingset::WorkingSetError::File(source) => PushError::Write {
-                path: ws_dest.clone(),
-                source,
-            },
-        })?;
-    } else if ws_dest.exists() {
-        fs::remove_file(&ws_dest).map_err(io("remove the stale", &ws_dest))?;
-    }
+    let working_set = copy_working_set(snapshot_dir, &vm_dir)?;
     state.store = Some(PathBuf::from(STORE_FROM_VM_DIR));
     let dest = vm_dir.join(STATE_FILE);
     let state_bytes =
@@ -241,6 +223,31 @@ pub fn push_in_layout(
         working_set,
         elapsed_ms: t0.elapsed().as_millis() as u64,
     })
+}
+
+/// Copies the snapshot's working set (if it has one) into the archived VM's directory,
+/// or removes a stale one there; returns whether there was one.
+fn copy_working_set(snapshot_dir: &Path, vm_dir: &Path) -> Result<bool, PushError> {
+    let ws_src = snapshot_dir.join(WORKINGSET_FILE);
+    let ws_dest = vm_dir.join(WORKINGSET_FILE);
+    let working_set = ws_src.is_file();
+    if working_set {
+        let ws = super::workingset::WorkingSet::read_from(&ws_src).map_err(|e| match e {
+            super::workingset::WorkingSetError::File(source) => PushError::Write {
+                path: ws_src.clone(),
+                source,
+            },
+        })?;
+        ws.write_to(&ws_dest).map_err(|e| match e {
+            super::workingset::WorkingSetError::File(source) => PushError::Write {
+                path: ws_dest.clone(),
+                source,
+            },
+        })?;
+    } else if ws_dest.exists() {
+        fs::remove_file(&ws_dest).map_err(io("remove the stale", &ws_dest))?;
+    }
+    Ok(working_set)
 }
 
 /// Copies the chunks of `refs` missing from `archive` out of `src_store` (records as

@@ -30,206 +30,21 @@
 //! [`LocalStore`]: super::LocalStore
 
 use std::collections::HashMap;
-use std::io;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+mod error;
+mod file;
 mod packs;
+
+pub use error::{HttpError, S3Answer};
 
 use super::codec::{self, HEADER_LEN};
 use super::s3sign::{self, S3Config, S3Error, S3Method};
 use super::{ChunkId, ChunkRead, MAX_CHUNK_LEN, Result, StoreError, pack};
+use crate::util::error_chain;
 use crate::util::lock;
-use crate::util::{IoError, error_chain};
-
-/// Errors of HTTP fetches.
-#[derive(Clone, Debug, thiserror::Error)]
-pub enum HttpError {
-    /// A base URL is not usable.
-    #[error("invalid URL {url:?}: {reason}")]
-    InvalidUrl {
-        /// The URL.
-        url: String,
-        /// What is wrong with it.
-        reason: &'static str,
-    },
-    /// The server answered with a status other than 200.
-    #[error("GET {url}: HTTP status {status}")]
-    Status {
-        /// The URL fetched.
-        url: String,
-        /// The status code.
-        status: u16,
-    },
-    /// The request failed: connection refused or reset, timeout, protocol error.
-    #[error("GET {url} failed")]
-    Transport {
-        /// The URL fetched.
-        url: String,
-        /// Underlying error.
-        #[source]
-        source: Arc<ureq::Error>,
-    },
-    /// The answer is longer than anything valid at that URL.
-    #[error("GET {url}: response is larger than the limit of {limit} bytes")]
-    TooLarge {
-        /// The URL fetched.
-        url: String,
-        /// The limit.
-        limit: u64,
-    },
-    /// A fetched chunk is not the chunk asked for (bad header, wrong length, hash mismatch).
-    #[error("chunk {id} fetched from {url} is corrupt: {reason}")]
-    Corrupt {
-        /// The chunk asked for.
-        id: ChunkId,
-        /// Where it came from.
-        url: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A fetched file other than a chunk was rejected by its reader.
-    #[error("{url}: {reason}")]
-    Invalid {
-        /// Where it came from.
-        url: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// Retries ran out.
-    #[error("GET {url}: gave up after {attempts} attempts in {elapsed_ms} ms")]
-    GaveUp {
-        /// The URL of the last attempt.
-        url: String,
-        /// Requests made.
-        attempts: u32,
-        /// Time spent.
-        elapsed_ms: u64,
-        /// The last failure.
-        #[source]
-        last: Box<HttpError>,
-    },
-    /// An S3 service answered with an error (status, and the error document's code).
-    #[error("{0}")]
-    S3(Box<S3Answer>),
-    /// An `s3://` URL cannot be used (no endpoint configured, bad bucket name, …).
-    #[error("cannot use {url}")]
-    S3Config {
-        /// The URL.
-        url: String,
-        /// Cause.
-        #[source]
-        source: Arc<S3Error>,
-    },
-    /// The fetch of this chunk by another thread, which this one waited for, ended abnormally.
-    #[error("the shared fetch of chunk {id} was abandoned")]
-    Abandoned {
-        /// The chunk.
-        id: ChunkId,
-    },
-}
-
-/// An S3 service's error answer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct S3Answer {
-    /// The request.
-    pub method: &'static str,
-    /// The `s3://` URL asked for.
-    pub url: String,
-    /// The HTTP status.
-    pub status: u16,
-    /// The S3 error code (`NoSuchKey`, `NoSuchBucket`, `AccessDenied`,
-    /// `SignatureDoesNotMatch`, `InvalidAccessKeyId`, …); empty if the answer had none
-    /// (a `HEAD`).
-    pub code: String,
-    /// The service's message.
-    pub message: String,
-}
-
-impl std::fmt::Display for S3Answer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let code = if self.code.is_empty() {
-            "(no code)"
-        } else {
-            &self.code
-        };
-        write!(
-            f,
-            "{} {}: S3 error {code} (HTTP {})",
-            self.method, self.url, self.status
-        )?;
-        if !self.message.is_empty() {
-            write!(f, ": {}", self.message)?;
-        }
-        Ok(())
-    }
-}
-
-impl HttpError {
-    /// Whether asking the same server again may succeed.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            HttpError::Status { status, .. } => *status >= 500 || matches!(status, 408 | 429),
-            HttpError::S3(a) => a.status >= 500 || matches!(a.status, 408 | 429),
-            HttpError::Transport { .. } => true,
-            // Damaged on the way (or by a confused proxy): the next answer is verified too.
-            HttpError::TooLarge { url, .. }
-            | HttpError::Corrupt { url, .. }
-            | HttpError::Invalid { url, .. } => !url.starts_with("file://"),
-            _ => false,
-        }
-    }
-
-    /// Whether the resource is absent (404 or 410 on every server).
-    pub fn is_not_found(&self) -> bool {
-        match self {
-            HttpError::Status { status, .. } => matches!(status, 404 | 410),
-            // A missing bucket is not a missing object: it is reported as it is.
-            HttpError::S3(a) => a.status == 404 && a.code != "NoSuchBucket",
-            HttpError::GaveUp { last, .. } => last.is_not_found(),
-            _ => false,
-        }
-    }
-
-    /// Converts to the chunk store error of chunk `id`.
-    pub fn into_store_error(self, id: &ChunkId) -> StoreError {
-        match self {
-            HttpError::Corrupt { id, url, reason } => StoreError::Corrupt {
-                id,
-                reason: format!("{reason} (fetched from {url})"),
-            },
-            HttpError::GaveUp { attempts, last, .. }
-                if matches!(*last, HttpError::Corrupt { .. }) =>
-            {
-                let HttpError::Corrupt { id, url, reason } = *last else {
-                    unreachable!("matched above")
-                };
-                StoreError::Corrupt {
-                    id,
-                    reason: format!("{reason} (fetched from {url}; {attempts} attempts)"),
-                }
-            }
-            e if e.is_not_found() => StoreError::NotFound { id: *id },
-            e => {
-                let url = match &e {
-                    HttpError::S3(a) => a.url.clone(),
-                    HttpError::Status { url, .. }
-                    | HttpError::Transport { url, .. }
-                    | HttpError::TooLarge { url, .. }
-                    | HttpError::GaveUp { url, .. } => url.clone(),
-                    _ => id.relative_path(),
-                };
-                StoreError::Io(IoError {
-                    op: "fetch",
-                    path: PathBuf::from(url),
-                    source: io::Error::other(e),
-                })
-            }
-        }
-    }
-}
 
 /// Options of an [`HttpStore`].
 #[derive(Clone, Debug)]
@@ -524,10 +339,12 @@ impl HttpStore {
         range: Option<(u64, u64)>,
     ) -> std::result::Result<Vec<u8>, HttpError> {
         if let Some(path) = url.strip_prefix("file://") {
-            return match range {
-                None => self.read_local(url, path, max_len),
-                Some(r) => self.read_local_range(url, path, r),
-            };
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            let body = file::read(url, path, max_len, range)?;
+            self.counters
+                .bytes_fetched
+                .fetch_add(body.len() as u64, Ordering::Relaxed);
+            return Ok(body);
         }
         let transport = |e: ureq::Error| HttpError::Transport {
             url: url.into(),
@@ -570,75 +387,6 @@ impl HttpStore {
         self.counters
             .bytes_fetched
             .fetch_add(body.len() as u64, Ordering::Relaxed);
-        Ok(body)
-    }
-
-    /// `get_once` for a `file://` URL: the file's bytes, with a missing file answered like
-    /// a 404 and other failures final (not retried).
-    fn read_local(
-        &self,
-        url: &str,
-        path: &str,
-        max_len: u64,
-    ) -> std::result::Result<Vec<u8>, HttpError> {
-        use std::io::Read as _;
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        let failed = |e: std::io::Error| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                HttpError::Status {
-                    url: url.into(),
-                    status: 404,
-                }
-            } else {
-                HttpError::Invalid {
-                    url: url.into(),
-                    reason: format!("cannot read: {e}"),
-                }
-            }
-        };
-        let f = std::fs::File::open(path).map_err(failed)?;
-        let mut body = Vec::new();
-        f.take(max_len + 1).read_to_end(&mut body).map_err(failed)?;
-        if body.len() as u64 > max_len {
-            return Err(HttpError::TooLarge {
-                url: url.into(),
-                limit: max_len,
-            });
-        }
-        self.counters
-            .bytes_fetched
-            .fetch_add(body.len() as u64, Ordering::Relaxed);
-        Ok(body)
-    }
-
-    /// `get_once` of a byte range of a `file://` URL.
-    fn read_local_range(
-        &self,
-        url: &str,
-        path: &str,
-        (offset, len): (u64, u64),
-    ) -> std::result::Result<Vec<u8>, HttpError> {
-        use std::os::unix::fs::FileExt as _;
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        let failed = |e: std::io::Error| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                HttpError::Status {
-                    url: url.into(),
-                    status: 404,
-                }
-            } else {
-                HttpError::Invalid {
-                    url: url.into(),
-                    reason: format!("cannot read {len} bytes at {offset}: {e}"),
-                }
-            }
-        };
-        let f = std::fs::File::open(path).map_err(failed)?;
-        let mut body = vec![0u8; len as usize];
-        f.read_exact_at(&mut body, offset).map_err(failed)?;
-        self.counters
-            .bytes_fetched
-            .fetch_add(len, Ordering::Relaxed);
         Ok(body)
     }
 
