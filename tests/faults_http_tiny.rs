@@ -218,7 +218,11 @@ const PATTERN: PagePattern = PagePattern {
 };
 
 /// Boots the command guest, writes a distinct qword per page of the pattern area,
-/// snapshots and pushes it as `vms/dirty`; returns the archive directory.
+/// snapshots and pushes it as `vms/dirty`; returns the archive directory. The archive keeps
+/// one file per chunk (the layout older archives and object-store pushes have, which every
+/// reader still serves): the fault proxy picks its victims by chunk path and does not pass
+/// `Range` headers on, so it cannot fault single chunks inside a pack. Altered pack records
+/// are covered by `archive_tiny`.
 fn archive_vm(tmp: &TempDir) -> Result<std::path::PathBuf, String> {
     let snap = tmp.join("snap");
     snapshot_with_pattern(
@@ -229,7 +233,8 @@ fn archive_vm(tmp: &TempDir) -> Result<std::path::PathBuf, String> {
         &snap,
     )?;
     let archive = tmp.join("archive");
-    vmm::archive::push::push(&snap, &archive, "dirty").map_err(|e| error_chain(&e))?;
+    vmm::archive::push::push_in_layout(&snap, &archive, "dirty", vmm::store::Layout::Files)
+        .map_err(|e| error_chain(&e))?;
     Ok(archive)
 }
 
