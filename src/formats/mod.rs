@@ -115,12 +115,23 @@ pub struct Format {
 
 /// Every format, in the order of docs/KEEPING_SNAPSHOTS.md.
 pub fn all() -> Vec<Format> {
-    let kind = |name, what, k: &FileKind| Format {
+    let mut v = snapshot_formats();
+    v.extend(repository_and_archive_formats());
+    v
+}
+
+/// A format written by one [`FileKind`], which reads only its own version.
+fn kind(name: &'static str, what: &'static str, k: &FileKind) -> Format {
+    Format {
         name,
         what,
         version: k.version,
         oldest: k.version,
-    };
+    }
+}
+
+/// The formats of a snapshot directory and its chunk store.
+fn snapshot_formats() -> Vec<Format> {
     vec![
         Format {
             name: "state",
@@ -156,6 +167,12 @@ pub fn all() -> Vec<Format> {
             "pack index (STORE/packs/<pack id>.idx)",
             &PACK_INDEX_KIND,
         ),
+    ]
+}
+
+/// The formats of repositories, exports, archives, images and their caches.
+fn repository_and_archive_formats() -> Vec<Format> {
+    vec![
         Format {
             name: "repository",
             what: "snapshot repository layout and catalogue (REPO/vmm-repo.json, meta.json)",
