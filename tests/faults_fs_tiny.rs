@@ -357,8 +357,11 @@ fn archive_push_on_a_full_disk_and_with_io_errors() {
         let fs = Tmpfs::mount(&tmp.join("fs"), 128 << 20)?;
         let archive = fs.path().join("archive");
         vmm::archive::push::push(&old_snap, &archive, "old").map_err(|e| error_chain(&e))?;
-        let before = fs.free();
+        // What pushing "new" over "old" needs: measured on a probe archive holding "old"
+        // (a pack holds only the chunks the archive lacks).
         let probe = fs.path().join("probe");
+        vmm::archive::push::push(&old_snap, &probe, "old").map_err(|e| error_chain(&e))?;
+        let before = fs.free();
         vmm::archive::push::push(&new_snap, &probe, "new").map_err(|e| error_chain(&e))?;
         let need = before - fs.free();
         std::fs::remove_dir_all(&probe).map_err(|e| e.to_string())?;
