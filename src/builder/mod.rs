@@ -303,6 +303,25 @@ pub struct WiredBlock {
     pub irq: IrqLine,
 }
 
+/// Registers a virtio device's queue eventfds on its transport's QueueNotify register at
+/// `base` (queue `q` on the datamatch `q`), so guest notifications wake its worker.
+pub fn register_queue_events(
+    vm: &Vm,
+    base: u64,
+    events: &[vmm_sys_util::eventfd::EventFd],
+) -> Result<(), BuildError> {
+    for (q, evt) in events.iter().enumerate() {
+        vm.fd()
+            .register_ioevent(
+                evt,
+                &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET),
+                q as u32,
+            )
+            .map_err(|e| BuildError::Device(format!("ioeventfd: {e}")))?;
+    }
+    Ok(())
+}
+
 /// Wires disk `index` (placed by [`block_slot`]) to the VM: with `paused`, holds its I/O
 /// gate for the VM (as [`Vmm::pause`](crate::vmm::Vmm::pause) does; `Vmm::resume` releases
 /// it), starts its I/O worker thread (`virtio-blk<i>`), registers its queue ioeventfds on
@@ -321,15 +340,7 @@ pub fn wire_block(
         .start_worker(&format!("virtio-blk{index}"))
         .map_err(|e| BuildError::Device(crate::util::error_chain(&e)))?;
     let irq = IrqLine::new(irq_evt(vm, gsi)?, gsi);
-    for (q, evt) in device.queue_events().iter().enumerate() {
-        vm.fd()
-            .register_ioevent(
-                evt,
-                &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET),
-                q as u32,
-            )
-            .map_err(|e| BuildError::Device(format!("ioeventfd: {e}")))?;
-    }
+    register_queue_events(vm, base, device.queue_events())?;
     Ok(WiredBlock {
         device: Arc::new(Mutex::new(device)),
         base,

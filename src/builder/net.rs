@@ -5,16 +5,12 @@
 
 use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::IoEventAddress;
-
-use super::{BuildError, block_slot, irq_evt};
+use super::{BuildError, block_slot, irq_evt, register_queue_events};
 use crate::config::{NetConfig, VmConfig};
 use crate::devices::IrqLine;
 use crate::devices::virtio::mmio::{MmioRestoreArgs, MmioTransport};
 use crate::devices::virtio::net::{NetDevice, NetRestoreArgs, Tap};
-use crate::devices::virtio::{
-    MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET, VirtioDevice, kernel_cmdline_arg,
-};
+use crate::devices::virtio::{MMIO_WINDOW_SIZE, VirtioDevice, kernel_cmdline_arg};
 use crate::formats::Persist;
 use crate::snapshot::microvm::MicrovmState;
 use crate::util::lock;
@@ -68,15 +64,7 @@ fn wire_net(
         .start_worker(&format!("virtio-net{index}"))
         .map_err(|e| BuildError::Device(crate::util::error_chain(&e)))?;
     let irq = IrqLine::new(irq_evt(vm, gsi)?, gsi);
-    for (q, evt) in device.queue_events().iter().enumerate() {
-        vm.fd()
-            .register_ioevent(
-                evt,
-                &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET),
-                q as u32,
-            )
-            .map_err(|e| BuildError::Device(format!("ioeventfd: {e}")))?;
-    }
+    register_queue_events(vm, base, device.queue_events())?;
     Ok(WiredNet {
         device: Arc::new(Mutex::new(device)),
         base,
